@@ -1,0 +1,88 @@
+//! The contract between the imds-guard eBPF programs and the daemon: map
+//! names, limits, and the `#[repr(C)]` values stored in the maps.
+//!
+//! Every type here is shared with the kernel, so it has explicit padding and
+//! no `bool`, enum or `Option` fields.
+#![cfg_attr(not(test), no_std)]
+
+pub mod rule;
+
+pub use rule::{DestRule, PortInfo, PortRange};
+
+/// Names of the maps and globals in the eBPF object. They appear nowhere else.
+pub mod names {
+    /// LPM trie: destination prefix -> [`crate::DestRule`].
+    pub const DEST_RULES: &str = "DEST_RULES";
+    /// Hash: cgroup id -> [`crate::AllowEntry`].
+    pub const ALLOWED_CGROUPS: &str = "ALLOWED_CGROUPS";
+    /// LRU hash: cgroup id -> [`crate::BlockCounters`].
+    pub const BLOCK_COUNTERS: &str = "BLOCK_COUNTERS";
+    /// Global `u32` set at load time: [`crate::MODE_ENFORCE`] or [`crate::MODE_AUDIT`].
+    pub const ENFORCE_MODE: &str = "ENFORCE_MODE";
+    /// The cgroup_skb egress program.
+    pub const PROG_EGRESS: &str = "imds_guard_egress";
+    /// The cgroup_sock_addr programs.
+    pub const PROG_CONNECT4: &str = "imds_guard_connect4";
+    pub const PROG_CONNECT6: &str = "imds_guard_connect6";
+    pub const PROG_SENDMSG4: &str = "imds_guard_sendmsg4";
+    pub const PROG_SENDMSG6: &str = "imds_guard_sendmsg6";
+}
+
+/// Blocked attempts are refused.
+pub const MODE_ENFORCE: u32 = 0;
+/// Blocked attempts are counted and let through.
+pub const MODE_AUDIT: u32 = 1;
+
+/// Capacity of the destination rule trie.
+pub const MAX_DEST_RULES: u32 = 4096;
+/// Capacity of the allow map (pods on a node, with room to spare).
+pub const MAX_ALLOWED_CGROUPS: u32 = 65536;
+/// Capacity of the per-cgroup counters (least recently used entries go first).
+pub const MAX_COUNTED_CGROUPS: u32 = 16384;
+/// How many cgroup levels, from the root down, are checked against the allow
+/// map. kind's nested systemd layout puts a container at level 6 below the
+/// node's own cgroup, which may itself be a few levels deep on the host.
+pub const MAX_CGROUP_DEPTH: i32 = 32;
+
+/// Key data of the destination trie: an IPv6 address in network byte order.
+/// IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`), with 96 added to
+/// the prefix length, so that one longest-prefix lookup serves both families.
+pub type AddrBytes = [u8; 16];
+
+/// Prefix length added to an IPv4 prefix stored IPv4-mapped.
+pub const IPV4_MAPPED_PREFIX_BITS: u32 = 96;
+
+/// Builds the IPv4-mapped IPv6 form of an IPv4 address given in network byte order.
+#[inline(always)]
+pub const fn ipv4_mapped(octets: [u8; 4]) -> AddrBytes {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
+}
+
+/// Value of the allow map. The key alone is the information; the value keeps
+/// room for a generation number used when reconciling.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllowEntry {
+    pub generation: u32,
+    pub _pad: u32,
+}
+
+/// Attempts to reach a denied destination from one cgroup, by hook. In audit
+/// mode they count attempts that were let through.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockCounters {
+    pub connect: u64,
+    pub sendmsg: u64,
+    pub egress: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are `#[repr(C)]`, made of integers, without implicit padding.
+    unsafe impl aya::Pod for super::DestRule {}
+    unsafe impl aya::Pod for super::AllowEntry {}
+    unsafe impl aya::Pod for super::BlockCounters {}
+}

@@ -1,0 +1,142 @@
+//! imds-guard's kernel side: one cgroup_skb egress program and four
+//! cgroup_sock_addr programs, all deciding from the same destination rules.
+//!
+//! Every program decides on the destination first and only then asks about
+//! cgroups, so traffic to ordinary destinations costs one trie lookup.
+#![no_std]
+#![no_main]
+
+mod maps;
+mod packet;
+
+use aya_ebpf::{
+    bindings::bpf_sock_addr,
+    cty::c_long,
+    macros::{cgroup_skb, cgroup_sock_addr},
+    programs::{SkBuffContext, SockAddrContext},
+};
+use enforcer_common::{
+    AddrBytes, DestRule, PortInfo, ipv4_mapped,
+    rule::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, protocol_class},
+};
+
+use crate::maps::{Hook, Subject};
+
+/// Return value of every program: let the packet or call through.
+const ALLOW: i32 = 1;
+/// Return value of every program: drop the packet, or fail the call with EPERM.
+const REFUSE: i32 = 0;
+
+/// Decides for a destination whose rule denies this traffic kind: allowed
+/// cgroups pass, the others are counted and refused (or passed in audit mode).
+#[inline(always)]
+fn judge(rule: &DestRule, protocol: u32, port: PortInfo, subject: Subject, hook: Hook) -> i32 {
+    if !rule.denies(protocol, port) || maps::cgroup_is_allowed(&subject) {
+        return ALLOW;
+    }
+    maps::count_block(subject.leaf_cgroup_id(), hook);
+    if maps::audit_mode() { ALLOW } else { REFUSE }
+}
+
+#[cgroup_skb(egress)]
+pub fn imds_guard_egress(ctx: SkBuffContext) -> i32 {
+    // A packet whose destination cannot be read has no destination to deny.
+    try_imds_guard_egress(&ctx).unwrap_or(ALLOW)
+}
+
+fn try_imds_guard_egress(ctx: &SkBuffContext) -> Result<i32, c_long> {
+    let header = packet::read_ip_header(ctx)?;
+    let Some(rule) = maps::rule_for(&header.destination()) else {
+        return Ok(ALLOW);
+    };
+    let (protocol, port) = packet::transport(ctx, &header);
+    let subject = Subject::Skb(ctx.skb.skb);
+    Ok(judge(rule, protocol, port, subject, Hook::Egress))
+}
+
+/// What a socket call is about: destination, protocol class and port.
+struct SockCall {
+    destination: AddrBytes,
+    protocol: u32,
+    port: PortInfo,
+}
+
+impl SockCall {
+    /// Reads the call's destination. `ipv6` selects `user_ip6` over `user_ip4`.
+    #[inline(always)]
+    fn read(ctx: &SockAddrContext, ipv6: bool) -> SockCall {
+        // SAFETY: the kernel hands every cgroup_sock_addr program a valid context.
+        let addr: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
+        let destination = if ipv6 {
+            let mut bytes = [0u8; 16];
+            let mut i = 0;
+            while i < 4 {
+                let word = addr.user_ip6[i].to_ne_bytes();
+                bytes[i * 4] = word[0];
+                bytes[i * 4 + 1] = word[1];
+                bytes[i * 4 + 2] = word[2];
+                bytes[i * 4 + 3] = word[3];
+                i += 1;
+            }
+            // `::ffff:a.b.c.d` already has the trie's IPv4-mapped form, so a
+            // mapped destination meets the IPv4 rules with no extra step.
+            bytes
+        } else {
+            ipv4_mapped(addr.user_ip4.to_ne_bytes())
+        };
+        // user_port holds the port in network byte order in its low 16 bits.
+        let port_number = u16::from_be(addr.user_port as u16);
+        let ip_protocol = addr.protocol as u8;
+        let protocol = protocol_class(ip_protocol);
+        let port = match protocol {
+            PROTO_TCP | PROTO_UDP => PortInfo::Known(port_number),
+            PROTO_ICMP => PortInfo::NotApplicable,
+            // Raw sockets: whatever they carry, its port is not ours to read.
+            _ => PortInfo::Unknown,
+        };
+        SockCall {
+            destination,
+            protocol,
+            port,
+        }
+    }
+}
+
+#[inline(always)]
+fn try_sock_addr(ctx: &SockAddrContext, ipv6: bool, hook: Hook) -> i32 {
+    let call = SockCall::read(ctx, ipv6);
+    match maps::rule_for(&call.destination) {
+        None => ALLOW,
+        Some(rule) => judge(rule, call.protocol, call.port, Subject::Current, hook),
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn imds_guard_connect4(ctx: SockAddrContext) -> i32 {
+    try_sock_addr(&ctx, false, Hook::Connect)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn imds_guard_connect6(ctx: SockAddrContext) -> i32 {
+    try_sock_addr(&ctx, true, Hook::Connect)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn imds_guard_sendmsg4(ctx: SockAddrContext) -> i32 {
+    try_sock_addr(&ctx, false, Hook::Sendmsg)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn imds_guard_sendmsg6(ctx: SockAddrContext) -> i32 {
+    try_sock_addr(&ctx, true, Hook::Sendmsg)
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

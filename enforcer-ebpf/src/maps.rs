@@ -1,0 +1,125 @@
+//! The maps, and the lookups the programs make in them.
+
+use aya_ebpf::{
+    bindings::{__sk_buff, BPF_NOEXIST},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_skb_ancestor_cgroup_id,
+        bpf_skb_cgroup_id,
+    },
+    macros::map,
+    maps::{HashMap, LpmTrie, LruPerCpuHashMap, lpm_trie::Key},
+};
+use enforcer_common::{
+    AddrBytes, AllowEntry, BlockCounters, DestRule, MAX_ALLOWED_CGROUPS, MAX_CGROUP_DEPTH,
+    MAX_COUNTED_CGROUPS, MAX_DEST_RULES, MODE_AUDIT, MODE_ENFORCE,
+};
+
+// The statics' names are the map names in `enforcer_common::names`.
+#[map]
+static DEST_RULES: LpmTrie<AddrBytes, DestRule> = LpmTrie::with_max_entries(MAX_DEST_RULES, 0);
+
+#[map]
+static ALLOWED_CGROUPS: HashMap<u64, AllowEntry> =
+    HashMap::with_max_entries(MAX_ALLOWED_CGROUPS, 0);
+
+/// Per CPU, so counting needs no atomics (the BPF target has no 64-bit
+/// atomic read-modify-write in `core`); the daemon sums the CPUs.
+#[map]
+static BLOCK_COUNTERS: LruPerCpuHashMap<u64, BlockCounters> =
+    LruPerCpuHashMap::with_max_entries(MAX_COUNTED_CGROUPS, 0);
+
+/// Set by the loader; a constant to the verifier, which prunes the other mode.
+#[unsafe(no_mangle)]
+static ENFORCE_MODE: u32 = MODE_ENFORCE;
+
+#[inline(always)]
+pub fn audit_mode() -> bool {
+    // SAFETY: a plain read of a global the loader initialised.
+    unsafe { core::ptr::read_volatile(&ENFORCE_MODE) == MODE_AUDIT }
+}
+
+/// The rule of the longest prefix containing `destination`, if any.
+#[inline(always)]
+pub fn rule_for(destination: &AddrBytes) -> Option<&'static DestRule> {
+    DEST_RULES.get(Key::new(128, *destination))
+}
+
+/// Which hook counted an attempt.
+#[derive(Clone, Copy)]
+pub enum Hook {
+    Connect,
+    Sendmsg,
+    Egress,
+}
+
+/// Whose cgroup a decision is about: a packet's socket, or the calling task.
+pub enum Subject {
+    Skb(*mut __sk_buff),
+    Current,
+}
+
+impl Subject {
+    #[inline(always)]
+    pub fn leaf_cgroup_id(&self) -> u64 {
+        // SAFETY: helper calls on the program's own context.
+        unsafe {
+            match self {
+                Subject::Skb(skb) => bpf_skb_cgroup_id(*skb),
+                Subject::Current => bpf_get_current_cgroup_id(),
+            }
+        }
+    }
+
+    /// The id of the ancestor at `level` (0 is the root), or 0 past the leaf.
+    #[inline(always)]
+    fn ancestor_cgroup_id(&self, level: i32) -> u64 {
+        // SAFETY: helper calls on the program's own context.
+        unsafe {
+            match self {
+                Subject::Skb(skb) => bpf_skb_ancestor_cgroup_id(*skb, level),
+                Subject::Current => bpf_get_current_ancestor_cgroup_id(level),
+            }
+        }
+    }
+}
+
+/// Whether the subject's cgroup or one of its ancestors is allowlisted, so a
+/// pod's entry covers its containers.
+#[inline(always)]
+pub fn cgroup_is_allowed(subject: &Subject) -> bool {
+    let mut level = 0;
+    while level < MAX_CGROUP_DEPTH {
+        let id = subject.ancestor_cgroup_id(level);
+        if id == 0 {
+            return false;
+        }
+        if ALLOWED_CGROUPS.get_ptr(id).is_some() {
+            return true;
+        }
+        level += 1;
+    }
+    false
+}
+
+/// Counts one refused (or, in audit mode, audited) attempt from `cgroup_id`.
+#[inline(always)]
+pub fn count_block(cgroup_id: u64, hook: Hook) {
+    if let Some(counters) = BLOCK_COUNTERS.get_ptr_mut(cgroup_id) {
+        // SAFETY: a live value of this CPU's slot.
+        let counters = unsafe { &mut *counters };
+        match hook {
+            Hook::Connect => counters.connect += 1,
+            Hook::Sendmsg => counters.sendmsg += 1,
+            Hook::Egress => counters.egress += 1,
+        }
+        return;
+    }
+    let mut first = BlockCounters::default();
+    match hook {
+        Hook::Connect => first.connect = 1,
+        Hook::Sendmsg => first.sendmsg = 1,
+        Hook::Egress => first.egress = 1,
+    }
+    // Losing one count to a concurrent first insert is acceptable.
+    let _ = BLOCK_COUNTERS.insert(cgroup_id, first, u64::from(BPF_NOEXIST));
+}

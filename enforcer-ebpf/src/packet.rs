@@ -1,0 +1,140 @@
+//! Reading destinations and ports from the IP packet itself, so raw sockets
+//! and IPv4-mapped IPv6 sockets are judged by what goes on the wire.
+
+use aya_ebpf::{cty::c_long, programs::SkBuffContext};
+use enforcer_common::{
+    AddrBytes, PortInfo, ipv4_mapped,
+    rule::{PROTO_ANY, PROTO_ICMP, PROTO_TCP, PROTO_UDP, protocol_class},
+};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPV4_HEADER_LEN: usize = 20;
+const IPV6_HEADER_LEN: usize = 40;
+/// IPv4 fragment offset bits of the flags-and-offset field.
+const IPV4_FRAGMENT_OFFSET_MASK: u16 = 0x1fff;
+/// IPv6 fragment header offset bits (the low three bits are flags).
+const IPV6_FRAGMENT_OFFSET_MASK: u16 = 0xfff8;
+const NEXT_HOP_BY_HOP: u8 = 0;
+const NEXT_ROUTING: u8 = 43;
+const NEXT_FRAGMENT: u8 = 44;
+const NEXT_AUTH: u8 = 51;
+const NEXT_DEST_OPTIONS: u8 = 60;
+/// Extension headers walked before a packet counts as malformed.
+const MAX_IPV6_EXTENSION_HEADERS: u32 = 8;
+
+/// The fixed IP header, by family.
+pub enum IpHeader {
+    V4([u8; IPV4_HEADER_LEN]),
+    V6([u8; IPV6_HEADER_LEN]),
+}
+
+impl IpHeader {
+    /// The destination in the trie's key form.
+    #[inline(always)]
+    pub fn destination(&self) -> AddrBytes {
+        match self {
+            IpHeader::V4(h) => ipv4_mapped([h[16], h[17], h[18], h[19]]),
+            IpHeader::V6(h) => {
+                let mut d = [0u8; 16];
+                d.copy_from_slice(&h[24..40]);
+                d
+            }
+        }
+    }
+}
+
+/// Reads the fixed header of the family that `skb->protocol` names (never the
+/// socket's family: a v4-mapped IPv6 socket sends IPv4 packets).
+#[inline(always)]
+pub fn read_ip_header(ctx: &SkBuffContext) -> Result<IpHeader, c_long> {
+    let ethertype = u16::from_be(ctx.skb.protocol() as u16);
+    match ethertype {
+        ETH_P_IP => ctx.load(0).map(IpHeader::V4),
+        ETH_P_IPV6 => ctx.load(0).map(IpHeader::V6),
+        _ => Err(0),
+    }
+}
+
+/// A header we cannot make sense of: it matches every protocol class and no
+/// port can be trusted, so any deny rule for its destination refuses it.
+const MALFORMED: (u32, PortInfo) = (PROTO_ANY, PortInfo::Unknown);
+
+/// The protocol class and destination port of the packet, after its IP
+/// header. Called only for destinations that have a rule.
+#[inline(always)]
+pub fn transport(ctx: &SkBuffContext, header: &IpHeader) -> (u32, PortInfo) {
+    match header {
+        IpHeader::V4(h) => ipv4_transport(ctx, h),
+        IpHeader::V6(h) => ipv6_transport(ctx, h),
+    }
+}
+
+#[inline(always)]
+fn ipv4_transport(ctx: &SkBuffContext, h: &[u8; IPV4_HEADER_LEN]) -> (u32, PortInfo) {
+    let version = h[0] >> 4;
+    let header_len = usize::from(h[0] & 0x0f) * 4;
+    if version != 4 || header_len < IPV4_HEADER_LEN {
+        return MALFORMED;
+    }
+    let protocol = h[9];
+    let fragment_offset = u16::from_be_bytes([h[6], h[7]]) & IPV4_FRAGMENT_OFFSET_MASK;
+    if fragment_offset != 0 {
+        // Not the first fragment: no transport header to read.
+        return (protocol_class(protocol), PortInfo::Unknown);
+    }
+    port_at(ctx, protocol_class(protocol), header_len)
+}
+
+#[inline(always)]
+fn ipv6_transport(ctx: &SkBuffContext, h: &[u8; IPV6_HEADER_LEN]) -> (u32, PortInfo) {
+    if h[0] >> 4 != 6 {
+        return MALFORMED;
+    }
+    let mut next = h[6];
+    let mut offset = IPV6_HEADER_LEN;
+    let mut walked = 0;
+    while walked < MAX_IPV6_EXTENSION_HEADERS {
+        let step = match next {
+            NEXT_HOP_BY_HOP | NEXT_ROUTING | NEXT_DEST_OPTIONS | NEXT_AUTH | NEXT_FRAGMENT => next,
+            _ => return port_at(ctx, protocol_class(next), offset),
+        };
+        // The first four bytes of every extension header we walk hold the
+        // next header, the length, and for fragments the offset.
+        let Ok(ext) = ctx.load::<[u8; 4]>(offset) else {
+            return MALFORMED;
+        };
+        offset += match step {
+            NEXT_AUTH => (usize::from(ext[1]) + 2) * 4,
+            NEXT_FRAGMENT => {
+                let fragment_offset =
+                    u16::from_be_bytes([ext[2], ext[3]]) & IPV6_FRAGMENT_OFFSET_MASK;
+                if fragment_offset != 0 {
+                    // Not the first fragment: no transport header to read.
+                    return (protocol_class(ext[0]), PortInfo::Unknown);
+                }
+                8
+            }
+            _ => (usize::from(ext[1]) + 1) * 8,
+        };
+        next = ext[0];
+        walked += 1;
+    }
+    MALFORMED
+}
+
+/// Reads the destination port of a TCP or UDP header at `offset`.
+#[inline(always)]
+fn port_at(ctx: &SkBuffContext, protocol: u32, offset: usize) -> (u32, PortInfo) {
+    match protocol {
+        PROTO_TCP | PROTO_UDP => match ctx.load::<[u8; 4]>(offset) {
+            Ok(ports) => (
+                protocol,
+                PortInfo::Known(u16::from_be_bytes([ports[2], ports[3]])),
+            ),
+            Err(_) => (protocol, PortInfo::Unknown),
+        },
+        PROTO_ICMP => (protocol, PortInfo::NotApplicable),
+        _ => (protocol, PortInfo::Unknown),
+    }
+}

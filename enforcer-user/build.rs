@@ -1,0 +1,23 @@
+use anyhow::{Context as _, anyhow};
+use aya_build::{Package, Toolchain};
+
+/// Builds the eBPF programs with the nightly toolchain and bpf-linker; the
+/// object lands in OUT_DIR, where the loader includes it.
+fn main() -> anyhow::Result<()> {
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?;
+    let ebpf_dir = std::path::Path::new(&manifest_dir)
+        .parent()
+        .ok_or_else(|| anyhow!("{manifest_dir} has no parent"))?
+        .join("enforcer-ebpf");
+    let ebpf_dir = ebpf_dir
+        .to_str()
+        .ok_or_else(|| anyhow!("non-UTF-8 path {}", ebpf_dir.display()))?;
+    aya_build::build_ebpf(
+        [Package {
+            name: "enforcer-ebpf",
+            root_dir: ebpf_dir,
+            ..Default::default()
+        }],
+        Toolchain::default(),
+    )
+}

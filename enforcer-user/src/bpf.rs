@@ -1,0 +1,242 @@
+//! Loading and attaching the eBPF programs, and typed access to their maps.
+//! Map and program names come from `enforcer_common::names` only.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+};
+
+use aya::{
+    Ebpf, EbpfError, EbpfLoader, include_bytes_aligned,
+    maps::{HashMap, LpmTrie, MapData, MapError, PerCpuHashMap, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError},
+};
+use enforcer_common::{
+    AddrBytes, AllowEntry, BlockCounters, DestRule, MODE_AUDIT, MODE_ENFORCE, names,
+};
+
+use crate::{cgroup::CgroupDir, rules::RuleSet};
+
+/// The eBPF object built by `build.rs`.
+static EBPF_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/imds-guard-ebpf"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error(
+        "loading the eBPF object failed: {source}. imds-guard needs root, or CAP_BPF \
+         and CAP_NET_ADMIN, and a kernel with BPF and cgroup v2 support"
+    )]
+    Load { source: EbpfError },
+    #[error("the eBPF object has no {kind} named {name}")]
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
+    #[error(
+        "the kernel refused program {name}: {source}. Cgroup socket hooks need Linux 5.7 or newer"
+    )]
+    ProgramLoad {
+        name: &'static str,
+        source: ProgramError,
+    },
+    #[error("attaching {name} to {cgroup} failed: {source}")]
+    Attach {
+        name: &'static str,
+        cgroup: PathBuf,
+        source: ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
+}
+
+/// Whether blocked attempts are refused or only counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    Enforce,
+    Audit,
+}
+
+impl Mode {
+    fn kernel_value(self) -> u32 {
+        match self {
+            Mode::Enforce => MODE_ENFORCE,
+            Mode::Audit => MODE_AUDIT,
+        }
+    }
+}
+
+const SOCK_ADDR_PROGRAMS: [&str; 4] = [
+    names::PROG_CONNECT4,
+    names::PROG_CONNECT6,
+    names::PROG_SENDMSG4,
+    names::PROG_SENDMSG6,
+];
+
+/// Loads the object and every program into the kernel, unattached. The mode
+/// is a load-time constant, so the verifier drops the other mode's path.
+pub fn load(mode: Mode) -> Result<Ebpf, BpfError> {
+    let mode_value = mode.kernel_value();
+    let mut ebpf = EbpfLoader::new()
+        .override_global(names::ENFORCE_MODE, &mode_value, true)
+        .load(EBPF_OBJECT)
+        .map_err(|source| BpfError::Load { source })?;
+    let egress: &mut CgroupSkb = program(&mut ebpf, names::PROG_EGRESS)?;
+    egress.load().map_err(|source| BpfError::ProgramLoad {
+        name: names::PROG_EGRESS,
+        source,
+    })?;
+    for name in SOCK_ADDR_PROGRAMS {
+        let hook: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+        hook.load()
+            .map_err(|source| BpfError::ProgramLoad { name, source })?;
+    }
+    Ok(ebpf)
+}
+
+/// Attaches every program to `cgroup`. The links live as long as `ebpf`.
+pub fn attach(ebpf: &mut Ebpf, cgroup: &CgroupDir) -> Result<(), BpfError> {
+    let attach_err = |name, source| BpfError::Attach {
+        name,
+        cgroup: cgroup.path().to_path_buf(),
+        source,
+    };
+    // `Single` links: AllowMultiple is refused (EINVAL) with link-based attach
+    // here, and single links of other owners still coexist on the cgroup.
+    let egress: &mut CgroupSkb = program(ebpf, names::PROG_EGRESS)?;
+    egress
+        .attach(
+            cgroup.file(),
+            CgroupSkbAttachType::Egress,
+            CgroupAttachMode::Single,
+        )
+        .map_err(|e| attach_err(names::PROG_EGRESS, e))?;
+    for name in SOCK_ADDR_PROGRAMS {
+        let hook: &mut CgroupSockAddr = program(ebpf, name)?;
+        hook.attach(cgroup.file(), CgroupAttachMode::Single)
+            .map_err(|e| attach_err(name, e))?;
+    }
+    Ok(())
+}
+
+/// The egress program, for `BPF_PROG_TEST_RUN`.
+pub fn egress_program(ebpf: &mut Ebpf) -> Result<&mut CgroupSkb, BpfError> {
+    program(ebpf, names::PROG_EGRESS)
+}
+
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, BpfError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program>,
+{
+    let missing = || BpfError::Missing {
+        kind: "program",
+        name,
+    };
+    ebpf.program_mut(name)
+        .ok_or_else(missing)?
+        .try_into()
+        .map_err(|_| missing())
+}
+
+fn take_map<M: TryFrom<aya::maps::Map>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<M, BpfError> {
+    let missing = || BpfError::Missing { kind: "map", name };
+    ebpf.take_map(name)
+        .ok_or_else(missing)?
+        .try_into()
+        .map_err(|_| missing())
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> BpfError {
+    move |source| BpfError::Map { name, source }
+}
+
+/// The destination rule trie.
+pub struct DestRulesMap(LpmTrie<MapData, AddrBytes, DestRule>);
+
+impl DestRulesMap {
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self, BpfError> {
+        take_map(ebpf, names::DEST_RULES).map(Self)
+    }
+
+    /// Makes the trie hold exactly `rules`: new and changed entries are
+    /// written before stale ones go, so no moment has fewer rules than either set.
+    pub fn sync(&mut self, rules: &RuleSet) -> Result<(), BpfError> {
+        let err = map_err(names::DEST_RULES);
+        let wanted: BTreeMap<(u32, AddrBytes), DestRule> = rules
+            .rules()
+            .iter()
+            .map(|r| (r.kernel_key(), r.kernel_value()))
+            .collect();
+        for (&(len, addr), value) in &wanted {
+            self.0
+                .insert(&Key::new(len, addr), value, 0)
+                .map_err(&err)?;
+        }
+        let present: Vec<Key<AddrBytes>> = self.0.keys().collect::<Result<_, _>>().map_err(&err)?;
+        for key in present {
+            if !wanted.contains_key(&(key.prefix_len(), key.data())) {
+                self.0.remove(&key).map_err(&err)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The allowlisted cgroup ids.
+pub struct AllowMap(HashMap<MapData, u64, AllowEntry>);
+
+impl AllowMap {
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self, BpfError> {
+        take_map(ebpf, names::ALLOWED_CGROUPS).map(Self)
+    }
+
+    pub fn ids(&self) -> Result<BTreeSet<u64>, BpfError> {
+        self.0
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(names::ALLOWED_CGROUPS))
+    }
+
+    /// Makes the map hold exactly `wanted`, by difference: entries that stay
+    /// are never removed, not even for an instant.
+    pub fn sync(&mut self, wanted: &BTreeSet<u64>) -> Result<(), BpfError> {
+        let err = map_err(names::ALLOWED_CGROUPS);
+        let present = self.ids()?;
+        for id in wanted.difference(&present) {
+            self.0.insert(id, AllowEntry::default(), 0).map_err(&err)?;
+        }
+        for id in present.difference(wanted) {
+            self.0.remove(id).map_err(&err)?;
+        }
+        Ok(())
+    }
+}
+
+/// Per-cgroup counts of refused (or audited) attempts.
+pub struct CountersMap(PerCpuHashMap<MapData, u64, BlockCounters>);
+
+impl CountersMap {
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self, BpfError> {
+        take_map(ebpf, names::BLOCK_COUNTERS).map(Self)
+    }
+
+    /// The counters of every cgroup, summed over CPUs.
+    pub fn read(&self) -> Result<BTreeMap<u64, BlockCounters>, BpfError> {
+        let mut totals = BTreeMap::new();
+        for entry in self.0.iter() {
+            let (id, per_cpu) = entry.map_err(map_err(names::BLOCK_COUNTERS))?;
+            let total: &mut BlockCounters = totals.entry(id).or_default();
+            for c in per_cpu.iter() {
+                total.connect += c.connect;
+                total.sendmsg += c.sendmsg;
+                total.egress += c.egress;
+            }
+        }
+        Ok(totals)
+    }
+}

@@ -1,0 +1,9 @@
+//! imds-guard's user side: loading the eBPF enforcer, keeping its maps in
+//! sync, and the modes the daemon runs in.
+
+pub mod bpf;
+pub mod cgroup;
+pub mod enforcer;
+pub mod privilege;
+pub mod rules;
+pub mod standalone;
