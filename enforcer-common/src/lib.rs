@@ -3,8 +3,10 @@
 //!
 //! Every type here is shared with the kernel, so it has explicit padding and
 //! no `bool`, enum or `Option` fields.
-#![cfg_attr(not(test), no_std)]
+#![cfg_attr(not(any(test, feature = "std")), no_std)]
 
+#[cfg(feature = "std")]
+pub mod mountinfo;
 pub mod rule;
 
 pub use rule::{DestRule, PortInfo, PortRange};

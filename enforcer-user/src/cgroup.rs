@@ -25,41 +25,6 @@ pub enum CgroupError {
     OutsideMount { path: PathBuf, mount: PathBuf },
 }
 
-/// Finds the mount point of the cgroup v2 hierarchy in `/proc/self/mountinfo`
-/// text: `/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified` on hybrid ones.
-pub fn find_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        // Fields: id parent major:minor root mount-point options [optional...] - fstype source super-options
-        let (left, right) = line.split_once(" - ")?;
-        let fstype = right.split_whitespace().next()?;
-        if fstype != "cgroup2" {
-            return None;
-        }
-        let mount_point = left.split_whitespace().nth(4)?;
-        Some(PathBuf::from(unescape_mountinfo(mount_point)))
-    })
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo` octal.
-fn unescape_mountinfo(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).filter(|_| bytes[i] == b'\\');
-        if let Some(value) = octal.and_then(|o| std::str::from_utf8(o).ok()) {
-            if let Ok(b) = u8::from_str_radix(value, 8) {
-                out.push(b);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// The cgroup v2 hierarchy's mount point on this machine.
 pub fn detect_cgroup2_mount() -> Result<PathBuf, CgroupError> {
     let mountinfo = PathBuf::from("/proc/self/mountinfo");
@@ -67,7 +32,8 @@ pub fn detect_cgroup2_mount() -> Result<PathBuf, CgroupError> {
         path: mountinfo.clone(),
         source,
     })?;
-    find_cgroup2_mount(&text).ok_or(CgroupError::NoCgroup2Mount { mountinfo })
+    enforcer_common::mountinfo::find_cgroup2_mount(&text)
+        .ok_or(CgroupError::NoCgroup2Mount { mountinfo })
 }
 
 /// An open cgroup v2 directory.
@@ -153,49 +119,4 @@ pub fn find_by_id(root: &Path, id: u64) -> Option<PathBuf> {
         );
     }
     None
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const HYBRID: &str = "\
-25 30 0:23 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
-33 25 0:28 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
-34 33 0:29 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate
-35 33 0:30 / /sys/fs/cgroup/systemd rw,nosuid,nodev,noexec,relatime shared:11 - cgroup cgroup rw,xattr,name=systemd
-";
-    const UNIFIED: &str = "\
-24 31 0:22 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
-28 24 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot
-";
-    const V1_ONLY: &str = "\
-33 25 0:28 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
-36 33 0:31 / /sys/fs/cgroup/memory rw,nosuid,nodev,noexec,relatime shared:12 - cgroup cgroup rw,memory
-";
-    // A DaemonSet that mounts the host's hierarchy somewhere of its own.
-    const IN_POD: &str = "\
-700 690 0:29 / /host/sys\\040fs/cgroup rw,relatime master:10 - cgroup2 cgroup2 rw
-";
-
-    #[test]
-    fn finds_the_cgroup2_mount_on_real_layouts() {
-        let cases = [
-            (HYBRID, Some("/sys/fs/cgroup/unified")),
-            (UNIFIED, Some("/sys/fs/cgroup")),
-            (V1_ONLY, None),
-            (IN_POD, Some("/host/sys fs/cgroup")),
-            ("", None),
-        ];
-        for (text, want) in cases {
-            assert_eq!(find_cgroup2_mount(text), want.map(PathBuf::from), "{text}");
-        }
-    }
-
-    #[test]
-    fn unescapes_octal_sequences() {
-        assert_eq!(unescape_mountinfo(r"a\040b\011c\134d"), "a b\tc\\d");
-        assert_eq!(unescape_mountinfo(r"trailing\04"), r"trailing\04");
-        assert_eq!(unescape_mountinfo(r"plain"), "plain");
-    }
 }

@@ -1,1 +1,79 @@
+//! A sandbox for sending real traffic at metadata addresses without ever
+//! leaving the machine: network namespaces joined by a veth pair, a fake
+//! metadata server of our own in one of them, clients in the other (which
+//! has no route out), cgroups for the clients, and the daemon under test.
+//!
+//! Every resource is an RAII guard: namespaces, cgroups and processes are
+//! removed when the guard drops, also when a test panics.
 
+pub mod cgroups;
+pub mod daemon;
+pub mod netns;
+pub mod probe;
+
+use std::path::PathBuf;
+
+pub use cgroups::TestCgroup;
+pub use daemon::Daemon;
+pub use netns::{Sandbox, addrs};
+pub use probe::{Outcome, Probe, ProbeResult, Server, StreamProbe};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("`{command}` failed: {detail}")]
+    Command { command: String, detail: String },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no cgroup v2 filesystem is mounted")]
+    NoCgroup2,
+    #[error("{0}")]
+    Process(String),
+}
+
+pub type Result<T, E = SandboxError> = std::result::Result<T, E>;
+
+/// A name unique to this process and call, for namespaces and cgroups that
+/// parallel tests (and parallel test binaries) create side by side.
+pub fn unique_name(tag: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "igt{}-{}-{tag}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Runs a command to completion, turning a non-zero exit into an error that
+/// carries its stderr.
+pub fn run(program: &str, args: &[&str]) -> Result<String> {
+    let command = format!("{program} {}", args.join(" "));
+    let output = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| SandboxError::Command {
+            command: command.clone(),
+            detail: e.to_string(),
+        })?;
+    if !output.status.success() {
+        return Err(SandboxError::Command {
+            command,
+            detail: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Fails unless this process is root: the sandbox needs namespaces,
+/// cgroups and BPF. Tests call it first, so a missing privilege is a
+/// failure with a reason, never a silent skip.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (network namespaces, cgroups, BPF); run `sudo cargo xtask test`"
+    );
+}

@@ -1,1 +1,429 @@
-fn main() {}
+//! `imds-probe`: the sandbox's clients and its fake servers.
+//!
+//! Client actions make one attempt and print one line,
+//! `outcome=<reached|refused|timeout|error> [errno=E] elapsed_us=N [more]`.
+//! They refuse to run in the host's network namespace: their targets are
+//! metadata addresses, which must never be reached on the real network.
+//!
+//! `serve --port P... --udp-addr A...` echoes TCP lines on every address of
+//! its namespace and UDP datagrams on the given ones, and prints `ready`
+//! once bound.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    mem::MaybeUninit,
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::unix::fs::MetadataExt as _,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+const PAYLOAD: &[u8] = b"ping\n";
+
+/// The result of one attempt.
+enum Outcome {
+    Reached,
+    Refused(std::io::Error),
+    Timeout,
+    Error(String),
+}
+
+impl Outcome {
+    fn from_io(err: std::io::Error) -> Outcome {
+        match err.kind() {
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => Outcome::Timeout,
+            _ if err.raw_os_error().is_some() => Outcome::Refused(err),
+            _ => Outcome::Error(err.to_string()),
+        }
+    }
+
+    fn render(&self) -> String {
+        match self {
+            Outcome::Reached => "outcome=reached".to_owned(),
+            Outcome::Timeout => "outcome=timeout".to_owned(),
+            Outcome::Refused(err) => format!("outcome=refused errno={}", errno_name(err)),
+            Outcome::Error(msg) => format!("outcome=error message={}", msg.replace(' ', "_")),
+        }
+    }
+}
+
+fn errno_name(err: &std::io::Error) -> String {
+    err.raw_os_error()
+        .map(|code| format!("{:?}", nix::errno::Errno::from_raw(code)))
+        .unwrap_or_else(|| "none".to_owned())
+}
+
+struct Target {
+    addr: SocketAddr,
+    timeout: Duration,
+    source: Option<Ipv4Addr>,
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("serve") => serve(&args[1..]),
+        Some(action) => match parse_target(&args[1..]) {
+            Ok(target) => client(action, &target),
+            Err(msg) => usage(&msg),
+        },
+        None => usage("no action"),
+    }
+}
+
+fn usage(msg: &str) -> ExitCode {
+    eprintln!(
+        "imds-probe: {msg}\nusage: imds-probe serve --port P... --udp-addr A...\n       imds-probe \
+         <tcp|udp|udp-connected|ping|raw-udp|fragments|stream> ADDR PORT \
+         [--timeout-ms N] [--source IPV4] [--count N]"
+    );
+    ExitCode::from(2)
+}
+
+fn parse_target(args: &[String]) -> Result<Target, String> {
+    let [addr, port, rest @ ..] = args else {
+        return Err("expected ADDR PORT".to_owned());
+    };
+    let ip: IpAddr = addr.parse().map_err(|_| format!("bad address {addr}"))?;
+    let port: u16 = port.parse().map_err(|_| format!("bad port {port}"))?;
+    let mut target = Target {
+        addr: SocketAddr::new(ip, port),
+        timeout: Duration::from_millis(1500),
+        source: None,
+    };
+    let mut i = 0;
+    while i < rest.len() {
+        let value = rest
+            .get(i + 1)
+            .ok_or(format!("{} needs a value", rest[i]))?;
+        match rest[i].as_str() {
+            "--timeout-ms" => {
+                target.timeout =
+                    Duration::from_millis(value.parse().map_err(|_| "bad --timeout-ms")?)
+            }
+            "--source" => target.source = Some(value.parse().map_err(|_| "bad --source")?),
+            // Read by the stream action itself.
+            "--count" => {}
+            other => return Err(format!("unknown option {other}")),
+        }
+        i += 2;
+    }
+    Ok(target)
+}
+
+/// Whether we may share the host's network namespace: we compare ours with
+/// PID 1's and our parent's (the sandbox moves only us into a namespace).
+/// If neither can be read, assume the worst.
+fn in_host_netns() -> bool {
+    let ino = |p: &str| std::fs::metadata(p).map(|m| m.ino()).ok();
+    let Some(mine) = ino("/proc/self/ns/net") else {
+        return true;
+    };
+    let parent = format!("/proc/{}/ns/net", std::os::unix::process::parent_id());
+    let others: Vec<u64> = [ino("/proc/1/ns/net"), ino(&parent)]
+        .into_iter()
+        .flatten()
+        .collect();
+    others.is_empty() || others.contains(&mine)
+}
+
+fn client(action: &str, target: &Target) -> ExitCode {
+    if in_host_netns() {
+        eprintln!("imds-probe: refusing to send from the host network namespace");
+        return ExitCode::from(3);
+    }
+    if action == "stream" {
+        return stream(target);
+    }
+    let started = Instant::now();
+    let (outcome, extra) = match action {
+        "tcp" => (tcp(target), String::new()),
+        "udp" => (udp(target, false), String::new()),
+        "udp-connected" => (udp(target, true), String::new()),
+        "ping" => (ping(target), String::new()),
+        "raw-udp" => raw_udp(target, false),
+        "fragments" => raw_udp(target, true),
+        other => return usage(&format!("unknown action {other}")),
+    };
+    println!(
+        "{} elapsed_us={}{extra}",
+        outcome.render(),
+        started.elapsed().as_micros()
+    );
+    ExitCode::SUCCESS
+}
+
+fn tcp(target: &Target) -> Outcome {
+    match TcpStream::connect_timeout(&target.addr, target.timeout) {
+        Ok(stream) => exchange(&stream, target.timeout),
+        Err(err) => Outcome::from_io(err),
+    }
+}
+
+/// Sends the payload on a connected stream and waits for its echo.
+fn exchange(mut stream: &TcpStream, timeout: Duration) -> Outcome {
+    if let Err(err) = stream.set_read_timeout(Some(timeout)) {
+        return Outcome::Error(err.to_string());
+    }
+    if let Err(err) = stream.write_all(PAYLOAD) {
+        return Outcome::from_io(err);
+    }
+    let mut echo = [0u8; PAYLOAD.len()];
+    match stream.read_exact(&mut echo) {
+        Ok(()) if echo == PAYLOAD => Outcome::Reached,
+        Ok(()) => Outcome::Error("wrong echo".to_owned()),
+        Err(err) => Outcome::from_io(err),
+    }
+}
+
+fn unspecified_for(addr: &SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(_) => "0.0.0.0:0".parse(),
+        SocketAddr::V6(_) => "[::]:0".parse(),
+    }
+    .unwrap_or_else(|_| unreachable!("literal addresses parse"))
+}
+
+fn udp(target: &Target, connected: bool) -> Outcome {
+    let socket = match UdpSocket::bind(unspecified_for(&target.addr)) {
+        Ok(s) => s,
+        Err(err) => return Outcome::Error(err.to_string()),
+    };
+    let sent = if connected {
+        socket
+            .connect(target.addr)
+            .and_then(|()| socket.send(PAYLOAD))
+    } else {
+        socket.send_to(PAYLOAD, target.addr)
+    };
+    if let Err(err) = sent {
+        return Outcome::from_io(err);
+    }
+    await_datagram_echo(&socket, target.timeout)
+}
+
+fn await_datagram_echo(socket: &UdpSocket, timeout: Duration) -> Outcome {
+    if let Err(err) = socket.set_read_timeout(Some(timeout)) {
+        return Outcome::Error(err.to_string());
+    }
+    let mut buf = [0u8; 64];
+    match socket.recv(&mut buf) {
+        Ok(n) if buf[..n] == *PAYLOAD => Outcome::Reached,
+        Ok(_) => Outcome::Error("wrong echo".to_owned()),
+        Err(err) => Outcome::from_io(err),
+    }
+}
+
+/// ICMP echo through an unprivileged ping socket.
+fn ping(target: &Target) -> Outcome {
+    let (domain, protocol, echo_request) = match target.addr {
+        SocketAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4, 8u8),
+        SocketAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6, 128u8),
+    };
+    let socket = match Socket::new(domain, Type::DGRAM, Some(protocol)) {
+        Ok(s) => s,
+        Err(err) => return Outcome::Error(err.to_string()),
+    };
+    // Type, code, checksum (the kernel fills it and the id), sequence 1, payload.
+    let mut request = vec![echo_request, 0, 0, 0, 0, 0, 0, 1];
+    request.extend_from_slice(PAYLOAD);
+    if let Err(err) = socket.send_to(&request, &SockAddr::from(target.addr)) {
+        return Outcome::from_io(err);
+    }
+    if let Err(err) = socket.set_read_timeout(Some(target.timeout)) {
+        return Outcome::Error(err.to_string());
+    }
+    let mut reply = [MaybeUninit::<u8>::uninit(); 128];
+    match socket.recv(&mut reply) {
+        Ok(_) => Outcome::Reached,
+        Err(err) => Outcome::from_io(err),
+    }
+}
+
+/// Builds an IPv4 header for a raw IP_HDRINCL socket. The kernel fills the
+/// checksum and the total length; the id is ours, so fragments reassemble.
+fn ipv4_header(
+    source: Ipv4Addr,
+    dest: Ipv4Addr,
+    more_fragments: bool,
+    offset_units: u16,
+) -> Vec<u8> {
+    let flags_offset = (u16::from(more_fragments) << 13) | offset_units;
+    let id = (std::process::id() as u16 | 1).to_be_bytes();
+    let mut h = vec![0x45, 0, 0, 0, id[0], id[1]];
+    h.extend_from_slice(&flags_offset.to_be_bytes());
+    h.extend_from_slice(&[64, 17, 0, 0]); // TTL, UDP, checksum
+    h.extend_from_slice(&source.octets());
+    h.extend_from_slice(&dest.octets());
+    h
+}
+
+/// Sends a UDP datagram by hand through a raw socket with IP_HDRINCL, whole
+/// or as two fragments, and waits for the echo on an ordinary UDP socket
+/// bound to the source port we wrote.
+fn raw_udp(target: &Target, fragmented: bool) -> (Outcome, String) {
+    let (SocketAddr::V4(dest), Some(source)) = (target.addr, target.source) else {
+        return (
+            Outcome::Error("raw sends need an IPv4 ADDR and --source".to_owned()),
+            String::new(),
+        );
+    };
+    let receiver = match UdpSocket::bind((source, 0)) {
+        Ok(s) => s,
+        Err(err) => return (Outcome::Error(err.to_string()), String::new()),
+    };
+    let source_port = match receiver.local_addr() {
+        Ok(a) => a.port(),
+        Err(err) => return (Outcome::Error(err.to_string()), String::new()),
+    };
+    // IPPROTO_RAW implies IP_HDRINCL: the header below is what goes out.
+    let raw = match Socket::new(
+        Domain::IPV4,
+        Type::RAW,
+        Some(Protocol::from(libc::IPPROTO_RAW)),
+    ) {
+        Ok(s) => s,
+        Err(err) => return (Outcome::Error(err.to_string()), String::new()),
+    };
+    // 16 bytes of payload so the second fragment starts on an 8-byte boundary.
+    let payload = b"ping\nping\nping\nX";
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&source_port.to_be_bytes());
+    udp.extend_from_slice(&dest.port().to_be_bytes());
+    udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]); // no checksum (allowed over IPv4)
+    udp.extend_from_slice(payload);
+    let packets: Vec<Vec<u8>> = if fragmented {
+        // First: UDP header and 8 payload bytes; second: the rest, at offset 16 bytes.
+        let (first, second) = udp.split_at(16);
+        vec![
+            [ipv4_header(source, *dest.ip(), true, 0), first.to_vec()].concat(),
+            [ipv4_header(source, *dest.ip(), false, 2), second.to_vec()].concat(),
+        ]
+    } else {
+        vec![[ipv4_header(source, *dest.ip(), false, 0), udp].concat()]
+    };
+    let to = SockAddr::from(SocketAddr::V4(dest));
+    let mut sends = Vec::new();
+    for packet in &packets {
+        sends.push(match raw.send_to(packet, &to) {
+            Ok(_) => "ok".to_owned(),
+            Err(err) => errno_name(&err),
+        });
+    }
+    if let Err(err) = receiver.set_read_timeout(Some(target.timeout)) {
+        return (Outcome::Error(err.to_string()), String::new());
+    }
+    let mut buf = [0u8; 64];
+    let outcome = match receiver.recv(&mut buf) {
+        Ok(n) if buf[..n] == payload[..] => Outcome::Reached,
+        Ok(_) => Outcome::Error("wrong echo".to_owned()),
+        Err(err) => Outcome::from_io(err),
+    };
+    (outcome, format!(" sends={}", sends.join(",")))
+}
+
+/// Opens one TCP connection and exchanges a line every 50 ms, `--count`
+/// times, printing `exchange ok` or `exchange <outcome>` for each; the first
+/// line is the connect's own outcome.
+fn stream(target: &Target) -> ExitCode {
+    let count: u32 = std::env::args()
+        .skip_while(|a| a != "--count")
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let stream = match TcpStream::connect_timeout(&target.addr, target.timeout) {
+        Ok(s) => s,
+        Err(err) => {
+            println!("connect {}", Outcome::from_io(err).render());
+            return ExitCode::SUCCESS;
+        }
+    };
+    println!("connect outcome=reached");
+    let exchange_timeout = Duration::from_millis(300);
+    for _ in 0..count {
+        match exchange(&stream, exchange_timeout) {
+            Outcome::Reached => println!("exchange ok"),
+            other => {
+                // The stream is out of step once an echo is missed.
+                println!("exchange {}", other.render());
+                return ExitCode::SUCCESS;
+            }
+        }
+        let _ = std::io::stdout().flush();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ExitCode::SUCCESS
+}
+
+fn serve(args: &[String]) -> ExitCode {
+    let mut ports = Vec::new();
+    let mut udp_addrs = Vec::new();
+    for pair in args.chunks(2) {
+        match pair {
+            [flag, port] if flag == "--port" => match port.parse::<u16>() {
+                Ok(p) => ports.push(p),
+                Err(_) => return usage(&format!("bad port {port}")),
+            },
+            [flag, addr] if flag == "--udp-addr" => match addr.parse::<IpAddr>() {
+                Ok(a) => udp_addrs.push(a),
+                Err(_) => return usage(&format!("bad address {addr}")),
+            },
+            _ => return usage("serve takes --port P and --udp-addr A pairs"),
+        }
+    }
+    for port in ports {
+        // `[::]` with IPV6_V6ONLY off (Linux's default) serves IPv4 too.
+        let any = SocketAddr::new(IpAddr::from([0u16; 8]), port);
+        let listener = match TcpListener::bind(any) {
+            Ok(l) => l,
+            Err(err) => {
+                eprintln!("imds-probe serve: tcp port {port}: {err}");
+                return ExitCode::FAILURE;
+            }
+        };
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                std::thread::spawn(move || echo_lines(conn));
+            }
+        });
+        // One UDP socket per address, so replies come from the address the
+        // client sent to (a connected UDP client drops anything else).
+        for addr in &udp_addrs {
+            let udp = match UdpSocket::bind((*addr, port)) {
+                Ok(u) => u,
+                Err(err) => {
+                    eprintln!("imds-probe serve: udp {addr} port {port}: {err}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while let Ok((n, from)) = udp.recv_from(&mut buf) {
+                    let _ = udp.send_to(&buf[..n], from);
+                }
+            });
+        }
+    }
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    loop {
+        std::thread::park();
+    }
+}
+
+fn echo_lines(conn: TcpStream) {
+    let Ok(mut writer) = conn.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(conn);
+    let mut line = Vec::new();
+    while matches!(reader.read_until(b'\n', &mut line), Ok(n) if n > 0) {
+        if writer.write_all(&line).is_err() {
+            return;
+        }
+        line.clear();
+    }
+}

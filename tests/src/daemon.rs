@@ -1,0 +1,146 @@
+//! The real `imds-guard` binary under test, stopped on drop.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use nix::{sys::signal::Signal, unistd::Pid};
+
+use crate::{Result, SandboxError, probe::binary};
+
+/// The line the daemon logs once its programs are attached.
+pub const ENFORCING: &str = "imds-guard is enforcing";
+
+pub struct Daemon {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    /// Starts `imds-guard ARGS` without waiting for anything.
+    pub fn spawn(args: &[&str]) -> Result<Daemon> {
+        let mut child = Command::new(binary("imds-guard")?)
+            .args(args)
+            .env("IMDS_GUARD_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| SandboxError::Process(format!("spawning imds-guard: {e}")))?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| SandboxError::Process("no stderr".to_owned()))?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr)
+                .lines()
+                .map_while(std::result::Result::ok)
+            {
+                if let Ok(mut lines) = sink.lock() {
+                    lines.push(line);
+                }
+            }
+        });
+        Ok(Daemon { child, log })
+    }
+
+    /// Starts `imds-guard ARGS` and waits until it says it is enforcing.
+    pub fn start(args: &[&str]) -> Result<Daemon> {
+        let mut daemon = Daemon::spawn(args)?;
+        daemon.wait_for_log(ENFORCING, Duration::from_secs(20))?;
+        Ok(daemon)
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+
+    /// How many log lines so far contain `needle`.
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .map(|l| l.iter().filter(|line| line.contains(needle)).count())
+            .unwrap_or(0)
+    }
+
+    /// Waits until the log has a line containing `needle`; fails if the
+    /// daemon exits first or time runs out.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        self.wait_for_log_count(needle, 1, timeout)
+    }
+
+    /// Waits until `count` log lines contain `needle`.
+    pub fn wait_for_log_count(
+        &mut self,
+        needle: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.count_log(needle) >= count {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // Let the reader thread drain what is left.
+                std::thread::sleep(Duration::from_millis(50));
+                return Err(SandboxError::Process(format!(
+                    "imds-guard exited ({status}) before logging {needle:?}:\n{}",
+                    self.log()
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(SandboxError::Process(format!(
+                    "imds-guard did not log {needle:?} {count} time(s) within {timeout:?}:\n{}",
+                    self.log()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        nix::sys::signal::kill(Pid::from_raw(self.child.id() as i32), signal)
+            .map_err(|e| SandboxError::Process(format!("signalling imds-guard: {e}")))
+    }
+
+    /// Waits for the daemon to exit by itself (e.g. after a bad argument).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(50));
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                return Err(SandboxError::Process(format!(
+                    "imds-guard still running after {timeout:?}:\n{}",
+                    self.log()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn stop(&mut self) -> Result<ExitStatus> {
+        self.signal(Signal::SIGTERM)?;
+        self.wait_exit(Duration::from_secs(10))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            if self.stop().is_err() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! Running `imds-probe` clients inside a cgroup and a namespace of ours, and
+//! reading what happened.
+
+use std::{
+    collections::BTreeMap,
+    fs::{File, OpenOptions},
+    io::{BufRead as _, BufReader},
+    net::IpAddr,
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use crate::{Result, SandboxError, netns::Netns};
+
+/// Where the workspace's binaries are: `IMDS_GUARD_BIN_DIR`, or next to the
+/// running executable (test binaries live one level down, in `deps/`).
+pub fn binary(name: &str) -> Result<PathBuf> {
+    let dir = match std::env::var_os("IMDS_GUARD_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let exe = std::env::current_exe().map_err(|source| SandboxError::Io {
+                what: "locating",
+                path: "current executable".into(),
+                source,
+            })?;
+            let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+            if dir.ends_with("deps") {
+                dir.parent().map(Path::to_path_buf).unwrap_or_default()
+            } else {
+                dir
+            }
+        }
+    };
+    let path = dir.join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(SandboxError::Process(format!(
+            "{} not found: build the workspace first (cargo xtask test does) or set IMDS_GUARD_BIN_DIR",
+            path.display()
+        )))
+    }
+}
+
+/// Spawns `command` as a member of `cgroup` (when given), inside `netns`.
+/// The cgroup is joined first: entering the namespace first would not change
+/// the cgroup, but the order keeps the child's first instant accounted to it.
+pub fn spawn_in(command: &mut Command, netns: &Netns, cgroup: Option<&Path>) -> Result<Child> {
+    let ns = netns.open()?;
+    let procs: Option<File> = cgroup
+        .map(|dir| {
+            let path = dir.join("cgroup.procs");
+            OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|source| SandboxError::Io {
+                    what: "opening",
+                    path,
+                    source,
+                })
+        })
+        .transpose()?;
+    let ns_fd = ns.as_raw_fd();
+    let procs_fd = procs.as_ref().map(|f| f.as_raw_fd());
+    // SAFETY: between fork and exec only async-signal-safe calls are made
+    // (write, setns) on descriptors opened before the fork.
+    unsafe {
+        command.pre_exec(move || {
+            if let Some(fd) = procs_fd {
+                // "0" moves the writing process itself.
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command
+        .spawn()
+        .map_err(|e| SandboxError::Process(format!("spawning {:?}: {e}", command.get_program())))
+}
+
+/// What one probe attempt ended with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The server answered.
+    Reached,
+    /// The socket call failed with this errno name (e.g. "EPERM").
+    Refused(String),
+    /// Nothing came back in time.
+    TimedOut,
+    /// The probe itself failed.
+    Failed(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct ProbeResult {
+    pub outcome: Outcome,
+    pub elapsed: Duration,
+    /// Other `key=value` fields of the line (e.g. `sends`).
+    pub fields: BTreeMap<String, String>,
+}
+
+impl ProbeResult {
+    fn parse(line: &str) -> Result<ProbeResult> {
+        let fields: BTreeMap<String, String> = line
+            .split_whitespace()
+            .filter_map(|w| w.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let get = |k: &str| fields.get(k).cloned().unwrap_or_default();
+        let outcome = match get("outcome").as_str() {
+            "reached" => Outcome::Reached,
+            "refused" => Outcome::Refused(get("errno")),
+            "timeout" => Outcome::TimedOut,
+            "error" => Outcome::Failed(get("message")),
+            _ => {
+                return Err(SandboxError::Process(format!(
+                    "unreadable probe line {line:?}"
+                )));
+            }
+        };
+        let elapsed = Duration::from_micros(get("elapsed_us").parse().unwrap_or(0));
+        Ok(ProbeResult {
+            outcome,
+            elapsed,
+            fields,
+        })
+    }
+}
+
+/// A client in the sandbox: a network namespace and, optionally, a cgroup.
+pub struct Probe<'a> {
+    pub netns: &'a Netns,
+    pub cgroup: Option<&'a Path>,
+}
+
+impl Probe<'_> {
+    fn command(&self, action: &str, addr: IpAddr, port: u16) -> Result<Command> {
+        let mut command = Command::new(binary("imds-probe")?);
+        command.args([action, &addr.to_string(), &port.to_string()]);
+        Ok(command)
+    }
+
+    /// Makes one attempt (`tcp`, `udp`, `udp-connected`, `ping`, `raw-udp`,
+    /// `fragments`) and returns what happened.
+    pub fn attempt(
+        &self,
+        action: &str,
+        addr: IpAddr,
+        port: u16,
+        extra: &[&str],
+    ) -> Result<ProbeResult> {
+        let mut command = self.command(action, addr, port)?;
+        command
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = spawn_in(&mut command, self.netns, self.cgroup)?;
+        let output = child
+            .wait_with_output()
+            .map_err(|e| SandboxError::Process(format!("waiting for imds-probe: {e}")))?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let line = stdout.lines().last().ok_or_else(|| {
+            SandboxError::Process(format!(
+                "imds-probe {action} {addr} {port} printed nothing ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            ))
+        })?;
+        ProbeResult::parse(line)
+    }
+
+    /// Starts a long-lived TCP exchange (`stream`); its lines arrive on the
+    /// returned channel.
+    pub fn stream(&self, addr: IpAddr, port: u16, count: u32) -> Result<StreamProbe> {
+        let mut command = self.command("stream", addr, port)?;
+        command
+            .args(["--count", &count.to_string()])
+            .stdout(Stdio::piped());
+        let mut child = spawn_in(&mut command, self.netns, self.cgroup)?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| SandboxError::Process("no stdout".to_owned()))?;
+        let (sender, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout)
+                .lines()
+                .map_while(std::result::Result::ok)
+            {
+                if sender.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(StreamProbe { child, lines })
+    }
+}
+
+/// A running `stream` probe, killed on drop.
+pub struct StreamProbe {
+    child: Child,
+    pub lines: mpsc::Receiver<String>,
+}
+
+impl Drop for StreamProbe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The fake metadata (and ordinary) server: echoes on the given TCP and UDP
+/// ports on every sandbox server address. Killed on drop.
+pub struct Server {
+    child: Child,
+}
+
+impl Server {
+    pub fn start(netns: &Netns, ports: &[u16]) -> Result<Server> {
+        let mut command = Command::new(binary("imds-probe")?);
+        command.arg("serve");
+        for port in ports {
+            command.args(["--port", &port.to_string()]);
+        }
+        for addr in crate::addrs::server_addrs() {
+            command.args(["--udp-addr", &addr.to_string()]);
+        }
+        command.stdout(Stdio::piped());
+        let mut child = spawn_in(&mut command, netns, None)?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| SandboxError::Process("no stdout".to_owned()))?;
+        let mut first = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut first);
+        let server = Server { child };
+        if first.trim() != "ready" {
+            return Err(SandboxError::Process(format!(
+                "imds-probe serve did not start: {first:?}"
+            )));
+        }
+        Ok(server)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

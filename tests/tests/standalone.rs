@@ -1,0 +1,442 @@
+//! The real `imds-guard standalone` daemon, real sockets, real kernel:
+//! clients in cgroups of ours, inside a sandbox namespace with no route out,
+//! try to reach our own fake metadata server.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use imds_guard_tests::{
+    Daemon, Outcome, Probe, ProbeResult, Sandbox, Server, TestCgroup, addrs, require_root,
+};
+use nix::sys::signal::Signal;
+
+/// The sandbox, our fake server and the test cgroups: dropped after the
+/// daemon, and namespaces last.
+struct Stage {
+    _server: Server,
+    _cgroups: TestCgroup,
+    sandbox: Sandbox,
+    /// The attach point: everything below loses metadata access...
+    guarded: PathBuf,
+    /// ...but this one, allowlisted, and its children.
+    allowed: PathBuf,
+    allowed_child: PathBuf,
+    /// A sibling of `allowed`, not allowlisted.
+    blocked: PathBuf,
+    /// Outside the attached subtree altogether.
+    outside: PathBuf,
+}
+
+const HTTP: u16 = 80;
+const DNS: u16 = 53;
+
+impl Stage {
+    fn new() -> Stage {
+        require_root();
+        let sandbox = Sandbox::new().expect("sandbox");
+        let server = Server::start(&sandbox.server, &[HTTP, DNS]).expect("fake metadata server");
+        let mut cgroups = TestCgroup::new("standalone").expect("test cgroup");
+        let mut make = |p: &str| cgroups.child(p).expect("cgroup");
+        let (guarded, allowed, allowed_child, blocked, outside) = (
+            make("guarded"),
+            make("guarded/allowed"),
+            make("guarded/allowed/job"),
+            make("guarded/blocked"),
+            make("outside"),
+        );
+        Stage {
+            _server: server,
+            _cgroups: cgroups,
+            sandbox,
+            guarded,
+            allowed,
+            allowed_child,
+            blocked,
+            outside,
+        }
+    }
+
+    /// `standalone --cgroup <guarded>` followed by `args`, where `{allowed}`
+    /// stands for the allowed cgroup's path.
+    fn daemon_args(&self, args: &[&str]) -> Vec<String> {
+        let mut full = vec![
+            "standalone".to_owned(),
+            "--cgroup".to_owned(),
+            self.guarded.display().to_string(),
+        ];
+        full.extend(
+            args.iter()
+                .map(|a| a.replace("{allowed}", &self.allowed.display().to_string())),
+        );
+        full
+    }
+
+    fn probe<'a>(&'a self, cgroup: &'a Path) -> Probe<'a> {
+        Probe {
+            netns: &self.sandbox.client,
+            cgroup: Some(cgroup),
+        }
+    }
+
+    fn attempt(&self, cgroup: &Path, case: &Case) -> ProbeResult {
+        let source = addrs::CLIENT_V4.to_string();
+        let extra: &[&str] = if case.action == "raw-udp" || case.action == "fragments" {
+            &["--source", &source]
+        } else {
+            &[]
+        };
+        self.probe(cgroup)
+            .attempt(case.action, case.addr, case.port, extra)
+            .unwrap_or_else(|e| panic!("{case:?}: {e}"))
+    }
+}
+
+/// A stage with the daemon running on it.
+struct World {
+    daemon: Daemon,
+    stage: Stage,
+}
+
+impl std::ops::Deref for World {
+    type Target = Stage;
+    fn deref(&self) -> &Stage {
+        &self.stage
+    }
+}
+
+impl World {
+    fn new(args: &[&str]) -> World {
+        let stage = Stage::new();
+        let args = stage.daemon_args(args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let daemon = Daemon::start(&args).expect("imds-guard starts");
+        World { daemon, stage }
+    }
+
+    fn default_allow() -> World {
+        World::new(&["--allow", "{allowed}"])
+    }
+}
+
+#[derive(Debug)]
+struct Case {
+    action: &'static str,
+    addr: IpAddr,
+    port: u16,
+}
+
+fn case(action: &'static str, addr: impl Into<IpAddr>, port: u16) -> Case {
+    Case {
+        action,
+        addr: addr.into(),
+        port,
+    }
+}
+
+fn eperm() -> Outcome {
+    Outcome::Refused("EPERM".to_owned())
+}
+
+/// Every way to the metadata server we know of, with what a blocked cgroup
+/// must see. An allowlisted cgroup reaches the server on each of them, which
+/// proves the sandbox itself works.
+fn metadata_paths() -> Vec<(Case, Outcome)> {
+    let v4 = addrs::METADATA_V4;
+    let v6 = addrs::METADATA_V6;
+    let mapped = addrs::metadata_v4_mapped();
+    vec![
+        (case("tcp", v4, HTTP), eperm()),
+        (case("udp", v4, HTTP), eperm()),
+        (case("udp-connected", v4, HTTP), eperm()),
+        (case("ping", v4, 0), eperm()),
+        (case("tcp", v6, HTTP), eperm()),
+        (case("udp", v6, HTTP), eperm()),
+        // The IPv6 ping path drops silently: no error, no echo.
+        (case("ping", v6, 0), Outcome::TimedOut),
+        (case("tcp", mapped, HTTP), eperm()),
+        (case("udp", mapped, HTTP), eperm()),
+        (case("udp-connected", mapped, HTTP), eperm()),
+        // Raw sends report no error to the sender here: the drop is silent,
+        // so the proof is that no echo ever comes back.
+        (case("raw-udp", v4, HTTP), Outcome::TimedOut),
+        (case("fragments", v4, HTTP), Outcome::TimedOut),
+        (case("fragments", v4, DNS), Outcome::TimedOut),
+    ]
+}
+
+#[test]
+fn blocked_cgroup_is_refused_on_every_path_and_allowed_cgroup_is_not() {
+    let world = World::default_allow();
+    for (case, want) in metadata_paths() {
+        let blocked = world.attempt(&world.blocked, &case);
+        assert_eq!(
+            blocked.outcome, want,
+            "blocked cgroup, {case:?}: {blocked:?}"
+        );
+        let allowed = world.attempt(&world.allowed, &case);
+        assert_eq!(
+            allowed.outcome,
+            Outcome::Reached,
+            "allowed cgroup, {case:?}: {allowed:?}"
+        );
+    }
+}
+
+#[test]
+fn refusal_is_immediate_not_a_hang() {
+    let world = World::default_allow();
+    let result = world.attempt(&world.blocked, &case("tcp", addrs::METADATA_V4, HTTP));
+    assert_eq!(result.outcome, eperm());
+    assert!(
+        result.elapsed < Duration::from_millis(100),
+        "connect took {:?}",
+        result.elapsed
+    );
+}
+
+#[test]
+fn raw_packets_are_judged_by_the_header_they_carry() {
+    let world = World::default_allow();
+    // A first fragment to the exempt DNS port may pass, the rest may not:
+    // without ports, a non-first fragment is refused (fail closed).
+    let result = world.attempt(&world.blocked, &case("fragments", addrs::METADATA_V4, DNS));
+    assert_eq!(result.outcome, Outcome::TimedOut, "{result:?}");
+    assert_eq!(
+        result.fields.get("sends").map(String::as_str),
+        Some("ok,EPERM"),
+        "{result:?}"
+    );
+    let result = world.attempt(&world.blocked, &case("fragments", addrs::METADATA_V4, HTTP));
+    assert_eq!(
+        result.fields.get("sends").map(String::as_str),
+        Some("EPERM,EPERM"),
+        "{result:?}"
+    );
+    let result = world.attempt(&world.blocked, &case("raw-udp", addrs::METADATA_V4, HTTP));
+    assert_eq!(
+        result.fields.get("sends").map(String::as_str),
+        Some("EPERM"),
+        "{result:?}"
+    );
+}
+
+#[test]
+fn dns_on_the_metadata_address_stays_open() {
+    let world = World::default_allow();
+    for action in ["tcp", "udp", "raw-udp"] {
+        let result = world.attempt(&world.blocked, &case(action, addrs::METADATA_V4, DNS));
+        assert_eq!(result.outcome, Outcome::Reached, "{action}: {result:?}");
+    }
+}
+
+#[test]
+fn allowlist_covers_children_not_siblings_and_outside_is_untouched() {
+    let world = World::default_allow();
+    let tcp = case("tcp", addrs::METADATA_V4, HTTP);
+    let cases = [
+        (&world.allowed_child, Outcome::Reached),
+        (&world.blocked, eperm()),
+        (&world.guarded, eperm()),
+        (&world.outside, Outcome::Reached),
+    ];
+    for (cgroup, want) in cases {
+        let result = world.attempt(cgroup, &tcp);
+        assert_eq!(result.outcome, want, "{}: {result:?}", cgroup.display());
+    }
+}
+
+#[test]
+fn ordinary_destinations_work_from_a_blocked_cgroup() {
+    let world = World::default_allow();
+    for addr in [IpAddr::V4(addrs::SERVER_V4), IpAddr::V6(addrs::SERVER_V6)] {
+        for action in ["tcp", "udp", "udp-connected", "ping"] {
+            let result = world.attempt(&world.blocked, &case(action, addr, HTTP));
+            assert_eq!(
+                result.outcome,
+                Outcome::Reached,
+                "{action} {addr}: {result:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn blocked_attempts_are_reported_with_the_cgroup() {
+    let mut world = World::default_allow();
+    world.attempt(&world.blocked, &case("tcp", addrs::METADATA_V4, HTTP));
+    let needle = format!("cgroup={}", world.blocked.display());
+    world
+        .daemon
+        .wait_for_log(&needle, Duration::from_secs(5))
+        .expect("report of the blocked cgroup");
+    let log = world.daemon.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains(&needle))
+        .unwrap_or_default();
+    assert!(line.contains("connect=1"), "{line}");
+    assert!(line.contains("verdict=\"refused\""), "{line}");
+}
+
+#[test]
+fn removing_an_allow_entry_cuts_an_open_connection() {
+    let allow_file = tempfile_path("allow");
+    let mut world = World::new(&["--allow-file", allow_file.to_str().expect("utf-8 path")]);
+    write_file(&allow_file, &format!("{}\n", world.allowed.display()));
+    world.daemon.signal(Signal::SIGHUP).expect("SIGHUP");
+    world
+        .daemon
+        .wait_for_log("allow list reloaded", Duration::from_secs(5))
+        .expect("reload");
+
+    let stream = world
+        .probe(&world.allowed)
+        .stream(IpAddr::V4(addrs::METADATA_V4), HTTP, 400)
+        .expect("stream probe");
+    let next = || {
+        stream
+            .lines
+            .recv_timeout(Duration::from_secs(5))
+            .expect("a line from the stream probe")
+    };
+    assert_eq!(next(), "connect outcome=reached");
+    for _ in 0..5 {
+        assert_eq!(next(), "exchange ok");
+    }
+
+    write_file(&allow_file, "# nothing allowed any more\n");
+    world.daemon.signal(Signal::SIGHUP).expect("SIGHUP");
+    world
+        .daemon
+        .wait_for_log_count("allow list reloaded", 2, Duration::from_secs(5))
+        .expect("second reload");
+    // At most one exchange can have been in flight across the reload.
+    let mut ok_after = 0;
+    let verdict = loop {
+        let line = next();
+        if line == "exchange ok" {
+            ok_after += 1;
+            assert!(
+                ok_after <= 1,
+                "data still flows after the allow entry was removed"
+            );
+            continue;
+        }
+        break line;
+    };
+    assert_eq!(verdict, "exchange outcome=timeout");
+    let _ = std::fs::remove_file(&allow_file);
+}
+
+#[test]
+fn audit_mode_lets_traffic_through_and_counts_it() {
+    let mut world = World::new(&["--allow", "{allowed}", "--mode", "audit"]);
+    let result = world.attempt(&world.blocked, &case("tcp", addrs::METADATA_V4, HTTP));
+    assert_eq!(result.outcome, Outcome::Reached, "{result:?}");
+    let needle = format!("cgroup={}", world.blocked.display());
+    world
+        .daemon
+        .wait_for_log(&needle, Duration::from_secs(5))
+        .expect("audit report");
+    let log = world.daemon.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains(&needle))
+        .unwrap_or_default();
+    assert!(line.contains("verdict=\"audited (let through)\""), "{line}");
+    // connect and the packets of the connection are both counted.
+    assert!(line.contains("connect=1"), "{line}");
+    assert!(!line.contains("egress=0"), "{line}");
+}
+
+#[test]
+fn pass_rules_carve_out_of_a_broad_deny() {
+    let world = World::new(&[
+        "--allow",
+        "{allowed}",
+        "--deny",
+        "169.254.0.0/16",
+        "--pass",
+        "169.254.170.23",
+    ]);
+    let to_pod_identity = world.attempt(&world.blocked, &case("tcp", addrs::POD_IDENTITY_V4, HTTP));
+    assert_eq!(
+        to_pod_identity.outcome,
+        Outcome::Reached,
+        "{to_pod_identity:?}"
+    );
+    let to_metadata = world.attempt(&world.blocked, &case("tcp", addrs::METADATA_V4, DNS));
+    assert_eq!(
+        to_metadata.outcome,
+        eperm(),
+        "the /16 has no DNS exemption: {to_metadata:?}"
+    );
+    // Only the rules given apply: the IPv6 default is gone.
+    let v6 = world.attempt(&world.blocked, &case("tcp", addrs::METADATA_V6, HTTP));
+    assert_eq!(v6.outcome, Outcome::Reached, "{v6:?}");
+}
+
+#[test]
+fn bad_input_is_a_clear_error_before_anything_is_attached() {
+    let stage = Stage::new();
+    let guarded = stage.guarded.to_str().expect("utf-8");
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["--cgroup", "/tmp"],
+            "/tmp is not under the cgroup v2 mount",
+        ),
+        (&["--cgroup", "no-such-cgroup-here"], "no-such-cgroup-here"),
+        (
+            &["--cgroup", guarded, "--deny", "169.254.169.254/33"],
+            "is not an IP prefix",
+        ),
+        (
+            &["--cgroup", guarded, "--deny", "0.0.0.0/0"],
+            "broader than the allowed /16",
+        ),
+        (
+            &["--cgroup", guarded, "--allow", "/nonexistent/cgroup"],
+            "/nonexistent/cgroup",
+        ),
+    ];
+    for (args, want) in cases {
+        let mut full = vec!["standalone"];
+        full.extend_from_slice(args);
+        let mut daemon = Daemon::spawn(&full).expect("spawn");
+        let status = daemon.wait_exit(Duration::from_secs(10)).expect("exits");
+        assert!(!status.success(), "{args:?} should fail");
+        let log = daemon.log();
+        assert!(log.contains(want), "{args:?}: log lacks {want:?}:\n{log}");
+        assert!(!log.contains("imds-guard is enforcing"), "{args:?}:\n{log}");
+    }
+    // Checked by traffic: nothing was left attached by any of the attempts.
+    let result = stage.attempt(&stage.blocked, &case("tcp", addrs::METADATA_V4, HTTP));
+    assert_eq!(result.outcome, Outcome::Reached, "{result:?}");
+}
+
+#[test]
+fn sigterm_detaches_and_exits_cleanly() {
+    let mut world = World::default_allow();
+    let status = world.daemon.stop().expect("stops");
+    assert!(status.success(), "{status}");
+    assert!(world.daemon.log().contains("detaching"));
+    // With the daemon gone, the blocked cgroup is no longer refused.
+    let result = world.attempt(&world.blocked, &case("tcp", addrs::METADATA_V4, HTTP));
+    assert_eq!(result.outcome, Outcome::Reached, "{result:?}");
+}
+
+fn tempfile_path(tag: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(imds_guard_tests::unique_name(tag));
+    write_file(&path, "");
+    path
+}
+
+fn write_file(path: &Path, text: &str) {
+    // Write then rename, so the daemon never reads a half-written file.
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, text).expect("write");
+    std::fs::rename(&partial, path).expect("rename");
+}
