@@ -68,13 +68,14 @@ pub enum PortInfo {
     Unknown,
 }
 
-/// Maps an IP protocol number to its `PROTO_*` class.
+/// Maps an IP protocol number to its `PROTO_*` class. ICMP is the family's
+/// own: ICMPv6's number in an IPv4 packet is just another protocol.
 #[inline(always)]
-pub const fn protocol_class(ip_protocol: u8) -> u32 {
-    match ip_protocol {
-        IPPROTO_TCP => PROTO_TCP,
-        IPPROTO_UDP => PROTO_UDP,
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => PROTO_ICMP,
+pub const fn protocol_class(ip_protocol: u8, ipv6: bool) -> u32 {
+    match (ip_protocol, ipv6) {
+        (IPPROTO_TCP, _) => PROTO_TCP,
+        (IPPROTO_UDP, _) => PROTO_UDP,
+        (IPPROTO_ICMP, false) | (IPPROTO_ICMPV6, true) => PROTO_ICMP,
         _ => PROTO_OTHER,
     }
 }
@@ -198,11 +199,19 @@ mod tests {
 
     #[test]
     fn protocol_numbers_map_to_classes() {
-        assert_eq!(protocol_class(6), PROTO_TCP);
-        assert_eq!(protocol_class(17), PROTO_UDP);
-        assert_eq!(protocol_class(1), PROTO_ICMP);
-        assert_eq!(protocol_class(58), PROTO_ICMP);
-        assert_eq!(protocol_class(132), PROTO_OTHER);
-        assert_eq!(protocol_class(255), PROTO_OTHER);
+        let cases = [
+            (6, false, PROTO_TCP),
+            (6, true, PROTO_TCP),
+            (17, true, PROTO_UDP),
+            (1, false, PROTO_ICMP),
+            (58, true, PROTO_ICMP),
+            (58, false, PROTO_OTHER),
+            (1, true, PROTO_OTHER),
+            (132, false, PROTO_OTHER),
+            (255, true, PROTO_OTHER),
+        ];
+        for (number, ipv6, class) in cases {
+            assert_eq!(protocol_class(number, ipv6), class, "{number} ipv6={ipv6}");
+        }
     }
 }

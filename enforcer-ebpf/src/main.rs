@@ -87,7 +87,8 @@ impl SockCall {
         // user_port holds the port in network byte order in its low 16 bits.
         let port_number = u16::from_be(addr.user_port as u16);
         let ip_protocol = addr.protocol as u8;
-        let protocol = protocol_class(ip_protocol);
+        // ICMP is told by the socket's family (ICMPv6 sockets are AF_INET6).
+        let protocol = protocol_class(ip_protocol, ipv6);
         let port = match protocol {
             PROTO_TCP | PROTO_UDP => PortInfo::Known(port_number),
             PROTO_ICMP => PortInfo::NotApplicable,

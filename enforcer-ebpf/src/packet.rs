@@ -81,9 +81,9 @@ fn ipv4_transport(ctx: &SkBuffContext, h: &[u8; IPV4_HEADER_LEN]) -> (u32, PortI
     let fragment_offset = u16::from_be_bytes([h[6], h[7]]) & IPV4_FRAGMENT_OFFSET_MASK;
     if fragment_offset != 0 {
         // Not the first fragment: no transport header to read.
-        return (protocol_class(protocol), PortInfo::Unknown);
+        return (protocol_class(protocol, false), PortInfo::Unknown);
     }
-    port_at(ctx, protocol_class(protocol), header_len)
+    port_at(ctx, protocol_class(protocol, false), header_len)
 }
 
 #[inline(always)]
@@ -94,11 +94,15 @@ fn ipv6_transport(ctx: &SkBuffContext, h: &[u8; IPV6_HEADER_LEN]) -> (u32, PortI
     let mut next = h[6];
     let mut offset = IPV6_HEADER_LEN;
     let mut walked = 0;
-    while walked < MAX_IPV6_EXTENSION_HEADERS {
+    // One pass more than the limit: it may only find the transport header.
+    while walked <= MAX_IPV6_EXTENSION_HEADERS {
         let step = match next {
             NEXT_HOP_BY_HOP | NEXT_ROUTING | NEXT_DEST_OPTIONS | NEXT_AUTH | NEXT_FRAGMENT => next,
-            _ => return port_at(ctx, protocol_class(next), offset),
+            _ => return port_at(ctx, protocol_class(next, true), offset),
         };
+        if walked == MAX_IPV6_EXTENSION_HEADERS {
+            return MALFORMED;
+        }
         // The first four bytes of every extension header we walk hold the
         // next header, the length, and for fragments the offset.
         let Ok(ext) = ctx.load::<[u8; 4]>(offset) else {
@@ -111,7 +115,7 @@ fn ipv6_transport(ctx: &SkBuffContext, h: &[u8; IPV6_HEADER_LEN]) -> (u32, PortI
                     u16::from_be_bytes([ext[2], ext[3]]) & IPV6_FRAGMENT_OFFSET_MASK;
                 if fragment_offset != 0 {
                     // Not the first fragment: no transport header to read.
-                    return (protocol_class(ext[0]), PortInfo::Unknown);
+                    return (protocol_class(ext[0], true), PortInfo::Unknown);
                 }
                 8
             }
