@@ -24,12 +24,13 @@ fn unescape_mountinfo(field: &str) -> String {
     let mut i = 0;
     while i < bytes.len() {
         let octal = bytes.get(i + 1..i + 4).filter(|_| bytes[i] == b'\\');
-        if let Some(value) = octal.and_then(|o| std::str::from_utf8(o).ok()) {
-            if let Ok(b) = u8::from_str_radix(value, 8) {
-                out.push(b);
-                i += 4;
-                continue;
-            }
+        let value = octal
+            .and_then(|o| std::str::from_utf8(o).ok())
+            .and_then(|o| u8::from_str_radix(o, 8).ok());
+        if let Some(b) = value {
+            out.push(b);
+            i += 4;
+            continue;
         }
         out.push(bytes[i]);
         i += 1;

@@ -7,9 +7,6 @@ use std::{
     path::{Path, PathBuf},
 };
 
-/// statfs magic of a cgroup v2 filesystem.
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
     #[error("no cgroup v2 filesystem is mounted (read {mountinfo}); imds-guard needs cgroup v2")]
@@ -71,7 +68,7 @@ impl CgroupDir {
         let file = File::open(&canonical).map_err(read_err)?;
         let stat = nix::sys::statfs::fstatfs(&file).map_err(|errno| read_err(errno.into()))?;
         if !file.metadata().map_err(read_err)?.is_dir()
-            || i64::from(stat.filesystem_type().0) != CGROUP2_SUPER_MAGIC
+            || stat.filesystem_type() != nix::sys::statfs::CGROUP2_SUPER_MAGIC
         {
             return Err(CgroupError::NotCgroup2 { path: canonical });
         }

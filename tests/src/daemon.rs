@@ -136,11 +136,11 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            if self.stop().is_err() {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-            }
+        if let Ok(None) = self.child.try_wait()
+            && self.stop().is_err()
+        {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }

@@ -1,0 +1,96 @@
+//! `cargo xtask lint` and `cargo xtask test`.
+
+use std::{path::Path, time::Instant};
+
+use anyhow::bail;
+
+use crate::{cargo, in_ci, is_root, run_in, setup};
+
+/// Formatting and clippy, in two passes: the workspace without the eBPF
+/// crate, then the eBPF crate alone for its own target (built together,
+/// feature unification would give it std and two panic handlers).
+pub fn lint(root: &Path) -> anyhow::Result<()> {
+    cargo(root, &["fmt", "--all", "--check"])?;
+    cargo(
+        root,
+        &[
+            "clippy",
+            "--workspace",
+            "--exclude",
+            "enforcer-ebpf",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    run_in(
+        root,
+        "rustup",
+        &[
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "-p",
+            "enforcer-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--release",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &[],
+    )
+}
+
+pub fn run(root: &Path) -> anyhow::Result<()> {
+    let started = Instant::now();
+    setup::run(root)?;
+    lint(root)?;
+    if !is_root() {
+        if in_ci() {
+            bail!("CI=true but not root: the kernel tests need root and may not be skipped");
+        }
+        println!(
+            "NOT ROOT: running only the tests that need no privilege; \
+             the kernel and sandbox tests (package imds-guard-tests) did not run"
+        );
+        cargo(
+            root,
+            &[
+                "test",
+                "--workspace",
+                "--exclude",
+                "enforcer-ebpf",
+                "--exclude",
+                "imds-guard-tests",
+            ],
+        )?;
+        return Ok(());
+    }
+    // The end-to-end tests run the real binaries: build them first.
+    cargo(
+        root,
+        &[
+            "build",
+            "-p",
+            "enforcer-user",
+            "-p",
+            "imds-guard-tests",
+            "--bins",
+        ],
+    )?;
+    let bin_dir = root.join("target/debug");
+    run_in(
+        root,
+        "cargo",
+        &["test", "--workspace", "--exclude", "enforcer-ebpf"],
+        &[("IMDS_GUARD_BIN_DIR", &bin_dir.to_string_lossy())],
+    )?;
+    println!("test: everything passed in {:.0?}", started.elapsed());
+    Ok(())
+}
