@@ -4,6 +4,8 @@ use aya_build::{Package, Toolchain};
 /// Builds the eBPF programs with the nightly toolchain and bpf-linker; the
 /// object lands in OUT_DIR, where the loader includes it.
 fn main() -> anyhow::Result<()> {
+    // Selects the second build the upgrade tests need (see the eBPF crate).
+    println!("cargo:rerun-if-env-changed=IMDS_GUARD_EBPF_VARIANT");
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?;
     let ebpf_dir = std::path::Path::new(&manifest_dir)
         .parent()

@@ -2,19 +2,42 @@
 
 use std::path::PathBuf;
 
+/// One line of /proc/self/mountinfo, the fields we use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mount {
+    pub point: PathBuf,
+    pub fstype: String,
+    /// Per-superblock options; for cgroup v1 they name the controllers.
+    pub super_options: String,
+}
+
+/// Parses mountinfo text, skipping lines it cannot read.
+pub fn parse(mountinfo: &str) -> Vec<Mount> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            // Fields: id parent major:minor root mount-point options [optional...] - fstype source super-options
+            let (left, right) = line.split_once(" - ")?;
+            let mut right = right.split_whitespace();
+            let fstype = right.next()?.to_owned();
+            let super_options = right.nth(1).unwrap_or_default().to_owned();
+            let point = PathBuf::from(unescape_mountinfo(left.split_whitespace().nth(4)?));
+            Some(Mount {
+                point,
+                fstype,
+                super_options,
+            })
+        })
+        .collect()
+}
+
 /// Finds the mount point of the cgroup v2 hierarchy in `/proc/self/mountinfo`
 /// text: `/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified` on hybrid ones.
 pub fn find_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        // Fields: id parent major:minor root mount-point options [optional...] - fstype source super-options
-        let (left, right) = line.split_once(" - ")?;
-        let fstype = right.split_whitespace().next()?;
-        if fstype != "cgroup2" {
-            return None;
-        }
-        let mount_point = left.split_whitespace().nth(4)?;
-        Some(PathBuf::from(unescape_mountinfo(mount_point)))
-    })
+    parse(mountinfo)
+        .into_iter()
+        .find(|m| m.fstype == "cgroup2")
+        .map(|m| m.point)
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo` octal.

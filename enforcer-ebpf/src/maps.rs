@@ -26,7 +26,15 @@ static ALLOWED_CGROUPS: HashMap<u64, AllowEntry> =
 /// atomic read-modify-write in `core`); the daemon sums the CPUs.
 #[map]
 static BLOCK_COUNTERS: LruPerCpuHashMap<u64, BlockCounters> =
-    LruPerCpuHashMap::with_max_entries(MAX_COUNTED_CGROUPS, 0);
+    LruPerCpuHashMap::with_max_entries(MAX_COUNTED_CGROUPS - BUILD_VARIANT, 0);
+
+/// 0 normally. The upgrade tests build a second object with
+/// IMDS_GUARD_EBPF_VARIANT set, whose counters map holds one entry less:
+/// the two objects then differ, and nothing else changes.
+const BUILD_VARIANT: u32 = match option_env!("IMDS_GUARD_EBPF_VARIANT") {
+    Some(_) => 1,
+    None => 0,
+};
 
 /// Set by the loader; a constant to the verifier, which prunes the other mode.
 #[unsafe(no_mangle)]

@@ -3,19 +3,22 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader, include_bytes_aligned,
-    maps::{HashMap, LpmTrie, MapData, MapError, PerCpuHashMap, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError},
+    maps::{HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap, PerCpuValues, lpm_trie::Key},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError,
+        links::{FdLink, LinkError},
+    },
 };
 use enforcer_common::{
     AddrBytes, AllowEntry, BlockCounters, DestRule, MODE_AUDIT, MODE_ENFORCE, names,
 };
 
-use crate::{cgroup::CgroupDir, rules::RuleSet};
+use crate::{cgroup::CgroupDir, pins::MAPS, rules::RuleSet};
 
 /// The eBPF object built by `build.rs`.
 static EBPF_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/imds-guard-ebpf"));
@@ -50,10 +53,17 @@ pub enum BpfError {
         name: &'static str,
         source: MapError,
     },
+    #[error("pinning {name} at {path}: {reason}")]
+    Pin {
+        name: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
 }
 
 /// Whether blocked attempts are refused or only counted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
     Enforce,
     Audit,
@@ -75,12 +85,35 @@ const SOCK_ADDR_PROGRAMS: [&str; 4] = [
     names::PROG_SENDMSG6,
 ];
 
+/// Every program, egress first.
+pub const PROGRAMS: [&str; 5] = [
+    names::PROG_EGRESS,
+    names::PROG_CONNECT4,
+    names::PROG_CONNECT6,
+    names::PROG_SENDMSG4,
+    names::PROG_SENDMSG6,
+];
+
+/// A fingerprint of the eBPF object built into this binary: pinned
+/// generations of another object are upgraded, not adopted.
+pub fn object_fingerprint() -> u64 {
+    crate::pins::fingerprint(EBPF_OBJECT)
+}
+
 /// Loads the object and every program into the kernel, unattached. The mode
 /// is a load-time constant, so the verifier drops the other mode's path.
-pub fn load(mode: Mode) -> Result<Ebpf, BpfError> {
+/// With `map_pins`, each map is created pinned at the path it gives.
+pub fn load(mode: Mode, map_pins: Option<&dyn Fn(&str) -> PathBuf>) -> Result<Ebpf, BpfError> {
     let mode_value = mode.kernel_value();
-    let mut ebpf = EbpfLoader::new()
-        .override_global(names::ENFORCE_MODE, &mode_value, true)
+    let mut loader = EbpfLoader::new();
+    loader.override_global(names::ENFORCE_MODE, &mode_value, true);
+    let pin_paths: Vec<(&str, PathBuf)> = map_pins
+        .map(|pin| MAPS.iter().map(|&m| (m, pin(m))).collect())
+        .unwrap_or_default();
+    for (map, path) in &pin_paths {
+        loader.map_pin_path(map, path.as_path());
+    }
+    let mut ebpf = loader
         .load(EBPF_OBJECT)
         .map_err(|source| BpfError::Load { source })?;
     let egress: &mut CgroupSkb = program(&mut ebpf, names::PROG_EGRESS)?;
@@ -96,27 +129,54 @@ pub fn load(mode: Mode) -> Result<Ebpf, BpfError> {
     Ok(ebpf)
 }
 
-/// Attaches every program to `cgroup`. The links live as long as `ebpf`.
-pub fn attach(ebpf: &mut Ebpf, cgroup: &CgroupDir) -> Result<(), BpfError> {
+/// Attaches every program to `cgroup` and pins each link at the path
+/// `link_pin` gives, so enforcement outlives this process. Links are pinned
+/// last: a generation with all its links pinned is complete.
+pub fn attach_pinned(
+    ebpf: &mut Ebpf,
+    cgroup: &CgroupDir,
+    link_pin: &dyn Fn(&str) -> PathBuf,
+) -> Result<(), BpfError> {
     let attach_err = |name, source| BpfError::Attach {
         name,
         cgroup: cgroup.path().to_path_buf(),
         source,
     };
+    let pin_err = |name, source: String| BpfError::Pin {
+        name,
+        path: link_pin(name),
+        reason: source,
+    };
     // `Single` links: AllowMultiple is refused (EINVAL) with link-based attach
-    // here, and single links of other owners still coexist on the cgroup.
+    // here, and single links of other owners (or of our previous generation,
+    // during an upgrade) still coexist on the cgroup, their verdicts AND-ed.
     let egress: &mut CgroupSkb = program(ebpf, names::PROG_EGRESS)?;
-    egress
+    let id = egress
         .attach(
             cgroup.file(),
             CgroupSkbAttachType::Egress,
             CgroupAttachMode::Single,
         )
         .map_err(|e| attach_err(names::PROG_EGRESS, e))?;
+    let link: FdLink = egress
+        .take_link(id)
+        .map_err(|e| attach_err(names::PROG_EGRESS, e))?
+        .try_into()
+        .map_err(|e: LinkError| pin_err(names::PROG_EGRESS, e.to_string()))?;
+    link.pin(link_pin(names::PROG_EGRESS))
+        .map_err(|e| pin_err(names::PROG_EGRESS, e.to_string()))?;
     for name in SOCK_ADDR_PROGRAMS {
         let hook: &mut CgroupSockAddr = program(ebpf, name)?;
-        hook.attach(cgroup.file(), CgroupAttachMode::Single)
+        let id = hook
+            .attach(cgroup.file(), CgroupAttachMode::Single)
             .map_err(|e| attach_err(name, e))?;
+        let link: FdLink = hook
+            .take_link(id)
+            .map_err(|e| attach_err(name, e))?
+            .try_into()
+            .map_err(|e: LinkError| pin_err(name, e.to_string()))?;
+        link.pin(link_pin(name))
+            .map_err(|e| pin_err(name, e.to_string()))?;
     }
     Ok(())
 }
@@ -140,15 +200,21 @@ where
         .map_err(|_| missing())
 }
 
-fn take_map<M: TryFrom<aya::maps::Map>>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-) -> Result<M, BpfError> {
+fn take_map<M: TryFrom<Map>>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, BpfError> {
     let missing = || BpfError::Missing { kind: "map", name };
     ebpf.take_map(name)
         .ok_or_else(missing)?
         .try_into()
         .map_err(|_| missing())
+}
+
+/// Opens the map pinned at `path`, which must be of the type of `name`.
+fn open_pinned<M: TryFrom<Map>>(path: &Path, name: &'static str) -> Result<M, BpfError> {
+    let data = MapData::from_pin(path).map_err(map_err(name))?;
+    Map::from_map_data(data)
+        .map_err(map_err(name))?
+        .try_into()
+        .map_err(|_| BpfError::Missing { kind: "map", name })
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> BpfError {
@@ -161,6 +227,10 @@ pub struct DestRulesMap(LpmTrie<MapData, AddrBytes, DestRule>);
 impl DestRulesMap {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, BpfError> {
         take_map(ebpf, names::DEST_RULES).map(Self)
+    }
+
+    pub fn from_pin(path: &Path) -> Result<Self, BpfError> {
+        open_pinned(path, names::DEST_RULES).map(Self)
     }
 
     /// Makes the trie hold exactly `rules`: new and changed entries are
@@ -195,6 +265,10 @@ impl AllowMap {
         take_map(ebpf, names::ALLOWED_CGROUPS).map(Self)
     }
 
+    pub fn from_pin(path: &Path) -> Result<Self, BpfError> {
+        open_pinned(path, names::ALLOWED_CGROUPS).map(Self)
+    }
+
     pub fn ids(&self) -> Result<BTreeSet<u64>, BpfError> {
         self.0
             .keys()
@@ -223,6 +297,29 @@ pub struct CountersMap(PerCpuHashMap<MapData, u64, BlockCounters>);
 impl CountersMap {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, BpfError> {
         take_map(ebpf, names::BLOCK_COUNTERS).map(Self)
+    }
+
+    pub fn from_pin(path: &Path) -> Result<Self, BpfError> {
+        open_pinned(path, names::BLOCK_COUNTERS).map(Self)
+    }
+
+    /// Adds `totals` to the counters (on CPU 0), for carrying counts over
+    /// from a previous generation.
+    pub fn add(&mut self, totals: &BTreeMap<u64, BlockCounters>) -> Result<(), BpfError> {
+        let err = map_err(names::BLOCK_COUNTERS);
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| err(MapError::IoError(e)))?;
+        let present = self.read()?;
+        for (id, carried) in totals {
+            let mut sum = present.get(id).copied().unwrap_or_default();
+            sum.connect += carried.connect;
+            sum.sendmsg += carried.sendmsg;
+            sum.egress += carried.egress;
+            let mut per_cpu = vec![BlockCounters::default(); cpus];
+            per_cpu[0] = sum;
+            let values = PerCpuValues::try_from(per_cpu).map_err(|e| err(MapError::IoError(e)))?;
+            self.0.insert(id, values, 0).map_err(&err)?;
+        }
+        Ok(())
     }
 
     /// The counters of every cgroup, summed over CPUs.

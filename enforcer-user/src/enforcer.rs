@@ -3,13 +3,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use aya::Ebpf;
-use enforcer_common::BlockCounters;
+use enforcer_common::{BlockCounters, names};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     bpf::{self, AllowMap, BpfError, CountersMap, DestRulesMap, Mode},
     cgroup::CgroupDir,
+    pins::{self, GenerationKey, PinError, PinRoot, StartPlan},
     rules::RuleSet,
 };
 
@@ -17,14 +17,15 @@ use crate::{
 pub enum EnforcerError {
     #[error(transparent)]
     Bpf(#[from] BpfError),
+    #[error(transparent)]
+    Pin(#[from] PinError),
     #[error("the enforcer task has stopped")]
     Stopped,
 }
 
-/// The loaded programs and their maps.
+/// The pinned maps of the generation in force.
 pub struct Enforcer {
-    // Owns the program links: dropping it detaches every program.
-    _ebpf: Ebpf,
+    rules: DestRulesMap,
     allowed: AllowMap,
     counters: CountersMap,
 }
@@ -34,35 +35,127 @@ enum Request {
         ids: BTreeSet<u64>,
         reply: oneshot::Sender<Result<(), BpfError>>,
     },
+    SetRules {
+        rules: RuleSet,
+        reply: oneshot::Sender<Result<(), BpfError>>,
+    },
     Counters {
         reply: oneshot::Sender<Result<BTreeMap<u64, BlockCounters>, BpfError>>,
     },
 }
 
+/// How a start went, for the log.
+#[derive(Debug)]
+pub enum Started {
+    /// The pinned generation of this build was adopted: nothing was detached.
+    Adopted { generation: String },
+    /// A new generation was attached, then the old ones removed.
+    Installed {
+        generation: String,
+        carried_from: Option<String>,
+        removed: Vec<String>,
+    },
+}
+
+/// What the enforcer starts with.
+pub struct StartSettings<'a> {
+    pub pins: &'a PinRoot,
+    pub mode: Mode,
+    pub rules: &'a RuleSet,
+    pub cgroup: &'a CgroupDir,
+    /// The cgroups to allow, when known at start; `None` keeps what the
+    /// pinned state had (Kubernetes mode, before the first list).
+    pub allowed: Option<&'a BTreeSet<u64>>,
+}
+
 impl Enforcer {
-    /// Loads the programs, fills the maps, and only then attaches to
-    /// `cgroup`, so allowlisted cgroups are never refused at start.
-    pub fn start(
-        mode: Mode,
-        rules: &RuleSet,
-        allowed: &BTreeSet<u64>,
-        cgroup: &CgroupDir,
-    ) -> Result<Enforcer, BpfError> {
-        let mut ebpf = bpf::load(mode)?;
-        DestRulesMap::take(&mut ebpf)?.sync(rules)?;
-        let mut allow_map = AllowMap::take(&mut ebpf)?;
-        let counters = CountersMap::take(&mut ebpf)?;
-        allow_map.sync(allowed)?;
-        bpf::attach(&mut ebpf, cgroup)?;
+    /// Adopts the pinned generation of this build, or installs a new one
+    /// before removing the old, so the subtree is never unenforced.
+    pub fn start(settings: &StartSettings<'_>) -> Result<(Enforcer, Started), EnforcerError> {
+        let pins = settings.pins;
+        let key = GenerationKey {
+            object_hash: bpf::object_fingerprint(),
+            mode: settings.mode,
+            cgroup_id: settings.cgroup.id(),
+        };
+        let (mut enforcer, started) = match pins::plan(&key, &pins.generations()?) {
+            StartPlan::Adopt { current, stale } => {
+                let enforcer = Enforcer::open(pins, &current)?;
+                // Ours is attached: the others can go.
+                for generation in &stale {
+                    pins.remove_generation(generation)?;
+                }
+                (
+                    enforcer,
+                    Started::Adopted {
+                        generation: current,
+                    },
+                )
+            }
+            StartPlan::Install { carry_from, stale } => {
+                let generation = pins.new_generation_name(&key);
+                let enforcer = Enforcer::install(settings, &generation, carry_from.as_deref())?;
+                for old in &stale {
+                    pins.remove_generation(old)?;
+                }
+                let started = Started::Installed {
+                    generation,
+                    carried_from: carry_from,
+                    removed: stale,
+                };
+                (enforcer, started)
+            }
+        };
+        enforcer.rules.sync(settings.rules)?;
+        if let Some(allowed) = settings.allowed {
+            enforcer.allowed.sync(allowed)?;
+        }
+        Ok((enforcer, started))
+    }
+
+    /// Opens the pinned maps of a complete generation.
+    fn open(pins: &PinRoot, generation: &str) -> Result<Enforcer, EnforcerError> {
+        let pin = |map| pins.map_pin(generation, map);
         Ok(Enforcer {
-            _ebpf: ebpf,
-            allowed: allow_map,
-            counters,
+            rules: DestRulesMap::from_pin(&pin(names::DEST_RULES))?,
+            allowed: AllowMap::from_pin(&pin(names::ALLOWED_CGROUPS))?,
+            counters: CountersMap::from_pin(&pin(names::BLOCK_COUNTERS))?,
         })
     }
 
-    /// Starts the owner task; it ends, detaching everything, when every
-    /// handle is dropped.
+    /// Loads a new generation, fills its maps (from `carry_from`'s where
+    /// there is one), and only then attaches it: during an upgrade both
+    /// generations are attached for a moment, and their verdicts are AND-ed.
+    fn install(
+        settings: &StartSettings<'_>,
+        generation: &str,
+        carry_from: Option<&str>,
+    ) -> Result<Enforcer, EnforcerError> {
+        let pins = settings.pins;
+        pins.create_generation_dir(generation)?;
+        let map_pin = |map: &str| pins.map_pin(generation, map);
+        let mut ebpf = bpf::load(settings.mode, Some(&map_pin))?;
+        let mut enforcer = Enforcer {
+            rules: DestRulesMap::take(&mut ebpf)?,
+            allowed: AllowMap::take(&mut ebpf)?,
+            counters: CountersMap::take(&mut ebpf)?,
+        };
+        enforcer.rules.sync(settings.rules)?;
+        if let Some(old) = carry_from {
+            let old = Enforcer::open(pins, old)?;
+            enforcer.allowed.sync(&old.allowed.ids()?)?;
+            enforcer.counters.add(&old.counters.read()?)?;
+        }
+        if let Some(allowed) = settings.allowed {
+            enforcer.allowed.sync(allowed)?;
+        }
+        let link_pin = |program: &str| pins.link_pin(generation, program);
+        bpf::attach_pinned(&mut ebpf, settings.cgroup, &link_pin)?;
+        Ok(enforcer)
+    }
+
+    /// Starts the owner task; it ends when every handle is dropped, and the
+    /// pinned programs stay attached.
     pub fn spawn(self) -> (EnforcerHandle, tokio::task::JoinHandle<()>) {
         let (sender, receiver) = mpsc::channel(64);
         let task = tokio::spawn(self.serve(receiver));
@@ -75,6 +168,9 @@ impl Enforcer {
             match request {
                 Request::SetAllowed { ids, reply } => {
                     let _ = reply.send(self.allowed.sync(&ids));
+                }
+                Request::SetRules { rules, reply } => {
+                    let _ = reply.send(self.rules.sync(&rules));
                 }
                 Request::Counters { reply } => {
                     let _ = reply.send(self.counters.read());
@@ -104,6 +200,11 @@ impl EnforcerHandle {
     /// Makes the allow map hold exactly `ids`.
     pub async fn set_allowed(&self, ids: BTreeSet<u64>) -> Result<(), EnforcerError> {
         self.ask(|reply| Request::SetAllowed { ids, reply }).await
+    }
+
+    /// Makes the rule trie hold exactly `rules`.
+    pub async fn set_rules(&self, rules: RuleSet) -> Result<(), EnforcerError> {
+        self.ask(|reply| Request::SetRules { rules, reply }).await
     }
 
     /// Blocked-attempt counters by cgroup id.

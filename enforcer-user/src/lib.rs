@@ -3,7 +3,10 @@
 
 pub mod bpf;
 pub mod cgroup;
+pub mod config;
 pub mod enforcer;
+pub mod pins;
+pub mod preflight;
 pub mod privilege;
 pub mod rules;
 pub mod standalone;

@@ -2,8 +2,13 @@
 
 use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand, ValueEnum};
-use enforcer_user::{bpf::Mode, rules::RuleSet, standalone};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use enforcer_user::{
+    bpf::Mode,
+    config::{Overrides, Preset},
+    pins::{self, PinRoot},
+    privilege, standalone,
+};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -26,33 +31,56 @@ enum LogFormat {
     Json,
 }
 
+/// Settings every enforcing mode shares; each given flag wins over the config file.
+#[derive(Args)]
+struct CommonArgs {
+    /// YAML configuration file (reloaded on SIGHUP and when it changes).
+    #[arg(long, env = "IMDS_GUARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// enforce refuses; audit only counts and reports.
+    #[arg(long, value_enum, env = "IMDS_GUARD_MODE")]
+    mode: Option<Mode>,
+    /// Deny rules of a cloud provider. Repeatable.
+    #[arg(long, value_enum)]
+    preset: Vec<Preset>,
+    /// Deny rule `PREFIX [proto=LIST] [ports=LIST|except-ports=LIST]`. Repeatable;
+    /// with neither presets nor deny rules: 169.254.169.254/32 except-ports=53, fd00:ec2::254/128.
+    #[arg(long)]
+    deny: Vec<String>,
+    /// Prefix never refused, even inside a deny rule (longest prefix wins). Repeatable;
+    /// default: 169.254.170.23/32, fd00:ec2::23/128 (EKS Pod Identity), 169.254.20.10/32 (NodeLocal DNS).
+    #[arg(long)]
+    pass: Vec<String>,
+    /// bpffs directory where programs, links and maps are pinned.
+    #[arg(long, env = "IMDS_GUARD_BPFFS_DIR")]
+    bpffs_dir: Option<PathBuf>,
+    /// Mount point of the cgroup v2 hierarchy (detected when absent).
+    #[arg(long, env = "IMDS_GUARD_CGROUP_ROOT")]
+    cgroup_root: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Protect one cgroup v2 subtree on a plain Linux host (Docker host, CI runner).
     Standalone {
+        #[command(flatten)]
+        common: CommonArgs,
         /// Cgroup v2 directory whose processes lose metadata access
         /// (absolute, or relative to the cgroup2 mount).
         #[arg(long, env = "IMDS_GUARD_CGROUP")]
-        cgroup: PathBuf,
+        cgroup: Option<PathBuf>,
         /// Cgroup directory that keeps metadata access, with its subtree. Repeatable.
         #[arg(long)]
         allow: Vec<PathBuf>,
-        /// File listing allowlisted cgroup directories, one a line; re-read on SIGHUP.
+        /// File listing allowlisted cgroup directories, one a line; reloaded like the config.
         #[arg(long, env = "IMDS_GUARD_ALLOW_FILE")]
         allow_file: Option<PathBuf>,
-        /// Deny rule `PREFIX [proto=LIST] [ports=LIST|except-ports=LIST]`. Repeatable;
-        /// replaces the defaults (169.254.169.254/32 except-ports=53, fd00:ec2::254/128).
-        #[arg(long)]
-        deny: Vec<String>,
-        /// Prefix never refused, even inside a deny rule (longest prefix wins). Repeatable.
-        #[arg(long)]
-        pass: Vec<String>,
-        /// enforce refuses; audit only counts and reports.
-        #[arg(long, value_enum, default_value_t = Mode::Enforce, env = "IMDS_GUARD_MODE")]
-        mode: Mode,
-        /// Mount point of the cgroup v2 hierarchy (detected when absent).
-        #[arg(long, env = "IMDS_GUARD_CGROUP_ROOT")]
-        cgroup_root: Option<PathBuf>,
+    },
+    /// Detach every program and remove every pin imds-guard made.
+    Uninstall {
+        /// bpffs directory where the pins are.
+        #[arg(long, env = "IMDS_GUARD_BPFFS_DIR", default_value = pins::DEFAULT_ROOT)]
+        bpffs_dir: PathBuf,
     },
 }
 
@@ -81,32 +109,58 @@ fn main() -> ExitCode {
     }
 }
 
+impl CommonArgs {
+    fn overrides(self) -> (Option<PathBuf>, Overrides) {
+        let overrides = Overrides {
+            mode: self.mode,
+            presets: self.preset,
+            deny: self.deny,
+            pass: self.pass,
+            bpffs_dir: self.bpffs_dir,
+            cgroup_root: self.cgroup_root,
+            ..Overrides::default()
+        };
+        (self.config, overrides)
+    }
+}
+
 fn run(command: Command) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
     match command {
         Command::Standalone {
+            common,
             cgroup,
             allow,
             allow_file,
-            deny,
-            pass,
-            mode,
-            cgroup_root,
         } => {
-            // Rules are checked before anything touches the kernel.
-            let rules = RuleSet::from_texts(&deny, &pass)?;
-            let settings = standalone::Settings {
-                cgroup,
-                allow,
-                allow_file,
-                rules,
-                mode,
-                cgroup_root,
+            let (config_file, overrides) = common.overrides();
+            let sources = standalone::Sources {
+                config_file,
+                overrides: Overrides {
+                    cgroup,
+                    allow,
+                    allow_file,
+                    ..overrides
+                },
             };
-            runtime.block_on(standalone::run(settings))?;
+            // The configuration is checked before anything touches the kernel.
+            sources.check()?;
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(standalone::run(sources))?;
+        }
+        Command::Uninstall { bpffs_dir } => {
+            privilege::check()?;
+            let done = PinRoot::new(&bpffs_dir).uninstall()?;
+            for entry in &done.not_ours {
+                tracing::warn!(entry, pins = %bpffs_dir.display(), "left in place: not ours");
+            }
+            tracing::info!(
+                pins = %bpffs_dir.display(),
+                generations = done.removed.len(),
+                "uninstalled: our programs detached and our pins removed"
+            );
         }
     }
     Ok(())

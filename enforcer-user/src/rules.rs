@@ -311,15 +311,33 @@ pub struct RuleSet {
     rules: Vec<Rule>,
 }
 
-/// The narrowest prefix length a deny rule may have by default: anything
-/// broader than a /16 (IPv4) or /64 (IPv6) is almost certainly a mistake.
-pub const DEFAULT_MIN_PREFIX_V4: u8 = 16;
-pub const DEFAULT_MIN_PREFIX_V6: u8 = 64;
+/// The broadest deny rules accepted: anything broader is almost certainly a
+/// mistake (a /0 deny would cut the node off).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefixLimits {
+    pub min_len_v4: u8,
+    pub min_len_v6: u8,
+}
+
+impl Default for PrefixLimits {
+    fn default() -> Self {
+        PrefixLimits {
+            min_len_v4: 16,
+            min_len_v6: 64,
+        }
+    }
+}
 
 impl RuleSet {
-    /// Checks a whole set: at least one deny rule, no prefix twice, no deny
-    /// broader than the sanity limits.
+    /// [`RuleSet::with_limits`] with the default limits (/16 and /64).
     pub fn new(rules: Vec<Rule>) -> Result<RuleSet, RuleError> {
+        RuleSet::with_limits(rules, PrefixLimits::default())
+    }
+
+    /// Checks a whole set: at least one deny rule, no prefix twice (a deny
+    /// and a pass for the same prefix contradict), no deny broader than
+    /// `limits`.
+    pub fn with_limits(rules: Vec<Rule>, limits: PrefixLimits) -> Result<RuleSet, RuleError> {
         if !rules.iter().any(|r| r.action == Action::Deny) {
             return Err(RuleError::NoDenyRule);
         }
@@ -330,8 +348,8 @@ impl RuleSet {
                 });
             }
             let limit = match rule.prefix {
-                IpNet::V4(_) => DEFAULT_MIN_PREFIX_V4,
-                IpNet::V6(_) => DEFAULT_MIN_PREFIX_V6,
+                IpNet::V4(_) => limits.min_len_v4,
+                IpNet::V6(_) => limits.min_len_v6,
             };
             if rule.action == Action::Deny && rule.prefix.prefix_len() < limit {
                 return Err(RuleError::TooBroad {
@@ -342,34 +360,6 @@ impl RuleSet {
             }
         }
         Ok(RuleSet { rules })
-    }
-
-    /// The built-in rules: the metadata address on every protocol and port but
-    /// DNS (GCP serves the node's resolver there), and AWS's IPv6 endpoint.
-    pub fn defaults() -> RuleSet {
-        let rules = DEFAULT_RULES
-            .iter()
-            .map(|text| Rule::parse_deny(text))
-            .collect::<Result<Vec<_>, _>>();
-        match rules.and_then(RuleSet::new) {
-            Ok(set) => set,
-            Err(err) => unreachable!("built-in rules are valid: {err}"),
-        }
-    }
-
-    /// Builds a set from `--deny` and `--pass` texts; no deny text means the defaults.
-    pub fn from_texts(deny: &[String], pass: &[String]) -> Result<RuleSet, RuleError> {
-        let mut rules = if deny.is_empty() {
-            Self::defaults().rules
-        } else {
-            deny.iter()
-                .map(|t| Rule::parse_deny(t))
-                .collect::<Result<_, _>>()?
-        };
-        for text in pass {
-            rules.push(Rule::parse_pass(text)?);
-        }
-        RuleSet::new(rules)
     }
 
     pub fn rules(&self) -> &[Rule] {
@@ -384,8 +374,6 @@ impl RuleSet {
             .max_by_key(|r| r.prefix.prefix_len())
     }
 }
-
-const DEFAULT_RULES: [&str; 2] = ["169.254.169.254/32 except-ports=53", "fd00:ec2::254/128"];
 
 #[cfg(test)]
 mod tests {
@@ -524,14 +512,26 @@ mod tests {
         ));
         // A pass rule may be broad: it only ever narrows what is refused.
         assert!(RuleSet::new(vec![deny("169.254.0.0/16"), pass("169.254.20.0/24")]).is_ok());
+        let narrow = PrefixLimits {
+            min_len_v4: 32,
+            min_len_v6: 128,
+        };
+        assert!(matches!(
+            RuleSet::with_limits(vec![deny("169.254.0.0/16")], narrow),
+            Err(RuleError::TooBroad {
+                len: 16,
+                limit: 32,
+                ..
+            })
+        ));
     }
 
     #[test]
     fn longest_prefix_wins() {
-        let set = RuleSet::from_texts(
-            &["169.254.0.0/16".to_owned()],
-            &["169.254.170.23".to_owned()],
-        )
+        let set = RuleSet::new(vec![
+            Rule::parse_deny("169.254.0.0/16").unwrap(),
+            Rule::parse_pass("169.254.170.23").unwrap(),
+        ])
         .unwrap();
         let hit = |a: &str| set.longest_match(&a.parse().unwrap()).map(|r| r.action);
         assert_eq!(hit("169.254.169.254"), Some(Action::Deny));
@@ -563,22 +563,5 @@ mod tests {
         ] {
             assert_eq!(Rule::parse_deny(text).unwrap().to_string(), text);
         }
-    }
-
-    #[test]
-    fn defaults_cover_both_aws_endpoints_and_spare_dns() {
-        let set = RuleSet::defaults();
-        let rule = set
-            .longest_match(&"169.254.169.254".parse().unwrap())
-            .unwrap();
-        assert_eq!(rule.ports, Ports::Except(vec![r(53, 53)]));
-        assert!(
-            set.longest_match(&"fd00:ec2::254".parse().unwrap())
-                .is_some()
-        );
-        assert!(
-            set.longest_match(&"169.254.170.23".parse().unwrap())
-                .is_none()
-        );
     }
 }

@@ -2,6 +2,7 @@
 
 use std::{
     io::{BufRead as _, BufReader},
+    path::Path,
     process::{Child, Command, ExitStatus, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -22,7 +23,12 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `imds-guard ARGS` without waiting for anything.
     pub fn spawn(args: &[&str]) -> Result<Daemon> {
-        let mut child = Command::new(binary("imds-guard")?)
+        Daemon::spawn_binary(&binary("imds-guard")?, args)
+    }
+
+    /// Starts another build of the daemon (`binary ARGS`), without waiting.
+    pub fn spawn_binary(binary: &Path, args: &[&str]) -> Result<Daemon> {
+        let mut child = Command::new(binary)
             .args(args)
             .env("IMDS_GUARD_LOG", "info")
             .stdout(Stdio::null())
@@ -50,7 +56,12 @@ impl Daemon {
 
     /// Starts `imds-guard ARGS` and waits until it says it is enforcing.
     pub fn start(args: &[&str]) -> Result<Daemon> {
-        let mut daemon = Daemon::spawn(args)?;
+        Daemon::start_binary(&binary("imds-guard")?, args)
+    }
+
+    /// Starts `binary ARGS` and waits until it says it is enforcing.
+    pub fn start_binary(binary: &Path, args: &[&str]) -> Result<Daemon> {
+        let mut daemon = Daemon::spawn_binary(binary, args)?;
         daemon.wait_for_log(ENFORCING, Duration::from_secs(20))?;
         Ok(daemon)
     }
@@ -125,6 +136,12 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// SIGKILL, as a crash would, then waits for the exit.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        self.signal(Signal::SIGKILL)?;
+        self.wait_exit(Duration::from_secs(10))
     }
 
     /// SIGTERM, then waits for the exit.

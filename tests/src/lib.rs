@@ -9,14 +9,17 @@
 pub mod cgroups;
 pub mod daemon;
 pub mod netns;
+pub mod pins;
 pub mod probe;
+pub mod stage;
 
 use std::path::PathBuf;
 
 pub use cgroups::TestCgroup;
 pub use daemon::Daemon;
 pub use netns::{Sandbox, addrs};
-pub use probe::{Outcome, Probe, ProbeResult, Server, StreamProbe};
+pub use pins::PinDir;
+pub use probe::{LoopProbe, Outcome, Probe, ProbeResult, Server, StreamProbe, Tally};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {

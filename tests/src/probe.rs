@@ -177,6 +177,29 @@ impl Probe<'_> {
         ProbeResult::parse(line)
     }
 
+    /// Starts TCP attempts every `interval` for `duration` (`loop`).
+    pub fn spawn_loop(
+        &self,
+        addr: IpAddr,
+        port: u16,
+        interval: Duration,
+        duration: Duration,
+    ) -> Result<LoopProbe> {
+        let mut command = self.command("loop", addr, port)?;
+        command
+            .args([
+                "--interval-ms",
+                &interval.as_millis().to_string(),
+                "--duration-ms",
+                &duration.as_millis().to_string(),
+                "--timeout-ms",
+                "1000",
+            ])
+            .stdout(Stdio::piped());
+        let child = spawn_in(&mut command, self.netns, self.cgroup)?;
+        Ok(LoopProbe { child })
+    }
+
     /// Starts a long-lived TCP exchange (`stream`); its lines arrive on the
     /// returned channel.
     pub fn stream(&self, addr: IpAddr, port: u16, count: u32) -> Result<StreamProbe> {
@@ -201,6 +224,55 @@ impl Probe<'_> {
             }
         });
         Ok(StreamProbe { child, lines })
+    }
+}
+
+/// How a `loop` probe's attempts ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub reached: u32,
+    pub refused: u32,
+    pub timeout: u32,
+    pub error: u32,
+}
+
+impl Tally {
+    pub fn attempts(&self) -> u32 {
+        self.reached + self.refused + self.timeout + self.error
+    }
+}
+
+/// A running `loop` probe: TCP attempts every few milliseconds.
+pub struct LoopProbe {
+    child: Child,
+}
+
+impl LoopProbe {
+    /// Waits for the loop to end and reads its tally.
+    pub fn finish(self) -> Result<Tally> {
+        let mut child = self.child;
+        let mut stdout = String::new();
+        if let Some(mut out) = child.stdout.take() {
+            let _ = std::io::Read::read_to_string(&mut out, &mut stdout);
+        }
+        let _ = child.wait();
+        let mut tally = Tally::default();
+        for (key, value) in stdout.split_whitespace().filter_map(|w| w.split_once('=')) {
+            let value = value.parse().unwrap_or(0);
+            match key {
+                "reached" => tally.reached = value,
+                "refused" => tally.refused = value,
+                "timeout" => tally.timeout = value,
+                "error" => tally.error = value,
+                _ => {}
+            }
+        }
+        if tally.attempts() == 0 {
+            return Err(SandboxError::Process(format!(
+                "loop probe printed no tally: {stdout:?}"
+            )));
+        }
+        Ok(tally)
     }
 }
 

@@ -14,7 +14,7 @@ use aya::{
 };
 use enforcer_user::{
     bpf::{self, AllowMap, DestRulesMap, Mode},
-    rules::{Action, Ports, RuleSet},
+    rules::{Action, Ports, Rule, RuleSet},
 };
 use imds_guard_tests::require_root;
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng, seq::IndexedRandom as _};
@@ -245,7 +245,13 @@ fn rules() -> RuleSet {
         "fd00:ec2::/64 proto=icmp",
     ];
     let pass = ["169.254.170.23"];
-    RuleSet::from_texts(&deny.map(str::to_owned), &pass.map(str::to_owned)).expect("valid rules")
+    let rules = deny
+        .iter()
+        .map(|t| Rule::parse_deny(t))
+        .chain(pass.iter().map(|t| Rule::parse_pass(t)))
+        .collect::<Result<Vec<_>, _>>()
+        .expect("valid rules");
+    RuleSet::new(rules).expect("valid rule set")
 }
 
 struct Loaded {
@@ -255,7 +261,7 @@ struct Loaded {
 
 fn load(rules: &RuleSet) -> Loaded {
     require_root();
-    let mut ebpf = bpf::load(Mode::Enforce).expect("load the programs");
+    let mut ebpf = bpf::load(Mode::Enforce, None).expect("load the programs");
     DestRulesMap::take(&mut ebpf)
         .expect("rules map")
         .sync(rules)

@@ -9,136 +9,10 @@ use std::{
 };
 
 use imds_guard_tests::{
-    Daemon, Outcome, Probe, ProbeResult, Sandbox, Server, TestCgroup, addrs, require_root,
+    Daemon, Outcome, addrs,
+    stage::{Case, DNS, HTTP, Stage, World, case, eperm},
 };
 use nix::sys::signal::Signal;
-
-/// The sandbox, our fake server and the test cgroups: dropped after the
-/// daemon, and namespaces last.
-struct Stage {
-    _server: Server,
-    _cgroups: TestCgroup,
-    sandbox: Sandbox,
-    /// The attach point: everything below loses metadata access...
-    guarded: PathBuf,
-    /// ...but this one, allowlisted, and its children.
-    allowed: PathBuf,
-    allowed_child: PathBuf,
-    /// A sibling of `allowed`, not allowlisted.
-    blocked: PathBuf,
-    /// Outside the attached subtree altogether.
-    outside: PathBuf,
-}
-
-const HTTP: u16 = 80;
-const DNS: u16 = 53;
-
-impl Stage {
-    fn new() -> Stage {
-        require_root();
-        let sandbox = Sandbox::new().expect("sandbox");
-        let server = Server::start(&sandbox.server, &[HTTP, DNS]).expect("fake metadata server");
-        let mut cgroups = TestCgroup::new("standalone").expect("test cgroup");
-        let mut make = |p: &str| cgroups.child(p).expect("cgroup");
-        let (guarded, allowed, allowed_child, blocked, outside) = (
-            make("guarded"),
-            make("guarded/allowed"),
-            make("guarded/allowed/job"),
-            make("guarded/blocked"),
-            make("outside"),
-        );
-        Stage {
-            _server: server,
-            _cgroups: cgroups,
-            sandbox,
-            guarded,
-            allowed,
-            allowed_child,
-            blocked,
-            outside,
-        }
-    }
-
-    /// `standalone --cgroup <guarded>` followed by `args`, where `{allowed}`
-    /// stands for the allowed cgroup's path.
-    fn daemon_args(&self, args: &[&str]) -> Vec<String> {
-        let mut full = vec![
-            "standalone".to_owned(),
-            "--cgroup".to_owned(),
-            self.guarded.display().to_string(),
-        ];
-        full.extend(
-            args.iter()
-                .map(|a| a.replace("{allowed}", &self.allowed.display().to_string())),
-        );
-        full
-    }
-
-    fn probe<'a>(&'a self, cgroup: &'a Path) -> Probe<'a> {
-        Probe {
-            netns: &self.sandbox.client,
-            cgroup: Some(cgroup),
-        }
-    }
-
-    fn attempt(&self, cgroup: &Path, case: &Case) -> ProbeResult {
-        let source = addrs::CLIENT_V4.to_string();
-        let extra: &[&str] = if case.action == "raw-udp" || case.action == "fragments" {
-            &["--source", &source]
-        } else {
-            &[]
-        };
-        self.probe(cgroup)
-            .attempt(case.action, case.addr, case.port, extra)
-            .unwrap_or_else(|e| panic!("{case:?}: {e}"))
-    }
-}
-
-/// A stage with the daemon running on it.
-struct World {
-    daemon: Daemon,
-    stage: Stage,
-}
-
-impl std::ops::Deref for World {
-    type Target = Stage;
-    fn deref(&self) -> &Stage {
-        &self.stage
-    }
-}
-
-impl World {
-    fn new(args: &[&str]) -> World {
-        let stage = Stage::new();
-        let args = stage.daemon_args(args);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let daemon = Daemon::start(&args).expect("imds-guard starts");
-        World { daemon, stage }
-    }
-
-    fn default_allow() -> World {
-        World::new(&["--allow", "{allowed}"])
-    }
-}
-
-#[derive(Debug)]
-struct Case {
-    action: &'static str,
-    addr: IpAddr,
-    port: u16,
-}
-
-fn case(action: &'static str, addr: impl Into<IpAddr>, port: u16) -> Case {
-    Case {
-        action,
-        addr: addr.into(),
-        port,
-    }
-}
-
-fn eperm() -> Outcome {
-    Outcome::Refused("EPERM".to_owned())
-}
 
 /// Every way to the metadata server we know of, with what a blocked cgroup
 /// must see. An allowlisted cgroup reaches the server on each of them, which
@@ -289,7 +163,7 @@ fn removing_an_allow_entry_cuts_an_open_connection() {
     world.daemon.signal(Signal::SIGHUP).expect("SIGHUP");
     world
         .daemon
-        .wait_for_log("allow list reloaded", Duration::from_secs(5))
+        .wait_for_log("configuration reloaded", Duration::from_secs(5))
         .expect("reload");
 
     let stream = world
@@ -311,7 +185,7 @@ fn removing_an_allow_entry_cuts_an_open_connection() {
     world.daemon.signal(Signal::SIGHUP).expect("SIGHUP");
     world
         .daemon
-        .wait_for_log_count("allow list reloaded", 2, Duration::from_secs(5))
+        .wait_for_log_count("configuration reloaded", 2, Duration::from_secs(5))
         .expect("second reload");
     // At most one exchange can have been in flight across the reload.
     let mut ok_after = 0;
@@ -381,9 +255,28 @@ fn pass_rules_carve_out_of_a_broad_deny() {
 
 #[test]
 fn bad_input_is_a_clear_error_before_anything_is_attached() {
-    let stage = Stage::new();
+    let stage = Stage::set_up();
     let guarded = stage.guarded.to_str().expect("utf-8");
-    let cases: [(&[&str], &str); 5] = [
+    let bad_config = tempfile_path("config");
+    write_file(
+        &bad_config,
+        "mode: enforce\ndeny:\n  - \"169.254.169.254/32 ports=99999\"\n",
+    );
+    let bad_config = bad_config.to_str().expect("utf-8").to_owned();
+    let pins = stage.pins.path().display().to_string();
+    let cases: [(&[&str], &str); 8] = [
+        (
+            &["--cgroup", guarded, "--config", &bad_config],
+            "deny[0]: rule \"169.254.169.254/32 ports=99999\"",
+        ),
+        (
+            &["--cgroup", guarded, "--config", "/nonexistent.yaml"],
+            "/nonexistent.yaml",
+        ),
+        (
+            &["--cgroup", guarded, "--preset", "aws", "--preset", "gcp"],
+            "disagree",
+        ),
         (
             &["--cgroup", "/tmp"],
             "/tmp is not under the cgroup v2 mount",
@@ -403,7 +296,7 @@ fn bad_input_is_a_clear_error_before_anything_is_attached() {
         ),
     ];
     for (args, want) in cases {
-        let mut full = vec!["standalone"];
+        let mut full = vec!["standalone", "--bpffs-dir", &pins];
         full.extend_from_slice(args);
         let mut daemon = Daemon::spawn(&full).expect("spawn");
         let status = daemon.wait_exit(Duration::from_secs(10)).expect("exits");
@@ -418,14 +311,28 @@ fn bad_input_is_a_clear_error_before_anything_is_attached() {
 }
 
 #[test]
-fn sigterm_detaches_and_exits_cleanly() {
+fn sigterm_leaves_enforcement_pinned_and_uninstall_removes_it() {
     let mut world = World::default_allow();
     let status = world.daemon.stop().expect("stops");
     assert!(status.success(), "{status}");
-    assert!(world.daemon.log().contains("detaching"));
-    // With the daemon gone, the blocked cgroup is no longer refused.
-    let result = world.attempt(&world.blocked, &case("tcp", addrs::METADATA_V4, HTTP));
-    assert_eq!(result.outcome, Outcome::Reached, "{result:?}");
+    // With the daemon gone, the pinned programs still refuse and allow.
+    let tcp = case("tcp", addrs::METADATA_V4, HTTP);
+    assert_eq!(world.attempt(&world.blocked, &tcp).outcome, eperm());
+    assert_eq!(
+        world.attempt(&world.allowed, &tcp).outcome,
+        Outcome::Reached
+    );
+    assert_eq!(world.pins.generations().len(), 1);
+
+    let pins = world.pins.path().display().to_string();
+    let mut uninstall = Daemon::spawn(&["uninstall", "--bpffs-dir", &pins]).expect("uninstall");
+    let status = uninstall.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert!(status.success(), "{}", uninstall.log());
+    assert!(!world.pins.path().exists(), "pins left behind");
+    assert_eq!(
+        world.attempt(&world.blocked, &tcp).outcome,
+        Outcome::Reached
+    );
 }
 
 fn tempfile_path(tag: &str) -> PathBuf {

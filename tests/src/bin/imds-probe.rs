@@ -59,6 +59,11 @@ struct Target {
     addr: SocketAddr,
     timeout: Duration,
     source: Option<Ipv4Addr>,
+    /// `stream`: exchanges to make.
+    count: u32,
+    /// `loop`: pause between attempts, and how long to go on.
+    interval: Duration,
+    duration: Duration,
 }
 
 fn main() -> ExitCode {
@@ -76,8 +81,8 @@ fn main() -> ExitCode {
 fn usage(msg: &str) -> ExitCode {
     eprintln!(
         "imds-probe: {msg}\nusage: imds-probe serve --port P... --udp-addr A...\n       imds-probe \
-         <tcp|udp|udp-connected|ping|raw-udp|fragments|stream> ADDR PORT \
-         [--timeout-ms N] [--source IPV4] [--count N]"
+         <tcp|udp|udp-connected|ping|raw-udp|fragments|stream|loop> ADDR PORT \
+         [--timeout-ms N] [--source IPV4] [--count N] [--interval-ms N] [--duration-ms N]"
     );
     ExitCode::from(2)
 }
@@ -92,6 +97,14 @@ fn parse_target(args: &[String]) -> Result<Target, String> {
         addr: SocketAddr::new(ip, port),
         timeout: Duration::from_millis(1500),
         source: None,
+        count: 100,
+        interval: Duration::from_millis(5),
+        duration: Duration::from_secs(1),
+    };
+    let millis = |v: &str, flag: &str| {
+        v.parse()
+            .map(Duration::from_millis)
+            .map_err(|_| format!("bad {flag}"))
     };
     let mut i = 0;
     while i < rest.len() {
@@ -99,13 +112,11 @@ fn parse_target(args: &[String]) -> Result<Target, String> {
             .get(i + 1)
             .ok_or(format!("{} needs a value", rest[i]))?;
         match rest[i].as_str() {
-            "--timeout-ms" => {
-                target.timeout =
-                    Duration::from_millis(value.parse().map_err(|_| "bad --timeout-ms")?)
-            }
+            "--timeout-ms" => target.timeout = millis(value, "--timeout-ms")?,
+            "--interval-ms" => target.interval = millis(value, "--interval-ms")?,
+            "--duration-ms" => target.duration = millis(value, "--duration-ms")?,
             "--source" => target.source = Some(value.parse().map_err(|_| "bad --source")?),
-            // Read by the stream action itself.
-            "--count" => {}
+            "--count" => target.count = value.parse().map_err(|_| "bad --count")?,
             other => return Err(format!("unknown option {other}")),
         }
         i += 2;
@@ -134,8 +145,10 @@ fn client(action: &str, target: &Target) -> ExitCode {
         eprintln!("imds-probe: refusing to send from the host network namespace");
         return ExitCode::from(3);
     }
-    if action == "stream" {
-        return stream(target);
+    match action {
+        "stream" => return stream(target),
+        "loop" => return attempt_loop(target),
+        _ => {}
     }
     let started = Instant::now();
     let (outcome, extra) = match action {
@@ -325,15 +338,30 @@ fn raw_udp(target: &Target, fragmented: bool) -> (Outcome, String) {
     (outcome, format!(" sends={}", sends.join(",")))
 }
 
+/// Makes a TCP attempt (connect, exchange, close) every `--interval-ms` for
+/// `--duration-ms`, and prints the tally: `reached=N refused=N timeout=N error=N`.
+fn attempt_loop(target: &Target) -> ExitCode {
+    let deadline = Instant::now() + target.duration;
+    let mut tally = [0u32; 4];
+    while Instant::now() < deadline {
+        let slot = match tcp(target) {
+            Outcome::Reached => 0,
+            Outcome::Refused(_) => 1,
+            Outcome::Timeout => 2,
+            Outcome::Error(_) => 3,
+        };
+        tally[slot] += 1;
+        std::thread::sleep(target.interval);
+    }
+    let [reached, refused, timeout, error] = tally;
+    println!("reached={reached} refused={refused} timeout={timeout} error={error}");
+    ExitCode::SUCCESS
+}
+
 /// Opens one TCP connection and exchanges a line every 50 ms, `--count`
 /// times, printing `exchange ok` or `exchange <outcome>` for each; the first
 /// line is the connect's own outcome.
 fn stream(target: &Target) -> ExitCode {
-    let count: u32 = std::env::args()
-        .skip_while(|a| a != "--count")
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
     let stream = match TcpStream::connect_timeout(&target.addr, target.timeout) {
         Ok(s) => s,
         Err(err) => {
@@ -343,7 +371,7 @@ fn stream(target: &Target) -> ExitCode {
     };
     println!("connect outcome=reached");
     let exchange_timeout = Duration::from_millis(300);
-    for _ in 0..count {
+    for _ in 0..target.count {
         match exchange(&stream, exchange_timeout) {
             Outcome::Reached => println!("exchange ok"),
             other => {

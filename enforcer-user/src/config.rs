@@ -1,0 +1,504 @@
+//! The configuration file (YAML, the format a Kubernetes ConfigMap carries),
+//! merged under command-line flags and environment variables, and checked as
+//! a whole before anything is applied.
+//!
+//! YAML is parsed with `serde_yaml_ng`, a maintained fork of the archived
+//! `serde_yaml` with the same serde model: errors carry line and column, and
+//! `deny_unknown_fields` turns a misspelt key into an error naming it.
+//!
+//! ```yaml
+//! mode: enforce            # or audit
+//! presets: [aws]           # aws, gcp, azure, alibaba, openstack
+//! deny:                    # more deny rules (PREFIX [proto=..] [ports=..|except-ports=..])
+//!   - "100.100.100.200/32"
+//! pass:                    # never refused; defaults: EKS Pod Identity, NodeLocal DNS
+//!   - "169.254.170.23/32"
+//! limits: { minPrefixLengthV4: 16, minPrefixLengthV6: 64 }
+//! bpffsDir: /sys/fs/bpf/imds-guard
+//! cgroupRoot: /sys/fs/cgroup
+//! standalone:
+//!   cgroup: system.slice
+//!   allow: [system.slice/metadata-agent.service]
+//!   allowFile: /etc/imds-guard/allow
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::{
+    bpf::Mode,
+    pins,
+    rules::{PrefixLimits, Rule, RuleError, RuleSet},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_yaml_ng::Error,
+    },
+    #[error("{field}: {source}")]
+    Rule { field: String, source: RuleError },
+    #[error(
+        "presets {first} and {second} disagree on {prefix}: choose one, or write the rule under deny"
+    )]
+    PresetConflict {
+        first: Preset,
+        second: Preset,
+        prefix: String,
+    },
+    #[error("limits.{field}: {value} is not a prefix length (0-{max})")]
+    BadLimit {
+        field: &'static str,
+        value: u8,
+        max: u8,
+    },
+    #[error("no cgroup to protect: give --cgroup or standalone.cgroup in the config file")]
+    NoCgroup,
+}
+
+/// Rule sets for the clouds we know.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    Aws,
+    Gcp,
+    Azure,
+    Alibaba,
+    Openstack,
+}
+
+impl std::fmt::Display for Preset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self {
+            Preset::Aws => "aws",
+            Preset::Gcp => "gcp",
+            Preset::Azure => "azure",
+            Preset::Alibaba => "alibaba",
+            Preset::Openstack => "openstack",
+        };
+        f.write_str(name)
+    }
+}
+
+impl Preset {
+    fn rules(self) -> &'static [&'static str] {
+        match self {
+            // IMDS on both families, and the ECS task metadata endpoint.
+            Preset::Aws => &[
+                "169.254.169.254/32",
+                "fd00:ec2::254/128",
+                "169.254.170.2/32",
+            ],
+            // The metadata server is also the node's DNS resolver.
+            Preset::Gcp => &["169.254.169.254/32 except-ports=53"],
+            // IMDS, and the WireServer's agent ports (CVE-2021-27075); its DNS,
+            // DHCP and health probes stay open.
+            Preset::Azure => &[
+                "169.254.169.254/32",
+                "168.63.129.16/32 proto=tcp ports=80,32526",
+            ],
+            // Inside CGNAT space, which can be pod space: the /32 only.
+            Preset::Alibaba => &["100.100.100.200/32"],
+            Preset::Openstack => &["169.254.169.254/32", "fd00:a9fe:a9fe::254/128"],
+        }
+    }
+}
+
+/// Used when neither presets nor deny rules are given: the metadata address
+/// on everything but DNS (safe on every cloud, GCP included), and AWS's
+/// IPv6 endpoint.
+pub const DEFAULT_DENY: [&str; 2] = ["169.254.169.254/32 except-ports=53", "fd00:ec2::254/128"];
+
+/// Never blocked unless `pass` is given: EKS Pod Identity (both families)
+/// and NodeLocal DNSCache, legitimate link-local services for pods.
+pub const DEFAULT_PASS: [&str; 3] = ["169.254.170.23/32", "fd00:ec2::23/128", "169.254.20.10/32"];
+
+/// The file, as written. Every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConfigFile {
+    pub mode: Option<Mode>,
+    pub presets: Option<Vec<Preset>>,
+    pub deny: Option<Vec<String>>,
+    pub pass: Option<Vec<String>>,
+    pub limits: Option<LimitsFile>,
+    pub bpffs_dir: Option<PathBuf>,
+    pub cgroup_root: Option<PathBuf>,
+    pub standalone: Option<StandaloneFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LimitsFile {
+    pub min_prefix_length_v4: Option<u8>,
+    pub min_prefix_length_v6: Option<u8>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct StandaloneFile {
+    pub cgroup: Option<PathBuf>,
+    #[serde(default)]
+    pub allow: Vec<PathBuf>,
+    pub allow_file: Option<PathBuf>,
+}
+
+impl ConfigFile {
+    pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        ConfigFile::parse(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<ConfigFile, serde_yaml_ng::Error> {
+        if text.trim().is_empty() {
+            return Ok(ConfigFile::default());
+        }
+        serde_yaml_ng::from_str(text)
+    }
+}
+
+/// What the command line and environment say; each given value wins over
+/// the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub mode: Option<Mode>,
+    pub presets: Vec<Preset>,
+    pub deny: Vec<String>,
+    pub pass: Vec<String>,
+    pub bpffs_dir: Option<PathBuf>,
+    pub cgroup_root: Option<PathBuf>,
+    pub cgroup: Option<PathBuf>,
+    pub allow: Vec<PathBuf>,
+    pub allow_file: Option<PathBuf>,
+}
+
+/// Settings shared by every mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Common {
+    pub mode: Mode,
+    pub rules: RuleSet,
+    pub bpffs_dir: PathBuf,
+    pub cgroup_root: Option<PathBuf>,
+}
+
+/// Standalone mode's own settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Standalone {
+    pub cgroup: PathBuf,
+    pub allow: Vec<PathBuf>,
+    pub allow_file: Option<PathBuf>,
+}
+
+/// The first non-empty of the flag list and the file list.
+fn chosen<T: Clone>(flags: &[T], file: Option<&Vec<T>>) -> Option<Vec<T>> {
+    if flags.is_empty() {
+        file.cloned()
+    } else {
+        Some(flags.to_vec())
+    }
+}
+
+fn limits(file: Option<&LimitsFile>) -> Result<PrefixLimits, ConfigError> {
+    let default = PrefixLimits::default();
+    let file = file.map_or((None, None), |l| {
+        (l.min_prefix_length_v4, l.min_prefix_length_v6)
+    });
+    let v4 = file.0.unwrap_or(default.min_len_v4);
+    let v6 = file.1.unwrap_or(default.min_len_v6);
+    if v4 > 32 {
+        return Err(ConfigError::BadLimit {
+            field: "minPrefixLengthV4",
+            value: v4,
+            max: 32,
+        });
+    }
+    if v6 > 128 {
+        return Err(ConfigError::BadLimit {
+            field: "minPrefixLengthV6",
+            value: v6,
+            max: 128,
+        });
+    }
+    Ok(PrefixLimits {
+        min_len_v4: v4,
+        min_len_v6: v6,
+    })
+}
+
+/// The deny rules of the presets, merged: the same rule from two presets is
+/// kept once; different rules for one prefix are a conflict.
+fn preset_rules(presets: &[Preset]) -> Result<Vec<Rule>, ConfigError> {
+    let mut merged: Vec<(Preset, Rule)> = Vec::new();
+    for &preset in presets {
+        for text in preset.rules() {
+            let rule = Rule::parse_deny(text).map_err(|source| ConfigError::Rule {
+                field: format!("presets: {preset}"),
+                source,
+            })?;
+            match merged.iter().find(|(_, r)| r.prefix == rule.prefix) {
+                Some((_, same)) if *same == rule => {}
+                Some((first, _)) => {
+                    return Err(ConfigError::PresetConflict {
+                        first: *first,
+                        second: preset,
+                        prefix: rule.prefix.to_string(),
+                    });
+                }
+                None => merged.push((preset, rule)),
+            }
+        }
+    }
+    Ok(merged.into_iter().map(|(_, r)| r).collect())
+}
+
+fn parse_list(
+    field: &str,
+    texts: &[String],
+    parse: fn(&str) -> Result<Rule, RuleError>,
+) -> Result<Vec<Rule>, ConfigError> {
+    texts
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            parse(text).map_err(|source| ConfigError::Rule {
+                field: format!("{field}[{i}]"),
+                source,
+            })
+        })
+        .collect()
+}
+
+impl Common {
+    /// Merges flags over the file and checks the rules as a whole.
+    pub fn resolve(file: &ConfigFile, flags: &Overrides) -> Result<Common, ConfigError> {
+        let presets = chosen(&flags.presets, file.presets.as_ref()).unwrap_or_default();
+        let deny_texts = chosen(&flags.deny, file.deny.as_ref()).unwrap_or_default();
+        let mut rules = preset_rules(&presets)?;
+        rules.extend(parse_list("deny", &deny_texts, Rule::parse_deny)?);
+        if presets.is_empty() && deny_texts.is_empty() {
+            let defaults: Vec<String> = DEFAULT_DENY.iter().map(|s| (*s).to_owned()).collect();
+            rules.extend(parse_list("default deny", &defaults, Rule::parse_deny)?);
+        }
+        let pass_texts = chosen(&flags.pass, file.pass.as_ref())
+            .unwrap_or_else(|| DEFAULT_PASS.iter().map(|s| (*s).to_owned()).collect());
+        rules.extend(parse_list("pass", &pass_texts, Rule::parse_pass)?);
+        let rules =
+            RuleSet::with_limits(rules, limits(file.limits.as_ref())?).map_err(|source| {
+                ConfigError::Rule {
+                    field: "rules".to_owned(),
+                    source,
+                }
+            })?;
+        Ok(Common {
+            mode: flags.mode.or(file.mode).unwrap_or(Mode::Enforce),
+            rules,
+            bpffs_dir: flags
+                .bpffs_dir
+                .clone()
+                .or_else(|| file.bpffs_dir.clone())
+                .unwrap_or_else(|| PathBuf::from(pins::DEFAULT_ROOT)),
+            cgroup_root: flags
+                .cgroup_root
+                .clone()
+                .or_else(|| file.cgroup_root.clone()),
+        })
+    }
+}
+
+impl Standalone {
+    pub fn resolve(file: &ConfigFile, flags: &Overrides) -> Result<Standalone, ConfigError> {
+        let section = file.standalone.as_ref();
+        let cgroup = flags
+            .cgroup
+            .clone()
+            .or_else(|| section.and_then(|s| s.cgroup.clone()))
+            .ok_or(ConfigError::NoCgroup)?;
+        Ok(Standalone {
+            cgroup,
+            allow: chosen(&flags.allow, section.map(|s| &s.allow)).unwrap_or_default(),
+            allow_file: flags
+                .allow_file
+                .clone()
+                .or_else(|| section.and_then(|s| s.allow_file.clone())),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::Action;
+
+    fn resolve(yaml: &str, flags: &Overrides) -> Result<Common, ConfigError> {
+        Common::resolve(&ConfigFile::parse(yaml).expect("yaml"), flags)
+    }
+
+    fn prefixes(common: &Common, action: Action) -> Vec<String> {
+        common
+            .rules
+            .rules()
+            .iter()
+            .filter(|r| r.action == action)
+            .map(|r| r.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn empty_config_gives_the_defaults() {
+        let common = resolve("", &Overrides::default()).unwrap();
+        assert_eq!(common.mode, Mode::Enforce);
+        assert_eq!(common.bpffs_dir, PathBuf::from("/sys/fs/bpf/imds-guard"));
+        assert_eq!(prefixes(&common, Action::Deny), DEFAULT_DENY);
+        assert_eq!(
+            prefixes(&common, Action::Pass),
+            [
+                "169.254.170.23/32 (pass)",
+                "fd00:ec2::23/128 (pass)",
+                "169.254.20.10/32 (pass)"
+            ]
+        );
+    }
+
+    #[test]
+    fn presets_expand_and_merge() {
+        let cases: [(&str, &[&str]); 4] = [
+            (
+                "presets: [aws]",
+                &[
+                    "169.254.169.254/32",
+                    "fd00:ec2::254/128",
+                    "169.254.170.2/32",
+                ],
+            ),
+            ("presets: [gcp]", &["169.254.169.254/32 except-ports=53"]),
+            (
+                "presets: [azure, openstack]",
+                &[
+                    "169.254.169.254/32",
+                    "168.63.129.16/32 proto=tcp ports=80,32526",
+                    "fd00:a9fe:a9fe::254/128",
+                ],
+            ),
+            (
+                "presets: [alibaba]\ndeny: [\"169.254.169.254/32\"]",
+                &["100.100.100.200/32", "169.254.169.254/32"],
+            ),
+        ];
+        for (yaml, want) in cases {
+            let common = resolve(yaml, &Overrides::default()).unwrap();
+            assert_eq!(prefixes(&common, Action::Deny), want, "{yaml}");
+        }
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let yaml = "mode: audit\ndeny: [\"169.254.169.254/32\"]\nbpffsDir: /sys/fs/bpf/from-file";
+        let flags = Overrides {
+            mode: Some(Mode::Enforce),
+            deny: vec!["100.100.100.200/32".to_owned()],
+            bpffs_dir: Some("/sys/fs/bpf/from-flag".into()),
+            ..Overrides::default()
+        };
+        let common = resolve(yaml, &flags).unwrap();
+        assert_eq!(common.mode, Mode::Enforce);
+        assert_eq!(prefixes(&common, Action::Deny), ["100.100.100.200/32"]);
+        assert_eq!(common.bpffs_dir, PathBuf::from("/sys/fs/bpf/from-flag"));
+        let file_only = resolve(yaml, &Overrides::default()).unwrap();
+        assert_eq!(file_only.mode, Mode::Audit);
+    }
+
+    #[test]
+    fn bad_configs_name_the_field_and_value() {
+        let cases = [
+            ("mode: block", "unknown variant `block`"),
+            (
+                "deny: [\"169.254.169.254/33\"]",
+                "deny[0]: rule \"169.254.169.254/33\"",
+            ),
+            ("deny: [\"1.2.3.4\", \"x\"]", "deny[1]: rule \"x\""),
+            (
+                "deny: [\"169.254.169.254 proto=sctp\"]",
+                "unknown protocol \"sctp\"",
+            ),
+            (
+                "deny: [\"169.254.169.254 ports=70000\"]",
+                "\"70000\" is not a port",
+            ),
+            ("deny: [\"0.0.0.0/0\"]", "broader than the allowed /16"),
+            ("deny: [\"10.0.0.0/8\"]\nlimits: {minPrefixLengthV4: 8}", ""),
+            (
+                "limits: {minPrefixLengthV4: 40}",
+                "limits.minPrefixLengthV4: 40",
+            ),
+            ("deny: []\npresets: []\npass: []", ""),
+            (
+                "deny: [\"1.2.3.4\", \"1.2.3.4/32 proto=tcp\"]",
+                "1.2.3.4/32 appears in more than one rule",
+            ),
+            (
+                "pass: [\"169.254.169.254\"]",
+                "169.254.169.254/32 appears in more than one rule",
+            ),
+            (
+                "presets: [aws, gcp]",
+                "presets aws and gcp disagree on 169.254.169.254/32",
+            ),
+            ("presets: [moon]", "unknown variant `moon`"),
+            ("denny: []", "unknown field `denny`"),
+            ("standalone: {cgroup: x, alow: []}", "unknown field `alow`"),
+        ];
+        for (yaml, want) in cases {
+            let parsed = ConfigFile::parse(yaml);
+            let result = match parsed {
+                Err(err) => Err(err.to_string()),
+                Ok(file) => {
+                    Common::resolve(&file, &Overrides::default()).map_err(|e| e.to_string())
+                }
+            };
+            match (result, want) {
+                (Ok(_), "") => {}
+                (Ok(common), want) => panic!("{yaml:?} should fail with {want:?}, got {common:?}"),
+                (Err(err), "") => panic!("{yaml:?} should pass, got {err}"),
+                (Err(err), want) => assert!(err.contains(want), "{yaml:?}: {err:?} lacks {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn standalone_section_and_flags() {
+        let file = ConfigFile::parse(
+            "standalone:\n  cgroup: system.slice\n  allow: [a, b]\n  allowFile: /etc/allow\n",
+        )
+        .unwrap();
+        let from_file = Standalone::resolve(&file, &Overrides::default()).unwrap();
+        assert_eq!(from_file.cgroup, PathBuf::from("system.slice"));
+        assert_eq!(from_file.allow, [PathBuf::from("a"), PathBuf::from("b")]);
+        assert_eq!(from_file.allow_file, Some(PathBuf::from("/etc/allow")));
+        let flags = Overrides {
+            cgroup: Some("docker".into()),
+            allow: vec!["c".into()],
+            ..Overrides::default()
+        };
+        let merged = Standalone::resolve(&file, &flags).unwrap();
+        assert_eq!(merged.cgroup, PathBuf::from("docker"));
+        assert_eq!(merged.allow, [PathBuf::from("c")]);
+        assert!(matches!(
+            Standalone::resolve(&ConfigFile::default(), &Overrides::default()),
+            Err(ConfigError::NoCgroup)
+        ));
+    }
+}

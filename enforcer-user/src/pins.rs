@@ -1,0 +1,347 @@
+//! Where the enforcement lives between daemon runs: every map and link is
+//! pinned under a bpffs directory of ours, one subdirectory a *generation*
+//! (one loaded object, mode and target cgroup). A daemon that starts adopts
+//! its generation if it is complete, or installs a new one next to the old
+//! and only then removes the old: there is never a moment without programs
+//! attached.
+//!
+//! Layout: `<root>/<key>_<nonce>/{map-<NAME>, link-<PROGRAM>}` with
+//! `<key> = g-<object hash>-<mode>-<cgroup id>` (bpffs forbids dots in names).
+
+use std::path::{Path, PathBuf};
+
+use enforcer_common::names;
+
+use crate::bpf::{Mode, PROGRAMS};
+
+/// The maps of one generation.
+pub const MAPS: [&str; 3] = [
+    names::DEST_RULES,
+    names::ALLOWED_CGROUPS,
+    names::BLOCK_COUNTERS,
+];
+
+/// Default pin root; DaemonSets mount the host's /sys/fs/bpf.
+pub const DEFAULT_ROOT: &str = "/sys/fs/bpf/imds-guard";
+
+/// Prefix of generation directory names: everything else under the root is
+/// not ours and is left alone.
+const GENERATION_PREFIX: &str = "g-";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What identifies a generation: a daemon adopts pins only with the same key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GenerationKey {
+    pub object_hash: u64,
+    pub mode: Mode,
+    pub cgroup_id: u64,
+}
+
+impl GenerationKey {
+    pub fn dir_prefix(&self) -> String {
+        let mode = match self.mode {
+            Mode::Enforce => "enforce",
+            Mode::Audit => "audit",
+        };
+        format!(
+            "{GENERATION_PREFIX}{:016x}-{mode}-{}",
+            self.object_hash, self.cgroup_id
+        )
+    }
+}
+
+/// FNV-1a, 64 bits: a stable fingerprint of the eBPF object (not a
+/// security measure; it only tells builds apart).
+pub fn fingerprint(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// A generation directory found under the root.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Generation {
+    pub name: String,
+    /// All maps and all links are pinned (links are pinned last).
+    pub complete: bool,
+}
+
+/// What a starting daemon does with what it finds.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StartPlan {
+    /// Reuse this complete generation of ours; remove the others.
+    Adopt { current: String, stale: Vec<String> },
+    /// Install a new generation, carrying the allow list and counters over
+    /// from `carry_from` when there is one; then remove `stale`.
+    Install {
+        carry_from: Option<String>,
+        stale: Vec<String>,
+    },
+}
+
+/// Decides from the generations present (pure, so it is tested without a kernel).
+pub fn plan(key: &GenerationKey, present: &[Generation]) -> StartPlan {
+    let prefix = format!("{}_", key.dir_prefix());
+    let names = |skip: Option<&str>| -> Vec<String> {
+        present
+            .iter()
+            .filter(|g| Some(g.name.as_str()) != skip)
+            .map(|g| g.name.clone())
+            .collect()
+    };
+    if let Some(ours) = present
+        .iter()
+        .find(|g| g.complete && g.name.starts_with(&prefix))
+    {
+        return StartPlan::Adopt {
+            current: ours.name.clone(),
+            stale: names(Some(&ours.name)),
+        };
+    }
+    StartPlan::Install {
+        carry_from: present.iter().find(|g| g.complete).map(|g| g.name.clone()),
+        stale: names(None),
+    }
+}
+
+/// The pin root directory.
+#[derive(Clone, Debug)]
+pub struct PinRoot {
+    root: PathBuf,
+}
+
+impl PinRoot {
+    pub fn new(root: impl Into<PathBuf>) -> PinRoot {
+        PinRoot { root: root.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn map_pin(&self, generation: &str, map: &str) -> PathBuf {
+        self.root.join(generation).join(format!("map-{map}"))
+    }
+
+    pub fn link_pin(&self, generation: &str, program: &str) -> PathBuf {
+        self.root.join(generation).join(format!("link-{program}"))
+    }
+
+    /// A fresh, unused directory name for a generation with `key`.
+    pub fn new_generation_name(&self, key: &GenerationKey) -> String {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        format!("{}_{:x}{:x}", key.dir_prefix(), std::process::id(), nanos)
+    }
+
+    pub fn create_generation_dir(&self, generation: &str) -> Result<(), PinError> {
+        let dir = self.root.join(generation);
+        std::fs::create_dir_all(&dir).map_err(|source| PinError::Io {
+            action: "creating",
+            path: dir,
+            source,
+        })
+    }
+
+    /// The generations present, complete or not. A missing root has none.
+    pub fn generations(&self) -> Result<Vec<Generation>, PinError> {
+        let entries = match std::fs::read_dir(&self.root) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(PinError::Io {
+                    action: "reading",
+                    path: self.root.clone(),
+                    source,
+                });
+            }
+        };
+        let mut found: Vec<Generation> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|name| name.starts_with(GENERATION_PREFIX))
+            .map(|name| {
+                let complete = MAPS.iter().all(|m| self.map_pin(&name, m).exists())
+                    && PROGRAMS.iter().all(|p| self.link_pin(&name, p).exists());
+                Generation { name, complete }
+            })
+            .collect();
+        found.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(found)
+    }
+
+    /// Removes a generation: its link pins first (which detaches those
+    /// programs, unless another holder keeps the link), then its maps.
+    /// Anything that is not one of our pins is left, and reported.
+    pub fn remove_generation(&self, generation: &str) -> Result<(), PinError> {
+        let pins = PROGRAMS
+            .iter()
+            .map(|p| self.link_pin(generation, p))
+            .chain(MAPS.iter().map(|m| self.map_pin(generation, m)));
+        for pin in pins {
+            match std::fs::remove_file(&pin) {
+                Ok(()) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(PinError::Io {
+                        action: "unpinning",
+                        path: pin,
+                        source,
+                    });
+                }
+            }
+        }
+        let dir = self.root.join(generation);
+        std::fs::remove_dir(&dir).map_err(|source| PinError::Io {
+            action: "removing (is something else pinned there?)",
+            path: dir,
+            source,
+        })
+    }
+
+    /// Removes every generation, then the root if nothing else is in it.
+    /// Entries that are not ours are left where they are.
+    pub fn uninstall(&self) -> Result<Uninstalled, PinError> {
+        let generations = self.generations()?;
+        for generation in &generations {
+            self.remove_generation(&generation.name)?;
+        }
+        let left: Vec<String> = match std::fs::read_dir(&self.root) {
+            Ok(entries) => entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect(),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(source) => {
+                return Err(PinError::Io {
+                    action: "reading",
+                    path: self.root.clone(),
+                    source,
+                });
+            }
+        };
+        if left.is_empty() && self.root.exists() {
+            std::fs::remove_dir(&self.root).map_err(|source| PinError::Io {
+                action: "removing",
+                path: self.root.clone(),
+                source,
+            })?;
+        }
+        Ok(Uninstalled {
+            removed: generations.into_iter().map(|g| g.name).collect(),
+            not_ours: left,
+        })
+    }
+}
+
+/// What `uninstall` did.
+#[derive(Debug)]
+pub struct Uninstalled {
+    pub removed: Vec<String>,
+    /// Entries under the root that are not ours, left in place.
+    pub not_ours: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(hash: u64, mode: Mode, cgroup: u64) -> GenerationKey {
+        GenerationKey {
+            object_hash: hash,
+            mode,
+            cgroup_id: cgroup,
+        }
+    }
+
+    fn generation(name: &str, complete: bool) -> Generation {
+        Generation {
+            name: name.to_owned(),
+            complete,
+        }
+    }
+
+    #[test]
+    fn key_names_object_mode_and_cgroup() {
+        assert_eq!(
+            key(0xabc, Mode::Audit, 42).dir_prefix(),
+            "g-0000000000000abc-audit-42"
+        );
+    }
+
+    #[test]
+    fn start_plans() {
+        let ours = key(1, Mode::Enforce, 7);
+        let ours_done = "g-0000000000000001-enforce-7_a";
+        let ours_partial = "g-0000000000000001-enforce-7_b";
+        let old_build = "g-0000000000000002-enforce-7_c";
+        let audit_mode = "g-0000000000000001-audit-7_d";
+        let cases = [
+            (
+                vec![],
+                StartPlan::Install {
+                    carry_from: None,
+                    stale: vec![],
+                },
+            ),
+            (
+                vec![generation(ours_done, true)],
+                StartPlan::Adopt {
+                    current: ours_done.into(),
+                    stale: vec![],
+                },
+            ),
+            (
+                vec![generation(ours_done, true), generation(old_build, true)],
+                StartPlan::Adopt {
+                    current: ours_done.into(),
+                    stale: vec![old_build.into()],
+                },
+            ),
+            // An upgrade: carry the old build's state over, then retire it.
+            (
+                vec![generation(old_build, true)],
+                StartPlan::Install {
+                    carry_from: Some(old_build.into()),
+                    stale: vec![old_build.into()],
+                },
+            ),
+            // A crash mid-install left a partial generation: never adopt it.
+            (
+                vec![generation(old_build, true), generation(ours_partial, false)],
+                StartPlan::Install {
+                    carry_from: Some(old_build.into()),
+                    stale: vec![old_build.into(), ours_partial.into()],
+                },
+            ),
+            // A mode change is a new generation too.
+            (
+                vec![generation(audit_mode, true)],
+                StartPlan::Install {
+                    carry_from: Some(audit_mode.into()),
+                    stale: vec![audit_mode.into()],
+                },
+            ),
+        ];
+        for (present, want) in cases {
+            assert_eq!(plan(&ours, &present), want, "{present:?}");
+        }
+    }
+
+    #[test]
+    fn fingerprint_is_stable_and_tells_bytes_apart() {
+        assert_eq!(fingerprint(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fingerprint(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_ne!(fingerprint(b"ab"), fingerprint(b"ba"));
+    }
+}

@@ -1,0 +1,162 @@
+//! Start-up checks: say clearly and early what is wrong with the node,
+//! instead of attaching programs that would never run.
+
+use std::path::{Path, PathBuf};
+
+use enforcer_common::mountinfo::{self, Mount};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PreflightError {
+    #[error(
+        "this node has cgroup v1 only: imds-guard needs the cgroup v2 hierarchy \
+         (boot with systemd.unified_cgroup_hierarchy=1, or hybrid mode)"
+    )]
+    CgroupV1Only,
+    #[error("no cgroup v2 filesystem is mounted: imds-guard needs cgroup v2")]
+    NoCgroup2,
+    #[error(
+        "hybrid cgroups with the v1 {controllers} controller(s) mounted on kernel {kernel} \
+         (older than 5.15): sockets fall back to the root cgroup and programs on a \
+         subtree never run. Unmount {controllers}, or use kernel 5.15 or newer"
+    )]
+    NetClsOnOldKernel { controllers: String, kernel: String },
+    #[error(
+        "bpffs is not mounted at or above {path} (found {found}): mount it with \
+         `mount -t bpf bpf /sys/fs/bpf` (in a DaemonSet, mount the host's /sys/fs/bpf)"
+    )]
+    NoBpffs { path: PathBuf, found: String },
+}
+
+/// The (major, minor) of a kernel release string such as `6.18.44-fc-v669`.
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// Checks the cgroup setup of a node from its mountinfo and kernel release.
+pub fn check_cgroups(mounts: &[Mount], kernel_release: &str) -> Result<(), PreflightError> {
+    let v1: Vec<&Mount> = mounts.iter().filter(|m| m.fstype == "cgroup").collect();
+    if !mounts.iter().any(|m| m.fstype == "cgroup2") {
+        return Err(if v1.is_empty() {
+            PreflightError::NoCgroup2
+        } else {
+            PreflightError::CgroupV1Only
+        });
+    }
+    // Before 5.15, a socket whose task uses net_cls or net_prio loses its
+    // cgroup v2 pointer and is charged to the root cgroup.
+    let controllers: Vec<&str> = ["net_cls", "net_prio"]
+        .into_iter()
+        .filter(|c| {
+            v1.iter()
+                .any(|m| m.super_options.split(',').any(|o| o == *c))
+        })
+        .collect();
+    let old = kernel_version(kernel_release).is_none_or(|v| v < (5, 15));
+    if !controllers.is_empty() && old {
+        return Err(PreflightError::NetClsOnOldKernel {
+            controllers: controllers.join(" and "),
+            kernel: kernel_release.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Checks that `path` (the pin root) lies on a bpffs mount.
+pub fn check_bpffs(mounts: &[Mount], path: &Path) -> Result<(), PreflightError> {
+    let covering = mounts
+        .iter()
+        .filter(|m| path.starts_with(&m.point))
+        .max_by_key(|m| m.point.as_os_str().len());
+    match covering {
+        Some(m) if m.fstype == "bpf" => Ok(()),
+        other => Err(PreflightError::NoBpffs {
+            path: path.to_path_buf(),
+            found: other.map_or_else(
+                || "nothing".to_owned(),
+                |m| format!("{} at {}", m.fstype, m.point.display()),
+            ),
+        }),
+    }
+}
+
+/// Runs every check against this machine.
+pub fn check_node(pin_root: &Path) -> Result<(), PreflightError> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mounts = mountinfo::parse(&text);
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    check_cgroups(&mounts, &release)?;
+    check_bpffs(&mounts, pin_root)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mount(point: &str, fstype: &str, options: &str) -> Mount {
+        Mount {
+            point: point.into(),
+            fstype: fstype.to_owned(),
+            super_options: options.to_owned(),
+        }
+    }
+
+    #[test]
+    fn kernel_versions() {
+        assert_eq!(kernel_version("6.18.44-fc-v669"), Some((6, 18)));
+        assert_eq!(kernel_version("5.4.0-150-generic"), Some((5, 4)));
+        assert_eq!(kernel_version("5.15.0"), Some((5, 15)));
+        assert_eq!(kernel_version("garbage"), None);
+    }
+
+    #[test]
+    fn cgroup_setups() {
+        let unified = vec![mount("/sys/fs/cgroup", "cgroup2", "rw,nsdelegate")];
+        let hybrid = vec![
+            mount("/sys/fs/cgroup/unified", "cgroup2", "rw"),
+            mount("/sys/fs/cgroup/memory", "cgroup", "rw,memory"),
+        ];
+        let hybrid_net_cls = vec![
+            mount("/sys/fs/cgroup/unified", "cgroup2", "rw"),
+            mount(
+                "/sys/fs/cgroup/net_cls,net_prio",
+                "cgroup",
+                "rw,net_cls,net_prio",
+            ),
+        ];
+        let v1_only = vec![mount("/sys/fs/cgroup/memory", "cgroup", "rw,memory")];
+        let cases: [(&[Mount], &str, Result<(), PreflightError>); 6] = [
+            (&unified, "6.1.0", Ok(())),
+            (&hybrid, "6.18.44", Ok(())),
+            (&hybrid_net_cls, "6.18.44", Ok(())),
+            (
+                &hybrid_net_cls,
+                "5.10.0",
+                Err(PreflightError::NetClsOnOldKernel {
+                    controllers: "net_cls and net_prio".to_owned(),
+                    kernel: "5.10.0".to_owned(),
+                }),
+            ),
+            (&v1_only, "6.1.0", Err(PreflightError::CgroupV1Only)),
+            (&[], "6.1.0", Err(PreflightError::NoCgroup2)),
+        ];
+        for (mounts, kernel, want) in cases {
+            assert_eq!(check_cgroups(mounts, kernel), want, "{mounts:?} {kernel}");
+        }
+    }
+
+    #[test]
+    fn bpffs_must_cover_the_pin_root() {
+        let with = vec![mount("/", "ext4", "rw"), mount("/sys/fs/bpf", "bpf", "rw")];
+        let without = vec![mount("/", "ext4", "rw"), mount("/sys", "sysfs", "rw")];
+        let root = Path::new("/sys/fs/bpf/imds-guard");
+        assert_eq!(check_bpffs(&with, root), Ok(()));
+        let err = check_bpffs(&without, root).unwrap_err().to_string();
+        assert!(err.contains("found sysfs at /sys"), "{err}");
+        assert!(err.contains("mount -t bpf bpf /sys/fs/bpf"), "{err}");
+    }
+}

@@ -1,0 +1,157 @@
+//! Fixtures for end-to-end tests: a sandbox with our fake server, a test
+//! cgroup tree, a pin directory, and the daemon. Like tests, they panic
+//! with a message when something cannot be set up.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use crate::{
+    Daemon, Outcome, PinDir, Probe, ProbeResult, Sandbox, Server, TestCgroup, addrs, require_root,
+};
+
+/// The sandbox, our fake server and the test cgroups: dropped after the
+/// daemon, and namespaces last.
+pub struct Stage {
+    pub pins: PinDir,
+    _server: Server,
+    _cgroups: TestCgroup,
+    pub sandbox: Sandbox,
+    /// The attach point: everything below loses metadata access...
+    pub guarded: PathBuf,
+    /// ...but this one, allowlisted, and its children.
+    pub allowed: PathBuf,
+    pub allowed_child: PathBuf,
+    /// A sibling of `allowed`, not allowlisted.
+    pub blocked: PathBuf,
+    /// Outside the attached subtree altogether.
+    pub outside: PathBuf,
+}
+
+pub const HTTP: u16 = 80;
+pub const DNS: u16 = 53;
+
+impl Stage {
+    pub fn set_up() -> Stage {
+        require_root();
+        let sandbox = Sandbox::new().expect("sandbox");
+        let server = Server::start(&sandbox.server, &[HTTP, DNS]).expect("fake metadata server");
+        let mut cgroups = TestCgroup::new("standalone").expect("test cgroup");
+        let mut make = |p: &str| cgroups.child(p).expect("cgroup");
+        let (guarded, allowed, allowed_child, blocked, outside) = (
+            make("guarded"),
+            make("guarded/allowed"),
+            make("guarded/allowed/job"),
+            make("guarded/blocked"),
+            make("outside"),
+        );
+        Stage {
+            pins: PinDir::new("standalone"),
+            _server: server,
+            _cgroups: cgroups,
+            sandbox,
+            guarded,
+            allowed,
+            allowed_child,
+            blocked,
+            outside,
+        }
+    }
+
+    /// `standalone --cgroup <guarded>` followed by `args`, where `{allowed}`
+    /// stands for the allowed cgroup's path.
+    pub fn daemon_args(&self, args: &[&str]) -> Vec<String> {
+        let mut full = vec![
+            "standalone".to_owned(),
+            "--cgroup".to_owned(),
+            self.guarded.display().to_string(),
+            "--bpffs-dir".to_owned(),
+            self.pins.path().display().to_string(),
+        ];
+        full.extend(
+            args.iter()
+                .map(|a| a.replace("{allowed}", &self.allowed.display().to_string())),
+        );
+        full
+    }
+
+    pub fn probe<'a>(&'a self, cgroup: &'a Path) -> Probe<'a> {
+        Probe {
+            netns: &self.sandbox.client,
+            cgroup: Some(cgroup),
+        }
+    }
+
+    pub fn attempt(&self, cgroup: &Path, case: &Case) -> ProbeResult {
+        let source = addrs::CLIENT_V4.to_string();
+        let extra: &[&str] = if case.action == "raw-udp" || case.action == "fragments" {
+            &["--source", &source]
+        } else {
+            &[]
+        };
+        self.probe(cgroup)
+            .attempt(case.action, case.addr, case.port, extra)
+            .unwrap_or_else(|e| panic!("{case:?}: {e}"))
+    }
+}
+
+/// A stage with the daemon running on it.
+pub struct World {
+    pub daemon: Daemon,
+    pub stage: Stage,
+}
+
+impl std::ops::Deref for World {
+    type Target = Stage;
+    fn deref(&self) -> &Stage {
+        &self.stage
+    }
+}
+
+impl World {
+    pub fn new(args: &[&str]) -> World {
+        let stage = Stage::set_up();
+        let args = stage.daemon_args(args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let daemon = Daemon::start(&args).expect("imds-guard starts");
+        World { daemon, stage }
+    }
+
+    pub fn default_allow() -> World {
+        World::new(&["--allow", "{allowed}"])
+    }
+}
+
+#[derive(Debug)]
+pub struct Case {
+    pub action: &'static str,
+    pub addr: IpAddr,
+    pub port: u16,
+}
+
+pub fn case(action: &'static str, addr: impl Into<IpAddr>, port: u16) -> Case {
+    Case {
+        action,
+        addr: addr.into(),
+        port,
+    }
+}
+
+pub fn eperm() -> Outcome {
+    Outcome::Refused("EPERM".to_owned())
+}
+
+impl World {
+    /// Starts the daemon again on the same stage (after it was stopped or
+    /// killed), from `binary` or the workspace's own.
+    pub fn restart(&mut self, binary: Option<&Path>, args: &[&str]) {
+        let args = self.stage.daemon_args(args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.daemon = match binary {
+            Some(binary) => Daemon::start_binary(binary, &args),
+            None => Daemon::start(&args),
+        }
+        .expect("imds-guard starts again");
+    }
+}
