@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use imds_guard_tests::{Daemon, Outcome, Probe, Sandbox, Server, TestCgroup, addrs};
+use imds_guard_tests::{Daemon, Outcome, PinDir, Probe, Sandbox, Server, TestCgroup, addrs};
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 
 use crate::{build_release, is_root, setup};
@@ -102,6 +102,8 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     let sandbox = Sandbox::new()?;
     let _server = Server::start(&sandbox.server, &[80, 53])?;
     let mut cgroups = TestCgroup::new("demo")?;
+    // Pins of the demo's own, removed (detaching the programs) at the end.
+    let pins = PinDir::new("demo");
     let guarded = cgroups.child("workloads")?;
     let app = cgroups.child("workloads/app")?;
     let agent = cgroups.child("workloads/metadata-agent")?;
@@ -122,12 +124,15 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     println!("  cgroups  {}/{{app, metadata-agent}}", guarded.display());
     let guarded_arg = guarded.display().to_string();
     let agent_arg = agent.display().to_string();
+    let pins_arg = pins.path().display().to_string();
     let args = [
         "standalone",
         "--cgroup",
         &guarded_arg,
         "--allow",
         &agent_arg,
+        "--bpffs-dir",
+        &pins_arg,
     ];
     println!("  daemon   imds-guard {}", args.join(" "));
     let mut daemon = Daemon::start(&args)?;
