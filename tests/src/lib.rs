@@ -6,6 +6,7 @@
 //! Every resource is an RAII guard: namespaces, cgroups and processes are
 //! removed when the guard drops, also when a test panics.
 
+pub mod apiserver;
 pub mod cgroups;
 pub mod daemon;
 pub mod netns;

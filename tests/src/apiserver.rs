@@ -1,0 +1,397 @@
+//! A Kubernetes API server for tests, speaking the real protocol as kube-rs
+//! uses it: LIST and WATCH of core v1 `pods` and `namespaces` over plain
+//! HTTP on loopback, with selectors, pagination, resourceVersion semantics,
+//! bookmarks and 410 Gone. Tests drive it from Rust: they write objects,
+//! compact its history, stop and restart it on the same port, and read what
+//! clients asked for.
+//!
+//! It runs on its own tokio runtime (its own thread), so synchronous tests
+//! and a daemon in another process can talk to it alike; dropping it stops
+//! it. It binds loopback only.
+//!
+//! Not served: single-object GETs and other resources (404), writes over
+//! HTTP (405). A new collection is one more route in `serve::collection`.
+
+mod selector;
+mod serve;
+mod store;
+mod watch;
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard, PoisonError, atomic::AtomicUsize, mpsc},
+    time::Duration,
+};
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::{
+    runtime::{Handle, Runtime},
+    sync::oneshot,
+};
+
+pub use store::ResourceKind;
+use store::{ObjectKey, Store};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiServerError {
+    #[error("starting the fake API server's runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("listening on {address}: {source}")]
+    Listen {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("writing kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the fake API server did not stop within {0:?}")]
+    StopTimeout(Duration),
+    #[error("{kind} {name:?} is not stored")]
+    NotFound { kind: &'static str, name: String },
+    #[error("invalid {kind}: {reason}")]
+    InvalidObject { kind: &'static str, reason: String },
+}
+
+pub type Result<T, E = ApiServerError> = std::result::Result<T, E>;
+
+/// How long `stop` waits for open connections to be dropped.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Settings of a [`FakeApiServer`].
+#[derive(Clone, Debug)]
+pub struct ApiServerOptions {
+    /// How often a watch that allows bookmarks gets one. The real server
+    /// sends about one a minute; the default here is short so tests see
+    /// them.
+    pub bookmark_interval: Duration,
+    /// How many changes the server remembers for watches and paged lists
+    /// to resume from; older positions get 410 Gone.
+    pub history_limit: usize,
+}
+
+impl Default for ApiServerOptions {
+    fn default() -> Self {
+        ApiServerOptions {
+            bookmark_interval: Duration::from_secs(1),
+            history_limit: 1000,
+        }
+    }
+}
+
+/// Whether a request listed or watched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verb {
+    List,
+    Watch,
+}
+
+/// A list or watch request the server received, as tests inspect it.
+#[derive(Clone, Debug)]
+pub struct ApiRequest {
+    pub verb: Verb,
+    pub resource: ResourceKind,
+    /// The namespace of a namespaced path (`/api/v1/namespaces/NS/pods`).
+    pub namespace: Option<String>,
+    /// The query parameters, decoded, in the order sent.
+    pub query: Vec<(String, String)>,
+}
+
+impl ApiRequest {
+    /// The first value of a query parameter.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+/// What the serving tasks share with the test-control side.
+struct Shared {
+    store: Mutex<Store>,
+    /// Ticks after every write to `store`, waking the watches.
+    changed: tokio::sync::watch::Sender<()>,
+    requests: Mutex<Vec<ApiRequest>>,
+    open_watches: AtomicUsize,
+    bookmark_interval: Duration,
+}
+
+/// A lock that survives a panic elsewhere: the state it guards stays
+/// consistent between statements, and tests should see the panic that
+/// caused the poisoning rather than a second one.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The accept loop while the server listens.
+struct Listening {
+    stop: oneshot::Sender<()>,
+    /// Disconnects when the accept loop has closed the listener and dropped
+    /// every connection (its sender is dropped with the task).
+    stopped: mpsc::Receiver<()>,
+}
+
+/// The fake API server: listening on `127.0.0.1:<ephemeral port>` from
+/// `start` until dropped. Its methods may be called from synchronous or
+/// async code; only `stop`, `restart` and `drop` wait, briefly, for its
+/// connections to close.
+pub struct FakeApiServer {
+    shared: Arc<Shared>,
+    address: SocketAddr,
+    listening: Option<Listening>,
+    /// Spawns on, and registers sockets with, `runtime`.
+    handle: Handle,
+    /// An `Option` only so that `drop` can shut it down without blocking.
+    runtime: Option<Runtime>,
+}
+
+impl FakeApiServer {
+    /// Starts listening with the default options.
+    pub fn start() -> Result<FakeApiServer> {
+        FakeApiServer::start_with(ApiServerOptions::default())
+    }
+
+    pub fn start_with(options: ApiServerOptions) -> Result<FakeApiServer> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("fake-apiserver")
+            .enable_all()
+            .build()
+            .map_err(ApiServerError::Runtime)?;
+        let (changed, _) = tokio::sync::watch::channel(());
+        let mut server = FakeApiServer {
+            shared: Arc::new(Shared {
+                store: Mutex::new(Store::new(options.history_limit)),
+                changed,
+                requests: Mutex::new(Vec::new()),
+                open_watches: AtomicUsize::new(0),
+                bookmark_interval: options.bookmark_interval,
+            }),
+            address: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            listening: None,
+            handle: runtime.handle().clone(),
+            runtime: Some(runtime),
+        };
+        server.listen()?;
+        Ok(server)
+    }
+
+    /// `http://127.0.0.1:PORT`, the same across `restart`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// A kubeconfig for this server: one cluster with its URL, a user
+    /// without credentials, one context (namespace `default`) that is the
+    /// current context.
+    pub fn kubeconfig(&self) -> String {
+        let url = self.url();
+        format!(
+            "apiVersion: v1
+kind: Config
+clusters:
+- name: fake-apiserver
+  cluster:
+    server: {url}
+users:
+- name: fake-apiserver
+  user: {{}}
+contexts:
+- name: fake-apiserver
+  context:
+    cluster: fake-apiserver
+    user: fake-apiserver
+    namespace: default
+current-context: fake-apiserver
+preferences: {{}}
+"
+        )
+    }
+
+    /// Writes [`kubeconfig`](Self::kubeconfig) to `path`, for a client that
+    /// reads `KUBECONFIG`.
+    pub fn write_kubeconfig(&self, path: &Path) -> Result<()> {
+        std::fs::write(path, self.kubeconfig()).map_err(|source| ApiServerError::Kubeconfig {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Creates or replaces a pod (namespace `default` if it names none) and
+    /// returns it as stored, with its new resourceVersion.
+    pub fn apply_pod(&self, pod: Pod) -> Result<Pod> {
+        self.apply(ResourceKind::Pods, pod)
+    }
+
+    /// Creates or replaces a namespace and returns it as stored.
+    pub fn apply_namespace(&self, namespace: Namespace) -> Result<Namespace> {
+        self.apply(ResourceKind::Namespaces, namespace)
+    }
+
+    /// Deletes a pod at once (as after its grace period), returning it as
+    /// watchers see it deleted.
+    pub fn delete_pod(&self, namespace: &str, name: &str) -> Result<Pod> {
+        self.delete(ResourceKind::Pods, namespace, name)
+    }
+
+    /// Deletes a namespace object. Unlike a real cluster it does not delete
+    /// the pods in it: tests do that themselves, in the order they want.
+    pub fn delete_namespace(&self, name: &str) -> Result<Namespace> {
+        self.delete(ResourceKind::Namespaces, "", name)
+    }
+
+    /// Forgets the change history, as etcd compaction does: a watch or a
+    /// paged list resuming from an older resourceVersion gets 410 Gone. Open
+    /// watches that are up to date go on; one with changes not yet sent
+    /// gets 410 too.
+    pub fn compact(&self) {
+        lock(&self.shared.store).compact();
+        self.shared.changed.send_replace(());
+    }
+
+    /// Makes every resourceVersion handed out so far too old: each open
+    /// watch gets an `ERROR` event with a 410 `Expired` status and ends, and
+    /// resuming from any version seen so far gets 410, so clients relist.
+    pub fn expire_watches(&self) {
+        lock(&self.shared.store).expire();
+        self.shared.changed.send_replace(());
+    }
+
+    /// The newest resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        lock(&self.shared.store).resource_version()
+    }
+
+    /// Every list and watch request received so far, oldest first.
+    pub fn requests(&self) -> Vec<ApiRequest> {
+        lock(&self.shared.requests).clone()
+    }
+
+    /// How many requests of this verb on this resource were received, e.g.
+    /// to wait for "a relist happened".
+    pub fn request_count(&self, verb: Verb, resource: ResourceKind) -> usize {
+        lock(&self.shared.requests)
+            .iter()
+            .filter(|request| request.verb == verb && request.resource == resource)
+            .count()
+    }
+
+    /// How many watch responses are streaming now.
+    pub fn open_watches(&self) -> usize {
+        self.shared
+            .open_watches
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Stops listening and drops every connection, open watches included;
+    /// connecting is refused until `restart`. Stored objects and history
+    /// stay. Stopping a stopped server does nothing.
+    pub fn stop(&mut self) -> Result<()> {
+        let Some(listening) = self.listening.take() else {
+            return Ok(());
+        };
+        // An error means the accept loop has ended already.
+        let _ = listening.stop.send(());
+        match listening.stopped.recv_timeout(STOP_TIMEOUT) {
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(ApiServerError::StopTimeout(STOP_TIMEOUT)),
+            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => Ok(()),
+        }
+    }
+
+    /// Stops (if listening) and listens again on the same port with the
+    /// same objects and history, as an API server restarting over the same
+    /// etcd.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop()?;
+        self.listen()
+    }
+
+    /// Binds `self.address` (port 0 the first time, then the port it got)
+    /// and spawns the accept loop.
+    fn listen(&mut self) -> Result<()> {
+        let listen_error = |source| ApiServerError::Listen {
+            address: self.address,
+            source,
+        };
+        // std binds with SO_REUSEADDR, so connections of the previous run
+        // left in TIME_WAIT do not keep a restart from the same port.
+        let listener = TcpListener::bind(self.address).map_err(listen_error)?;
+        listener.set_nonblocking(true).map_err(listen_error)?;
+        let address = listener.local_addr().map_err(listen_error)?;
+        let listener = {
+            let _runtime = self.handle.enter();
+            tokio::net::TcpListener::from_std(listener).map_err(listen_error)?
+        };
+        let (stop, stop_requested) = oneshot::channel();
+        let (stopped_sender, stopped) = mpsc::channel::<()>();
+        let shared = Arc::clone(&self.shared);
+        self.handle.spawn(async move {
+            let _stopped_on_drop = stopped_sender;
+            serve::serve(listener, shared, stop_requested).await;
+        });
+        self.address = address;
+        self.listening = Some(Listening { stop, stopped });
+        Ok(())
+    }
+
+    fn apply<K: Serialize + DeserializeOwned>(
+        &self,
+        resource: ResourceKind,
+        object: K,
+    ) -> Result<K> {
+        let invalid = |reason: String| ApiServerError::InvalidObject {
+            kind: resource.kind(),
+            reason,
+        };
+        let value = serde_json::to_value(object).map_err(|e| invalid(e.to_string()))?;
+        let stored = lock(&self.shared.store)
+            .apply(resource, value)
+            .map_err(invalid)?;
+        self.shared.changed.send_replace(());
+        serde_json::from_value(stored).map_err(|e| invalid(e.to_string()))
+    }
+
+    fn delete<K: DeserializeOwned>(
+        &self,
+        resource: ResourceKind,
+        namespace: &str,
+        name: &str,
+    ) -> Result<K> {
+        let key = ObjectKey {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
+        let deleted = lock(&self.shared.store)
+            .delete(resource, &key)
+            .ok_or_else(|| ApiServerError::NotFound {
+                kind: resource.kind(),
+                name: format!("{namespace}/{name}")
+                    .trim_start_matches('/')
+                    .to_owned(),
+            })?;
+        self.shared.changed.send_replace(());
+        serde_json::from_value(deleted).map_err(|e| ApiServerError::InvalidObject {
+            kind: resource.kind(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        // Close the port and the connections before returning, then let the
+        // runtime's thread go without blocking (drop may run in async code).
+        let _ = self.stop();
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
