@@ -28,6 +28,7 @@ use serde::Deserialize;
 
 use crate::{
     bpf::Mode,
+    k8s::policy::{self, Policy},
     pins,
     rules::{PrefixLimits, Rule, RuleError, RuleSet},
 };
@@ -62,6 +63,16 @@ pub enum ConfigError {
     },
     #[error("no cgroup to protect: give --cgroup or standalone.cgroup in the config file")]
     NoCgroup,
+    #[error(
+        "no node name: give --node-name or NODE_NAME (a DaemonSet sets it from the downward API)"
+    )]
+    NoNodeName,
+    #[error("kubernetes.{field}: {value:?} is not a valid label {what}")]
+    BadLabel {
+        field: &'static str,
+        value: String,
+        what: &'static str,
+    },
 }
 
 /// Rule sets for the clouds we know.
@@ -133,6 +144,18 @@ pub struct ConfigFile {
     pub bpffs_dir: Option<PathBuf>,
     pub cgroup_root: Option<PathBuf>,
     pub standalone: Option<StandaloneFile>,
+    pub kubernetes: Option<KubernetesFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct KubernetesFile {
+    pub node_name: Option<String>,
+    pub label_key: Option<String>,
+    pub pod_allow_value: Option<String>,
+    pub namespace_allow_value: Option<String>,
+    pub allow_namespaces: Option<Vec<String>>,
+    pub pod_cgroup: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -184,6 +207,53 @@ pub struct Overrides {
     pub cgroup: Option<PathBuf>,
     pub allow: Vec<PathBuf>,
     pub allow_file: Option<PathBuf>,
+    pub node_name: Option<String>,
+    pub label_key: Option<String>,
+    pub pod_allow_value: Option<String>,
+    pub namespace_allow_value: Option<String>,
+    pub allow_namespaces: Vec<String>,
+    pub pod_cgroup: Option<PathBuf>,
+}
+
+/// Where settings come from: the file, and the flags over it.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    pub config_file: Option<PathBuf>,
+    pub overrides: Overrides,
+}
+
+impl Sources {
+    /// The file as it is now (an empty one when none is given).
+    pub fn file(&self) -> Result<ConfigFile, ConfigError> {
+        match &self.config_file {
+            Some(path) => ConfigFile::load(path),
+            None => Ok(ConfigFile::default()),
+        }
+    }
+}
+
+/// A mode's own section of the settings.
+pub trait ModeSettings: Sized {
+    fn resolve(file: &ConfigFile, flags: &Overrides) -> Result<Self, ConfigError>;
+}
+
+/// Everything a mode runs with, resolved and checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings<M> {
+    pub common: Common,
+    pub mode: M,
+}
+
+impl<M: ModeSettings> Settings<M> {
+    /// Reads the file now and merges the flags over it. Run before anything
+    /// touches the kernel, so a bad configuration changes nothing.
+    pub fn resolve(sources: &Sources) -> Result<Settings<M>, ConfigError> {
+        let file = sources.file()?;
+        Ok(Settings {
+            common: Common::resolve(&file, &sources.overrides)?,
+            mode: M::resolve(&file, &sources.overrides)?,
+        })
+    }
 }
 
 /// Settings shared by every mode.
@@ -214,28 +284,26 @@ fn chosen<T: Clone>(flags: &[T], file: Option<&Vec<T>>) -> Option<Vec<T>> {
 
 fn limits(file: Option<&LimitsFile>) -> Result<PrefixLimits, ConfigError> {
     let default = PrefixLimits::default();
-    let file = file.map_or((None, None), |l| {
-        (l.min_prefix_length_v4, l.min_prefix_length_v6)
-    });
-    let v4 = file.0.unwrap_or(default.min_len_v4);
-    let v6 = file.1.unwrap_or(default.min_len_v6);
-    if v4 > 32 {
-        return Err(ConfigError::BadLimit {
-            field: "minPrefixLengthV4",
-            value: v4,
-            max: 32,
-        });
-    }
-    if v6 > 128 {
-        return Err(ConfigError::BadLimit {
-            field: "minPrefixLengthV6",
-            value: v6,
-            max: 128,
-        });
-    }
+    let check = |field: &'static str, value: Option<u8>, default: u8, max: u8| {
+        let value = value.unwrap_or(default);
+        if value > max {
+            return Err(ConfigError::BadLimit { field, value, max });
+        }
+        Ok(value)
+    };
     Ok(PrefixLimits {
-        min_len_v4: v4,
-        min_len_v6: v6,
+        min_len_v4: check(
+            "minPrefixLengthV4",
+            file.and_then(|l| l.min_prefix_length_v4),
+            default.min_len_v4,
+            32,
+        )?,
+        min_len_v6: check(
+            "minPrefixLengthV6",
+            file.and_then(|l| l.min_prefix_length_v6),
+            default.min_len_v6,
+            128,
+        )?,
     })
 }
 
@@ -319,8 +387,39 @@ impl Common {
     }
 }
 
-impl Standalone {
-    pub fn resolve(file: &ConfigFile, flags: &Overrides) -> Result<Standalone, ConfigError> {
+impl Common {
+    /// Applies a reloaded configuration's rules; the settings that shape the
+    /// loaded programs keep their running values until the next start.
+    pub async fn reload(
+        &self,
+        new: Common,
+        handle: &crate::enforcer::EnforcerHandle,
+    ) -> Result<Common, crate::enforcer::EnforcerError> {
+        let at_restart = [
+            ("mode", new.mode != self.mode),
+            ("bpffsDir", new.bpffs_dir != self.bpffs_dir),
+            ("cgroupRoot", new.cgroup_root != self.cgroup_root),
+        ];
+        for (field, changed) in at_restart {
+            if changed {
+                tracing::warn!(
+                    field,
+                    "changed in the configuration: it takes effect at the next start"
+                );
+            }
+        }
+        if new.rules != self.rules {
+            handle.set_rules(new.rules.clone()).await?;
+        }
+        Ok(Common {
+            rules: new.rules,
+            ..self.clone()
+        })
+    }
+}
+
+impl ModeSettings for Standalone {
+    fn resolve(file: &ConfigFile, flags: &Overrides) -> Result<Standalone, ConfigError> {
         let section = file.standalone.as_ref();
         let cgroup = flags
             .cgroup
@@ -338,8 +437,114 @@ impl Standalone {
     }
 }
 
+/// Kubernetes mode's own settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kubernetes {
+    pub node_name: String,
+    pub policy: Policy,
+    /// The pod cgroup subtree, when not found by probing the known layouts.
+    pub pod_cgroup: Option<PathBuf>,
+}
+
+/// Label keys are `[prefix/]name`, values at most 63 characters of
+/// alphanumerics, `-`, `_` and `.`, beginning and ending alphanumeric.
+fn valid_label_value(value: &str) -> bool {
+    let ends_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    value.len() <= 63
+        && ends_ok(value.chars().next())
+        && ends_ok(value.chars().last())
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn valid_label_key(key: &str) -> bool {
+    let (prefix, name) = key.rsplit_once('/').map_or(("", key), |(p, n)| (p, n));
+    let prefix_ok = prefix.len() <= 253
+        && prefix
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.'));
+    prefix_ok && valid_label_value(name)
+}
+
+impl ModeSettings for Kubernetes {
+    fn resolve(file: &ConfigFile, flags: &Overrides) -> Result<Kubernetes, ConfigError> {
+        let section = file.kubernetes.as_ref();
+        let pick = |flag: &Option<String>, from_file: Option<&Option<String>>, default: &str| {
+            flag.clone()
+                .or_else(|| from_file.and_then(Clone::clone))
+                .unwrap_or_else(|| default.to_owned())
+        };
+        let node_name = flags
+            .node_name
+            .clone()
+            .or_else(|| section.and_then(|s| s.node_name.clone()))
+            .filter(|n| !n.is_empty())
+            .ok_or(ConfigError::NoNodeName)?;
+        let label_key = pick(
+            &flags.label_key,
+            section.map(|s| &s.label_key),
+            policy::DEFAULT_LABEL_KEY,
+        );
+        let pod_allow_value = pick(
+            &flags.pod_allow_value,
+            section.map(|s| &s.pod_allow_value),
+            policy::DEFAULT_POD_ALLOW_VALUE,
+        );
+        let namespace_allow_value = pick(
+            &flags.namespace_allow_value,
+            section.map(|s| &s.namespace_allow_value),
+            policy::DEFAULT_NAMESPACE_ALLOW_VALUE,
+        );
+        if !valid_label_key(&label_key) {
+            return Err(ConfigError::BadLabel {
+                field: "labelKey",
+                value: label_key,
+                what: "key",
+            });
+        }
+        for (field, value) in [
+            ("podAllowValue", &pod_allow_value),
+            ("namespaceAllowValue", &namespace_allow_value),
+        ] {
+            if !valid_label_value(value) {
+                return Err(ConfigError::BadLabel {
+                    field,
+                    value: value.clone(),
+                    what: "value",
+                });
+            }
+        }
+        let allow_namespaces = chosen(
+            &flags.allow_namespaces,
+            section.and_then(|s| s.allow_namespaces.as_ref()),
+        )
+        .unwrap_or_else(|| {
+            policy::DEFAULT_ALLOW_NAMESPACES
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect()
+        });
+        Ok(Kubernetes {
+            node_name,
+            policy: Policy {
+                label_key,
+                pod_allow_value,
+                namespace_allow_value,
+                allow_namespaces: allow_namespaces.into_iter().collect(),
+            },
+            pod_cgroup: flags
+                .pod_cgroup
+                .clone()
+                .or_else(|| section.and_then(|s| s.pod_cgroup.clone())),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
     use crate::rules::Action;
 
@@ -500,5 +705,56 @@ mod tests {
             Standalone::resolve(&ConfigFile::default(), &Overrides::default()),
             Err(ConfigError::NoCgroup)
         ));
+    }
+
+    #[test]
+    fn kubernetes_section_defaults_flags_and_errors() {
+        let flags = Overrides {
+            node_name: Some("node-1".to_owned()),
+            ..Overrides::default()
+        };
+        let k = Kubernetes::resolve(&ConfigFile::default(), &flags).unwrap();
+        assert_eq!(k.node_name, "node-1");
+        assert_eq!(k.policy, Policy::default());
+        let file = ConfigFile::parse(
+            "kubernetes:\n  nodeName: from-file\n  labelKey: example.com/imds\n  allowNamespaces: [infra]\n",
+        )
+        .unwrap();
+        let k = Kubernetes::resolve(&file, &flags).unwrap();
+        assert_eq!(k.node_name, "node-1");
+        assert_eq!(k.policy.label_key, "example.com/imds");
+        assert_eq!(
+            k.policy.allow_namespaces,
+            BTreeSet::from(["infra".to_owned()])
+        );
+        let no_node = Kubernetes::resolve(&ConfigFile::default(), &Overrides::default());
+        assert!(matches!(no_node, Err(ConfigError::NoNodeName)));
+        let cases = [
+            (
+                "kubernetes: {nodeName: n, labelKey: \"bad key\"}",
+                "kubernetes.labelKey: \"bad key\"",
+            ),
+            (
+                "kubernetes: {nodeName: n, podAllowValue: \"-x\"}",
+                "kubernetes.podAllowValue",
+            ),
+            (
+                "kubernetes: {nodeName: n, namespaceAllowValue: \"\"}",
+                "kubernetes.namespaceAllowValue",
+            ),
+            (
+                "kubernetes: {nodeName: n, lableKey: x}",
+                "unknown field `lableKey`",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let err = match ConfigFile::parse(yaml) {
+                Err(e) => e.to_string(),
+                Ok(file) => Kubernetes::resolve(&file, &Overrides::default())
+                    .expect_err(yaml)
+                    .to_string(),
+            };
+            assert!(err.contains(want), "{yaml}: {err} lacks {want}");
+        }
     }
 }

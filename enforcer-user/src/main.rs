@@ -5,7 +5,8 @@ use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use enforcer_user::{
     bpf::Mode,
-    config::{Overrides, Preset},
+    config::{Overrides, Preset, Sources},
+    k8s,
     pins::{self, PinRoot},
     privilege, standalone,
 };
@@ -76,6 +77,30 @@ enum Command {
         #[arg(long, env = "IMDS_GUARD_ALLOW_FILE")]
         allow_file: Option<PathBuf>,
     },
+    /// Protect this Kubernetes node's pods; exempt those the label policy allows.
+    Run {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// This node's name (the DaemonSet sets NODE_NAME from the downward API).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
+        /// Namespace whose pods may ask for access whatever its labels.
+        /// Repeatable; default: kube-system.
+        #[arg(long)]
+        allow_namespace: Vec<String>,
+        /// Label key on pods and namespaces (default imds-guard.io/metadata-access).
+        #[arg(long)]
+        label_key: Option<String>,
+        /// Pod label value that asks for access (default allow).
+        #[arg(long)]
+        pod_allow_value: Option<String>,
+        /// Namespace label value that permits its pods to ask (default allow-pods).
+        #[arg(long)]
+        namespace_allow_value: Option<String>,
+        /// Pod cgroup subtree, when not one of the known kubelet layouts.
+        #[arg(long)]
+        pod_cgroup: Option<PathBuf>,
+    },
     /// Detach every program and remove every pin imds-guard made.
     Uninstall {
         /// bpffs directory where the pins are.
@@ -124,6 +149,13 @@ impl CommonArgs {
     }
 }
 
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Standalone {
@@ -133,7 +165,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             allow_file,
         } => {
             let (config_file, overrides) = common.overrides();
-            let sources = standalone::Sources {
+            let sources = Sources {
                 config_file,
                 overrides: Overrides {
                     cgroup,
@@ -143,12 +175,33 @@ fn run(command: Command) -> anyhow::Result<()> {
                 },
             };
             // The configuration is checked before anything touches the kernel.
-            sources.check()?;
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?
-                .block_on(standalone::run(sources))?;
+            standalone::check(&sources)?;
+            runtime()?.block_on(standalone::run(sources))?;
+        }
+        Command::Run {
+            common,
+            node_name,
+            allow_namespace,
+            label_key,
+            pod_allow_value,
+            namespace_allow_value,
+            pod_cgroup,
+        } => {
+            let (config_file, overrides) = common.overrides();
+            let sources = Sources {
+                config_file,
+                overrides: Overrides {
+                    node_name,
+                    allow_namespaces: allow_namespace,
+                    label_key,
+                    pod_allow_value,
+                    namespace_allow_value,
+                    pod_cgroup,
+                    ..overrides
+                },
+            };
+            k8s::run::check(&sources)?;
+            runtime()?.block_on(k8s::run::run(sources))?;
         }
         Command::Uninstall { bpffs_dir } => {
             privilege::check()?;

@@ -28,8 +28,23 @@ impl Daemon {
 
     /// Starts another build of the daemon (`binary ARGS`), without waiting.
     pub fn spawn_binary(binary: &Path, args: &[&str]) -> Result<Daemon> {
-        let mut child = Command::new(binary)
-            .args(args)
+        let mut command = Command::new(binary);
+        command.args(args);
+        Daemon::launch(command)
+    }
+
+    /// Starts `imds-guard ARGS` with extra environment (e.g. KUBECONFIG) and
+    /// waits until it says it is enforcing.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<Daemon> {
+        let mut command = Command::new(binary("imds-guard")?);
+        command.args(args).envs(env.iter().copied());
+        let mut daemon = Daemon::launch(command)?;
+        daemon.wait_for_log(ENFORCING, Duration::from_secs(20))?;
+        Ok(daemon)
+    }
+
+    fn launch(mut command: Command) -> Result<Daemon> {
+        let mut child = command
             .env("IMDS_GUARD_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -64,6 +79,10 @@ impl Daemon {
         let mut daemon = Daemon::spawn_binary(binary, args)?;
         daemon.wait_for_log(ENFORCING, Duration::from_secs(20))?;
         Ok(daemon)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Everything the daemon logged so far.

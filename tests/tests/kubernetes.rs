@@ -1,0 +1,350 @@
+//! Kubernetes mode end to end: the real daemon watches our test API server,
+//! pod cgroups are real directories in the kubelet's layouts (systemd and
+//! cgroupfs), and real processes in them talk to our fake metadata server
+//! in the sandbox. Every expectation is checked by traffic.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use imds_guard_tests::{
+    Daemon, Outcome, PinDir, Probe, Sandbox, Server, TestCgroup, addrs,
+    apiserver::FakeApiServer,
+    require_root,
+    stage::{HTTP, eperm},
+};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+
+const NODE: &str = "node-1";
+const LABEL: &str = "imds-guard.io/metadata-access";
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Driver {
+    Systemd,
+    Cgroupfs,
+}
+
+/// One pod: its API object's fields and its container cgroup.
+struct TestPod {
+    name: &'static str,
+    namespace: &'static str,
+    uid: String,
+    host_network: bool,
+}
+
+impl TestPod {
+    fn new(index: u32, name: &'static str, namespace: &'static str) -> TestPod {
+        TestPod {
+            name,
+            namespace,
+            uid: format!("{index:08x}-aaaa-4bbb-8ccc-{:012x}", std::process::id()),
+            host_network: false,
+        }
+    }
+
+    fn object(&self, allow_label: bool) -> Pod {
+        let mut labels = BTreeMap::from([("app".to_owned(), self.name.to_owned())]);
+        if allow_label {
+            labels.insert(LABEL.to_owned(), "allow".to_owned());
+        }
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": self.name, "namespace": self.namespace, "uid": self.uid,
+                "labels": labels,
+            },
+            "spec": {
+                "nodeName": NODE,
+                "hostNetwork": self.host_network,
+                "containers": [{"name": "main", "image": "example"}],
+            },
+            "status": {"qosClass": "Burstable", "phase": "Running"},
+        }))
+        .expect("pod object")
+    }
+
+    /// The container cgroup the kubelet would make, relative to the root.
+    fn container_dir(&self, driver: Driver) -> String {
+        match driver {
+            Driver::Systemd => format!(
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{}.scope",
+                self.uid.replace('-', "_"),
+                self.name
+            ),
+            Driver::Cgroupfs => format!("kubepods/burstable/pod{}/{}", self.uid, self.name),
+        }
+    }
+}
+
+fn namespace(name: &str, allow_pods: bool) -> Namespace {
+    let mut labels = BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), name.to_owned())]);
+    if allow_pods {
+        labels.insert(LABEL.to_owned(), "allow-pods".to_owned());
+    }
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": name, "uid": format!("ns-{name}"), "labels": labels},
+    }))
+    .expect("namespace object")
+}
+
+/// The sandbox, a fake node's cgroup tree, the API server and the daemon.
+struct Node {
+    daemon: Daemon,
+    api: FakeApiServer,
+    _server: Server,
+    pins: PinDir,
+    root: TestCgroup,
+    sandbox: Sandbox,
+    driver: Driver,
+    kubeconfig: PathBuf,
+}
+
+impl Node {
+    fn start(driver: Driver, pods: &[(&TestPod, bool)], with_cgroups: bool) -> Node {
+        require_root();
+        let sandbox = Sandbox::new().expect("sandbox");
+        let server = Server::start(&sandbox.server, &[HTTP]).expect("fake metadata server");
+        let mut root = TestCgroup::new("node").expect("cgroup root");
+        // The kubelet makes the base before any pod runs.
+        let base = match driver {
+            Driver::Systemd => "kubepods.slice",
+            Driver::Cgroupfs => "kubepods",
+        };
+        root.child(base).expect("pod base");
+        let api = FakeApiServer::start().expect("API server");
+        for ns in ["kube-system", "team"] {
+            api.apply_namespace(namespace(ns, false))
+                .expect("namespace");
+        }
+        for (pod, allow) in pods {
+            api.apply_pod(pod.object(*allow)).expect("pod");
+            if with_cgroups {
+                root.child(&pod.container_dir(driver)).expect("pod cgroup");
+            }
+        }
+        let kubeconfig = std::env::temp_dir().join(imds_guard_tests::unique_name("kubeconfig"));
+        api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+        let pins = PinDir::new("k8s");
+        let daemon = Node::launch(&root, &pins, &kubeconfig);
+        Node {
+            daemon,
+            api,
+            _server: server,
+            pins,
+            root,
+            sandbox,
+            driver,
+            kubeconfig,
+        }
+    }
+
+    fn launch(root: &TestCgroup, pins: &PinDir, kubeconfig: &std::path::Path) -> Daemon {
+        let root_arg = root.path().display().to_string();
+        let pins_arg = pins.path().display().to_string();
+        let kubeconfig_arg = kubeconfig.display().to_string();
+        let mut daemon = Daemon::start_with_env(
+            &[
+                "run",
+                "--node-name",
+                NODE,
+                "--cgroup-root",
+                &root_arg,
+                "--bpffs-dir",
+                &pins_arg,
+            ],
+            &[("KUBECONFIG", &kubeconfig_arg)],
+        )
+        .expect("imds-guard run starts");
+        daemon
+            .wait_for_log("synced with the API server", Duration::from_secs(10))
+            .expect("first sync");
+        daemon
+    }
+
+    fn cgroup_of(&self, pod: &TestPod) -> PathBuf {
+        self.root.path().join(pod.container_dir(self.driver))
+    }
+
+    fn attempt(&self, pod: &TestPod) -> Outcome {
+        let cgroup = self.cgroup_of(pod);
+        Probe {
+            netns: &self.sandbox.client,
+            cgroup: Some(&cgroup),
+        }
+        .attempt("tcp", IpAddr::V4(addrs::METADATA_V4), HTTP, &[])
+        .expect("probe")
+        .outcome
+    }
+
+    /// Waits until `pod`'s attempts end with `want`; returns how long it took.
+    fn eventually(&self, pod: &TestPod, want: &Outcome) -> Duration {
+        let started = Instant::now();
+        loop {
+            let got = self.attempt(pod);
+            if got == *want {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{}/{}: still {got:?}, want {want:?}\n{}",
+                pod.namespace,
+                pod.name,
+                self.daemon.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.kubeconfig);
+    }
+}
+
+fn reached() -> Outcome {
+    Outcome::Reached
+}
+
+#[test]
+fn labels_and_namespace_permission_decide_access_systemd_layout() {
+    let agent = TestPod::new(1, "agent", "kube-system");
+    let plain = TestPod::new(2, "plain", "kube-system");
+    let asks = TestPod::new(3, "asks", "team");
+    let mut host = TestPod::new(4, "host", "kube-system");
+    host.host_network = true;
+    let pods = [
+        (&agent, true),
+        (&plain, false),
+        (&asks, true),
+        (&host, false),
+    ];
+    let node = Node::start(Driver::Systemd, &pods, true);
+
+    assert_eq!(node.attempt(&agent), reached());
+    assert_eq!(node.attempt(&plain), eperm());
+    assert_eq!(node.attempt(&asks), eperm());
+    assert_eq!(
+        node.attempt(&host),
+        eperm(),
+        "hostNetwork pods are blocked like any other"
+    );
+    let log = node.daemon.log();
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("its namespace does not permit it") && l.contains("pod=asks"))
+            .count(),
+        1,
+        "one warning naming the pod:\n{log}"
+    );
+
+    // Label removed, then added back.
+    node.api.apply_pod(agent.object(false)).expect("relabel");
+    let took = node.eventually(&agent, &eperm());
+    eprintln!("label removed -> blocked, seen by traffic after {took:?}");
+    node.api.apply_pod(agent.object(true)).expect("relabel");
+    let took = node.eventually(&agent, &reached());
+    eprintln!("label added -> allowed, seen by traffic after {took:?}");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+
+    // The namespace opts in, then out again.
+    node.api
+        .apply_namespace(namespace("team", true))
+        .expect("opt in");
+    node.eventually(&asks, &reached());
+    node.api
+        .apply_namespace(namespace("team", false))
+        .expect("opt out");
+    node.eventually(&asks, &eperm());
+
+    // A hostNetwork pod is exempted like any other.
+    node.api
+        .apply_pod(host.object(true))
+        .expect("label host pod");
+    node.eventually(&host, &reached());
+
+    // Deleted pods lose their entry.
+    node.api.delete_pod("kube-system", "agent").expect("delete");
+    node.eventually(&agent, &eperm());
+}
+
+#[test]
+fn late_cgroups_api_restarts_and_relists_converge_cgroupfs_layout() {
+    let early = TestPod::new(11, "early", "kube-system");
+    let late = TestPod::new(12, "late", "kube-system");
+    let stale = TestPod::new(13, "stale", "kube-system");
+    let mut node = Node::start(Driver::Cgroupfs, &[(&early, true), (&stale, true)], true);
+    assert_eq!(node.attempt(&early), reached());
+    assert_eq!(node.attempt(&stale), reached());
+
+    // A pod whose cgroup appears only after its event.
+    node.api.apply_pod(late.object(true)).expect("late pod");
+    std::thread::sleep(Duration::from_millis(200));
+    node.root
+        .child(&late.container_dir(Driver::Cgroupfs))
+        .expect("late cgroup");
+    let took = node.eventually(&late, &reached());
+    eprintln!("cgroup created -> allowed after {took:?}");
+
+    // API server restart: the last known state stays, changes after it apply.
+    node.api.stop().expect("stop API server");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        node.attempt(&early),
+        reached(),
+        "state kept while the API is away"
+    );
+    node.api.restart().expect("restart API server");
+    node.api
+        .apply_pod(early.object(false))
+        .expect("relabel after restart");
+    node.eventually(&early, &eperm());
+
+    // A forced relist: the stale pod is deleted while the daemon cannot see
+    // the event (history compacted, so its watch position expires).
+    node.api.stop().expect("stop API server");
+    node.api
+        .delete_pod("kube-system", "stale")
+        .expect("delete while away");
+    node.api.compact();
+    node.api.restart().expect("restart API server");
+    node.eventually(&stale, &eperm());
+    assert_eq!(node.attempt(&late), reached());
+
+    // A restart of the daemon in the middle keeps everything (pinned).
+    node.daemon.kill().expect("SIGKILL");
+    assert_eq!(node.attempt(&late), reached());
+    assert_eq!(node.attempt(&early), eperm());
+    node.daemon = Node::launch(&node.root, &node.pins, &node.kubeconfig);
+    assert_eq!(node.attempt(&late), reached());
+}
+
+#[test]
+fn memory_with_250_pods_on_the_node() {
+    let pods: Vec<TestPod> = (0..250)
+        .map(|i| TestPod::new(1000 + i, "p", "team"))
+        .collect();
+    let named: Vec<(&TestPod, bool)> = pods.iter().map(|p| (p, false)).collect();
+    // Distinct names: the store keys pods by namespace and name.
+    let node = Node::start(Driver::Systemd, &[], false);
+    for (i, pod) in named.iter().enumerate() {
+        let mut object = pod.0.object(i % 2 == 0);
+        object.metadata.name = Some(format!("pod-{i}"));
+        node.api.apply_pod(object).expect("pod");
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", node.daemon.pid()))
+        .expect("daemon status");
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    eprintln!("daemon resident memory with 250 pods: {} KiB", rss_kib);
+    assert!(rss_kib < 64 * 1024, "{rss_kib} KiB");
+}
