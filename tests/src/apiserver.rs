@@ -1,21 +1,27 @@
 //! A Kubernetes API server for tests, speaking the real protocol as kube-rs
 //! uses it: LIST and WATCH of core v1 `pods` and `namespaces` over plain
 //! HTTP on loopback, with selectors, pagination, resourceVersion semantics,
-//! bookmarks and 410 Gone. Tests drive it from Rust: they write objects,
-//! compact its history, stop and restart it on the same port, and read what
-//! clients asked for.
+//! bookmarks and 410 Gone; and CREATE and JSON merge PATCH of
+//! `events.k8s.io/v1` events, which is all kube's event `Recorder` does.
+//! Tests drive it from Rust: they write pods and namespaces, compact its
+//! history, stop and restart it on the same port, and read the stored events
+//! and what clients asked for.
 //!
 //! It runs on its own tokio runtime (its own thread), so synchronous tests
 //! and a daemon in another process can talk to it alike; dropping it stops
 //! it. It binds loopback only.
 //!
-//! Not served: single-object GETs and other resources (404), writes over
-//! HTTP (405). A new collection is one more route in `serve::collection`.
+//! Not served: single-object GETs and other resources (404), other verbs
+//! (405; see `ResourceKind::verbs`), patch types other than JSON merge
+//! (415), generateName and resourceVersion preconditions on writes (the
+//! Recorder uses neither). A new resource is one more route in
+//! `serve::Target::parse`.
 
 mod selector;
 mod serve;
 mod store;
 mod watch;
+mod write;
 
 use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener},
@@ -24,8 +30,12 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod},
+    events::v1::Event,
+};
 use serde::{Serialize, de::DeserializeOwned};
+use serde_json::Value;
 use tokio::{
     runtime::{Handle, Runtime},
     sync::oneshot,
@@ -82,20 +92,27 @@ impl Default for ApiServerOptions {
     }
 }
 
-/// Whether a request listed or watched.
+/// What a request did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verb {
     List,
     Watch,
+    /// POST to a collection.
+    Create,
+    /// PATCH of one object.
+    Patch,
 }
 
-/// A list or watch request the server received, as tests inspect it.
+/// A request the server received and served, as tests inspect it (even if
+/// it was then refused, e.g. a create of an existing name).
 #[derive(Clone, Debug)]
 pub struct ApiRequest {
     pub verb: Verb,
     pub resource: ResourceKind,
     /// The namespace of a namespaced path (`/api/v1/namespaces/NS/pods`).
     pub namespace: Option<String>,
+    /// The object of a request on one object (a PATCH).
+    pub name: Option<String>,
     /// The query parameters, decoded, in the order sent.
     pub query: Vec<(String, String)>,
 }
@@ -265,12 +282,25 @@ preferences: {{}}
         self.shared.changed.send_replace(());
     }
 
+    /// Every stored event as it is now (after the patches it got), ordered
+    /// by namespace, then name.
+    pub fn events(&self) -> Result<Vec<Event>> {
+        let stored: Vec<Arc<Value>> = lock(&self.shared.store)
+            .objects(ResourceKind::Events)
+            .cloned()
+            .collect();
+        stored
+            .iter()
+            .map(|event| decode(ResourceKind::Events, Value::clone(event)))
+            .collect()
+    }
+
     /// The newest resourceVersion.
     pub fn resource_version(&self) -> u64 {
         lock(&self.shared.store).resource_version()
     }
 
-    /// Every list and watch request received so far, oldest first.
+    /// Every request served so far, oldest first.
     pub fn requests(&self) -> Vec<ApiRequest> {
         lock(&self.shared.requests).clone()
     }
@@ -356,7 +386,7 @@ preferences: {{}}
             .apply(resource, value)
             .map_err(invalid)?;
         self.shared.changed.send_replace(());
-        serde_json::from_value(stored).map_err(|e| invalid(e.to_string()))
+        decode(resource, stored)
     }
 
     fn delete<K: DeserializeOwned>(
@@ -378,11 +408,16 @@ preferences: {{}}
                     .to_owned(),
             })?;
         self.shared.changed.send_replace(());
-        serde_json::from_value(deleted).map_err(|e| ApiServerError::InvalidObject {
-            kind: resource.kind(),
-            reason: e.to_string(),
-        })
+        decode(resource, deleted)
     }
+}
+
+/// A stored object as its Rust type.
+fn decode<K: DeserializeOwned>(resource: ResourceKind, object: Value) -> Result<K> {
+    serde_json::from_value(object).map_err(|e| ApiServerError::InvalidObject {
+        kind: resource.kind(),
+        reason: e.to_string(),
+    })
 }
 
 impl Drop for FakeApiServer {

@@ -1,7 +1,7 @@
-//! The fake API server, driven by the real kube-rs client and watcher the
-//! daemon uses: lists with selectors and pages, watches through selector
-//! changes, bookmarks, 410 Gone and relists, and a restart on the same port.
-//! No root needed.
+//! The fake API server, driven by the real kube-rs client, watcher and
+//! event recorder the daemon uses: lists with selectors and pages, watches
+//! through selector changes, bookmarks, 410 Gone and relists, a restart on
+//! the same port, and Events published and aggregated. No root needed.
 
 use std::{
     fmt::Debug,
@@ -12,16 +12,25 @@ use std::{
 use futures::StreamExt as _;
 use imds_guard_tests::apiserver::{ApiServerOptions, FakeApiServer, ResourceKind, Verb};
 use k8s_openapi::{
-    api::core::v1::{Namespace, Pod, PodSpec},
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    api::{
+        core::v1::{Namespace, ObjectReference, Pod, PodSpec},
+        events::v1::Event as K8sEvent,
+    },
+    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+    jiff::Timestamp,
 };
 use kube::{
-    Api, Client, Config, ResourceExt,
-    api::{ListParams, VersionMatch, WatchEvent, WatchParams},
+    Api, Client, Config, Resource as _, ResourceExt,
+    api::{ListParams, Patch, PatchParams, PostParams, VersionMatch, WatchEvent, WatchParams},
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{WatchStreamExt as _, watcher},
+    runtime::{
+        WatchStreamExt as _,
+        events::{self, EventType, Recorder, Reporter},
+        watcher,
+    },
 };
 use serde::de::DeserializeOwned;
+use serde_json::json;
 use tokio::sync::mpsc;
 
 /// The longest any single expected thing may take; the watcher's first
@@ -786,4 +795,352 @@ fn kubeconfig_child() {
             .collect()
     });
     assert_eq!(names, [expected]);
+}
+
+/// What the daemon reports, as (type, reason, action).
+type Access = (EventType, &'static str, &'static str);
+const BLOCKED: Access = (EventType::Warning, "MetadataAccessBlocked", "Block");
+const AUDITED: Access = (EventType::Normal, "MetadataAccessAudited", "Audit");
+const LABEL_IGNORED: Access = (
+    EventType::Warning,
+    "MetadataAccessLabelIgnored",
+    "IgnoreLabel",
+);
+
+fn access_event((type_, reason, action): Access, note: &str) -> events::Event {
+    events::Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note.to_owned()),
+        action: action.to_owned(),
+        secondary: None,
+    }
+}
+
+fn recorder(client: Client) -> Recorder {
+    // An explicit instance: `Reporter::from("...")` would use the hostname.
+    Recorder::new(
+        client,
+        Reporter {
+            controller: "imds-guard".to_owned(),
+            instance: Some("node-a".to_owned()),
+        },
+    )
+}
+
+fn stored_events(server: &FakeApiServer) -> Vec<K8sEvent> {
+    server.events().expect("stored events decode")
+}
+
+#[test]
+fn recorder_publishes_an_event_regarding_the_pod() {
+    let server = start();
+    let pod = add_pod(&server, "web-1");
+    block_on(async {
+        recorder(client(&server).await)
+            .publish(
+                &access_event(BLOCKED, "blocked 169.254.169.254:80"),
+                &pod.object_ref(&()),
+            )
+            .await
+            .expect("publish");
+    });
+
+    let events = stored_events(&server);
+    let [event] = events.as_slice() else {
+        panic!("expected one event, got {events:#?}");
+    };
+    let regarding = event.regarding.clone().expect("a regarding object");
+    assert!(pod.uid().is_some());
+    assert_eq!(
+        (
+            regarding.api_version.as_deref(),
+            regarding.kind.as_deref(),
+            regarding.namespace.as_deref(),
+            regarding.name.as_deref(),
+            regarding.uid,
+        ),
+        (
+            Some("v1"),
+            Some("Pod"),
+            Some("apps"),
+            Some("web-1"),
+            pod.uid()
+        )
+    );
+    assert_eq!(event.reason.as_deref(), Some("MetadataAccessBlocked"));
+    assert_eq!(event.action.as_deref(), Some("Block"));
+    assert_eq!(event.note.as_deref(), Some("blocked 169.254.169.254:80"));
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert_eq!(event.reporting_controller.as_deref(), Some("imds-guard"));
+    assert_eq!(event.reporting_instance.as_deref(), Some("node-a"));
+    assert!(event.event_time.is_some());
+    assert_eq!(event.series, None, "a first occurrence has no series");
+    assert_eq!(event.related, None);
+
+    // The Recorder names it `<pod>.<nanoseconds in hex>` in the pod's
+    // namespace; the server adds what it owns.
+    let metadata = &event.metadata;
+    assert_eq!(metadata.namespace.as_deref(), Some("apps"));
+    assert!(
+        metadata
+            .name
+            .as_deref()
+            .is_some_and(|name| name.starts_with("web-1.")),
+        "{metadata:?}"
+    );
+    assert!(metadata.uid.is_some() && metadata.creation_timestamp.is_some());
+    assert_eq!(
+        metadata.resource_version,
+        Some(server.resource_version().to_string())
+    );
+
+    let request = server.requests().pop().expect("a request was recorded");
+    assert_eq!(
+        (
+            request.verb,
+            request.resource,
+            request.namespace.as_deref(),
+            request.name
+        ),
+        (Verb::Create, ResourceKind::Events, Some("apps"), None)
+    );
+}
+
+#[test]
+fn repeats_of_an_event_become_one_event_with_a_series() {
+    const PUBLISHED: i32 = 10;
+    let server = start();
+    let pod = add_pod(&server, "web-1");
+    let reference = pod.object_ref(&());
+    let event = access_event(BLOCKED, "blocked 169.254.169.254:80");
+    let first = block_on(async {
+        let recorder = recorder(client(&server).await);
+        recorder.publish(&event, &reference).await.expect("publish");
+        let first = stored_events(&server);
+        for _ in 1..PUBLISHED {
+            recorder.publish(&event, &reference).await.expect("repeat");
+        }
+        first
+    });
+
+    // kube 5.0.0's Recorder caches the event it created, keyed by type,
+    // reason, action, reporter, regarding and related object (not the
+    // note). A repeat within 6 minutes of the last one PATCHes that event
+    // (a JSON merge patch of the whole cached event) with `series: {count:
+    // n, lastObservedTime: now}`, n being 2 for the first repeat: so after
+    // N publishes there is one event, created once, patched N-1 times,
+    // with a series count of N and the eventTime of the first.
+    let events = stored_events(&server);
+    let ([first], [event]) = (first.as_slice(), events.as_slice()) else {
+        panic!("expected one event, got {events:#?}");
+    };
+    let series = event.series.as_ref().expect("a series after repeats");
+    assert_eq!(series.count, PUBLISHED);
+    let first_time = first.event_time.as_ref().expect("an eventTime").0;
+    assert_eq!(event.event_time, first.event_time);
+    assert!(series.last_observed_time.0 >= first_time, "{series:?}");
+    assert_eq!(event.metadata.name, first.metadata.name);
+    assert_eq!(event.metadata.uid, first.metadata.uid);
+    assert_eq!(
+        event.metadata.resource_version,
+        Some(server.resource_version().to_string())
+    );
+
+    assert_eq!(server.request_count(Verb::Create, ResourceKind::Events), 1);
+    assert_eq!(
+        server.request_count(Verb::Patch, ResourceKind::Events),
+        usize::try_from(PUBLISHED - 1).expect("a small count")
+    );
+    assert!(
+        server
+            .requests()
+            .iter()
+            .filter(|request| request.verb == Verb::Patch)
+            .all(|request| request.name == event.metadata.name),
+        "every patch was of the created event"
+    );
+}
+
+#[test]
+fn reasons_and_pods_make_distinct_events_but_notes_and_pod_changes_do_not() {
+    let server = start();
+    let web_1 = add_pod(&server, "web-1");
+    let web_2 = add_pod(&server, "web-2");
+    block_on(async {
+        let recorder = recorder(client(&server).await);
+        let publish = async |access: Access, note: &str, pod: &Pod| {
+            recorder
+                .publish(&access_event(access, note), &pod.object_ref(&()))
+                .await
+                .expect("publish");
+        };
+        publish(BLOCKED, "first", &web_1).await;
+        publish(AUDITED, "audited", &web_1).await;
+        publish(LABEL_IGNORED, "ignored", &web_1).await;
+        // The note is not part of the Recorder's key: this is a repeat,
+        // patched with the cached event, so its note stays "first".
+        publish(BLOCKED, "second", &web_1).await;
+        publish(BLOCKED, "other pod", &web_2).await;
+        // `object_ref` carries no resourceVersion, so the pod after a change
+        // is the same key: another repeat.
+        let changed = server
+            .apply_pod(relabel(web_1, "app", "web"))
+            .expect("relabel web-1");
+        publish(BLOCKED, "after a change", &changed).await;
+        // It carries the uid, so a pod recreated under the same name is a
+        // new key: a new event.
+        server.delete_pod("apps", "web-1").expect("delete web-1");
+        let recreated = add_pod(&server, "web-1");
+        assert_ne!(recreated.uid(), changed.uid());
+        publish(BLOCKED, "recreated", &recreated).await;
+    });
+
+    let mut described: Vec<String> = stored_events(&server)
+        .iter()
+        .map(|event| {
+            format!(
+                "{} {} {} {:?} count={:?}",
+                event
+                    .regarding
+                    .as_ref()
+                    .and_then(|regarding| regarding.name.as_deref())
+                    .unwrap_or_default(),
+                event.reason.as_deref().unwrap_or_default(),
+                event.type_.as_deref().unwrap_or_default(),
+                event.note.as_deref().unwrap_or_default(),
+                event.series.as_ref().map(|series| series.count),
+            )
+        })
+        .collect();
+    described.sort();
+    assert_eq!(
+        described,
+        [
+            r#"web-1 MetadataAccessAudited Normal "audited" count=None"#,
+            r#"web-1 MetadataAccessBlocked Warning "first" count=Some(3)"#,
+            r#"web-1 MetadataAccessBlocked Warning "recreated" count=None"#,
+            r#"web-1 MetadataAccessLabelIgnored Warning "ignored" count=None"#,
+            r#"web-2 MetadataAccessBlocked Warning "other pod" count=None"#,
+        ]
+    );
+    assert_eq!(server.request_count(Verb::Create, ResourceKind::Events), 5);
+    assert_eq!(server.request_count(Verb::Patch, ResourceKind::Events), 2);
+}
+
+/// The status code and reason of a refused request.
+fn refusal<T: Debug>(result: kube::Result<T>) -> (u16, String) {
+    let status = api_status(result.expect_err("the request is refused"));
+    (status.code, status.reason)
+}
+
+#[test]
+fn event_writes_follow_the_api_server_rules() {
+    let server = start();
+    block_on(async {
+        let client = client(&server).await;
+        let events: Api<K8sEvent> = Api::namespaced(client.clone(), "apps");
+        let event = K8sEvent {
+            metadata: ObjectMeta {
+                name: Some("web-1.1".to_owned()),
+                ..ObjectMeta::default()
+            },
+            reason: Some("MetadataAccessBlocked".to_owned()),
+            note: Some("blocked".to_owned()),
+            regarding: Some(ObjectReference {
+                kind: Some("Pod".to_owned()),
+                name: Some("web-1".to_owned()),
+                ..ObjectReference::default()
+            }),
+            event_time: Some(MicroTime(Timestamp::now())),
+            ..K8sEvent::default()
+        };
+        let post = PostParams::default();
+        let created = events.create(&post, &event).await.expect("create");
+        assert_eq!(
+            created.metadata.namespace.as_deref(),
+            Some("apps"),
+            "the namespace comes from the URL"
+        );
+
+        // JSON merge patch: null removes a field, objects merge key by key.
+        let patched = events
+            .patch(
+                "web-1.1",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"note": null, "regarding": {"fieldPath": "spec"}})),
+            )
+            .await
+            .expect("patch");
+        assert_eq!(patched.note, None);
+        let regarding = patched.regarding.clone().unwrap_or_default();
+        assert_eq!(
+            (regarding.name.as_deref(), regarding.field_path.as_deref()),
+            (Some("web-1"), Some("spec"))
+        );
+        assert_eq!(patched.metadata.uid, created.metadata.uid);
+        assert_ne!(
+            patched.metadata.resource_version,
+            created.metadata.resource_version
+        );
+
+        let params = PatchParams::default();
+        let elsewhere = K8sEvent {
+            metadata: ObjectMeta {
+                name: Some("web-1.2".to_owned()),
+                namespace: Some("apps".to_owned()),
+                ..ObjectMeta::default()
+            },
+            ..event.clone()
+        };
+        let refusals = [
+            refusal(events.create(&post, &event).await),
+            refusal(
+                events
+                    .patch("web-1.9", &params, &Patch::Merge(json!({})))
+                    .await,
+            ),
+            refusal(
+                events
+                    .patch("web-1.1", &params, &Patch::Strategic(json!({})))
+                    .await,
+            ),
+            refusal(
+                events
+                    .patch(
+                        "web-1.1",
+                        &params,
+                        &Patch::Merge(json!({"metadata": {"name": "renamed"}})),
+                    )
+                    .await,
+            ),
+            refusal(
+                Api::<K8sEvent>::namespaced(client, "other")
+                    .create(&post, &elsewhere)
+                    .await,
+            ),
+            refusal(events.list(&ListParams::default()).await),
+        ];
+        let refusals: Vec<(u16, &str)> = refusals
+            .iter()
+            .map(|(code, reason)| (*code, reason.as_str()))
+            .collect();
+        assert_eq!(
+            refusals,
+            [
+                (409, "AlreadyExists"),
+                (404, "NotFound"),
+                (415, "UnsupportedMediaType"),
+                (400, "BadRequest"),
+                (400, "BadRequest"),
+                (405, "MethodNotAllowed"),
+            ]
+        );
+    });
+    let events = stored_events(&server);
+    assert_eq!(
+        events.len(),
+        1,
+        "refused writes stored nothing: {events:#?}"
+    );
 }

@@ -1,5 +1,6 @@
 //! The HTTP side: accepting connections, routing, query parameters, LIST,
-//! and the `Status` answers the real server gives when it refuses.
+//! and the `Status` answers the real server gives when it refuses. WATCH is
+//! in `watch`, CREATE and PATCH in `write`.
 
 use std::{convert::Infallible, sync::Arc};
 
@@ -17,7 +18,7 @@ use super::{
     ApiRequest, Shared, Verb, lock,
     selector::{FieldSelector, LabelSelector, ObjectFilter},
     store::{Expired, ObjectKey, ResourceKind},
-    watch,
+    watch, write,
 };
 
 pub(crate) type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -57,36 +58,64 @@ async fn respond(
     shared: Arc<Shared>,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
-    Ok(route(&shared, &request).unwrap_or_else(|failure| failure.response()))
+    Ok(route(&shared, request)
+        .await
+        .unwrap_or_else(|failure| failure.response()))
 }
 
-fn route(shared: &Arc<Shared>, request: &Request<Incoming>) -> Result<Response<Body>, Failure> {
-    let (resource, namespace) = collection(request.uri().path()).ok_or_else(|| Failure {
-        code: StatusCode::NOT_FOUND,
-        reason: "NotFound",
-        message: "the server could not find the requested resource".to_owned(),
-    })?;
-    if request.method() != Method::GET {
-        return Err(Failure {
+async fn route(
+    shared: &Arc<Shared>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, Failure> {
+    let target = Target::parse(request.uri().path())
+        .ok_or_else(|| Failure::not_found("the server could not find the requested resource"))?;
+    let raw_query = request.uri().query().unwrap_or("");
+    let query = Query::parse(raw_query)?;
+    let verb = target
+        .verb(request.method(), query.watch)
+        .ok_or_else(|| Failure {
             code: StatusCode::METHOD_NOT_ALLOWED,
             reason: "MethodNotAllowed",
             message: format!(
                 "the server does not allow this method on the requested resource: {} {}",
                 request.method(),
-                resource.plural()
+                target.resource.plural()
             ),
-        });
-    }
-    let raw_query = request.uri().query().unwrap_or("");
-    let query = Query::parse(raw_query)?;
+        })?;
     lock(&shared.requests).push(ApiRequest {
-        verb: if query.watch { Verb::Watch } else { Verb::List },
-        resource,
-        namespace: namespace.clone(),
+        verb,
+        resource: target.resource,
+        namespace: target.namespace.clone(),
+        name: target.name.clone(),
         query: form_urlencoded::parse(raw_query.as_bytes())
             .into_owned()
             .collect(),
     });
+    // For writes, cluster-scoped objects have the empty namespace, as in
+    // `ObjectKey`; a patch always has a name (see `Target::verb`).
+    match verb {
+        Verb::List | Verb::Watch => read(shared, target.resource, target.namespace, &query),
+        Verb::Create => {
+            let namespace = target.namespace.unwrap_or_default();
+            write::create(shared, target.resource, &namespace, request).await
+        }
+        Verb::Patch => {
+            let key = ObjectKey {
+                namespace: target.namespace.unwrap_or_default(),
+                name: target.name.unwrap_or_default(),
+            };
+            write::patch(shared, target.resource, key, request).await
+        }
+    }
+}
+
+/// LIST or WATCH of a collection.
+fn read(
+    shared: &Arc<Shared>,
+    resource: ResourceKind,
+    namespace: Option<String>,
+    query: &Query,
+) -> Result<Response<Body>, Failure> {
     let filter = ObjectFilter {
         namespace,
         labels: LabelSelector::parse(query.label_selector.as_deref().unwrap_or(""))
@@ -98,25 +127,59 @@ fn route(shared: &Arc<Shared>, request: &Request<Incoming>) -> Result<Response<B
         .map_err(Failure::bad_request)?,
     };
     if query.watch {
-        watch::start(shared, resource, filter, &query)
+        watch::start(shared, resource, filter, query)
     } else {
-        list(shared, resource, &filter, &query)
+        list(shared, resource, &filter, query)
             .map(|list| json_response(StatusCode::OK, full(&list)))
     }
 }
 
-/// The collection a path names, with its namespace for a namespaced path.
-/// New collections (such as `events` when the daemon starts posting them)
-/// are routed here.
-fn collection(path: &str) -> Option<(ResourceKind, Option<String>)> {
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    match segments.as_slice() {
-        ["api", "v1", "pods"] => Some((ResourceKind::Pods, None)),
-        ["api", "v1", "namespaces"] => Some((ResourceKind::Namespaces, None)),
-        ["api", "v1", "namespaces", namespace, "pods"] => {
-            Some((ResourceKind::Pods, Some((*namespace).to_owned())))
-        }
-        _ => None,
+/// What a path names: a collection, or one object in it (`name`), with the
+/// namespace of a namespaced path. A new resource is routed here.
+struct Target {
+    resource: ResourceKind,
+    namespace: Option<String>,
+    name: Option<String>,
+}
+
+impl Target {
+    fn parse(path: &str) -> Option<Target> {
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        // The API group (empty for the core group) and the rest of the path.
+        let (group, rest) = match segments.as_slice() {
+            ["api", "v1", rest @ ..] => ("", rest),
+            ["apis", group, "v1", rest @ ..] => (*group, rest),
+            _ => return None,
+        };
+        let (resource, namespace, name) = match (group, rest) {
+            ("", ["pods"]) => (ResourceKind::Pods, None, None),
+            ("", ["namespaces"]) => (ResourceKind::Namespaces, None, None),
+            ("", ["namespaces", namespace, "pods"]) => (ResourceKind::Pods, Some(*namespace), None),
+            ("events.k8s.io", ["namespaces", namespace, "events"]) => {
+                (ResourceKind::Events, Some(*namespace), None)
+            }
+            ("events.k8s.io", ["namespaces", namespace, "events", name]) => {
+                (ResourceKind::Events, Some(*namespace), Some(*name))
+            }
+            _ => return None,
+        };
+        Some(Target {
+            resource,
+            namespace: namespace.map(str::to_owned),
+            name: name.map(str::to_owned),
+        })
+    }
+
+    /// What `method` does here, if this server serves it.
+    fn verb(&self, method: &Method, watch: bool) -> Option<Verb> {
+        let verb = match (method, &self.name) {
+            (&Method::GET, None) if watch => Verb::Watch,
+            (&Method::GET, None) => Verb::List,
+            (&Method::POST, None) => Verb::Create,
+            (&Method::PATCH, Some(_)) => Verb::Patch,
+            _ => return None,
+        };
+        self.resource.verbs().contains(&verb).then_some(verb)
     }
 }
 
@@ -338,6 +401,14 @@ pub(crate) struct Failure {
 }
 
 impl Failure {
+    pub fn not_found(message: impl Into<String>) -> Failure {
+        Failure {
+            code: StatusCode::NOT_FOUND,
+            reason: "NotFound",
+            message: message.into(),
+        }
+    }
+
     pub fn bad_request(message: impl Into<String>) -> Failure {
         Failure {
             code: StatusCode::BAD_REQUEST,
@@ -378,7 +449,7 @@ impl Failure {
     }
 }
 
-fn full(body: &Value) -> Body {
+pub(crate) fn full(body: &Value) -> Body {
     Full::new(Bytes::from(body.to_string())).boxed_unsync()
 }
 

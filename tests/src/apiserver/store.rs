@@ -1,6 +1,7 @@
 //! What etcd and the watch cache hold for the fake API server: the objects,
 //! one resourceVersion counter shared by all of them, and a bounded history
-//! of changes that lists and watches are served from.
+//! of changes to the watched resources that lists and watches are served
+//! from.
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -10,17 +11,24 @@ use std::{
 
 use k8s_openapi::{
     Resource as _,
-    api::core::v1::{Namespace, Pod},
+    api::{
+        core::v1::{Namespace, Pod},
+        events::v1::Event,
+    },
     apimachinery::pkg::apis::meta::v1::Time,
     jiff::Timestamp,
 };
 use serde_json::{Map, Value};
+
+use super::Verb;
 
 /// The resources the fake API server serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ResourceKind {
     Pods,
     Namespaces,
+    /// `events.k8s.io/v1` events, as kube's event `Recorder` writes them.
+    Events,
 }
 
 impl ResourceKind {
@@ -29,6 +37,7 @@ impl ResourceKind {
         match self {
             ResourceKind::Pods => Pod::KIND,
             ResourceKind::Namespaces => Namespace::KIND,
+            ResourceKind::Events => Event::KIND,
         }
     }
 
@@ -37,6 +46,7 @@ impl ResourceKind {
         match self {
             ResourceKind::Pods => Pod::URL_PATH_SEGMENT,
             ResourceKind::Namespaces => Namespace::URL_PATH_SEGMENT,
+            ResourceKind::Events => Event::URL_PATH_SEGMENT,
         }
     }
 
@@ -44,11 +54,22 @@ impl ResourceKind {
         match self {
             ResourceKind::Pods => Pod::API_VERSION,
             ResourceKind::Namespaces => Namespace::API_VERSION,
+            ResourceKind::Events => Event::API_VERSION,
         }
     }
 
     fn is_namespaced(self) -> bool {
-        self == ResourceKind::Pods
+        matches!(self, ResourceKind::Pods | ResourceKind::Events)
+    }
+
+    /// What clients may do with this resource here: the daemon reads pods
+    /// and namespaces, and its event `Recorder` only creates and patches
+    /// events. Anything else is a 405.
+    pub(crate) fn verbs(self) -> &'static [Verb] {
+        match self {
+            ResourceKind::Pods | ResourceKind::Namespaces => &[Verb::List, Verb::Watch],
+            ResourceKind::Events => &[Verb::Create, Verb::Patch],
+        }
     }
 
     /// The fields the real server accepts in a `fieldSelector` for this
@@ -68,6 +89,8 @@ impl ResourceKind {
                 "status.nominatedNodeName",
             ],
             ResourceKind::Namespaces => &["metadata.name", "metadata.namespace", "status.phase"],
+            // Never listed: see `verbs`.
+            ResourceKind::Events => &[],
         }
     }
 }
@@ -123,18 +146,17 @@ impl Store {
         self.resource_version
     }
 
+    /// The stored object at `key`, if any.
+    pub fn get(&self, resource: ResourceKind, key: &ObjectKey) -> Option<&Arc<Value>> {
+        self.objects.get(&resource)?.get(key)
+    }
+
     /// Creates or replaces an object, filling in what the server owns:
     /// resourceVersion, uid and creationTimestamp (kept across updates),
     /// kind, apiVersion, and the `default` namespace for a namespaced
     /// object without one. Returns the object as stored.
     pub fn apply(&mut self, resource: ResourceKind, mut object: Value) -> Result<Value, String> {
-        let metadata = object
-            .as_object_mut()
-            .ok_or("an object must be a JSON object")?
-            .entry("metadata")
-            .or_insert_with(|| Value::Object(Map::new()))
-            .as_object_mut()
-            .ok_or("metadata must be a JSON object")?;
+        let metadata = metadata_mut(&mut object)?;
         let name = metadata
             .get("name")
             .and_then(Value::as_str)
@@ -155,11 +177,7 @@ impl Store {
             String::new()
         };
         let key = ObjectKey { namespace, name };
-        let previous = self
-            .objects
-            .get(&resource)
-            .and_then(|objects| objects.get(&key))
-            .cloned();
+        let previous = self.get(resource, &key).cloned();
 
         self.resource_version += 1;
         metadata.insert(
@@ -190,13 +208,18 @@ impl Store {
             .entry(resource)
             .or_default()
             .insert(key.clone(), Arc::clone(&current));
-        self.record(Change {
-            resource_version: self.resource_version,
-            resource,
-            key,
-            previous,
-            current: Some(Arc::clone(&current)),
-        });
+        // The real server keeps a watch cache per resource, so writes to a
+        // resource nobody watches here (events) must not push pod changes
+        // out of the history that watches resume from.
+        if resource.verbs().contains(&Verb::Watch) {
+            self.record(Change {
+                resource_version: self.resource_version,
+                resource,
+                key,
+                previous,
+                current: Some(Arc::clone(&current)),
+            });
+        }
         Ok(Value::clone(&current))
     }
 
@@ -300,6 +323,17 @@ impl Store {
     }
 }
 
+/// The metadata of an object, created empty if absent.
+pub(crate) fn metadata_mut(object: &mut Value) -> Result<&mut Map<String, Value>, String> {
+    object
+        .as_object_mut()
+        .ok_or("an object must be a JSON object")?
+        .entry("metadata")
+        .or_insert_with(|| Value::Object(Map::new()))
+        .as_object_mut()
+        .ok_or_else(|| "metadata must be a JSON object".to_owned())
+}
+
 /// A copy of `object` carrying another resourceVersion.
 pub(crate) fn with_resource_version(object: &Value, resource_version: u64) -> Value {
     let mut object = object.clone();
@@ -370,5 +404,28 @@ mod tests {
             Some(&json!((start + 1).to_string()))
         );
         assert!(store.objects_at(ResourceKind::Pods, start + 1).is_err());
+    }
+
+    #[test]
+    fn event_writes_keep_pod_history() {
+        let mut store = Store::new(1);
+        let start = store.resource_version();
+        store
+            .apply(ResourceKind::Pods, json!({"metadata": {"name": "a"}}))
+            .expect("apply pod");
+        for note in ["one", "two"] {
+            store
+                .apply(
+                    ResourceKind::Events,
+                    json!({"metadata": {"name": "a.1"}, "note": note}),
+                )
+                .expect("apply event");
+        }
+        assert_eq!(store.resource_version(), start + 3);
+        let pods = store
+            .changes_after(ResourceKind::Pods, start)
+            .expect("the pod change is retained")
+            .count();
+        assert_eq!(pods, 1);
     }
 }
