@@ -19,6 +19,12 @@ pub mod names {
     pub const ALLOWED_CGROUPS: &str = "ALLOWED_CGROUPS";
     /// LRU hash: cgroup id -> [`crate::BlockCounters`].
     pub const BLOCK_COUNTERS: &str = "BLOCK_COUNTERS";
+    /// Ring buffer of [`crate::BlockEvent`]s.
+    pub const EVENTS: &str = "EVENTS";
+    /// LRU hash: cgroup id -> [`crate::EventWindow`], for the per-cgroup event rate limit.
+    pub const EVENT_WINDOWS: &str = "EVENT_WINDOWS";
+    /// Per-CPU array of one `u64`: events not sent (rate limit or full ring).
+    pub const EVENTS_DROPPED: &str = "EVENTS_DROPPED";
     /// Global `u32` set at load time: [`crate::MODE_ENFORCE`] or [`crate::MODE_AUDIT`].
     pub const ENFORCE_MODE: &str = "ENFORCE_MODE";
     /// The cgroup_skb egress program.
@@ -62,6 +68,50 @@ pub const fn ipv4_mapped(octets: [u8; 4]) -> AddrBytes {
     ]
 }
 
+/// Bytes of the event ring buffer (a power of two, a multiple of the page size).
+pub const EVENT_RING_BYTES: u32 = 256 * 1024;
+/// Events a cgroup may send per second; the rest are counted as dropped.
+pub const EVENTS_PER_CGROUP_PER_SECOND: u32 = 20;
+
+/// Which hook saw an attempt.
+pub const HOOK_CONNECT: u8 = 1;
+pub const HOOK_SENDMSG: u8 = 2;
+pub const HOOK_EGRESS: u8 = 3;
+
+/// What happened to it.
+pub const VERDICT_REFUSED: u8 = 1;
+/// Audit mode: it would have been refused, and was let through.
+pub const VERDICT_AUDITED: u8 = 2;
+
+/// One refused (or audited) attempt, sent to the daemon through the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockEvent {
+    pub cgroup_id: u64,
+    /// `bpf_ktime_get_ns`: monotonic nanoseconds since boot.
+    pub timestamp_ns: u64,
+    /// In the trie's key form (IPv4 as `::ffff:a.b.c.d`).
+    pub destination: AddrBytes,
+    /// Destination port, 0 when there is none or it cannot be read.
+    pub port: u16,
+    /// A `rule::PROTO_*` bit.
+    pub protocol: u8,
+    /// `HOOK_*`.
+    pub hook: u8,
+    /// `VERDICT_*`.
+    pub verdict: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Per-cgroup rate-limit state for events.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventWindow {
+    pub start_ns: u64,
+    pub sent: u32,
+    pub _pad: u32,
+}
+
 /// Value of the allow map. The key alone is the information; the value keeps
 /// room for a generation number used when reconciling.
 #[repr(C)]
@@ -87,4 +137,6 @@ mod pod {
     unsafe impl aya::Pod for super::DestRule {}
     unsafe impl aya::Pod for super::AllowEntry {}
     unsafe impl aya::Pod for super::BlockCounters {}
+    unsafe impl aya::Pod for super::BlockEvent {}
+    unsafe impl aya::Pod for super::EventWindow {}
 }

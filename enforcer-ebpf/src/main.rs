@@ -27,14 +27,34 @@ const ALLOW: i32 = 1;
 /// Return value of every program: drop the packet, or fail the call with EPERM.
 const REFUSE: i32 = 0;
 
-/// Decides for a destination whose rule denies this traffic kind: allowed
-/// cgroups pass, the others are counted and refused (or passed in audit mode).
+/// What an attempt is: where to, which protocol class and port.
+struct Attempt {
+    destination: AddrBytes,
+    protocol: u32,
+    port: PortInfo,
+}
+
+/// Decides for a destination that has a rule: traffic the rule does not
+/// deny and allowed cgroups pass; the others are counted, reported and
+/// refused (or passed in audit mode).
 #[inline(always)]
-fn judge(rule: &DestRule, protocol: u32, port: PortInfo, subject: Subject, hook: Hook) -> i32 {
-    if !rule.denies(protocol, port) || maps::cgroup_is_allowed(&subject) {
+fn judge(rule: &DestRule, attempt: &Attempt, subject: Subject, hook: Hook) -> i32 {
+    if !rule.denies(attempt.protocol, attempt.port) || maps::cgroup_is_allowed(&subject) {
         return ALLOW;
     }
-    maps::count_block(subject.leaf_cgroup_id(), hook);
+    let cgroup_id = subject.leaf_cgroup_id();
+    maps::count_block(cgroup_id, hook);
+    let port = match attempt.port {
+        PortInfo::Known(port) => port,
+        PortInfo::NotApplicable | PortInfo::Unknown => 0,
+    };
+    maps::send_event(
+        cgroup_id,
+        &attempt.destination,
+        port,
+        attempt.protocol,
+        hook,
+    );
     if maps::audit_mode() { ALLOW } else { REFUSE }
 }
 
@@ -46,25 +66,28 @@ pub fn imds_guard_egress(ctx: SkBuffContext) -> i32 {
 
 fn try_imds_guard_egress(ctx: &SkBuffContext) -> Result<i32, c_long> {
     let header = packet::read_ip_header(ctx)?;
-    let Some(rule) = maps::rule_for(&header.destination()) else {
+    let destination = header.destination();
+    let Some(rule) = maps::rule_for(&destination) else {
         return Ok(ALLOW);
     };
     let (protocol, port) = packet::transport(ctx, &header);
-    let subject = Subject::Skb(ctx.skb.skb);
-    Ok(judge(rule, protocol, port, subject, Hook::Egress))
+    let attempt = Attempt {
+        destination,
+        protocol,
+        port,
+    };
+    Ok(judge(
+        rule,
+        &attempt,
+        Subject::Skb(ctx.skb.skb),
+        Hook::Egress,
+    ))
 }
 
-/// What a socket call is about: destination, protocol class and port.
-struct SockCall {
-    destination: AddrBytes,
-    protocol: u32,
-    port: PortInfo,
-}
-
-impl SockCall {
-    /// Reads the call's destination. `ipv6` selects `user_ip6` over `user_ip4`.
+impl Attempt {
+    /// Reads a socket call's destination. `ipv6` selects `user_ip6` over `user_ip4`.
     #[inline(always)]
-    fn read(ctx: &SockAddrContext, ipv6: bool) -> SockCall {
+    fn from_sock_addr(ctx: &SockAddrContext, ipv6: bool) -> Attempt {
         // SAFETY: the kernel hands every cgroup_sock_addr program a valid context.
         let addr: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
         let destination = if ipv6 {
@@ -95,7 +118,7 @@ impl SockCall {
             // Raw sockets: whatever they carry, its port is not ours to read.
             _ => PortInfo::Unknown,
         };
-        SockCall {
+        Attempt {
             destination,
             protocol,
             port,
@@ -105,10 +128,10 @@ impl SockCall {
 
 #[inline(always)]
 fn try_sock_addr(ctx: &SockAddrContext, ipv6: bool, hook: Hook) -> i32 {
-    let call = SockCall::read(ctx, ipv6);
-    match maps::rule_for(&call.destination) {
+    let attempt = Attempt::from_sock_addr(ctx, ipv6);
+    match maps::rule_for(&attempt.destination) {
         None => ALLOW,
-        Some(rule) => judge(rule, call.protocol, call.port, Subject::Current, hook),
+        Some(rule) => judge(rule, &attempt, Subject::Current, hook),
     }
 }
 

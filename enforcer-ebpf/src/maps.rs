@@ -3,15 +3,17 @@
 use aya_ebpf::{
     bindings::{__sk_buff, BPF_NOEXIST},
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_skb_ancestor_cgroup_id,
-        bpf_skb_cgroup_id,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_ktime_get_ns,
+        bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
     macros::map,
-    maps::{HashMap, LpmTrie, LruPerCpuHashMap, lpm_trie::Key},
+    maps::{HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 use enforcer_common::{
-    AddrBytes, AllowEntry, BlockCounters, DestRule, MAX_ALLOWED_CGROUPS, MAX_CGROUP_DEPTH,
-    MAX_COUNTED_CGROUPS, MAX_DEST_RULES, MODE_AUDIT, MODE_ENFORCE,
+    AddrBytes, AllowEntry, BlockCounters, BlockEvent, DestRule, EVENT_RING_BYTES,
+    EVENTS_PER_CGROUP_PER_SECOND, EventWindow, HOOK_CONNECT, HOOK_EGRESS, HOOK_SENDMSG,
+    MAX_ALLOWED_CGROUPS, MAX_CGROUP_DEPTH, MAX_COUNTED_CGROUPS, MAX_DEST_RULES, MODE_AUDIT,
+    MODE_ENFORCE, VERDICT_AUDITED, VERDICT_REFUSED,
 };
 
 // The statics' names are the map names in `enforcer_common::names`.
@@ -36,6 +38,16 @@ const BUILD_VARIANT: u32 = match option_env!("IMDS_GUARD_EBPF_VARIANT") {
     None => 0,
 };
 
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
+
+#[map]
+static EVENT_WINDOWS: LruHashMap<u64, EventWindow> =
+    LruHashMap::with_max_entries(MAX_COUNTED_CGROUPS, 0);
+
+#[map]
+static EVENTS_DROPPED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// Set by the loader; a constant to the verifier, which prunes the other mode.
 #[unsafe(no_mangle)]
 static ENFORCE_MODE: u32 = MODE_ENFORCE;
@@ -58,6 +70,16 @@ pub enum Hook {
     Connect,
     Sendmsg,
     Egress,
+}
+
+impl Hook {
+    fn code(self) -> u8 {
+        match self {
+            Hook::Connect => HOOK_CONNECT,
+            Hook::Sendmsg => HOOK_SENDMSG,
+            Hook::Egress => HOOK_EGRESS,
+        }
+    }
 }
 
 /// Whose cgroup a decision is about: a packet's socket, or the calling task.
@@ -130,4 +152,70 @@ pub fn count_block(cgroup_id: u64, hook: Hook) {
     }
     // Losing one count to a concurrent first insert is acceptable.
     let _ = BLOCK_COUNTERS.insert(cgroup_id, first, u64::from(BPF_NOEXIST));
+}
+
+/// Whether `cgroup_id` may send one more event this second. Updates race
+/// across CPUs; a few events more or less is fine for a rate limit.
+#[inline(always)]
+fn within_rate(cgroup_id: u64, now_ns: u64) -> bool {
+    const SECOND_NS: u64 = 1_000_000_000;
+    if let Some(window) = EVENT_WINDOWS.get_ptr_mut(cgroup_id) {
+        // SAFETY: a live map value.
+        let window = unsafe { &mut *window };
+        if now_ns.wrapping_sub(window.start_ns) >= SECOND_NS {
+            window.start_ns = now_ns;
+            window.sent = 0;
+        }
+        if window.sent >= EVENTS_PER_CGROUP_PER_SECOND {
+            return false;
+        }
+        window.sent += 1;
+        return true;
+    }
+    let first = EventWindow {
+        start_ns: now_ns,
+        sent: 1,
+        _pad: 0,
+    };
+    let _ = EVENT_WINDOWS.insert(cgroup_id, first, 0);
+    true
+}
+
+fn count_dropped_event() {
+    if let Some(dropped) = EVENTS_DROPPED.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot of a one-element array.
+        unsafe { *dropped += 1 };
+    }
+}
+
+/// Tells the daemon about a refused (or audited) attempt, unless the
+/// cgroup is over its rate or the ring is full: then it is only counted.
+/// Never waits: the packet path does not slow down when the daemon lags.
+#[inline(always)]
+pub fn send_event(cgroup_id: u64, destination: &AddrBytes, port: u16, protocol: u32, hook: Hook) {
+    // SAFETY: a helper without arguments.
+    let now_ns = unsafe { bpf_ktime_get_ns() };
+    if !within_rate(cgroup_id, now_ns) {
+        count_dropped_event();
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<BlockEvent>(0) else {
+        count_dropped_event();
+        return;
+    };
+    entry.write(BlockEvent {
+        cgroup_id,
+        timestamp_ns: now_ns,
+        destination: *destination,
+        port,
+        protocol: protocol as u8,
+        hook: hook.code(),
+        verdict: if audit_mode() {
+            VERDICT_AUDITED
+        } else {
+            VERDICT_REFUSED
+        },
+        _pad: [0; 7],
+    });
+    entry.submit(0);
 }

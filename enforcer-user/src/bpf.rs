@@ -8,14 +8,17 @@ use std::{
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader, include_bytes_aligned,
-    maps::{HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap, PerCpuValues, lpm_trie::Key},
+    maps::{
+        HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
+        RingBuf, lpm_trie::Key,
+    },
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError,
         links::{FdLink, LinkError},
     },
 };
 use enforcer_common::{
-    AddrBytes, AllowEntry, BlockCounters, DestRule, MODE_AUDIT, MODE_ENFORCE, names,
+    AddrBytes, AllowEntry, BlockCounters, BlockEvent, DestRule, MODE_AUDIT, MODE_ENFORCE, names,
 };
 
 use crate::{cgroup::CgroupDir, pins::MAPS, rules::RuleSet};
@@ -335,5 +338,59 @@ impl CountersMap {
             }
         }
         Ok(totals)
+    }
+}
+
+/// The ring buffer the programs send [`BlockEvent`]s through.
+pub struct EventRing(RingBuf<MapData>);
+
+impl EventRing {
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self, BpfError> {
+        take_map(ebpf, names::EVENTS).map(Self)
+    }
+
+    pub fn from_pin(path: &Path) -> Result<Self, BpfError> {
+        open_pinned(path, names::EVENTS).map(Self)
+    }
+
+    /// The events waiting in the ring, oldest first (none past `limit`).
+    pub fn drain(&mut self, limit: usize) -> Vec<BlockEvent> {
+        let mut events = Vec::new();
+        while events.len() < limit {
+            let Some(item) = self.0.next() else {
+                break;
+            };
+            if item.len() >= std::mem::size_of::<BlockEvent>() {
+                // SAFETY: the programs write whole `BlockEvent`s; the read
+                // is unaligned-safe.
+                events
+                    .push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<BlockEvent>()) });
+            }
+        }
+        events
+    }
+}
+
+impl std::os::fd::AsRawFd for EventRing {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// How many events the programs could not send (rate limit, full ring).
+pub struct DroppedEvents(PerCpuArray<MapData, u64>);
+
+impl DroppedEvents {
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self, BpfError> {
+        take_map(ebpf, names::EVENTS_DROPPED).map(Self)
+    }
+
+    pub fn from_pin(path: &Path) -> Result<Self, BpfError> {
+        open_pinned(path, names::EVENTS_DROPPED).map(Self)
+    }
+
+    pub fn total(&self) -> Result<u64, BpfError> {
+        let per_cpu = self.0.get(&0, 0).map_err(map_err(names::EVENTS_DROPPED))?;
+        Ok(per_cpu.iter().sum())
     }
 }

@@ -16,13 +16,17 @@
 //! limits: { minPrefixLengthV4: 16, minPrefixLengthV6: 64 }
 //! bpffsDir: /sys/fs/bpf/imds-guard
 //! cgroupRoot: /sys/fs/cgroup
+//! httpListen: 0.0.0.0:9464   # /metrics, /healthz, /readyz
 //! standalone:
 //!   cgroup: system.slice
 //!   allow: [system.slice/metadata-agent.service]
 //!   allowFile: /etc/imds-guard/allow
 //! ```
 
-use std::path::{Path, PathBuf};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
 use serde::Deserialize;
 
@@ -143,6 +147,7 @@ pub struct ConfigFile {
     pub limits: Option<LimitsFile>,
     pub bpffs_dir: Option<PathBuf>,
     pub cgroup_root: Option<PathBuf>,
+    pub http_listen: Option<SocketAddr>,
     pub standalone: Option<StandaloneFile>,
     pub kubernetes: Option<KubernetesFile>,
 }
@@ -204,6 +209,7 @@ pub struct Overrides {
     pub pass: Vec<String>,
     pub bpffs_dir: Option<PathBuf>,
     pub cgroup_root: Option<PathBuf>,
+    pub http_listen: Option<SocketAddr>,
     pub cgroup: Option<PathBuf>,
     pub allow: Vec<PathBuf>,
     pub allow_file: Option<PathBuf>,
@@ -263,6 +269,8 @@ pub struct Common {
     pub rules: RuleSet,
     pub bpffs_dir: PathBuf,
     pub cgroup_root: Option<PathBuf>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
+    pub http_listen: Option<SocketAddr>,
 }
 
 /// Standalone mode's own settings.
@@ -383,6 +391,7 @@ impl Common {
                 .cgroup_root
                 .clone()
                 .or_else(|| file.cgroup_root.clone()),
+            http_listen: flags.http_listen.or(file.http_listen),
         })
     }
 }
@@ -399,6 +408,7 @@ impl Common {
             ("mode", new.mode != self.mode),
             ("bpffsDir", new.bpffs_dir != self.bpffs_dir),
             ("cgroupRoot", new.cgroup_root != self.cgroup_root),
+            ("httpListen", new.http_listen != self.http_listen),
         ];
         for (field, changed) in at_restart {
             if changed {

@@ -7,7 +7,7 @@ use enforcer_common::{BlockCounters, names};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    bpf::{self, AllowMap, BpfError, CountersMap, DestRulesMap, Mode},
+    bpf::{self, AllowMap, BpfError, CountersMap, DestRulesMap, DroppedEvents, EventRing, Mode},
     cgroup::CgroupDir,
     pins::{self, GenerationKey, PinError, PinRoot, StartPlan},
     rules::RuleSet,
@@ -28,6 +28,17 @@ pub struct Enforcer {
     rules: DestRulesMap,
     allowed: AllowMap,
     counters: CountersMap,
+    dropped: DroppedEvents,
+    /// Handed to the event reader by [`Enforcer::take_events`].
+    events: Option<EventRing>,
+}
+
+/// The enforcer's state, for metrics, health and status.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub allowed: BTreeSet<u64>,
+    pub counters: BTreeMap<u64, BlockCounters>,
+    pub events_dropped: u64,
 }
 
 enum Request {
@@ -39,9 +50,11 @@ enum Request {
         rules: RuleSet,
         reply: oneshot::Sender<Result<(), BpfError>>,
     },
-    Counters {
-        reply: oneshot::Sender<Result<BTreeMap<u64, BlockCounters>, BpfError>>,
+    Snapshot {
+        reply: oneshot::Sender<Result<Snapshot, BpfError>>,
     },
+    /// Ends the task, whatever other handles still exist.
+    Shutdown,
 }
 
 /// How a start went, for the log.
@@ -55,6 +68,15 @@ pub enum Started {
         carried_from: Option<String>,
         removed: Vec<String>,
     },
+}
+
+impl Started {
+    /// The generation in force.
+    pub fn generation(&self) -> &str {
+        match self {
+            Started::Adopted { generation } | Started::Installed { generation, .. } => generation,
+        }
+    }
 }
 
 /// What the enforcer starts with.
@@ -120,6 +142,8 @@ impl Enforcer {
             rules: DestRulesMap::from_pin(&pin(names::DEST_RULES))?,
             allowed: AllowMap::from_pin(&pin(names::ALLOWED_CGROUPS))?,
             counters: CountersMap::from_pin(&pin(names::BLOCK_COUNTERS))?,
+            dropped: DroppedEvents::from_pin(&pin(names::EVENTS_DROPPED))?,
+            events: Some(EventRing::from_pin(&pin(names::EVENTS))?),
         })
     }
 
@@ -139,6 +163,8 @@ impl Enforcer {
             rules: DestRulesMap::take(&mut ebpf)?,
             allowed: AllowMap::take(&mut ebpf)?,
             counters: CountersMap::take(&mut ebpf)?,
+            dropped: DroppedEvents::take(&mut ebpf)?,
+            events: Some(EventRing::take(&mut ebpf)?),
         };
         enforcer.rules.sync(settings.rules)?;
         if let Some(old) = carry_from {
@@ -154,8 +180,21 @@ impl Enforcer {
         Ok(enforcer)
     }
 
-    /// Starts the owner task; it ends when every handle is dropped, and the
-    /// pinned programs stay attached.
+    /// The ring buffer, for the one task that reads events.
+    pub fn take_events(&mut self) -> Option<EventRing> {
+        self.events.take()
+    }
+
+    fn snapshot(&self) -> Result<Snapshot, BpfError> {
+        Ok(Snapshot {
+            allowed: self.allowed.ids()?,
+            counters: self.counters.read()?,
+            events_dropped: self.dropped.total()?,
+        })
+    }
+
+    /// Starts the owner task; it ends on [`EnforcerHandle::shutdown`] or
+    /// when every handle is dropped, and the pinned programs stay attached.
     pub fn spawn(self) -> (EnforcerHandle, tokio::task::JoinHandle<()>) {
         let (sender, receiver) = mpsc::channel(64);
         let task = tokio::spawn(self.serve(receiver));
@@ -172,9 +211,10 @@ impl Enforcer {
                 Request::SetRules { rules, reply } => {
                     let _ = reply.send(self.rules.sync(&rules));
                 }
-                Request::Counters { reply } => {
-                    let _ = reply.send(self.counters.read());
+                Request::Snapshot { reply } => {
+                    let _ = reply.send(self.snapshot());
                 }
+                Request::Shutdown => return,
             }
         }
     }
@@ -207,8 +247,14 @@ impl EnforcerHandle {
         self.ask(|reply| Request::SetRules { rules, reply }).await
     }
 
-    /// Blocked-attempt counters by cgroup id.
-    pub async fn counters(&self) -> Result<BTreeMap<u64, BlockCounters>, EnforcerError> {
-        self.ask(|reply| Request::Counters { reply }).await
+    /// Ends the owner task (the pinned programs stay attached).
+    pub async fn shutdown(&self) {
+        // A closed channel means the task has ended already.
+        let _ = self.0.send(Request::Shutdown).await;
+    }
+
+    /// The allow list, counters and dropped events, as the maps hold them.
+    pub async fn snapshot(&self) -> Result<Snapshot, EnforcerError> {
+        self.ask(|reply| Request::Snapshot { reply }).await
     }
 }

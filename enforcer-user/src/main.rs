@@ -58,6 +58,9 @@ struct CommonArgs {
     /// Mount point of the cgroup v2 hierarchy (detected when absent).
     #[arg(long, env = "IMDS_GUARD_CGROUP_ROOT")]
     cgroup_root: Option<PathBuf>,
+    /// Address to serve /metrics, /healthz and /readyz on (e.g. 0.0.0.0:9464).
+    #[arg(long, env = "IMDS_GUARD_HTTP_LISTEN")]
+    http_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -143,6 +146,7 @@ impl CommonArgs {
             pass: self.pass,
             bpffs_dir: self.bpffs_dir,
             cgroup_root: self.cgroup_root,
+            http_listen: self.http_listen,
             ..Overrides::default()
         };
         (self.config, overrides)

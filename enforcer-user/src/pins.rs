@@ -15,10 +15,13 @@ use enforcer_common::names;
 use crate::bpf::{Mode, PROGRAMS};
 
 /// The maps of one generation.
-pub const MAPS: [&str; 3] = [
+pub const MAPS: [&str; 6] = [
     names::DEST_RULES,
     names::ALLOWED_CGROUPS,
     names::BLOCK_COUNTERS,
+    names::EVENTS,
+    names::EVENT_WINDOWS,
+    names::EVENTS_DROPPED,
 ];
 
 /// Default pin root; DaemonSets mount the host's /sys/fs/bpf.

@@ -1,21 +1,28 @@
-//! Plumbing both daemon modes share: signals, noticing file changes, the
-//! start-up log and the reports of blocked attempts.
+//! Plumbing both daemon modes share: node checks, signals, noticing file
+//! changes, the start-up log, and the tasks around the enforcer (events,
+//! metrics, HTTP endpoints).
 
 use std::{
-    collections::BTreeMap,
+    net::SocketAddr,
     path::{Path, PathBuf},
+    sync::{Arc, atomic::AtomicBool},
     time::Duration,
 };
 
-use enforcer_common::BlockCounters;
-use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::{
+    signal::unix::{Signal, SignalKind, signal},
+    sync::mpsc,
+};
 use tracing::{info, warn};
 
 use crate::{
-    bpf::Mode,
     cgroup::{self, CgroupDir, CgroupError},
     config::Common,
     enforcer::{Enforcer, EnforcerHandle, Started},
+    events::{self, Namer, PodNames, PodNotice, Reporter},
+    http::{self, Endpoints, Health, ListenError},
+    metrics::Metrics,
+    pins::PinRoot,
     preflight::{self, PreflightError},
     privilege::{self, PrivilegeError},
 };
@@ -28,6 +35,8 @@ pub enum ServiceError {
     Preflight(#[from] PreflightError),
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Listen(#[from] ListenError),
     #[error("cannot listen for {signal}: {source}")]
     Signal {
         signal: &'static str,
@@ -46,35 +55,114 @@ pub fn prepare(common: &Common) -> Result<PathBuf, ServiceError> {
     })
 }
 
-/// Starts the enforcer's owner task and the block reporter on `target`.
-pub fn spawn(enforcer: Enforcer, target: &CgroupDir, mode: Mode) -> Running {
+/// What a mode adds to the common tasks.
+pub struct RunOptions {
+    /// Where to serve metrics and health; none serves nothing.
+    pub http_listen: Option<SocketAddr>,
+    /// This node's pods, for naming workloads (Kubernetes mode).
+    pub pods: Option<PodNames>,
+    /// Where first attempts of pods go, for Kubernetes Events.
+    pub pod_events: Option<mpsc::Sender<PodNotice>>,
+    /// Whether readiness waits for a first sync with the API server.
+    pub needs_sync: bool,
+}
+
+/// How often the metrics take the enforcer's state.
+const METRICS_REFRESH: Duration = Duration::from_secs(2);
+
+/// Starts the enforcer's owner task, the event reader, the metrics and the
+/// HTTP endpoints.
+pub async fn start(
+    mut enforcer: Enforcer,
+    started: &Started,
+    target: &CgroupDir,
+    common: &Common,
+    options: RunOptions,
+) -> Result<Running, ServiceError> {
+    let listener = match options.http_listen {
+        Some(address) => {
+            let listener = http::bind(address).await?;
+            if let Ok(bound) = listener.local_addr() {
+                info!(address = %bound, "serving /metrics, /healthz and /readyz");
+            }
+            Some(listener)
+        }
+        None => None,
+    };
+    let metrics = Arc::new(Metrics::new());
+    metrics.rules.set(common.rules.rules().len() as i64);
+    let events = enforcer.take_events();
     let (handle, task) = enforcer.spawn();
-    let reporter = tokio::spawn(report_blocks(
-        handle.clone(),
-        target.path().to_path_buf(),
-        mode,
-    ));
-    Running {
+    let health = Arc::new(Health {
+        pins: PinRoot::new(&common.bpffs_dir),
+        generation: started.generation().to_owned(),
+        handle: handle.clone(),
+        synced: AtomicBool::new(!options.needs_sync),
+        api_reachable: AtomicBool::new(true),
+    });
+    let mut helpers = Vec::new();
+    if let Some(ring) = events {
+        let namer = Namer::new(target.path().to_path_buf(), options.pods.clone());
+        let reporter = Reporter::new(namer, Arc::clone(&metrics), options.pod_events);
+        helpers.push(tokio::spawn(events::read_events(ring, reporter)));
+    }
+    helpers.push(tokio::spawn(refresh_metrics(
+        Arc::clone(&health),
+        Arc::clone(&metrics),
+    )));
+    if let Some(listener) = listener {
+        let endpoints = Arc::new(Endpoints {
+            metrics: Arc::clone(&metrics),
+            health: Arc::clone(&health),
+            pods: options.pods,
+        });
+        helpers.push(tokio::spawn(http::serve(listener, endpoints)));
+    }
+    Ok(Running {
         handle,
+        metrics,
+        health,
         task,
-        reporter,
+        helpers,
+    })
+}
+
+/// Keeps the gauges that mirror the maps up to date.
+async fn refresh_metrics(health: Arc<Health>, metrics: Arc<Metrics>) {
+    let mut tick = tokio::time::interval(METRICS_REFRESH);
+    loop {
+        tick.tick().await;
+        metrics
+            .programs_attached
+            .set(health.programs_attached() as i64);
+        match health.handle.snapshot().await {
+            Ok(snapshot) => {
+                metrics.allowlisted.set(snapshot.allowed.len() as i64);
+                metrics.set_events_dropped(snapshot.events_dropped);
+            }
+            Err(err) => warn!("cannot read the enforcer's state: {err}"),
+        }
     }
 }
 
 /// The tasks of a running daemon.
 pub struct Running {
     pub handle: EnforcerHandle,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
     task: tokio::task::JoinHandle<()>,
-    reporter: tokio::task::JoinHandle<()>,
+    helpers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
     /// Stops the tasks; the pinned programs stay attached.
     pub async fn stop(self) {
         info!("stopping; the programs stay attached (imds-guard uninstall removes them)");
-        self.reporter.abort();
-        drop(self.handle);
-        // The task ends once the last handle is gone; a panic there is a bug to surface.
+        for helper in &self.helpers {
+            helper.abort();
+        }
+        self.handle.shutdown().await;
+        // A panic in the owner task is a bug to surface.
         if let Err(err) = self.task.await {
             std::panic::resume_unwind(err.into_panic());
         }
@@ -153,54 +241,5 @@ pub fn log_start(started: &Started, target: &CgroupDir, common: &Common) {
     );
     for rule in common.rules.rules() {
         info!(%rule, "destination rule");
-    }
-}
-
-/// How often new blocked attempts are reported.
-const REPORT_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Logs, once a second, the cgroups that made new attempts to reach a
-/// denied destination.
-async fn report_blocks(handle: EnforcerHandle, subtree: PathBuf, mode: Mode) {
-    let verdict = match mode {
-        Mode::Enforce => "refused",
-        Mode::Audit => "audited (let through)",
-    };
-    let mut seen: Option<BTreeMap<u64, BlockCounters>> = None;
-    let mut names: BTreeMap<u64, String> = BTreeMap::new();
-    let mut tick = tokio::time::interval(REPORT_INTERVAL);
-    loop {
-        tick.tick().await;
-        let counters = match handle.counters().await {
-            Ok(c) => c,
-            Err(err) => {
-                warn!("cannot read the block counters: {err}");
-                continue;
-            }
-        };
-        // Counts carried over from before this start are not news.
-        let Some(seen) = seen.as_mut() else {
-            seen = Some(counters);
-            continue;
-        };
-        for (id, now) in counters {
-            let before = seen.insert(id, now).unwrap_or_default();
-            if before == now {
-                continue;
-            }
-            let name = names.entry(id).or_insert_with(|| {
-                cgroup::find_by_id(&subtree, id)
-                    .map_or_else(|| format!("cgroup id {id}"), |p| p.display().to_string())
-            });
-            warn!(
-                cgroup = %name,
-                cgroup_id = id,
-                connect = now.connect - before.connect,
-                sendmsg = now.sendmsg - before.sendmsg,
-                egress = now.egress - before.egress,
-                verdict,
-                "attempts to reach a metadata address"
-            );
-        }
     }
 }

@@ -14,7 +14,7 @@ use crate::{
     config::{self, ConfigError, Sources},
     enforcer::{Enforcer, EnforcerError, EnforcerHandle, StartSettings},
     pins::PinRoot,
-    service::{self, FILE_POLL_INTERVAL, ServiceError, Signals, WatchedFiles},
+    service::{self, FILE_POLL_INTERVAL, RunOptions, ServiceError, Signals, WatchedFiles},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -116,7 +116,13 @@ pub async fn run(sources: Sources) -> Result<(), StandaloneError> {
     })?;
     service::log_start(&started, &target, &settings.common);
     info!(allowed = allowed.len(), "allow list applied");
-    let running = service::spawn(enforcer, &target, settings.common.mode);
+    let options = RunOptions {
+        http_listen: settings.common.http_listen,
+        pods: None,
+        pod_events: None,
+        needs_sync: false,
+    };
+    let running = service::start(enforcer, &started, &target, &settings.common, options).await?;
 
     let mut seen = watched(&sources, &settings);
     let mut poll = tokio::time::interval(FILE_POLL_INTERVAL);
@@ -134,7 +140,13 @@ pub async fn run(sources: Sources) -> Result<(), StandaloneError> {
         };
         if reload {
             match reload_settings(&sources, &settings, &mount, &running.handle).await {
-                Ok(new) => settings = new,
+                Ok(new) => {
+                    running
+                        .metrics
+                        .rules
+                        .set(new.common.rules.rules().len() as i64);
+                    settings = new;
+                }
                 Err(err) => warn!("configuration not reloaded, the running one stays: {err}"),
             }
             seen = watched(&sources, &settings);

@@ -85,6 +85,61 @@ impl Daemon {
         self.child.id()
     }
 
+    /// The address the daemon serves HTTP on, from its log.
+    pub fn http_address(&mut self) -> Result<std::net::SocketAddr> {
+        const SERVING: &str = "serving /metrics";
+        self.wait_for_log(SERVING, Duration::from_secs(10))?;
+        let log = self.log();
+        log.lines()
+            .filter(|l| l.contains(SERVING))
+            .find_map(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix("address="))
+                    .and_then(|a| a.parse().ok())
+            })
+            .ok_or_else(|| SandboxError::Process(format!("no address in the log:\n{log}")))
+    }
+
+    /// `GET path` on the daemon's HTTP address: (status code, body).
+    pub fn http_get(&mut self, path: &str) -> Result<(u16, String)> {
+        use std::io::{Read as _, Write as _};
+        let address = self.http_address()?;
+        let fail = |e: std::io::Error| SandboxError::Process(format!("GET {path}: {e}"));
+        let mut stream =
+            std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5)).map_err(fail)?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(fail)?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+        )
+        .map_err(fail)?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).map_err(fail)?;
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Ok((status, body))
+    }
+
+    /// The value of the metric line that starts with `series` (name and
+    /// labels as exposed), or 0 when there is none.
+    pub fn metric(&mut self, series: &str) -> Result<f64> {
+        let (_, body) = self.http_get("/metrics")?;
+        Ok(body
+            .lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|rest| rest.trim().parse().ok())
+            .unwrap_or(0.0))
+    }
+
     /// Everything the daemon logged so far.
     pub fn log(&self) -> String {
         self.log.lock().map(|l| l.join("\n")).unwrap_or_default()

@@ -346,5 +346,15 @@ fn memory_with_250_pods_on_the_node() {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS");
     eprintln!("daemon resident memory with 250 pods: {} KiB", rss_kib);
+    // SIGTERM ends the daemon promptly, watches and all.
+    let mut node = node;
+    let stopping = Instant::now();
+    let status = node.daemon.stop().expect("stop");
+    assert!(status.success(), "{status}");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        stopping.elapsed()
+    );
     assert!(rss_kib < 64 * 1024, "{rss_kib} KiB");
 }

@@ -138,21 +138,39 @@ fn ordinary_destinations_work_from_a_blocked_cgroup() {
 }
 
 #[test]
-fn blocked_attempts_are_reported_with_the_cgroup() {
-    let mut world = World::default_allow();
-    world.attempt(&world.blocked, &case("tcp", addrs::METADATA_V4, HTTP));
+fn blocked_attempts_are_logged_once_and_counted() {
+    let mut world = World::new(&["--allow", "{allowed}", "--http-listen", "127.0.0.1:0"]);
+    for _ in 0..5 {
+        let result = world.attempt(&world.blocked, &case("tcp", addrs::METADATA_V4, HTTP));
+        assert_eq!(result.outcome, eperm());
+    }
     let needle = format!("cgroup={}", world.blocked.display());
     world
         .daemon
         .wait_for_log(&needle, Duration::from_secs(5))
         .expect("report of the blocked cgroup");
+    let series = "imds_guard_attempts_total{namespace=\"\",pod=\"\",destination=\"169.254.169.254:80\",verdict=\"refused\"}";
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while world.daemon.metric(series).expect("metrics") < 5.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            world.daemon.http_get("/metrics").expect("metrics").1
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(world.daemon.metric(series).expect("metrics"), 5.0);
     let log = world.daemon.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains(&needle))
-        .unwrap_or_default();
-    assert!(line.contains("connect=1"), "{line}");
-    assert!(line.contains("verdict=\"refused\""), "{line}");
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(&needle)).collect();
+    assert_eq!(lines.len(), 1, "five attempts, one log record:\n{log}");
+    for field in [
+        "destination=169.254.169.254:80",
+        "protocol=\"tcp\"",
+        "hook=\"connect\"",
+        "verdict=\"refused\"",
+    ] {
+        assert!(lines[0].contains(field), "{field}: {}", lines[0]);
+    }
 }
 
 #[test]
@@ -207,7 +225,14 @@ fn removing_an_allow_entry_cuts_an_open_connection() {
 
 #[test]
 fn audit_mode_lets_traffic_through_and_counts_it() {
-    let mut world = World::new(&["--allow", "{allowed}", "--mode", "audit"]);
+    let mut world = World::new(&[
+        "--allow",
+        "{allowed}",
+        "--mode",
+        "audit",
+        "--http-listen",
+        "127.0.0.1:0",
+    ]);
     let result = world.attempt(&world.blocked, &case("tcp", addrs::METADATA_V4, HTTP));
     assert_eq!(result.outcome, Outcome::Reached, "{result:?}");
     let needle = format!("cgroup={}", world.blocked.display());
@@ -216,14 +241,20 @@ fn audit_mode_lets_traffic_through_and_counts_it() {
         .wait_for_log(&needle, Duration::from_secs(5))
         .expect("audit report");
     let log = world.daemon.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains(&needle))
-        .unwrap_or_default();
-    assert!(line.contains("verdict=\"audited (let through)\""), "{line}");
-    // connect and the packets of the connection are both counted.
-    assert!(line.contains("connect=1"), "{line}");
-    assert!(!line.contains("egress=0"), "{line}");
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(&needle)).collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    assert!(lines[0].contains("verdict=\"audited\""), "{}", lines[0]);
+    // The connect and the connection's packets are all counted.
+    let series = "imds_guard_attempts_total{namespace=\"\",pod=\"\",destination=\"169.254.169.254:80\",verdict=\"audited\"}";
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while world.daemon.metric(series).expect("metrics") < 2.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            world.daemon.http_get("/metrics").expect("metrics").1
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! namespace policy, on every kubelet cgroup layout.
 
 pub mod layout;
+pub mod notify;
 pub mod policy;
 pub mod run;
 pub mod view;

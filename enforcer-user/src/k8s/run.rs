@@ -6,6 +6,7 @@ use std::{
     collections::BTreeSet,
     os::unix::fs::MetadataExt as _,
     path::PathBuf,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -15,18 +16,22 @@ use kube::{
     Api, Client,
     runtime::{WatchStreamExt as _, watcher},
 };
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
     cgroup::{CgroupDir, CgroupError},
     config::{self, ConfigError, Sources},
     enforcer::{Enforcer, EnforcerError, EnforcerHandle, StartSettings},
+    events::{PodNames, PodNotice, PodRef},
     k8s::{
         layout::{PodLayout, RealDirs},
+        notify,
         view::{ClusterView, PodEntry, namespace_entry},
     },
+    metrics::Metrics,
     pins::PinRoot,
-    service::{self, FILE_POLL_INTERVAL, ServiceError, Signals, WatchedFiles},
+    service::{self, FILE_POLL_INTERVAL, RunOptions, ServiceError, Signals, WatchedFiles},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +149,14 @@ struct Reconciler {
     /// Allowed pods whose cgroup did not exist at the last pass.
     waiting: usize,
     retry: Duration,
+    notices: mpsc::Sender<PodNotice>,
+    metrics: Arc<Metrics>,
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 impl Reconciler {
@@ -164,6 +177,14 @@ impl Reconciler {
                     pod = %pod.name,
                     "pod asks for metadata access, but its namespace does not permit it: it stays blocked"
                 );
+                // A full queue means the API is behind: the log has it.
+                let _ = self.notices.try_send(PodNotice::LabelIgnored {
+                    pod: PodRef {
+                        namespace: pod.namespace.clone(),
+                        name: pod.name.clone(),
+                        uid: pod.uid.clone(),
+                    },
+                });
             }
         }
         self.warned.retain(|uid| ignored.contains(uid.as_str()));
@@ -183,7 +204,11 @@ impl Reconciler {
         self.waiting = waiting;
         if self.applied.as_ref() != Some(&ids) {
             let count = ids.len();
+            let writing = Instant::now();
             handle.set_allowed(ids.clone()).await?;
+            self.metrics
+                .map_update_seconds
+                .observe(writing.elapsed().as_secs_f64());
             self.applied = Some(ids);
             info!(
                 allowed = count,
@@ -192,6 +217,9 @@ impl Reconciler {
                 "allow list updated"
             );
         }
+        self.metrics
+            .reconcile_seconds
+            .observe(started.elapsed().as_secs_f64());
         Ok(())
     }
 
@@ -231,11 +259,24 @@ pub async fn run(sources: Sources) -> Result<(), KubernetesError> {
     })?;
     service::log_start(&started, &target, &settings.common);
     info!(node = %settings.mode.node_name, driver = ?layout.driver, "watching this node's pods");
-    let running = service::spawn(enforcer, &target, settings.common.mode);
+    let pod_names: PodNames = PodNames::default();
+    let (notices, notice_queue) = mpsc::channel(notify::QUEUE);
+    let options = RunOptions {
+        http_listen: settings.common.http_listen,
+        pods: Some(Arc::clone(&pod_names)),
+        pod_events: Some(notices.clone()),
+        needs_sync: true,
+    };
+    let running = service::start(enforcer, &started, &target, &settings.common, options).await?;
 
     let client = Client::try_default()
         .await
         .map_err(KubernetesError::Client)?;
+    let publisher = tokio::spawn(notify::publish(
+        client.clone(),
+        settings.mode.node_name.clone(),
+        notice_queue,
+    ));
     let node_field = format!("spec.nodeName={}", settings.mode.node_name);
     let mut pods = watcher(
         Api::<Pod>::all(client.clone()),
@@ -256,7 +297,10 @@ pub async fn run(sources: Sources) -> Result<(), KubernetesError> {
         warned: BTreeSet::new(),
         waiting: 0,
         retry: FIRST_RETRY,
+        notices,
+        metrics: Arc::clone(&running.metrics),
     };
+    let health = Arc::clone(&running.health);
     let mut announced_sync = false;
     let watched = |s: &Sources| WatchedFiles::read(&[s.config_file.as_deref()]);
     let mut seen = watched(&sources);
@@ -267,16 +311,21 @@ pub async fn run(sources: Sources) -> Result<(), KubernetesError> {
             _ = signals.terminate.recv() => break,
             _ = signals.interrupt.recv() => break,
             event = next_event(&mut pods, "pods") => {
-                match event?.map(|e| pod_list.feed(e, PodEntry::from_pod)) {
+                let event = event?;
+                health.api_reachable.store(event.is_some(), Ordering::Relaxed);
+                match event.map(|e| pod_list.feed(e, PodEntry::from_pod)) {
                     Some(Change::Apply(pod)) => view.apply_pod(pod),
                     Some(Change::Delete(pod)) => view.delete_pod(&pod.uid),
                     Some(Change::Replace(all)) => view.replace_pods(all),
                     Some(Change::Nothing) | None => {}
                 }
+                *pod_names.write().unwrap_or_else(|e| e.into_inner()) = view.names();
                 true
             }
             event = next_event(&mut namespaces, "namespaces") => {
-                match event?.map(|e| namespace_list.feed(e, namespace_entry)) {
+                let event = event?;
+                health.api_reachable.store(event.is_some(), Ordering::Relaxed);
+                match event.map(|e| namespace_list.feed(e, namespace_entry)) {
                     Some(Change::Apply((name, labels))) => view.apply_namespace(name, labels),
                     Some(Change::Delete((name, _))) => view.delete_namespace(&name),
                     Some(Change::Replace(all)) => view.replace_namespaces(all),
@@ -301,7 +350,10 @@ pub async fn run(sources: Sources) -> Result<(), KubernetesError> {
             } => {
                 if reload {
                     match reload_settings(&sources, &settings, &running.handle).await {
-                        Ok(new) => settings = new,
+                        Ok(new) => {
+                            running.metrics.rules.set(new.common.rules.rules().len() as i64);
+                            settings = new;
+                        }
                         Err(err) => warn!("configuration not reloaded, the running one stays: {err}"),
                     }
                     seen = watched(&sources);
@@ -315,11 +367,14 @@ pub async fn run(sources: Sources) -> Result<(), KubernetesError> {
         reconciler
             .reconcile(&view, &settings, &running.handle)
             .await?;
+        running.metrics.last_sync_timestamp.set(unix_now());
         if !announced_sync {
             announced_sync = true;
+            health.synced.store(true, Ordering::Relaxed);
             info!(pods = view.pod_count(), "synced with the API server");
         }
     }
+    publisher.abort();
     running.stop().await;
     Ok(())
 }

@@ -81,6 +81,14 @@ impl ClusterView {
         self.pods.len()
     }
 
+    /// Namespace and name of every pod, by UID.
+    pub fn names(&self) -> BTreeMap<String, (String, String)> {
+        self.pods
+            .values()
+            .map(|p| (p.uid.clone(), (p.namespace.clone(), p.name.clone())))
+            .collect()
+    }
+
     pub fn pod(&self, uid: &str) -> Option<&PodEntry> {
         self.pods.get(uid)
     }

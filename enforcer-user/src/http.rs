@@ -1,0 +1,165 @@
+//! The daemon's HTTP endpoints: `/metrics`, `/healthz` (programs attached,
+//! daemon responsive), `/readyz` (also synced with the API server), and
+//! `/pods` (this node's pods by UID, for `imds-guard status`).
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tracing::warn;
+
+use crate::{
+    bpf::PROGRAMS, enforcer::EnforcerHandle, events::PodNames, metrics::Metrics, pins::PinRoot,
+};
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {address}: {source}")]
+pub struct ListenError {
+    address: SocketAddr,
+    source: std::io::Error,
+}
+
+/// What the probes look at.
+pub struct Health {
+    pub pins: PinRoot,
+    pub generation: String,
+    pub handle: EnforcerHandle,
+    /// Kubernetes mode is ready once the first lists are reconciled.
+    pub synced: AtomicBool,
+    /// The last watch request succeeded.
+    pub api_reachable: AtomicBool,
+}
+
+/// How long the enforcer task may take to answer before the daemon counts
+/// as unresponsive.
+const RESPONSIVE_WITHIN: Duration = Duration::from_secs(1);
+
+impl Health {
+    /// Every program's link is still pinned in the generation in force.
+    pub fn programs_attached(&self) -> usize {
+        PROGRAMS
+            .iter()
+            .filter(|p| self.pins.link_pin(&self.generation, p).exists())
+            .count()
+    }
+
+    /// Why the daemon is not live, if it is not.
+    async fn not_live(&self) -> Option<String> {
+        let attached = self.programs_attached();
+        if attached < PROGRAMS.len() {
+            return Some(format!(
+                "{attached} of {} programs attached",
+                PROGRAMS.len()
+            ));
+        }
+        match tokio::time::timeout(RESPONSIVE_WITHIN, self.handle.snapshot()).await {
+            Ok(Ok(_)) => None,
+            Ok(Err(err)) => Some(format!("enforcer: {err}")),
+            Err(_) => Some("enforcer did not answer within a second".to_owned()),
+        }
+    }
+
+    async fn not_ready(&self) -> Option<String> {
+        if let Some(why) = self.not_live().await {
+            return Some(why);
+        }
+        if !self.synced.load(Ordering::Relaxed) {
+            return Some("not synced with the API server yet".to_owned());
+        }
+        if !self.api_reachable.load(Ordering::Relaxed) {
+            return Some("the API server is not reachable".to_owned());
+        }
+        None
+    }
+}
+
+/// What the endpoints serve.
+pub struct Endpoints {
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    pub pods: Option<PodNames>,
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+}
+
+fn verdict(problem: Option<String>) -> Response<Full<Bytes>> {
+    match problem {
+        None => text(StatusCode::OK, "ok\n".to_owned()),
+        Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+    }
+}
+
+async fn route(endpoints: &Endpoints, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    match request.uri().path() {
+        "/metrics" => {
+            let mut response = text(StatusCode::OK, endpoints.metrics.render());
+            if let Ok(value) = "application/openmetrics-text; version=1.0.0; charset=utf-8".parse()
+            {
+                response
+                    .headers_mut()
+                    .insert(hyper::header::CONTENT_TYPE, value);
+            }
+            response
+        }
+        "/healthz" => verdict(endpoints.health.not_live().await),
+        "/readyz" => verdict(endpoints.health.not_ready().await),
+        "/pods" => {
+            let pods = endpoints
+                .pods
+                .as_ref()
+                .map(|p| p.read().unwrap_or_else(|e| e.into_inner()).clone())
+                .unwrap_or_default();
+            text(
+                StatusCode::OK,
+                serde_json::to_string(&pods).unwrap_or_default(),
+            )
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n".to_owned()),
+    }
+}
+
+/// Binds `address` (a failure is reported at start) and serves until the
+/// task is dropped.
+pub async fn bind(address: SocketAddr) -> Result<TcpListener, ListenError> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| ListenError { address, source })
+}
+
+pub async fn serve(listener: TcpListener, endpoints: Arc<Endpoints>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                warn!("accepting an HTTP connection: {err}");
+                continue;
+            }
+        };
+        let endpoints = Arc::clone(&endpoints);
+        tokio::spawn(async move {
+            let service = service_fn(move |request: Request<Incoming>| {
+                let endpoints = Arc::clone(&endpoints);
+                async move { Ok::<_, Infallible>(route(&endpoints, &request).await) }
+            });
+            // A client that goes away mid-request is not our problem.
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,201 @@
+//! Prometheus metrics (`prometheus-client`), served on `/metrics`.
+
+use std::{
+    collections::HashSet,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+/// Label sets of the attempts counter kept at most; beyond, new workloads
+/// are counted under `pod="_other"` so a flood of pods cannot blow up the
+/// scrape.
+pub const MAX_ATTEMPT_SERIES: usize = 1000;
+
+/// Label value for workloads past the cardinality bound.
+pub const OTHER: &str = "_other";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    pub namespace: String,
+    pub pod: String,
+    pub destination: String,
+    /// `refused` or `audited`.
+    pub verdict: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    attempts: Family<AttemptLabels, Counter>,
+    /// The label sets `attempts` holds, to bound them.
+    attempt_series: Mutex<HashSet<AttemptLabels>>,
+    pub allowlisted: Gauge,
+    pub rules: Gauge,
+    pub programs_attached: Gauge,
+    events_dropped: Counter,
+    events_dropped_seen: AtomicU64,
+    pub reconcile_seconds: Histogram,
+    pub map_update_seconds: Histogram,
+    pub last_sync_timestamp: Gauge,
+}
+
+/// Buckets from 100 µs to about 1.6 s.
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 15)
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("imds_guard");
+        let metrics = Metrics {
+            registry: Registry::default(),
+            attempts: Family::default(),
+            attempt_series: Mutex::new(HashSet::new()),
+            allowlisted: Gauge::default(),
+            rules: Gauge::default(),
+            programs_attached: Gauge::default(),
+            events_dropped: Counter::default(),
+            events_dropped_seen: AtomicU64::new(0),
+            reconcile_seconds: Histogram::new(latency_buckets()),
+            map_update_seconds: Histogram::new(latency_buckets()),
+            last_sync_timestamp: Gauge::default(),
+        };
+        registry.register(
+            "attempts",
+            "Attempts to reach a denied destination, by workload, destination and verdict",
+            metrics.attempts.clone(),
+        );
+        registry.register(
+            "allowlisted_cgroups",
+            "Cgroups in the allow map",
+            metrics.allowlisted.clone(),
+        );
+        registry.register("rules", "Destination rules loaded", metrics.rules.clone());
+        registry.register(
+            "programs_attached",
+            "eBPF programs attached (pinned links of the generation in force)",
+            metrics.programs_attached.clone(),
+        );
+        registry.register(
+            "events_dropped",
+            "Events the kernel did not send (per-cgroup rate limit or full ring)",
+            metrics.events_dropped.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time to compute and apply the allow list after a change",
+            metrics.reconcile_seconds.clone(),
+        );
+        registry.register(
+            "map_update_duration_seconds",
+            "Time to write a change to the allow map",
+            metrics.map_update_seconds.clone(),
+        );
+        registry.register(
+            "last_sync_timestamp_seconds",
+            "Unix time of the last successful reconcile with the API server",
+            metrics.last_sync_timestamp.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// Counts one attempt; past the cardinality bound the workload becomes `_other`.
+    pub fn count_attempt(&self, mut labels: AttemptLabels) {
+        {
+            let mut series = self
+                .attempt_series
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if !series.contains(&labels) && series.len() >= MAX_ATTEMPT_SERIES {
+                labels.namespace = OTHER.to_owned();
+                labels.pod = OTHER.to_owned();
+            }
+            series.insert(labels.clone());
+        }
+        self.attempts.get_or_create(&labels).inc();
+    }
+
+    /// Brings the dropped-events counter up to the kernel's total.
+    pub fn set_events_dropped(&self, kernel_total: u64) {
+        let before = self
+            .events_dropped_seen
+            .fetch_max(kernel_total, Ordering::Relaxed);
+        if kernel_total > before {
+            self.events_dropped.inc_by(kernel_total - before);
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut text, &self.registry);
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pod: &str) -> AttemptLabels {
+        AttemptLabels {
+            namespace: "team".to_owned(),
+            pod: pod.to_owned(),
+            destination: "169.254.169.254:80".to_owned(),
+            verdict: "refused".to_owned(),
+        }
+    }
+
+    #[test]
+    fn attempts_are_counted_and_bounded() {
+        let metrics = Metrics::new();
+        metrics.count_attempt(labels("web"));
+        metrics.count_attempt(labels("web"));
+        for i in 0..MAX_ATTEMPT_SERIES + 10 {
+            metrics.count_attempt(labels(&format!("pod-{i}")));
+        }
+        let text = metrics.render();
+        assert!(
+            text.contains(
+                "imds_guard_attempts_total{namespace=\"team\",pod=\"web\",destination=\"169.254.169.254:80\",verdict=\"refused\"} 2"
+            ),
+            "{text}"
+        );
+        // One series fewer than the bound for pods, plus the overflow series.
+        assert_eq!(
+            text.matches("imds_guard_attempts_total{").count(),
+            MAX_ATTEMPT_SERIES + 1
+        );
+        assert!(text.contains("pod=\"_other\""), "{text}");
+    }
+
+    #[test]
+    fn dropped_events_follow_the_kernel_total() {
+        let metrics = Metrics::new();
+        metrics.set_events_dropped(5);
+        metrics.set_events_dropped(3);
+        metrics.set_events_dropped(12);
+        assert!(
+            metrics
+                .render()
+                .contains("imds_guard_events_dropped_total 12")
+        );
+    }
+}
