@@ -236,6 +236,15 @@ impl DestRulesMap {
         open_pinned(path, names::DEST_RULES).map(Self)
     }
 
+    /// Every entry: (prefix length, address, rule value).
+    pub fn entries(&self) -> Result<Vec<(u32, AddrBytes, DestRule)>, BpfError> {
+        self.0
+            .iter()
+            .map(|entry| entry.map(|(key, value)| (key.prefix_len(), key.data(), value)))
+            .collect::<Result<_, _>>()
+            .map_err(map_err(names::DEST_RULES))
+    }
+
     /// Makes the trie hold exactly `rules`: new and changed entries are
     /// written before stale ones go, so no moment has fewer rules than either set.
     pub fn sync(&mut self, rules: &RuleSet) -> Result<(), BpfError> {

@@ -15,3 +15,4 @@ pub mod privilege;
 pub mod rules;
 pub mod service;
 pub mod standalone;
+pub mod status;

@@ -8,7 +8,7 @@ use enforcer_user::{
     config::{Overrides, Preset, Sources},
     k8s,
     pins::{self, PinRoot},
-    privilege, standalone,
+    privilege, standalone, status,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -24,6 +24,12 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StatusOutput {
+    Text,
+    Json,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -103,6 +109,21 @@ enum Command {
         /// Pod cgroup subtree, when not one of the known kubelet layouts.
         #[arg(long)]
         pod_cgroup: Option<PathBuf>,
+    },
+    /// Show what is enforced: programs, mode, rules, allowlisted cgroups, counters.
+    Status {
+        /// bpffs directory where the pins are.
+        #[arg(long, env = "IMDS_GUARD_BPFFS_DIR", default_value = pins::DEFAULT_ROOT)]
+        bpffs_dir: PathBuf,
+        /// Mount point of the cgroup v2 hierarchy (detected when absent).
+        #[arg(long, env = "IMDS_GUARD_CGROUP_ROOT")]
+        cgroup_root: Option<PathBuf>,
+        /// The daemon's --http-listen address, to name pods.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        daemon: std::net::SocketAddr,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = StatusOutput::Text)]
+        output: StatusOutput,
     },
     /// Detach every program and remove every pin imds-guard made.
     Uninstall {
@@ -206,6 +227,18 @@ fn run(command: Command) -> anyhow::Result<()> {
             };
             k8s::run::check(&sources)?;
             runtime()?.block_on(k8s::run::run(sources))?;
+        }
+        Command::Status {
+            bpffs_dir,
+            cgroup_root,
+            daemon,
+            output,
+        } => {
+            let state = status::read(&bpffs_dir, cgroup_root.as_deref(), Some(daemon))?;
+            match output {
+                StatusOutput::Text => print!("{}", status::render(&state)),
+                StatusOutput::Json => println!("{}", serde_json::to_string_pretty(&state)?),
+            }
         }
         Command::Uninstall { bpffs_dir } => {
             privilege::check()?;

@@ -62,6 +62,24 @@ impl GenerationKey {
     }
 }
 
+/// Reads a generation directory's name back into its key.
+pub fn parse_generation(name: &str) -> Option<GenerationKey> {
+    let key = name.strip_prefix(GENERATION_PREFIX)?.split('_').next()?;
+    let mut parts = key.splitn(3, '-');
+    let object_hash = u64::from_str_radix(parts.next()?, 16).ok()?;
+    let mode = match parts.next()? {
+        "enforce" => Mode::Enforce,
+        "audit" => Mode::Audit,
+        _ => return None,
+    };
+    let cgroup_id = parts.next()?.parse().ok()?;
+    Some(GenerationKey {
+        object_hash,
+        mode,
+        cgroup_id,
+    })
+}
+
 /// FNV-1a, 64 bits: a stable fingerprint of the eBPF object (not a
 /// security measure; it only tells builds apart).
 pub fn fingerprint(bytes: &[u8]) -> u64 {
@@ -280,6 +298,15 @@ mod tests {
             key(0xabc, Mode::Audit, 42).dir_prefix(),
             "g-0000000000000abc-audit-42"
         );
+    }
+
+    #[test]
+    fn generation_names_read_back() {
+        let key = key(0xabc, Mode::Audit, 42);
+        let name = format!("{}_1f2e", key.dir_prefix());
+        assert_eq!(parse_generation(&name), Some(key));
+        assert_eq!(parse_generation("not-ours"), None);
+        assert_eq!(parse_generation("g-zz-enforce-1_a"), None);
     }
 
     #[test]

@@ -179,6 +179,39 @@ impl Rule {
         }
     }
 
+    /// The rule a trie entry holds (the inverse of `kernel_key` and
+    /// `kernel_value`); `None` for an entry no rule could have written.
+    pub fn from_kernel(prefix_len: u32, addr: AddrBytes, value: &DestRule) -> Option<Rule> {
+        let v6 = std::net::Ipv6Addr::from(addr);
+        let prefix = match v6.to_ipv4_mapped() {
+            Some(v4) if prefix_len >= IPV4_MAPPED_PREFIX_BITS => {
+                IpNet::new(IpAddr::V4(v4), (prefix_len - IPV4_MAPPED_PREFIX_BITS) as u8).ok()?
+            }
+            _ => IpNet::new(IpAddr::V6(v6), u8::try_from(prefix_len).ok()?).ok()?,
+        };
+        if value.action != ACTION_DENY {
+            return Some(Rule {
+                prefix,
+                action: Action::Pass,
+                protocols: PROTO_ANY,
+                ports: Ports::All,
+            });
+        }
+        let count = (value.port_range_count as usize).min(MAX_PORT_RANGES);
+        let ranges = value.port_ranges[..count].to_vec();
+        let ports = match value.port_scope {
+            PORTS_ONLY => Ports::Only(ranges),
+            PORTS_EXCEPT => Ports::Except(ranges),
+            _ => Ports::All,
+        };
+        Some(Rule {
+            prefix,
+            action: Action::Deny,
+            protocols: value.protocols,
+            ports,
+        })
+    }
+
     /// Whether this rule covers `addr` (prefix only).
     pub fn contains(&self, addr: &IpAddr) -> bool {
         self.prefix.contains(addr)
@@ -551,6 +584,31 @@ mod tests {
         assert_eq!(value.port_ranges[0], r(53, 53));
         let v6 = Rule::parse_deny("fd00:ec2::/32").unwrap();
         assert_eq!(v6.kernel_key().0, 32);
+    }
+
+    #[test]
+    fn kernel_entries_read_back_as_the_rules_that_wrote_them() {
+        for text in [
+            "169.254.169.254/32 except-ports=53",
+            "168.63.129.16/32 proto=tcp ports=80,32526",
+            "169.254.0.0/16 proto=udp,icmp ports=8000-8100",
+            "fd00:ec2::254/128",
+            "fd00:ec2::/64",
+        ] {
+            let rule = Rule::parse_deny(text).unwrap();
+            let (len, addr) = rule.kernel_key();
+            assert_eq!(
+                Rule::from_kernel(len, addr, &rule.kernel_value()),
+                Some(rule),
+                "{text}"
+            );
+        }
+        let pass = Rule::parse_pass("169.254.170.23").unwrap();
+        let (len, addr) = pass.kernel_key();
+        assert_eq!(
+            Rule::from_kernel(len, addr, &pass.kernel_value()),
+            Some(pass)
+        );
     }
 
     #[test]

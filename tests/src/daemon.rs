@@ -15,6 +15,23 @@ use crate::{Result, SandboxError, probe::binary};
 /// The line the daemon logs once its programs are attached.
 pub const ENFORCING: &str = "imds-guard is enforcing";
 
+/// Runs a short `imds-guard` command (`status`, `uninstall`) to the end and
+/// returns its standard output; a failure carries its log.
+pub fn run_to_end(args: &[&str]) -> Result<String> {
+    let output = Command::new(binary("imds-guard")?)
+        .args(args)
+        .output()
+        .map_err(|e| SandboxError::Process(format!("running imds-guard {args:?}: {e}")))?;
+    if !output.status.success() {
+        return Err(SandboxError::Process(format!(
+            "imds-guard {args:?} failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        )));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 pub struct Daemon {
     child: Child,
     log: Arc<Mutex<Vec<String>>>,

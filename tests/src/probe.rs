@@ -185,6 +185,29 @@ impl Probe<'_> {
         interval: Duration,
         duration: Duration,
     ) -> Result<LoopProbe> {
+        self.spawn_loop_with(addr, port, interval, duration, &[])
+    }
+
+    /// Back-to-back TCP attempts until `count` are made or `duration` ends.
+    pub fn spawn_flood(
+        &self,
+        addr: IpAddr,
+        port: u16,
+        count: u32,
+        duration: Duration,
+    ) -> Result<LoopProbe> {
+        let count = count.to_string();
+        self.spawn_loop_with(addr, port, Duration::ZERO, duration, &["--count", &count])
+    }
+
+    fn spawn_loop_with(
+        &self,
+        addr: IpAddr,
+        port: u16,
+        interval: Duration,
+        duration: Duration,
+        extra: &[&str],
+    ) -> Result<LoopProbe> {
         let mut command = self.command("loop", addr, port)?;
         command
             .args([
@@ -195,6 +218,7 @@ impl Probe<'_> {
                 "--timeout-ms",
                 "1000",
             ])
+            .args(extra)
             .stdout(Stdio::piped());
         let child = spawn_in(&mut command, self.netns, self.cgroup)?;
         Ok(LoopProbe { child })

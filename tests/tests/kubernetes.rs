@@ -156,6 +156,8 @@ impl Node {
                 &root_arg,
                 "--bpffs-dir",
                 &pins_arg,
+                "--http-listen",
+                "127.0.0.1:0",
             ],
             &[("KUBECONFIG", &kubeconfig_arg)],
         )
@@ -357,4 +359,80 @@ fn memory_with_250_pods_on_the_node() {
         stopping.elapsed()
     );
     assert!(rss_kib < 64 * 1024, "{rss_kib} KiB");
+}
+
+/// Waits until `check` holds, for at most `limit`.
+fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn an_attempt_is_one_log_record_and_one_event_on_the_pod() {
+    let web = TestPod::new(21, "web", "team");
+    let asks = TestPod::new(22, "asks", "team");
+    let mut node = Node::start(Driver::Systemd, &[(&web, false), (&asks, true)], true);
+    for _ in 0..3 {
+        assert_eq!(node.attempt(&web), eperm());
+    }
+    let pod_field = "pod=\"web\"";
+    node.daemon
+        .wait_for_log(pod_field, Duration::from_secs(5))
+        .expect("log record");
+    let blocked_events = |node: &Node| -> Vec<k8s_openapi::api::events::v1::Event> {
+        node.api
+            .events()
+            .expect("events")
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("MetadataAccessBlocked"))
+            .collect()
+    };
+    wait_until("the Event", Duration::from_secs(5), || {
+        !blocked_events(&node).is_empty()
+    });
+    let log = node.daemon.log();
+    let records: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("attempt to reach a metadata address") && l.contains(pod_field))
+        .collect();
+    assert_eq!(records.len(), 1, "three attempts, one record:\n{log}");
+    assert!(records[0].contains("namespace=\"team\""), "{}", records[0]);
+    assert!(records[0].contains("container=\"web\""), "{}", records[0]);
+    let events = blocked_events(&node);
+    assert_eq!(events.len(), 1, "{events:?}");
+    let regarding = events[0].regarding.as_ref().expect("regarding");
+    assert_eq!(regarding.kind.as_deref(), Some("Pod"));
+    assert_eq!(regarding.namespace.as_deref(), Some("team"));
+    assert_eq!(regarding.name.as_deref(), Some("web"));
+    assert_eq!(regarding.uid.as_deref(), Some(web.uid.as_str()));
+    assert!(
+        events[0]
+            .note
+            .as_deref()
+            .unwrap_or_default()
+            .contains("169.254.169.254:80"),
+        "{events:?}"
+    );
+    // The labelled pod in a namespace that does not permit it gets told.
+    wait_until("the LabelIgnored Event", Duration::from_secs(5), || {
+        node.api.events().expect("events").iter().any(|e| {
+            e.reason.as_deref() == Some("MetadataAccessLabelIgnored")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("asks")
+        })
+    });
+    // Readiness follows the API server.
+    assert_eq!(node.daemon.http_get("/readyz").expect("readyz").0, 200);
+    node.api.stop().expect("stop API server");
+    wait_until("readyz to fail", Duration::from_secs(5), || {
+        node.daemon.http_get("/readyz").is_ok_and(|r| r.0 == 503)
+    });
+    assert_eq!(node.daemon.http_get("/healthz").expect("healthz").0, 200);
+    node.api.restart().expect("restart API server");
+    // The watch retries with kube's default backoff (0.8 s, doubling).
+    wait_until("readyz to recover", Duration::from_secs(20), || {
+        node.daemon.http_get("/readyz").is_ok_and(|r| r.0 == 200)
+    });
 }

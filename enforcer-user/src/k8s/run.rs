@@ -14,6 +14,7 @@ use futures::{Stream, StreamExt as _};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{
     Api, Client,
+    api::ListParams,
     runtime::{WatchStreamExt as _, watcher},
 };
 use tokio::sync::mpsc;
@@ -24,6 +25,7 @@ use crate::{
     config::{self, ConfigError, Sources},
     enforcer::{Enforcer, EnforcerError, EnforcerHandle, StartSettings},
     events::{PodNames, PodNotice, PodRef},
+    http::Health,
     k8s::{
         layout::{PodLayout, RealDirs},
         notify,
@@ -277,6 +279,7 @@ pub async fn run(sources: Sources) -> Result<(), KubernetesError> {
         settings.mode.node_name.clone(),
         notice_queue,
     ));
+    let prober = tokio::spawn(probe_api(client.clone(), Arc::clone(&running.health)));
     let node_field = format!("spec.nodeName={}", settings.mode.node_name);
     let mut pods = watcher(
         Api::<Pod>::all(client.clone()),
@@ -375,8 +378,26 @@ pub async fn run(sources: Sources) -> Result<(), KubernetesError> {
         }
     }
     publisher.abort();
+    prober.abort();
     running.stop().await;
     Ok(())
+}
+
+/// How often the API server's reachability is checked for readiness.
+const API_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Keeps `api_reachable` true while the API server answers. Quiet watches
+/// yield no events (kube keeps bookmarks to itself), so readiness cannot
+/// learn of a recovery from them alone.
+async fn probe_api(client: Client, health: Arc<Health>) {
+    let namespaces = Api::<Namespace>::all(client);
+    let one = ListParams::default().limit(1);
+    let mut tick = tokio::time::interval(API_PROBE_INTERVAL);
+    loop {
+        tick.tick().await;
+        let reachable = namespaces.list(&one).await.is_ok();
+        health.api_reachable.store(reachable, Ordering::Relaxed);
+    }
 }
 
 /// Re-reads the configuration; the rules and the label policy apply at once.

@@ -147,7 +147,7 @@ fn client(action: &str, target: &Target) -> ExitCode {
     }
     match action {
         "stream" => return stream(target),
-        "loop" => return attempt_loop(target),
+        "loop" => return attempt_loop(target, std::env::args().any(|a| a == "--count")),
         _ => {}
     }
     let started = Instant::now();
@@ -339,11 +339,12 @@ fn raw_udp(target: &Target, fragmented: bool) -> (Outcome, String) {
 }
 
 /// Makes a TCP attempt (connect, exchange, close) every `--interval-ms` for
-/// `--duration-ms`, and prints the tally: `reached=N refused=N timeout=N error=N`.
-fn attempt_loop(target: &Target) -> ExitCode {
+/// `--duration-ms` (or until `--count` attempts, when given), and prints the
+/// tally: `reached=N refused=N timeout=N error=N`.
+fn attempt_loop(target: &Target, count_given: bool) -> ExitCode {
     let deadline = Instant::now() + target.duration;
     let mut tally = [0u32; 4];
-    while Instant::now() < deadline {
+    while Instant::now() < deadline && (!count_given || tally.iter().sum::<u32>() < target.count) {
         let slot = match tcp(target) {
             Outcome::Reached => 0,
             Outcome::Refused(_) => 1,
@@ -351,7 +352,9 @@ fn attempt_loop(target: &Target) -> ExitCode {
             Outcome::Error(_) => 3,
         };
         tally[slot] += 1;
-        std::thread::sleep(target.interval);
+        if !target.interval.is_zero() {
+            std::thread::sleep(target.interval);
+        }
     }
     let [reached, refused, timeout, error] = tally;
     println!("reached={reached} refused={refused} timeout={timeout} error={error}");

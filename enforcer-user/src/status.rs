@@ -1,0 +1,236 @@
+//! `imds-guard status`: what is enforced, read from the pins, with or
+//! without the daemon running. Pod names come from the daemon when it is
+//! reachable; otherwise cgroups are shown by path and pod UID.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Serialize;
+
+use crate::{
+    bpf::{AllowMap, BpfError, CountersMap, DestRulesMap, DroppedEvents, Mode, PROGRAMS},
+    cgroup,
+    k8s::layout::identify,
+    pins::{self, PinError, PinRoot},
+    rules::Rule,
+};
+use enforcer_common::names;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(transparent)]
+    Pins(#[from] PinError),
+    #[error(transparent)]
+    Bpf(#[from] BpfError),
+    #[error("nothing is installed under {0} (no complete generation of pins)")]
+    NotInstalled(PathBuf),
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub bpffs_dir: PathBuf,
+    pub generation: String,
+    pub mode: &'static str,
+    pub protected_cgroup_id: u64,
+    pub protected_cgroup: Option<PathBuf>,
+    /// Program name -> whether its link is pinned (attached).
+    pub programs: BTreeMap<&'static str, bool>,
+    pub rules: Vec<String>,
+    pub allowed: Vec<CgroupEntry>,
+    pub counters: Vec<CounterEntry>,
+    pub events_dropped: u64,
+    /// Whether pod names came from a running daemon.
+    pub daemon_reachable: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CgroupEntry {
+    pub cgroup_id: u64,
+    pub cgroup: Option<PathBuf>,
+    pub pod_uid: Option<String>,
+    /// `namespace/name`, when the daemon could tell.
+    pub pod: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CounterEntry {
+    #[serde(flatten)]
+    pub cgroup: CgroupEntry,
+    pub connect: u64,
+    pub sendmsg: u64,
+    pub egress: u64,
+}
+
+/// This node's pods by UID, from the daemon's `/pods`.
+fn daemon_pods(address: SocketAddr) -> Option<BTreeMap<String, (String, String)>> {
+    let timeout = Duration::from_secs(2);
+    let mut stream = TcpStream::connect_timeout(&address, timeout).ok()?;
+    stream.set_read_timeout(Some(timeout)).ok()?;
+    stream
+        .write_all(b"GET /pods HTTP/1.1\r\nHost: imds-guard\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (_, body) = response.split_once("\r\n\r\n")?;
+    serde_json::from_str(body).ok()
+}
+
+struct Namer {
+    root: Option<PathBuf>,
+    pods: Option<BTreeMap<String, (String, String)>>,
+}
+
+impl Namer {
+    fn entry(&self, cgroup_id: u64) -> CgroupEntry {
+        let path = self
+            .root
+            .as_deref()
+            .and_then(|root| cgroup::find_by_id(root, cgroup_id));
+        let pod_uid = path.as_deref().and_then(identify).map(|id| id.pod_uid);
+        let pod = pod_uid.as_ref().and_then(|uid| {
+            self.pods
+                .as_ref()?
+                .get(uid)
+                .map(|(ns, name)| format!("{ns}/{name}"))
+        });
+        CgroupEntry {
+            cgroup_id,
+            cgroup: path,
+            pod_uid,
+            pod,
+        }
+    }
+}
+
+/// Reads the state of the complete generation under `bpffs_dir`.
+pub fn read(
+    bpffs_dir: &Path,
+    cgroup_root: Option<&Path>,
+    daemon: Option<SocketAddr>,
+) -> Result<Status, StatusError> {
+    let root = PinRoot::new(bpffs_dir);
+    let generation = root
+        .generations()?
+        .into_iter()
+        .find(|g| g.complete)
+        .ok_or_else(|| StatusError::NotInstalled(bpffs_dir.to_path_buf()))?
+        .name;
+    let key = pins::parse_generation(&generation)
+        .ok_or_else(|| StatusError::NotInstalled(bpffs_dir.to_path_buf()))?;
+    let pin = |map| root.map_pin(&generation, map);
+    let cgroup_root = cgroup_root
+        .map(Path::to_path_buf)
+        .or_else(|| cgroup::detect_cgroup2_mount().ok());
+    let pods = daemon.and_then(daemon_pods);
+    let namer = Namer {
+        root: cgroup_root.clone(),
+        pods,
+    };
+    let mut rules: Vec<(u8, String)> = DestRulesMap::from_pin(&pin(names::DEST_RULES))?
+        .entries()?
+        .into_iter()
+        .filter_map(|(len, addr, value)| Rule::from_kernel(len, addr, &value))
+        .map(|rule| (rule.prefix.prefix_len(), rule.to_string()))
+        .collect();
+    rules.sort();
+    let allowed = AllowMap::from_pin(&pin(names::ALLOWED_CGROUPS))?
+        .ids()?
+        .into_iter()
+        .map(|id| namer.entry(id))
+        .collect();
+    let counters = CountersMap::from_pin(&pin(names::BLOCK_COUNTERS))?
+        .read()?
+        .into_iter()
+        .map(|(id, c)| CounterEntry {
+            cgroup: namer.entry(id),
+            connect: c.connect,
+            sendmsg: c.sendmsg,
+            egress: c.egress,
+        })
+        .collect();
+    Ok(Status {
+        bpffs_dir: bpffs_dir.to_path_buf(),
+        mode: match key.mode {
+            Mode::Enforce => "enforce",
+            Mode::Audit => "audit",
+        },
+        protected_cgroup_id: key.cgroup_id,
+        protected_cgroup: cgroup_root
+            .as_deref()
+            .and_then(|r| cgroup::find_by_id(r, key.cgroup_id)),
+        programs: PROGRAMS
+            .iter()
+            .map(|p| (*p, root.link_pin(&generation, p).exists()))
+            .collect(),
+        rules: rules.into_iter().map(|(_, r)| r).collect(),
+        allowed,
+        counters,
+        events_dropped: DroppedEvents::from_pin(&pin(names::EVENTS_DROPPED))?.total()?,
+        daemon_reachable: namer.pods.is_some(),
+        generation,
+    })
+}
+
+fn describe(entry: &CgroupEntry) -> String {
+    let path = entry.cgroup.as_ref().map_or_else(
+        || format!("cgroup id {} (gone)", entry.cgroup_id),
+        |p| p.display().to_string(),
+    );
+    match (&entry.pod, &entry.pod_uid) {
+        (Some(pod), _) => format!("{pod}  ({path})"),
+        (None, Some(uid)) => format!("pod {uid}  ({path})"),
+        (None, None) => path,
+    }
+}
+
+/// The human-readable form.
+pub fn render(status: &Status) -> String {
+    let mut out = String::new();
+    let attached = status.programs.values().filter(|a| **a).count();
+    let protected = status.protected_cgroup.as_ref().map_or_else(
+        || format!("cgroup id {}", status.protected_cgroup_id),
+        |p| p.display().to_string(),
+    );
+    out += &format!("pins        {}\n", status.bpffs_dir.display());
+    out += &format!("generation  {}\n", status.generation);
+    out += &format!("mode        {}\n", status.mode);
+    out += &format!("protecting  {protected}\n");
+    out += &format!(
+        "programs    {attached} of {} attached ({})\n",
+        status.programs.len(),
+        status
+            .programs
+            .iter()
+            .map(|(name, on)| format!("{name}{}", if *on { "" } else { " MISSING" }))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    out += "rules\n";
+    for rule in &status.rules {
+        out += &format!("  {rule}\n");
+    }
+    out += &format!("allowed     {} cgroup(s)\n", status.allowed.len());
+    for entry in &status.allowed {
+        out += &format!("  {}\n", describe(entry));
+    }
+    out += "attempts    connect sendmsg  egress  cgroup\n";
+    for c in &status.counters {
+        out += &format!(
+            "  {:>15} {:>7} {:>7}  {}\n",
+            c.connect,
+            c.sendmsg,
+            c.egress,
+            describe(&c.cgroup)
+        );
+    }
+    out += &format!("events dropped  {}\n", status.events_dropped);
+    if !status.daemon_reachable {
+        out += "(daemon not reachable: pods shown by UID)\n";
+    }
+    out
+}

@@ -1,0 +1,201 @@
+//! What operators see: metrics after a known number of attempts, a flood
+//! that the kernel rate-limits without hurting the daemon, `status` field
+//! by field, and health endpoints that follow the programs.
+
+use std::time::{Duration, Instant};
+
+use imds_guard_tests::{
+    Daemon, Outcome, addrs,
+    daemon::run_to_end,
+    stage::{HTTP, World, case, eperm},
+};
+
+const REFUSED_SERIES: &str = "imds_guard_attempts_total{namespace=\"\",pod=\"\",destination=\"169.254.169.254:80\",verdict=\"refused\"}";
+
+fn metrics_world() -> World {
+    World::new(&["--allow", "{allowed}", "--http-listen", "127.0.0.1:0"])
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("daemon status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// Waits until the metric reaches `at_least`, and returns its value.
+fn metric_reaching(daemon: &mut Daemon, series: &str, at_least: f64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let value = daemon.metric(series).expect("metrics");
+        if value >= at_least || Instant::now() > deadline {
+            return value;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_flood_is_rate_limited_in_the_kernel_and_the_daemon_stays_small() {
+    let mut world = metrics_world();
+    let idle = rss_kib(world.daemon.pid());
+    const FLOOD: u32 = 100_000;
+    let started = Instant::now();
+    let tally = world
+        .probe(&world.blocked)
+        .spawn_flood(
+            addrs::METADATA_V4.into(),
+            HTTP,
+            FLOOD,
+            Duration::from_secs(30),
+        )
+        .expect("flood")
+        .finish()
+        .expect("tally");
+    let took = started.elapsed();
+    eprintln!("flood: {tally:?} in {took:?}");
+    assert_eq!(tally.refused, FLOOD, "{tally:?}");
+    // The kernel counts every attempt...
+    let pins = world.pins.path().display().to_string();
+    let status = run_to_end(&["status", "--bpffs-dir", &pins, "--output", "json"]).expect("status");
+    let json: serde_json::Value = serde_json::from_str(&status).expect("status json");
+    let connects: u64 = json["counters"]
+        .as_array()
+        .expect("counters")
+        .iter()
+        .filter_map(|c| c["connect"].as_u64())
+        .sum();
+    assert_eq!(connects, u64::from(FLOOD));
+    // ...but sends at most 20 events a second for the cgroup: the rest are
+    // counted as dropped, and the two add up.
+    let dropped_series = "imds_guard_events_dropped_total";
+    let dropped = metric_reaching(&mut world.daemon, dropped_series, 1.0);
+    let sent = metric_reaching(
+        &mut world.daemon,
+        REFUSED_SERIES,
+        f64::from(FLOOD) - dropped,
+    );
+    assert_eq!(
+        sent + dropped,
+        f64::from(FLOOD),
+        "sent {sent} + dropped {dropped}"
+    );
+    let limit = 20.0 * (took.as_secs_f64() + 1.0);
+    assert!(sent <= limit, "{sent} events sent in {took:?}");
+    let peak = rss_kib(world.daemon.pid());
+    eprintln!("daemon memory: {idle} KiB idle, {peak} KiB after the flood");
+    assert!(peak < idle + 16 * 1024, "{idle} -> {peak} KiB");
+}
+
+#[test]
+fn status_shows_every_field() {
+    let mut world = metrics_world();
+    for _ in 0..3 {
+        assert_eq!(
+            world
+                .attempt(&world.blocked, &case("tcp", addrs::METADATA_V4, HTTP))
+                .outcome,
+            eperm()
+        );
+    }
+    let pins = world.pins.path().display().to_string();
+    let daemon = world.daemon.http_address().expect("address").to_string();
+    let status = run_to_end(&[
+        "status",
+        "--bpffs-dir",
+        &pins,
+        "--daemon",
+        &daemon,
+        "--output",
+        "json",
+    ])
+    .expect("status");
+    let json: serde_json::Value = serde_json::from_str(&status).expect("status json");
+    assert_eq!(json["mode"], "enforce");
+    assert_eq!(json["bpffs_dir"], pins.as_str());
+    assert_eq!(
+        json["protected_cgroup"],
+        world.guarded.display().to_string()
+    );
+    assert!(
+        json["generation"]
+            .as_str()
+            .expect("generation")
+            .starts_with("g-")
+    );
+    let programs = json["programs"].as_object().expect("programs");
+    assert_eq!(programs.len(), 5);
+    assert!(programs.values().all(|v| v == true), "{programs:?}");
+    assert_eq!(
+        json["rules"],
+        serde_json::json!([
+            "169.254.169.254/32 except-ports=53",
+            "169.254.170.23/32 (pass)",
+            "169.254.20.10/32 (pass)",
+            "fd00:ec2::23/128 (pass)",
+            "fd00:ec2::254/128"
+        ])
+    );
+    let allowed = json["allowed"].as_array().expect("allowed");
+    assert_eq!(allowed.len(), 1);
+    assert_eq!(allowed[0]["cgroup"], world.allowed.display().to_string());
+    let counters = json["counters"].as_array().expect("counters");
+    assert_eq!(counters.len(), 1, "{counters:?}");
+    assert_eq!(counters[0]["cgroup"], world.blocked.display().to_string());
+    assert_eq!(counters[0]["connect"], 3);
+    assert_eq!(counters[0]["sendmsg"], 0);
+    assert_eq!(counters[0]["egress"], 0);
+    assert_eq!(json["events_dropped"], 0);
+    assert_eq!(json["daemon_reachable"], true);
+
+    // The text form carries the same facts, and works without the daemon.
+    world.daemon.stop().expect("stop");
+    let text = run_to_end(&["status", "--bpffs-dir", &pins]).expect("status");
+    for line in [
+        "mode        enforce".to_owned(),
+        format!("protecting  {}", world.guarded.display()),
+        "programs    5 of 5 attached".to_owned(),
+        "  169.254.169.254/32 except-ports=53".to_owned(),
+        "allowed     1 cgroup(s)".to_owned(),
+        format!("  {}", world.allowed.display()),
+        format!(
+            "                3       0       0  {}",
+            world.blocked.display()
+        ),
+        "events dropped  0".to_owned(),
+        "(daemon not reachable: pods shown by UID)".to_owned(),
+    ] {
+        assert!(text.contains(&line), "{line:?} not in\n{text}");
+    }
+}
+
+#[test]
+fn health_follows_the_programs() {
+    let mut world = metrics_world();
+    assert_eq!(world.daemon.http_get("/healthz").expect("healthz").0, 200);
+    assert_eq!(world.daemon.http_get("/readyz").expect("readyz").0, 200);
+    assert_eq!(
+        world
+            .daemon
+            .metric("imds_guard_programs_attached")
+            .expect("metric"),
+        5.0
+    );
+    // Someone removes one program's pin: that program is detached.
+    let generation = world.pins.generations().pop().expect("generation");
+    let pin = world
+        .pins
+        .path()
+        .join(&generation)
+        .join("link-imds_guard_connect4");
+    std::fs::remove_file(&pin).expect("unpin");
+    let (status, body) = world.daemon.http_get("/healthz").expect("healthz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("4 of 5 programs attached"), "{body}");
+    assert_eq!(world.daemon.http_get("/readyz").expect("readyz").0, 503);
+    // The egress program still drops the packets; only the fast refusal is gone.
+    let result = world.attempt(&world.blocked, &case("tcp", addrs::METADATA_V4, HTTP));
+    assert_ne!(result.outcome, Outcome::Reached, "{result:?}");
+}
