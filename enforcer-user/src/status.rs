@@ -229,7 +229,12 @@ pub fn render(status: &Status) -> String {
         );
     }
     out += &format!("events dropped  {}\n", status.events_dropped);
-    if !status.daemon_reachable {
+    let unnamed_pods = status
+        .allowed
+        .iter()
+        .chain(status.counters.iter().map(|c| &c.cgroup))
+        .any(|e| e.pod_uid.is_some() && e.pod.is_none());
+    if unnamed_pods && !status.daemon_reachable {
         out += "(daemon not reachable: pods shown by UID)\n";
     }
     out
