@@ -436,3 +436,44 @@ fn an_attempt_is_one_log_record_and_one_event_on_the_pod() {
         node.daemon.http_get("/readyz").is_ok_and(|r| r.0 == 200)
     });
 }
+
+#[test]
+fn restarts_during_relists_never_open_a_window() {
+    let agent = TestPod::new(31, "agent", "kube-system");
+    let app = TestPod::new(32, "app", "team");
+    let mut node = Node::start(Driver::Cgroupfs, &[(&agent, true), (&app, false)], true);
+    let metadata = IpAddr::V4(addrs::METADATA_V4);
+    let loop_in = |node: &Node, pod: &TestPod| {
+        let cgroup = node.cgroup_of(pod);
+        Probe {
+            netns: &node.sandbox.client,
+            cgroup: Some(&cgroup),
+        }
+        .spawn_loop(
+            metadata,
+            HTTP,
+            Duration::from_millis(5),
+            Duration::from_secs(6),
+        )
+        .expect("load loop")
+    };
+    let blocked = loop_in(&node, &app);
+    let allowed = loop_in(&node, &agent);
+    for _ in 0..5 {
+        node.daemon.kill().expect("SIGKILL");
+        // The next start lists from scratch: its watches' positions are gone.
+        node.api.expire_watches();
+        node.daemon = Node::launch(&node.root, &node.pins, &node.kubeconfig);
+        assert!(
+            node.daemon.log().contains("adopted the pinned programs"),
+            "{}",
+            node.daemon.log()
+        );
+    }
+    let blocked = blocked.finish().expect("blocked tally");
+    let allowed = allowed.finish().expect("allowed tally");
+    assert_eq!(blocked.reached, 0, "{blocked:?}");
+    assert!(blocked.refused > 100, "{blocked:?}");
+    assert_eq!(allowed.reached, allowed.attempts(), "{allowed:?}");
+    assert!(allowed.reached > 100, "{allowed:?}");
+}
