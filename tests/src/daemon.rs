@@ -157,6 +157,19 @@ impl Daemon {
             .unwrap_or(0.0))
     }
 
+    /// Waits until the metric reaches `at_least` (up to ten seconds) and
+    /// returns its value then, which may still be lower.
+    pub fn metric_reaching(&mut self, series: &str, at_least: f64) -> Result<f64> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let value = self.metric(series)?;
+            if value >= at_least || Instant::now() > deadline {
+                return Ok(value);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Everything the daemon logged so far.
     pub fn log(&self) -> String {
         self.log.lock().map(|l| l.join("\n")).unwrap_or_default()

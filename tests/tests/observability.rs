@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use imds_guard_tests::{
-    Daemon, Outcome, addrs,
+    Outcome, addrs,
     daemon::run_to_end,
     stage::{HTTP, World, case, eperm},
 };
@@ -23,18 +23,6 @@ fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS")
-}
-
-/// Waits until the metric reaches `at_least`, and returns its value.
-fn metric_reaching(daemon: &mut Daemon, series: &str, at_least: f64) -> f64 {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let value = daemon.metric(series).expect("metrics");
-        if value >= at_least || Instant::now() > deadline {
-            return value;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -71,12 +59,14 @@ fn a_flood_is_rate_limited_in_the_kernel_and_the_daemon_stays_small() {
     // ...but sends at most 20 events a second for the cgroup: the rest are
     // counted as dropped, and the two add up.
     let dropped_series = "imds_guard_events_dropped_total";
-    let dropped = metric_reaching(&mut world.daemon, dropped_series, 1.0);
-    let sent = metric_reaching(
-        &mut world.daemon,
-        REFUSED_SERIES,
-        f64::from(FLOOD) - dropped,
-    );
+    let dropped = world
+        .daemon
+        .metric_reaching(dropped_series, 1.0)
+        .expect("metrics");
+    let sent = world
+        .daemon
+        .metric_reaching(REFUSED_SERIES, f64::from(FLOOD) - dropped)
+        .expect("metrics");
     assert_eq!(
         sent + dropped,
         f64::from(FLOOD),
