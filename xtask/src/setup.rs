@@ -21,6 +21,7 @@ pub fn run(_root: &Path) -> anyhow::Result<()> {
     ensure_bpf_linker()?;
     ensure_bpffs()?;
     check_tool("ip", &["-V"], "iproute2")?;
+    ensure_kubernetes_validate()?;
     println!("setup: done");
     Ok(())
 }
@@ -173,6 +174,28 @@ fn ensure_bpffs() -> anyhow::Result<()> {
     println!("  mounting: bpffs at /sys/fs/bpf");
     std::fs::create_dir_all("/sys/fs/bpf")?;
     output("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"])?;
+    Ok(())
+}
+
+/// kubernetes-validate (PyPI): tests/tests/manifests.rs checks the rendered
+/// deployment manifests against the Kubernetes API schemas with it.
+fn ensure_kubernetes_validate() -> anyhow::Result<()> {
+    let works = || output("kubernetes-validate", &["--version"]).is_ok();
+    if works() {
+        println!("  ok: kubernetes-validate");
+        return Ok(());
+    }
+    println!("  installing: kubernetes-validate (pip)");
+    output("pip", &["install", "--quiet", "kubernetes-validate"])
+        .context("kubernetes-validate is missing and `pip install kubernetes-validate` failed")?;
+    if !works() {
+        // Under pyenv a new command is found only once the shims are rebuilt;
+        // elsewhere there is no pyenv and this changes nothing.
+        let _ = output("pyenv", &["rehash"]);
+    }
+    if !works() {
+        bail!("pip installed kubernetes-validate, but it is not on PATH");
+    }
     Ok(())
 }
 

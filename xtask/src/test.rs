@@ -72,7 +72,9 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         )?;
         return Ok(());
     }
-    // The end-to-end tests run the real binaries: build them first.
+    // The end-to-end tests run the real binaries: build them first, and a
+    // second build whose eBPF object differs, for the upgrade tests (in a
+    // target directory of its own, so neither build invalidates the other).
     cargo(
         root,
         &[
@@ -84,12 +86,26 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
             "--bins",
         ],
     )?;
+    let variant_target = root.join("target/variant");
+    run_in(
+        root,
+        "cargo",
+        &["build", "-p", "enforcer-user", "--bin", "imds-guard"],
+        &[
+            ("CARGO_TARGET_DIR", &variant_target.to_string_lossy()),
+            ("IMDS_GUARD_EBPF_VARIANT", "1"),
+        ],
+    )?;
     let bin_dir = root.join("target/debug");
+    let variant_dir = variant_target.join("debug");
     run_in(
         root,
         "cargo",
         &["test", "--workspace", "--exclude", "enforcer-ebpf"],
-        &[("IMDS_GUARD_BIN_DIR", &bin_dir.to_string_lossy())],
+        &[
+            ("IMDS_GUARD_BIN_DIR", &bin_dir.to_string_lossy()),
+            ("IMDS_GUARD_VARIANT_BIN_DIR", &variant_dir.to_string_lossy()),
+        ],
     )?;
     println!("test: everything passed in {:.0?}", started.elapsed());
     Ok(())

@@ -1,0 +1,608 @@
+//! The deployment manifests (deploy/), as `kubectl kustomize` renders them:
+//! valid against the Kubernetes API schemas, carrying what the daemon needs
+//! and nothing more, with a configuration the daemon accepts, and an
+//! admission policy that rejects every metadata address the daemon denies.
+//!
+//! Needs kubectl and kubernetes-validate (`cargo xtask setup` installs the
+//! latter); no root, no cluster.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use enforcer_user::{
+    bpf::Mode,
+    config::{Common, ConfigFile, Kubernetes, ModeSettings as _, Overrides, Preset},
+    k8s::API_ACCESS,
+    rules::Action,
+};
+use kube_cel::{KubeCelExt as _, cel};
+use serde_json::{Value, json};
+
+/// The Kubernetes release the manifests are validated against (the API
+/// version kube-rs is built for in this workspace).
+const KUBERNETES_VERSION: &str = "1.34.0";
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate sits in the workspace")
+        .to_path_buf()
+}
+
+/// Runs a tool that must be installed, feeding it `stdin`; a missing tool
+/// fails the test, saying how to get it.
+fn run_tool(program: &str, args: &[&str], stdin: &str, install_hint: &str) -> (bool, String) {
+    let mut child = Command::new(program)
+        .args(args)
+        .current_dir(workspace_root())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot run `{program}` ({err}): {install_hint}"));
+    child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(stdin.as_bytes())
+        .expect("writing to the tool's stdin");
+    let out = child.wait_with_output().expect("waiting for the tool");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// `kubectl kustomize DIR`: the YAML text and its documents.
+fn render(dir: &str) -> (String, Vec<Value>) {
+    let (ok, yaml) = run_tool(
+        "kubectl",
+        &["kustomize", dir],
+        "",
+        "kubectl (with its built-in kustomize) is needed to render deploy/",
+    );
+    assert!(ok, "kubectl kustomize {dir} failed:\n{yaml}");
+    (yaml.clone(), documents(&yaml))
+}
+
+fn documents(yaml: &str) -> Vec<Value> {
+    serde_yaml_ng::Deserializer::from_str(yaml)
+        .map(|doc| serde::Deserialize::deserialize(doc).expect("valid YAML"))
+        .filter(|doc: &Value| !doc.is_null())
+        .collect()
+}
+
+fn base() -> Vec<Value> {
+    render("deploy").1
+}
+
+fn audit() -> Vec<Value> {
+    render("deploy/overlays/audit").1
+}
+
+/// The one document of `kind` (and `name`, when several could match).
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in the rendered manifests"))
+}
+
+/// The value at a JSON pointer, which must be there.
+fn at<'a>(value: &'a Value, pointer: &str) -> &'a Value {
+    value
+        .pointer(pointer)
+        .unwrap_or_else(|| panic!("nothing at {pointer} in {value:#}"))
+}
+
+fn strings(value: &Value) -> BTreeSet<String> {
+    value
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {value}"))
+        .iter()
+        .map(|v| {
+            v.as_str()
+                .unwrap_or_else(|| panic!("not a string: {v}"))
+                .to_owned()
+        })
+        .collect()
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// Validates YAML documents with kubernetes-validate, strictly (unknown
+/// fields are errors). It passes a kind it has no schema for with only a
+/// warning, so every document must be reported as passed.
+fn validate(label: &str, yaml: &str) {
+    let expected = documents(yaml).len();
+    let (ok, report) = run_tool(
+        "kubernetes-validate",
+        &["--strict", "--kubernetes-version", KUBERNETES_VERSION, "-"],
+        yaml,
+        "install it with `cargo xtask setup` (pip install kubernetes-validate)",
+    );
+    let passed = report
+        .lines()
+        .filter(|l| l.contains(" passed for resource "))
+        .count();
+    assert!(
+        ok && passed == expected,
+        "{label}: {passed} of {expected} documents passed strict validation against \
+         Kubernetes {KUBERNETES_VERSION}:\n{report}"
+    );
+}
+
+#[test]
+fn every_rendered_document_is_valid_kubernetes() {
+    for dir in ["deploy", "deploy/overlays/audit"] {
+        validate(dir, &render(dir).0);
+    }
+    // The end-to-end harnesses' objects cannot run here; they can be checked.
+    let root = workspace_root();
+    let read = |file: &str| {
+        std::fs::read_to_string(root.join("deploy/e2e").join(file))
+            .unwrap_or_else(|err| panic!("reading deploy/e2e/{file}: {err}"))
+    };
+    let clients = documents(&read("pods.yaml"));
+    let items = clients[0]["items"]
+        .as_array()
+        .expect("deploy/e2e/pods.yaml is one List");
+    let items: Vec<String> = items
+        .iter()
+        .map(|item| serde_yaml_ng::to_string(item).expect("serializable"))
+        .collect();
+    validate("deploy/e2e/pods.yaml", &items.join("---\n"));
+    for file in ["endpointslice-metadata.yaml", "endpointslice-ordinary.yaml"] {
+        validate(file, &read(file));
+    }
+}
+
+/// Every `key: true` anywhere below `value`.
+fn paths_set_true(value: &Value, key: &str, path: &str, found: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                let here = format!("{path}/{k}");
+                if k == key && *v == Value::Bool(true) {
+                    found.push(here.clone());
+                }
+                paths_set_true(v, key, &here, found);
+            }
+        }
+        Value::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                paths_set_true(v, key, &format!("{path}/{i}"), found);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn nothing_is_privileged_or_shares_host_namespaces() {
+    for docs in [base(), audit()] {
+        for key in [
+            "privileged",
+            "hostNetwork",
+            "hostPID",
+            "hostIPC",
+            "allowPrivilegeEscalation",
+        ] {
+            let mut found = Vec::new();
+            for doc in &docs {
+                paths_set_true(doc, key, &format!("{}", doc["kind"]), &mut found);
+            }
+            assert!(found.is_empty(), "{key}: true at {found:?}");
+        }
+    }
+}
+
+#[test]
+fn daemonset_has_what_the_daemon_needs_and_no_more() {
+    let docs = base();
+    let daemonset = find(&docs, "DaemonSet", "imds-guard");
+    let pod = at(daemonset, "/spec/template/spec");
+    let containers = at(pod, "/containers").as_array().expect("a list");
+    assert_eq!(containers.len(), 1, "one container: the daemon");
+    let container = &containers[0];
+
+    // The daemon's contract.
+    let args: Vec<&str> = at(container, "/args")
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(
+        args,
+        [
+            "run",
+            "--config",
+            "/etc/imds-guard/config.yaml",
+            "--cgroup-root",
+            "/host/sys/fs/cgroup",
+            "--bpffs-dir",
+            "/sys/fs/bpf/imds-guard",
+            "--http-listen",
+            "0.0.0.0:9464",
+        ]
+    );
+    let node_name = at(container, "/env")
+        .as_array()
+        .expect("a list")
+        .iter()
+        .find(|e| e["name"] == "NODE_NAME")
+        .expect("NODE_NAME is set");
+    assert_eq!(
+        at(node_name, "/valueFrom/fieldRef/fieldPath"),
+        "spec.nodeName"
+    );
+    assert_eq!(
+        at(container, "/image"),
+        &json!(format!("imds-guard:{}", env!("CARGO_PKG_VERSION"))),
+        "the image `cargo xtask image` builds"
+    );
+
+    // Metrics and health on one named port.
+    assert_eq!(
+        at(container, "/ports"),
+        &json!([{"name": "http-metrics", "containerPort": 9464, "protocol": "TCP"}])
+    );
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        let get = at(container, &format!("/{probe}/httpGet"));
+        assert_eq!(
+            (&get["path"], &get["port"]),
+            (&json!(path), &json!("http-metrics")),
+            "{probe}"
+        );
+    }
+
+    // Least privilege: two capabilities, root without the rest, no host
+    // namespaces, a read-only root.
+    let security = at(container, "/securityContext");
+    assert_eq!(
+        strings(at(security, "/capabilities/add")),
+        set(&["BPF", "NET_ADMIN"])
+    );
+    assert_eq!(strings(at(security, "/capabilities/drop")), set(&["ALL"]));
+    assert_eq!(at(security, "/runAsUser"), 0);
+    assert_eq!(at(security, "/allowPrivilegeEscalation"), false);
+    assert_eq!(at(security, "/readOnlyRootFilesystem"), true);
+    assert_eq!(at(security, "/seccompProfile/type"), "RuntimeDefault");
+    assert_eq!(
+        at(pod, "/automountServiceAccountToken"),
+        true,
+        "it uses the API"
+    );
+
+    // Exactly two host paths: the host's cgroup hierarchy, read-only, and
+    // its bpffs, where pins outlive the pod.
+    let mounts: HashMap<&str, &Value> = at(container, "/volumeMounts")
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|m| (m["name"].as_str().expect("named"), m))
+        .collect();
+    let host_paths: HashMap<&str, &str> = at(pod, "/volumes")
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|v| Some((v["name"].as_str()?, v.pointer("/hostPath/path")?.as_str()?)))
+        .collect();
+    assert_eq!(
+        host_paths,
+        HashMap::from([("host-cgroup", "/sys/fs/cgroup"), ("bpffs", "/sys/fs/bpf")])
+    );
+    let cgroup = mounts["host-cgroup"];
+    assert_eq!(
+        (&cgroup["mountPath"], &cgroup["readOnly"]),
+        (&json!("/host/sys/fs/cgroup"), &json!(true))
+    );
+    let bpffs = mounts["bpffs"];
+    assert_eq!(bpffs["mountPath"], "/sys/fs/bpf");
+    assert_eq!(bpffs["mountPropagation"], "HostToContainer");
+    assert_ne!(
+        bpffs["readOnly"], true,
+        "pins are written to the host's bpffs"
+    );
+    let config = mounts["config"];
+    assert_eq!(
+        (&config["mountPath"], &config["readOnly"]),
+        (&json!("/etc/imds-guard"), &json!(true))
+    );
+
+    // On every node, before anything else, one node at a time.
+    assert!(
+        at(pod, "/tolerations")
+            .as_array()
+            .expect("a list")
+            .contains(&json!({"operator": "Exists"})),
+        "a toleration of every taint"
+    );
+    assert_eq!(at(pod, "/priorityClassName"), "system-node-critical");
+    assert_eq!(
+        at(
+            daemonset,
+            "/spec/updateStrategy/rollingUpdate/maxUnavailable"
+        ),
+        1
+    );
+    for resource in ["requests", "limits"] {
+        for kind in ["cpu", "memory"] {
+            at(container, &format!("/resources/{resource}/{kind}"));
+        }
+    }
+}
+
+#[test]
+fn cluster_role_grants_exactly_the_api_access_the_daemon_uses() {
+    let docs = base();
+    let role = find(&docs, "ClusterRole", "imds-guard");
+    let mut granted = BTreeSet::new();
+    for rule in at(role, "/rules").as_array().expect("a list") {
+        let keys: BTreeSet<&str> = rule
+            .as_object()
+            .expect("a rule is a map")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            keys,
+            BTreeSet::from(["apiGroups", "resources", "verbs"]),
+            "no resourceNames, nonResourceURLs or anything else: {rule}"
+        );
+        for group in strings(&rule["apiGroups"]) {
+            for resource in strings(&rule["resources"]) {
+                for verb in strings(&rule["verbs"]) {
+                    granted.insert((group.clone(), resource.clone(), verb));
+                }
+            }
+        }
+    }
+    let used: BTreeSet<(String, String, String)> = API_ACCESS
+        .iter()
+        .flat_map(|(group, resource, verbs)| {
+            verbs.iter().map(|verb| {
+                (
+                    (*group).to_owned(),
+                    (*resource).to_owned(),
+                    (*verb).to_owned(),
+                )
+            })
+        })
+        .collect();
+    assert_eq!(granted, used);
+
+    // Granted to the account the daemon runs as, and to no one else.
+    let daemonset = find(&docs, "DaemonSet", "imds-guard");
+    let binding = find(&docs, "ClusterRoleBinding", "imds-guard");
+    assert_eq!(at(binding, "/roleRef/name"), "imds-guard");
+    assert_eq!(
+        at(binding, "/subjects"),
+        &json!([{
+            "kind": "ServiceAccount",
+            "name": at(daemonset, "/spec/template/spec/serviceAccountName"),
+            "namespace": at(daemonset, "/metadata/namespace"),
+        }])
+    );
+}
+
+/// The daemon's configuration file as the ConfigMap carries it.
+fn config_text(docs: &[Value]) -> String {
+    at(
+        find(docs, "ConfigMap", "imds-guard-config"),
+        "/data/config.yaml",
+    )
+    .as_str()
+    .expect("config.yaml is text")
+    .to_owned()
+}
+
+/// What the admission policy's binding does with a rejection.
+fn admission_actions(docs: &[Value]) -> BTreeSet<String> {
+    let binding = find(
+        docs,
+        "ValidatingAdmissionPolicyBinding",
+        "imds-guard-metadata-endpoints",
+    );
+    strings(at(binding, "/spec/validationActions"))
+}
+
+/// Parses and resolves a configuration as `imds-guard run` does at start.
+fn resolve(text: &str) -> Common {
+    let file = ConfigFile::parse(text).unwrap_or_else(|err| panic!("{err}:\n{text}"));
+    let flags = Overrides {
+        node_name: Some("node-1".to_owned()),
+        ..Overrides::default()
+    };
+    Kubernetes::resolve(&file, &flags).unwrap_or_else(|err| panic!("{err}:\n{text}"));
+    Common::resolve(&file, &Overrides::default()).unwrap_or_else(|err| panic!("{err}:\n{text}"))
+}
+
+#[test]
+fn shipped_configurations_are_valid_for_the_daemon() {
+    let base = base();
+    let audit = audit();
+    assert_eq!(resolve(&config_text(&base)).mode, Mode::Enforce);
+    assert_eq!(resolve(&config_text(&audit)).mode, Mode::Audit);
+    // In audit mode the admission policy only warns and records, too.
+    assert_eq!(admission_actions(&base), set(&["Deny"]));
+    assert_eq!(admission_actions(&audit), set(&["Warn", "Audit"]));
+}
+
+/// Every deny prefix of the daemon: its defaults and every preset's, as the
+/// daemon's own configuration code resolves them.
+fn daemon_deny_prefixes() -> BTreeSet<String> {
+    let presets = <Preset as clap::ValueEnum>::value_variants();
+    let files =
+        std::iter::once(ConfigFile::default()).chain(presets.iter().map(|&preset| ConfigFile {
+            presets: Some(vec![preset]),
+            ..ConfigFile::default()
+        }));
+    files
+        .flat_map(|file| {
+            let common = Common::resolve(&file, &Overrides::default()).expect("built-in rules");
+            common
+                .rules
+                .rules()
+                .iter()
+                .filter(|rule| rule.action == Action::Deny)
+                .map(|rule| rule.prefix.to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn admission_policy() -> Value {
+    find(
+        &base(),
+        "ValidatingAdmissionPolicy",
+        "imds-guard-metadata-endpoints",
+    )
+    .clone()
+}
+
+#[test]
+fn admission_policy_names_every_address_the_daemon_denies() {
+    let policy = admission_policy();
+    let variables = at(&policy, "/spec/variables").as_array().expect("a list");
+    let prefixes = variables
+        .iter()
+        .find(|v| v["name"] == "metadataPrefixes")
+        .expect("a metadataPrefixes variable");
+    // The CEL list's string literals.
+    let named: BTreeSet<String> = at(prefixes, "/expression")
+        .as_str()
+        .expect("CEL text")
+        .split('\'')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(named, daemon_deny_prefixes());
+    let text = serde_json::to_string(&policy).expect("serializable");
+    for address in [
+        "169.254.169.254",
+        "fd00:ec2::254",
+        "169.254.170.2",
+        "168.63.129.16",
+        "100.100.100.200",
+        "fd00:a9fe:a9fe::254",
+    ] {
+        assert!(text.contains(address), "the policy forgets {address}");
+    }
+}
+
+/// Evaluates the policy as the API server would for `object` of `kind`:
+/// its variables in order, then its validations. Returns the messages of
+/// the validations that fail (an evaluation error fails too, as with
+/// failurePolicy Fail).
+fn admission_failures(policy: &Value, kind: &str, object: &Value) -> Vec<String> {
+    let mut context = cel::Context::default().with_all();
+    context
+        .add_variable("object", cel::to_value(object).expect("JSON object"))
+        .expect("binding object");
+    let request = json!({"kind": {"group": "", "version": "v1", "kind": kind}});
+    context
+        .add_variable("request", cel::to_value(&request).expect("JSON request"))
+        .expect("binding request");
+    let compile = |expression: &Value| {
+        let text = expression.as_str().expect("CEL text");
+        cel::Program::compile(text).unwrap_or_else(|err| panic!("{err}: {text}"))
+    };
+    let mut variables = HashMap::new();
+    for variable in at(policy, "/spec/variables").as_array().expect("a list") {
+        context.add_variable_from_value("variables", variables.clone());
+        let value = compile(&variable["expression"])
+            .execute(&context)
+            .unwrap_or_else(|err| panic!("variable {}: {err}", variable["name"]));
+        let name = variable["name"].as_str().expect("named").to_owned();
+        variables.insert(name, value);
+    }
+    context.add_variable_from_value("variables", variables);
+    at(policy, "/spec/validations")
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter(|validation| {
+            !matches!(
+                compile(&validation["expression"]).execute(&context),
+                Ok(cel::Value::Bool(true))
+            )
+        })
+        .map(|validation| validation["message"].as_str().unwrap_or("?").to_owned())
+        .collect()
+}
+
+fn endpoint_slice(address_type: &str, address: &str) -> Value {
+    json!({"addressType": address_type, "endpoints": [{"addresses": ["10.0.0.1"]}, {"addresses": [address]}]})
+}
+
+fn endpoints(ready: &str, not_ready: &str) -> Value {
+    json!({"subsets": [{"addresses": [{"ip": ready}], "notReadyAddresses": [{"ip": not_ready}]}]})
+}
+
+#[test]
+fn admission_policy_rejects_endpoints_at_metadata_addresses_and_admits_others() {
+    let policy = admission_policy();
+    let rejected = |kind: &str, object: &Value| {
+        assert!(
+            !admission_failures(&policy, kind, object).is_empty(),
+            "{kind} admitted: {object}"
+        );
+    };
+    let admitted = |kind: &str, object: &Value| {
+        let failures = admission_failures(&policy, kind, object);
+        assert!(
+            failures.is_empty(),
+            "{kind} rejected ({failures:?}): {object}"
+        );
+    };
+    for prefix in daemon_deny_prefixes() {
+        let (address, _) = prefix.split_once('/').expect("a prefix");
+        let family = if address.contains(':') {
+            "IPv6"
+        } else {
+            "IPv4"
+        };
+        rejected("EndpointSlice", &endpoint_slice(family, address));
+        rejected("Endpoints", &endpoints(address, "10.0.0.2"));
+        rejected("Endpoints", &endpoints("10.0.0.2", address));
+    }
+    // Other spellings of a metadata address.
+    rejected("EndpointSlice", &endpoint_slice("IPv6", "FD00:EC2:0::254"));
+    rejected("EndpointSlice", &endpoint_slice("IPv4", "169.254.169.0254"));
+    rejected(
+        "EndpointSlice",
+        &endpoint_slice("IPv6", "::ffff:169.254.169.254"),
+    );
+    // Neighbours, the default pass list (EKS Pod Identity, NodeLocal DNS),
+    // names, and empty objects.
+    for address in [
+        "10.96.0.10",
+        "169.254.169.253",
+        "169.254.170.23",
+        "169.254.20.10",
+    ] {
+        admitted("EndpointSlice", &endpoint_slice("IPv4", address));
+        admitted("Endpoints", &endpoints(address, address));
+    }
+    admitted("EndpointSlice", &endpoint_slice("IPv6", "fd00:ec2::23"));
+    admitted(
+        "EndpointSlice",
+        &endpoint_slice("FQDN", "metadata.google.internal"),
+    );
+    admitted("EndpointSlice", &json!({"addressType": "IPv4"}));
+    admitted("Endpoints", &json!({}));
+    admitted(
+        "Endpoints",
+        &json!({"subsets": [{"ports": [{"port": 80}]}]}),
+    );
+}
