@@ -1,8 +1,11 @@
 //! `cargo xtask <task>`: everything the README promises, from a fresh clone.
 
 mod demo;
+mod image;
+mod kind;
 mod setup;
 mod test;
+mod vagrant;
 
 use std::{
     path::{Path, PathBuf},
@@ -23,6 +26,8 @@ struct Cli {
 enum Task {
     /// Make this machine ready: nightly rust-src, bpf-linker, bpffs (idempotent).
     Setup,
+    /// Only the build toolchain (nightly rust-src, bpf-linker): what the image build runs.
+    SetupToolchain,
     /// Setup, then build the daemon in release mode.
     Build,
     /// Formatting and clippy, the workspace and the eBPF crate.
@@ -31,6 +36,12 @@ enum Task {
     Test,
     /// Setup, build, then block a metadata server in a sandbox and report.
     Demo,
+    /// The daemon's container image (Dockerfile), with docker or podman.
+    Image,
+    /// The image on two kind clusters (systemd and cgroupfs drivers), checked from real pods.
+    KindE2e,
+    /// The same checks on a single-node k3s cluster in a Vagrant VM.
+    VagrantE2e,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,6 +55,10 @@ fn main() -> anyhow::Result<()> {
         Task::Lint => test::lint(&root),
         Task::Test => test::run(&root),
         Task::Demo => demo::run(&root),
+        Task::SetupToolchain => setup::toolchain(),
+        Task::Image => image::run(&root),
+        Task::KindE2e => kind::run(&root),
+        Task::VagrantE2e => vagrant::run(&root),
     }
 }
 

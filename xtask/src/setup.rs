@@ -16,9 +16,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn run(_root: &Path) -> anyhow::Result<()> {
     println!("setup: checking this machine");
-    check_nightly()?;
-    ensure_rust_src()?;
-    ensure_bpf_linker()?;
+    toolchain()?;
     ensure_bpffs()?;
     check_tool("ip", &["-V"], "iproute2")?;
     ensure_kubernetes_validate()?;
@@ -26,8 +24,17 @@ pub fn run(_root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What building imds-guard needs, and nothing more: the nightly's rust-src
+/// and bpf-linker. The container image build runs only this: it can neither
+/// mount bpffs nor needs the test tools.
+pub fn toolchain() -> anyhow::Result<()> {
+    check_nightly()?;
+    ensure_rust_src()?;
+    ensure_bpf_linker()
+}
+
 /// Output of a command, or an error naming it.
-fn output(program: &str, args: &[&str]) -> anyhow::Result<String> {
+pub(crate) fn output(program: &str, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(program)
         .args(args)
         .output()
