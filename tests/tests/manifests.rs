@@ -229,7 +229,7 @@ fn daemonset_has_what_the_daemon_needs_and_no_more() {
             "--cgroup-root",
             "/host/sys/fs/cgroup",
             "--bpffs-dir",
-            "/sys/fs/bpf/imds-guard",
+            "/host/sys/fs/bpf/imds-guard",
             "--http-listen",
             "0.0.0.0:9464",
         ]
@@ -306,7 +306,8 @@ fn daemonset_has_what_the_daemon_needs_and_no_more() {
         (&json!("/host/sys/fs/cgroup"), &json!(true))
     );
     let bpffs = mounts["bpffs"];
-    assert_eq!(bpffs["mountPath"], "/sys/fs/bpf");
+    // Not under /sys/fs: the default AppArmor profile denies writes there.
+    assert_eq!(bpffs["mountPath"], "/host/sys/fs/bpf");
     assert_eq!(bpffs["mountPropagation"], "HostToContainer");
     assert_ne!(
         bpffs["readOnly"], true,
