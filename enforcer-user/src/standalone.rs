@@ -100,6 +100,9 @@ fn watched(sources: &Sources, settings: &Settings) -> WatchedFiles {
 /// Runs until SIGTERM or SIGINT. The programs stay pinned and attached when
 /// it returns: only `imds-guard uninstall` removes them.
 pub async fn run(sources: Sources) -> Result<(), StandaloneError> {
+    // The files are looked at before the settings are read from them, so a
+    // change in between shows as a change at the first poll.
+    let mut seen = watched(&sources, &Settings::resolve(&sources)?);
     let mut settings = Settings::resolve(&sources)?;
     let mount = service::prepare(&settings.common)?;
     let target = CgroupDir::open(&settings.mode.cgroup, &mount)?;
@@ -124,7 +127,6 @@ pub async fn run(sources: Sources) -> Result<(), StandaloneError> {
     };
     let running = service::start(enforcer, &started, &target, &settings.common, options).await?;
 
-    let mut seen = watched(&sources, &settings);
     let mut poll = tokio::time::interval(FILE_POLL_INTERVAL);
     loop {
         let reload = tokio::select! {
@@ -139,6 +141,7 @@ pub async fn run(sources: Sources) -> Result<(), StandaloneError> {
             }
         };
         if reload {
+            seen = watched(&sources, &settings);
             match reload_settings(&sources, &settings, &mount, &running.handle).await {
                 Ok(new) => {
                     running
@@ -149,7 +152,6 @@ pub async fn run(sources: Sources) -> Result<(), StandaloneError> {
                 }
                 Err(err) => warn!("configuration not reloaded, the running one stays: {err}"),
             }
-            seen = watched(&sources, &settings);
         }
     }
     running.stop().await;

@@ -238,6 +238,10 @@ impl Reconciler {
 
 /// Runs until SIGTERM or SIGINT; the programs stay pinned.
 pub async fn run(sources: Sources) -> Result<(), KubernetesError> {
+    let watched = |s: &Sources| WatchedFiles::read(&[s.config_file.as_deref()]);
+    // The file is looked at before the settings are read from it, so a
+    // change in between shows as a change at the first poll.
+    let mut seen = watched(&sources);
     let mut settings = Settings::resolve(&sources)?;
     let root = service::prepare(&settings.common)?;
     let layout = match &settings.mode.pod_cgroup {
@@ -305,8 +309,6 @@ pub async fn run(sources: Sources) -> Result<(), KubernetesError> {
     };
     let health = Arc::clone(&running.health);
     let mut announced_sync = false;
-    let watched = |s: &Sources| WatchedFiles::read(&[s.config_file.as_deref()]);
-    let mut seen = watched(&sources);
     let mut poll = tokio::time::interval(FILE_POLL_INTERVAL);
     loop {
         let retry_after = reconciler.retry;
@@ -352,6 +354,7 @@ pub async fn run(sources: Sources) -> Result<(), KubernetesError> {
                 }
             } => {
                 if reload {
+                    seen = watched(&sources);
                     match reload_settings(&sources, &settings, &running.handle).await {
                         Ok(new) => {
                             running.metrics.rules.set(new.common.rules.rules().len() as i64);
@@ -359,7 +362,6 @@ pub async fn run(sources: Sources) -> Result<(), KubernetesError> {
                         }
                         Err(err) => warn!("configuration not reloaded, the running one stays: {err}"),
                     }
-                    seen = watched(&sources);
                 }
                 reload
             }
