@@ -9,6 +9,7 @@
 pub mod apiserver;
 pub mod cgroups;
 pub mod daemon;
+pub mod hostns;
 pub mod netns;
 pub mod pins;
 pub mod probe;

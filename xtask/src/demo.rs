@@ -1,47 +1,18 @@
 //! `cargo xtask demo`: the real daemon against our own fake metadata server,
 //! in a sandbox of network namespaces, with a readable report.
 
-use std::{
-    net::IpAddr,
-    path::Path,
-    sync::atomic::{AtomicBool, Ordering},
-    time::Duration,
-};
+use std::{net::IpAddr, path::Path, time::Duration};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use imds_guard_tests::{
     Daemon, Outcome, PinDir, Probe, Sandbox, Server, TestCgroup, addrs, daemon::run_to_end,
 };
-use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 
-use crate::{build_release, is_root, setup};
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_interrupt(_: i32) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// Ctrl-C and SIGTERM end the demo between steps, so the guards clean up.
-fn catch_interrupts() -> anyhow::Result<()> {
-    let action = SigAction::new(
-        SigHandler::Handler(on_interrupt),
-        SaFlags::empty(),
-        SigSet::empty(),
-    );
-    for signal in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic.
-        unsafe { sigaction(signal, &action) }.context("installing a signal handler")?;
-    }
-    Ok(())
-}
-
-fn interrupted() -> anyhow::Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted: cleaning up");
-    }
-    Ok(())
-}
+use crate::{
+    build_release,
+    interrupt::{catch_interrupts, interrupted},
+    is_root, setup,
+};
 
 struct Attempt {
     action: &'static str,

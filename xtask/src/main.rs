@@ -1,7 +1,9 @@
 //! `cargo xtask <task>`: everything the README promises, from a fresh clone.
 
+mod bench;
 mod demo;
 mod image;
+mod interrupt;
 mod kind;
 mod setup;
 mod test;
@@ -36,6 +38,8 @@ enum Task {
     Test,
     /// Setup, build, then block a metadata server in a sandbox and report.
     Demo,
+    /// Setup, build, then measure what imds-guard costs against the same traffic without it.
+    Bench,
     /// The daemon's container image (Dockerfile), with docker or podman.
     Image,
     /// The image on two kind clusters (systemd and cgroupfs drivers), checked from real pods.
@@ -55,6 +59,7 @@ fn main() -> anyhow::Result<()> {
         Task::Lint => test::lint(&root),
         Task::Test => test::run(&root),
         Task::Demo => demo::run(&root),
+        Task::Bench => bench::run(&root),
         Task::SetupToolchain => setup::toolchain(),
         Task::Image => image::run(&root),
         Task::KindE2e => kind::run(&root),

@@ -19,6 +19,8 @@ pub fn run(_root: &Path) -> anyhow::Result<()> {
     toolchain()?;
     ensure_bpffs()?;
     check_tool("ip", &["-V"], "iproute2")?;
+    // The benchmark reads each program's run time and run count with it.
+    check_tool("bpftool", &["version"], "bpftool")?;
     ensure_kubernetes_validate()?;
     println!("setup: done");
     Ok(())
@@ -215,6 +217,9 @@ fn check_tool(program: &str, args: &[&str], package: &str) -> anyhow::Result<()>
         bail!("`{program}` is missing: install the {package} package");
     }
     println!("  installing: {package}");
+    // A machine's package lists may be older than the archive (a 404 on
+    // install): refresh them first, which only happens when installing.
+    output("apt-get", &["update", "-q"]).context("apt-get update failed")?;
     output("apt-get", &["install", "-y", "-q", package]).with_context(|| {
         format!("`{program}` is missing and apt-get could not install {package}")
     })?;
