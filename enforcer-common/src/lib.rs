@@ -15,6 +15,9 @@ pub use rule::{DestRule, PortInfo, PortRange};
 pub mod names {
     /// LPM trie: destination prefix -> [`crate::DestRule`].
     pub const DEST_RULES: &str = "DEST_RULES";
+    /// Array of `u64` words: the destination pre-filter, one bit a bucket
+    /// (see [`crate::bucket`]).
+    pub const DEST_BUCKETS: &str = "DEST_BUCKETS";
     /// Hash: cgroup id -> [`crate::AllowEntry`].
     pub const ALLOWED_CGROUPS: &str = "ALLOWED_CGROUPS";
     /// LRU hash: cgroup id -> [`crate::BlockCounters`].
@@ -110,6 +113,44 @@ pub struct EventWindow {
     pub start_ns: u64,
     pub sent: u32,
     pub _pad: u32,
+}
+
+/// Buckets of the destination pre-filter: one per value of the first 16
+/// bits of an IPv4 address, then one per value of the first 16 bits of an
+/// IPv6 address. A bucket's bit is set when a deny rule covers any address
+/// in it; destinations in clear buckets skip the trie.
+pub const BUCKET_COUNT: u32 = 2 * 65536;
+/// `u64` words of the pre-filter array.
+pub const BUCKET_WORDS: u32 = BUCKET_COUNT / 64;
+/// First bucket of the IPv6 half.
+pub const IPV6_BUCKETS_START: u32 = 65536;
+
+/// Whether a trie-form address is IPv4-mapped (`::ffff:a.b.c.d`).
+#[inline(always)]
+pub fn is_ipv4_mapped(addr: &AddrBytes) -> bool {
+    addr[0]
+        | addr[1]
+        | addr[2]
+        | addr[3]
+        | addr[4]
+        | addr[5]
+        | addr[6]
+        | addr[7]
+        | addr[8]
+        | addr[9]
+        == 0
+        && addr[10] == 0xff
+        && addr[11] == 0xff
+}
+
+/// The pre-filter bucket of a trie-form address.
+#[inline(always)]
+pub fn bucket(addr: &AddrBytes) -> u32 {
+    if is_ipv4_mapped(addr) {
+        (u32::from(addr[12]) << 8) | u32::from(addr[13])
+    } else {
+        IPV6_BUCKETS_START + ((u32::from(addr[0]) << 8) | u32::from(addr[1]))
+    }
 }
 
 /// Value of the allow map. The key alone is the information; the value keeps

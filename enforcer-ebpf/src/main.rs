@@ -65,11 +65,11 @@ pub fn imds_guard_egress(ctx: SkBuffContext) -> i32 {
 }
 
 fn try_imds_guard_egress(ctx: &SkBuffContext) -> Result<i32, c_long> {
-    let header = packet::read_ip_header(ctx)?;
-    let destination = header.destination();
+    let destination = packet::read_destination(ctx)?;
     let Some(rule) = maps::rule_for(&destination) else {
         return Ok(ALLOW);
     };
+    let header = packet::read_ip_header(ctx)?;
     let (protocol, port) = packet::transport(ctx, &header);
     let attempt = Attempt {
         destination,

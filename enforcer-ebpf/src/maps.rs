@@ -7,10 +7,12 @@ use aya_ebpf::{
         bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, lpm_trie::Key,
+    },
 };
 use enforcer_common::{
-    AddrBytes, AllowEntry, BlockCounters, BlockEvent, DestRule, EVENT_RING_BYTES,
+    AddrBytes, AllowEntry, BUCKET_WORDS, BlockCounters, BlockEvent, DestRule, EVENT_RING_BYTES,
     EVENTS_PER_CGROUP_PER_SECOND, EventWindow, HOOK_CONNECT, HOOK_EGRESS, HOOK_SENDMSG,
     MAX_ALLOWED_CGROUPS, MAX_CGROUP_DEPTH, MAX_COUNTED_CGROUPS, MAX_DEST_RULES, MODE_AUDIT,
     MODE_ENFORCE, VERDICT_AUDITED, VERDICT_REFUSED,
@@ -19,6 +21,11 @@ use enforcer_common::{
 // The statics' names are the map names in `enforcer_common::names`.
 #[map]
 static DEST_RULES: LpmTrie<AddrBytes, DestRule> = LpmTrie::with_max_entries(MAX_DEST_RULES, 0);
+
+/// One bit a bucket of destinations some deny rule covers; the rest never
+/// reach the trie, which is where ordinary traffic saves its time.
+#[map]
+static DEST_BUCKETS: Array<u64> = Array::with_max_entries(BUCKET_WORDS, 0);
 
 #[map]
 static ALLOWED_CGROUPS: HashMap<u64, AllowEntry> =
@@ -58,9 +65,16 @@ pub fn audit_mode() -> bool {
     unsafe { core::ptr::read_volatile(&ENFORCE_MODE) == MODE_AUDIT }
 }
 
-/// The rule of the longest prefix containing `destination`, if any.
+/// The rule of the longest prefix containing `destination`, if any. A
+/// destination in a bucket no deny rule touches has none that can refuse it.
 #[inline(always)]
 pub fn rule_for(destination: &AddrBytes) -> Option<&'static DestRule> {
+    let bucket = enforcer_common::bucket(destination);
+    // A missing word cannot happen (the array is fixed); treat it as set.
+    let word = DEST_BUCKETS.get(bucket / 64).copied().unwrap_or(u64::MAX);
+    if word & (1 << (bucket % 64)) == 0 {
+        return None;
+    }
     DEST_RULES.get(Key::new(128, *destination))
 }
 

@@ -29,23 +29,24 @@ pub enum IpHeader {
     V6([u8; IPV6_HEADER_LEN]),
 }
 
-impl IpHeader {
-    /// The destination in the trie's key form.
-    #[inline(always)]
-    pub fn destination(&self) -> AddrBytes {
-        match self {
-            IpHeader::V4(h) => ipv4_mapped([h[16], h[17], h[18], h[19]]),
-            IpHeader::V6(h) => {
-                let mut d = [0u8; 16];
-                d.copy_from_slice(&h[24..40]);
-                d
-            }
-        }
+/// Offsets of the destination address in the fixed headers.
+const IPV4_DESTINATION_AT: usize = 16;
+const IPV6_DESTINATION_AT: usize = 24;
+
+/// Reads only the destination, in the trie's key form, for the family
+/// that `skb->protocol` names (never the socket's family: a v4-mapped IPv6
+/// socket sends IPv4 packets). Ordinary traffic reads nothing more.
+#[inline(always)]
+pub fn read_destination(ctx: &SkBuffContext) -> Result<AddrBytes, c_long> {
+    let ethertype = u16::from_be(ctx.skb.protocol() as u16);
+    match ethertype {
+        ETH_P_IP => ctx.load::<[u8; 4]>(IPV4_DESTINATION_AT).map(ipv4_mapped),
+        ETH_P_IPV6 => ctx.load(IPV6_DESTINATION_AT),
+        _ => Err(0),
     }
 }
 
-/// Reads the fixed header of the family that `skb->protocol` names (never the
-/// socket's family: a v4-mapped IPv6 socket sends IPv4 packets).
+/// Reads the fixed header of the family that `skb->protocol` names.
 #[inline(always)]
 pub fn read_ip_header(ctx: &SkBuffContext) -> Result<IpHeader, c_long> {
     let ethertype = u16::from_be(ctx.skb.protocol() as u16);

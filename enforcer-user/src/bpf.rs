@@ -9,7 +9,7 @@ use std::{
 use aya::{
     Ebpf, EbpfError, EbpfLoader, include_bytes_aligned,
     maps::{
-        HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
+        Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
         RingBuf, lpm_trie::Key,
     },
     programs::{
@@ -18,7 +18,8 @@ use aya::{
     },
 };
 use enforcer_common::{
-    AddrBytes, AllowEntry, BlockCounters, BlockEvent, DestRule, MODE_AUDIT, MODE_ENFORCE, names,
+    AddrBytes, AllowEntry, BUCKET_WORDS, BlockCounters, BlockEvent, DestRule, MODE_AUDIT,
+    MODE_ENFORCE, names,
 };
 
 use crate::{cgroup::CgroupDir, pins::MAPS, rules::RuleSet};
@@ -225,47 +226,83 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> BpfError {
 }
 
 /// The destination rule trie.
-pub struct DestRulesMap(LpmTrie<MapData, AddrBytes, DestRule>);
+/// The destination rules: the trie, and the pre-filter of buckets that
+/// lets ordinary destinations skip it.
+pub struct DestRulesMap {
+    trie: LpmTrie<MapData, AddrBytes, DestRule>,
+    buckets: Array<MapData, u64>,
+}
 
 impl DestRulesMap {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, BpfError> {
-        take_map(ebpf, names::DEST_RULES).map(Self)
+        Ok(DestRulesMap {
+            trie: take_map(ebpf, names::DEST_RULES)?,
+            buckets: take_map(ebpf, names::DEST_BUCKETS)?,
+        })
     }
 
-    pub fn from_pin(path: &Path) -> Result<Self, BpfError> {
-        open_pinned(path, names::DEST_RULES).map(Self)
+    /// Opens the pinned maps; `pin` gives each map's pin path.
+    pub fn from_pins(pin: &dyn Fn(&str) -> PathBuf) -> Result<Self, BpfError> {
+        Ok(DestRulesMap {
+            trie: open_pinned(&pin(names::DEST_RULES), names::DEST_RULES)?,
+            buckets: open_pinned(&pin(names::DEST_BUCKETS), names::DEST_BUCKETS)?,
+        })
     }
 
     /// Every entry: (prefix length, address, rule value).
     pub fn entries(&self) -> Result<Vec<(u32, AddrBytes, DestRule)>, BpfError> {
-        self.0
+        self.trie
             .iter()
             .map(|entry| entry.map(|(key, value)| (key.prefix_len(), key.data(), value)))
             .collect::<Result<_, _>>()
             .map_err(map_err(names::DEST_RULES))
     }
 
-    /// Makes the trie hold exactly `rules`: new and changed entries are
-    /// written before stale ones go, so no moment has fewer rules than either set.
+    fn write_buckets(&mut self, words: &[u64], present: &[u64]) -> Result<(), BpfError> {
+        let err = map_err(names::DEST_BUCKETS);
+        for (index, (&word, &now)) in words.iter().zip(present).enumerate() {
+            if word != now {
+                self.buckets.set(index as u32, word, 0).map_err(&err)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the maps hold exactly `rules`. Buckets are opened before the
+    /// rules that need them go in, and closed after the rules that needed
+    /// them are gone; new and changed trie entries are written before stale
+    /// ones go. No moment has fewer rules in force than either set.
     pub fn sync(&mut self, rules: &RuleSet) -> Result<(), BpfError> {
         let err = map_err(names::DEST_RULES);
+        let present_words: Vec<u64> = (0..BUCKET_WORDS)
+            .map(|i| self.buckets.get(&i, 0))
+            .collect::<Result<_, _>>()
+            .map_err(map_err(names::DEST_BUCKETS))?;
+        let words = rules.bucket_words();
+        let union: Vec<u64> = words
+            .iter()
+            .zip(&present_words)
+            .map(|(a, b)| a | b)
+            .collect();
+        self.write_buckets(&union, &present_words)?;
         let wanted: BTreeMap<(u32, AddrBytes), DestRule> = rules
             .rules()
             .iter()
             .map(|r| (r.kernel_key(), r.kernel_value()))
             .collect();
         for (&(len, addr), value) in &wanted {
-            self.0
+            self.trie
                 .insert(&Key::new(len, addr), value, 0)
                 .map_err(&err)?;
         }
-        let present: Vec<Key<AddrBytes>> = self.0.keys().collect::<Result<_, _>>().map_err(&err)?;
+        let present: Vec<Key<AddrBytes>> =
+            self.trie.keys().collect::<Result<_, _>>().map_err(&err)?;
         for key in present {
             if !wanted.contains_key(&(key.prefix_len(), key.data())) {
-                self.0.remove(&key).map_err(&err)?;
+                self.trie.remove(&key).map_err(&err)?;
             }
         }
-        Ok(())
+        self.write_buckets(&words, &union)
     }
 }
 

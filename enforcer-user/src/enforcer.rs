@@ -137,9 +137,9 @@ impl Enforcer {
 
     /// Opens the pinned maps of a complete generation.
     fn open(pins: &PinRoot, generation: &str) -> Result<Enforcer, EnforcerError> {
-        let pin = |map| pins.map_pin(generation, map);
+        let pin = |map: &str| pins.map_pin(generation, map);
         Ok(Enforcer {
-            rules: DestRulesMap::from_pin(&pin(names::DEST_RULES))?,
+            rules: DestRulesMap::from_pins(&pin)?,
             allowed: AllowMap::from_pin(&pin(names::ALLOWED_CGROUPS))?,
             counters: CountersMap::from_pin(&pin(names::BLOCK_COUNTERS))?,
             dropped: DroppedEvents::from_pin(&pin(names::EVENTS_DROPPED))?,

@@ -15,8 +15,9 @@ use enforcer_common::names;
 use crate::bpf::{Mode, PROGRAMS};
 
 /// The maps of one generation.
-pub const MAPS: [&str; 6] = [
+pub const MAPS: [&str; 7] = [
     names::DEST_RULES,
+    names::DEST_BUCKETS,
     names::ALLOWED_CGROUPS,
     names::BLOCK_COUNTERS,
     names::EVENTS,

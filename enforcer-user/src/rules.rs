@@ -10,7 +10,7 @@
 use std::{fmt, net::IpAddr, str::FromStr};
 
 use enforcer_common::{
-    AddrBytes, DestRule, IPV4_MAPPED_PREFIX_BITS, ipv4_mapped,
+    AddrBytes, BUCKET_WORDS, DestRule, IPV4_MAPPED_PREFIX_BITS, IPV6_BUCKETS_START, ipv4_mapped,
     rule::{
         ACTION_DENY, MAX_PORT_RANGES, PORTS_ALL, PORTS_EXCEPT, PORTS_ONLY, PROTO_ANY, PROTO_ICMP,
         PROTO_OTHER, PROTO_TCP, PROTO_UDP, PortRange,
@@ -258,6 +258,45 @@ impl FromStr for Rule {
     }
 }
 
+/// The top `bits` bits of a 128-bit address.
+fn top_bits(bits: u32) -> u128 {
+    if bits == 0 {
+        0
+    } else {
+        !0u128 << (128 - bits.min(128))
+    }
+}
+
+/// Calls `mark(first, count)` for the pre-filter buckets a trie key covers:
+/// the IPv4 buckets of the IPv4-mapped addresses it holds, and the IPv6
+/// buckets of the others.
+fn key_buckets(prefix_len: u32, addr: AddrBytes, mut mark: impl FnMut(u32, u32)) {
+    const MAPPED: u128 = 0xffff_0000_0000;
+    let a = u128::from_be_bytes(addr);
+    let in_mapped_range = (a ^ MAPPED) & top_bits(prefix_len.min(96)) == 0;
+    let v4_first16 = ((a >> 16) & 0xffff) as u32;
+    if in_mapped_range {
+        match prefix_len {
+            112.. => mark(v4_first16, 1),
+            96..=111 => {
+                let span = 1 << (112 - prefix_len);
+                mark(v4_first16 & !(span - 1), span);
+            }
+            _ => mark(0, 65536),
+        }
+    }
+    // A key entirely within ::ffff:0:0/96 holds no other address.
+    if !(in_mapped_range && prefix_len >= 96) {
+        let v6_first16 = (a >> 112) as u32;
+        let span = if prefix_len >= 16 {
+            1
+        } else {
+            1 << (16 - prefix_len)
+        };
+        mark(IPV6_BUCKETS_START + (v6_first16 & !(span - 1)), span);
+    }
+}
+
 const PROTOCOL_NAMES: [(&str, u32); 4] = [
     ("tcp", PROTO_TCP),
     ("udp", PROTO_UDP),
@@ -397,6 +436,21 @@ impl RuleSet {
 
     pub fn rules(&self) -> &[Rule] {
         &self.rules
+    }
+
+    /// The pre-filter: one bit for every bucket a deny rule covers. Pass
+    /// rules only ever let through, so they need none.
+    pub fn bucket_words(&self) -> Vec<u64> {
+        let mut words = vec![0u64; BUCKET_WORDS as usize];
+        for rule in self.rules.iter().filter(|r| r.action == Action::Deny) {
+            let (len, addr) = rule.kernel_key();
+            key_buckets(len, addr, |first, count| {
+                for bucket in first..first + count {
+                    words[(bucket / 64) as usize] |= 1 << (bucket % 64);
+                }
+            });
+        }
+        words
     }
 
     /// The rule of the longest prefix containing `addr`, as the kernel picks it.
@@ -609,6 +663,72 @@ mod tests {
             Rule::from_kernel(len, addr, &pass.kernel_value()),
             Some(pass)
         );
+    }
+
+    /// Whether the pre-filter lets `addr` through to the trie.
+    fn passes_filter(words: &[u64], addr: IpAddr) -> bool {
+        let key = match addr {
+            IpAddr::V4(a) => ipv4_mapped(a.octets()),
+            IpAddr::V6(a) => a.octets(),
+        };
+        let b = enforcer_common::bucket(&key);
+        words[(b / 64) as usize] & (1 << (b % 64)) != 0
+    }
+
+    #[test]
+    fn the_prefilter_covers_every_denied_address_and_little_else() {
+        let set = RuleSet::with_limits(
+            vec![
+                Rule::parse_deny("169.254.169.254/32").unwrap(),
+                Rule::parse_deny("100.64.0.0/10").unwrap(),
+                Rule::parse_deny("fd00:ec2::254/128").unwrap(),
+                Rule::parse_deny("fe80::/10").unwrap(),
+                Rule::parse_pass("10.0.0.0/8").unwrap(),
+            ],
+            PrefixLimits {
+                min_len_v4: 8,
+                min_len_v6: 8,
+            },
+        )
+        .unwrap();
+        let words = set.bucket_words();
+        let cases = [
+            ("169.254.169.254", true),
+            ("169.254.1.1", true), // same /16: to the trie, which passes it
+            ("169.255.0.1", false),
+            ("100.64.0.1", true),
+            ("100.127.255.255", true),
+            ("100.128.0.1", false),
+            ("10.1.2.3", false), // pass rules need no bucket
+            ("198.18.0.2", false),
+            ("fd00:ec2::254", true),
+            ("fd00:ec3::1", true), // same first 16 bits
+            ("fd01::1", false),
+            ("fe80::1", true),
+            ("febf::1", true),
+            ("fec0::1", false),
+            ("::1", false),
+            ("::ffff:169.254.169.254", true),
+            ("::ffff:198.18.0.2", false),
+        ];
+        for (addr, want) in cases {
+            assert_eq!(passes_filter(&words, addr.parse().unwrap()), want, "{addr}");
+        }
+    }
+
+    #[test]
+    fn ipv6_rules_over_the_mapped_range_mark_ipv4_buckets() {
+        let mut marked = Vec::new();
+        // ::ffff:169.254.0.0/112 is 169.254.0.0/16 as an IPv6 prefix.
+        let (len, addr) = Rule::parse_deny("::ffff:169.254.0.0/112")
+            .unwrap()
+            .kernel_key();
+        key_buckets(len, addr, |first, count| marked.push((first, count)));
+        assert_eq!(marked, [((169 << 8) | 254, 1)]);
+        marked.clear();
+        let (len, addr) = Rule::parse_deny("::/8").unwrap().kernel_key();
+        key_buckets(len, addr, |first, count| marked.push((first, count)));
+        assert_eq!(marked, [(0, 65536), (IPV6_BUCKETS_START, 256)]);
     }
 
     #[test]

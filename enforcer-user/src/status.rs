@@ -122,7 +122,7 @@ pub fn read(
         .name;
     let key = pins::parse_generation(&generation)
         .ok_or_else(|| StatusError::NotInstalled(bpffs_dir.to_path_buf()))?;
-    let pin = |map| root.map_pin(&generation, map);
+    let pin = |map: &str| root.map_pin(&generation, map);
     let cgroup_root = cgroup_root
         .map(Path::to_path_buf)
         .or_else(|| cgroup::detect_cgroup2_mount().ok());
@@ -131,7 +131,7 @@ pub fn read(
         root: cgroup_root.clone(),
         pods,
     };
-    let mut rules: Vec<(u8, String)> = DestRulesMap::from_pin(&pin(names::DEST_RULES))?
+    let mut rules: Vec<(u8, String)> = DestRulesMap::from_pins(&pin)?
         .entries()?
         .into_iter()
         .filter_map(|(len, addr, value)| Rule::from_kernel(len, addr, &value))

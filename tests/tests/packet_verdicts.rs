@@ -256,18 +256,21 @@ fn rules() -> RuleSet {
 
 struct Loaded {
     ebpf: Ebpf,
+    rules: DestRulesMap,
     allow: AllowMap,
 }
 
 fn load(rules: &RuleSet) -> Loaded {
     require_root();
     let mut ebpf = bpf::load(Mode::Enforce, None).expect("load the programs");
-    DestRulesMap::take(&mut ebpf)
-        .expect("rules map")
-        .sync(rules)
-        .expect("write rules");
+    let mut rules_map = DestRulesMap::take(&mut ebpf).expect("rules map");
+    rules_map.sync(rules).expect("write rules");
     let allow = AllowMap::take(&mut ebpf).expect("allow map");
-    Loaded { ebpf, allow }
+    Loaded {
+        ebpf,
+        rules: rules_map,
+        allow,
+    }
 }
 
 impl Loaded {
@@ -636,4 +639,28 @@ fn random_packets_match_the_reference() {
         drops > PACKETS / 10 && drops < PACKETS * 9 / 10,
         "{drops} drops of {PACKETS}"
     );
+}
+
+#[test]
+fn changing_the_rules_moves_the_prefilter_with_them() {
+    let deny = |texts: &[&str]| {
+        RuleSet::new(
+            texts
+                .iter()
+                .map(|t| Rule::parse_deny(t).expect("rule"))
+                .collect(),
+        )
+        .expect("rule set")
+    };
+    let first = deny(&["169.254.169.254/32"]);
+    let mut loaded = load(&first);
+    let wireserver = Ipv4Addr::new(168, 63, 129, 16);
+    assert_eq!(loaded.verdict(&Packet::new(md(), TCP, 80)), DROP);
+    assert_eq!(loaded.verdict(&Packet::new(wireserver, TCP, 80)), PASS);
+    loaded
+        .rules
+        .sync(&deny(&["168.63.129.16/32"]))
+        .expect("second set");
+    assert_eq!(loaded.verdict(&Packet::new(md(), TCP, 80)), PASS);
+    assert_eq!(loaded.verdict(&Packet::new(wireserver, TCP, 80)), DROP);
 }
