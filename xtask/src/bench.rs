@@ -6,6 +6,8 @@
 //! Only the blocked-connect figure targets the metadata address: our own
 //! fake one, inside the sandbox.
 
+mod kubernetes;
+
 use std::{
     collections::BTreeMap,
     fmt,
@@ -195,15 +197,7 @@ fn measure(stage: &Stage) -> anyhow::Result<Vec<Row>> {
     for rules in [&default, &scale] {
         rows.push(memory_figure(stage, rules)?);
     }
-    for what in [
-        "allow-list propagation after a pod change",
-        "daemon memory under pod churn",
-    ] {
-        rows.push(Row::new(
-            format!("7 Kubernetes: {what}"),
-            "not measured: Kubernetes mode is not benchmarked yet",
-        ));
-    }
+    rows.extend(kubernetes::figures()?);
     for rules in [&default, &scale] {
         rows.push(start_figure(stage, rules)?);
     }
@@ -874,20 +868,25 @@ fn memory_figure(stage: &Stage, rules: &Rules) -> anyhow::Result<Row> {
     progress(&format!("7 daemon memory, idle ({})", rules.name));
     let daemon = enforcement_on(stage, rules)?;
     std::thread::sleep(IDLE);
-    let status_path = format!("/proc/{}/status", daemon.pid());
-    let status =
-        std::fs::read_to_string(&status_path).with_context(|| format!("reading {status_path}"))?;
-    let rss_kib: f64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no VmRSS in {status_path}"))?;
+    let rss_kib = rss_kib(daemon.pid())?;
     enforcement_off(stage, daemon)?;
     Ok(Row::new(
         format!("7 daemon resident memory, idle, {}", rules.name),
         format!("{:.1} MiB", rss_kib / 1024.0),
     )
     .raw(Json::object([("vm_rss_kib", Json::Number(rss_kib))])))
+}
+
+/// A process's resident memory, in KiB.
+fn rss_kib(pid: u32) -> anyhow::Result<f64> {
+    let status_path = format!("/proc/{pid}/status");
+    let status =
+        std::fs::read_to_string(&status_path).with_context(|| format!("reading {status_path}"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no VmRSS in {status_path}"))
 }
 
 /// From spawning the daemon to its log saying it enforces, median of

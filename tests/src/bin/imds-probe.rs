@@ -13,11 +13,11 @@ use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     mem::MaybeUninit,
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    os::unix::fs::MetadataExt as _,
     process::ExitCode,
     time::{Duration, Instant},
 };
 
+use imds_guard_tests::hostns::in_host_netns;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 const PAYLOAD: &[u8] = b"ping\n";
@@ -122,22 +122,6 @@ fn parse_target(args: &[String]) -> Result<Target, String> {
         i += 2;
     }
     Ok(target)
-}
-
-/// Whether we may share the host's network namespace: we compare ours with
-/// PID 1's and our parent's (the sandbox moves only us into a namespace).
-/// If neither can be read, assume the worst.
-fn in_host_netns() -> bool {
-    let ino = |p: &str| std::fs::metadata(p).map(|m| m.ino()).ok();
-    let Some(mine) = ino("/proc/self/ns/net") else {
-        return true;
-    };
-    let parent = format!("/proc/{}/ns/net", std::os::unix::process::parent_id());
-    let others: Vec<u64> = [ino("/proc/1/ns/net"), ino(&parent)]
-        .into_iter()
-        .flatten()
-        .collect();
-    others.is_empty() || others.contains(&mine)
 }
 
 fn client(action: &str, target: &Target) -> ExitCode {

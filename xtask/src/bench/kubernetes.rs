@@ -1,0 +1,230 @@
+//! Figure 7's Kubernetes rows: the real `imds-guard run` against the test
+//! API server, with pod cgroups in the kubelet's systemd layout.
+
+use std::{
+    path::Path,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, ensure};
+use imds_guard_tests::{Daemon, PinDir, TestCgroup, apiserver::FakeApiServer};
+use k8s_openapi::api::core::v1::Pod;
+
+use super::{Json, Row, Target, progress, quantile, rss_kib};
+use crate::interrupt::interrupted;
+
+const NODE: &str = "bench-node";
+const LABEL: &str = "imds-guard.io/metadata-access";
+/// Pods that run on the node throughout.
+const RESIDENT_PODS: usize = 250;
+/// Label changes timed for propagation.
+const CHANGES: usize = 100;
+/// Pods created and deleted through the node while memory is watched.
+const CHURN_PODS: usize = 5000;
+
+fn uid(index: usize) -> String {
+    format!("{index:08x}-bbbb-4ccc-8ddd-eeeeeeeeeeee")
+}
+
+/// A Burstable pod in kube-system, labelled to ask for access or not.
+fn pod(index: usize, name: &str, allow: bool) -> anyhow::Result<Pod> {
+    let mut labels = serde_json::json!({"app": "bench"});
+    if allow {
+        labels[LABEL] = serde_json::json!("allow");
+    }
+    Ok(serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "kube-system", "uid": uid(index), "labels": labels},
+        "spec": {"nodeName": NODE, "containers": [{"name": "main", "image": "bench"}]},
+        "status": {"qosClass": "Burstable"},
+    }))?)
+}
+
+fn pod_cgroup(index: usize) -> String {
+    format!(
+        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+        uid(index).replace('-', "_")
+    )
+}
+
+/// Unix time of a log line, from its RFC 3339 timestamp
+/// (`2026-11-27T06:24:01.123456Z ...`).
+fn log_time(line: &str) -> Option<f64> {
+    let stamp = line.split_whitespace().next()?.strip_suffix('Z')?;
+    let (date, time) = stamp.split_once('T')?;
+    let mut ymd = date.split('-').map(|p| p.parse::<i64>());
+    let (y, m, d) = (ymd.next()?.ok()?, ymd.next()?.ok()?, ymd.next()?.ok()?);
+    let mut hms = time.split(':');
+    let (h, min) = (
+        hms.next()?.parse::<f64>().ok()?,
+        hms.next()?.parse::<f64>().ok()?,
+    );
+    let s = hms.next()?.parse::<f64>().ok()?;
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days as f64 * 86_400.0 + h * 3600.0 + min * 60.0 + s)
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Waits until the daemon has logged `count` lines containing `needle` and
+/// returns the last one.
+fn nth_line(daemon: &mut Daemon, needle: &str, count: usize) -> anyhow::Result<String> {
+    daemon.wait_for_log_count(needle, count, Duration::from_secs(10))?;
+    daemon
+        .log()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .nth(count - 1)
+        .map(str::to_owned)
+        .context("the log line went missing")
+}
+
+pub fn figures() -> anyhow::Result<Vec<Row>> {
+    progress("7 Kubernetes: 250 pods, 100 label changes, 5,000 pods of churn");
+    let mut root = TestCgroup::new("bench-k8s")?;
+    root.child("kubepods.slice")?;
+    let api = FakeApiServer::start()?;
+    for index in 0..RESIDENT_PODS {
+        root.child(&pod_cgroup(index))?;
+        api.apply_pod(pod(
+            index,
+            &format!("resident-{index}"),
+            index.is_multiple_of(2),
+        )?)?;
+    }
+    let kubeconfig = std::env::temp_dir().join(imds_guard_tests::unique_name("bench-kubeconfig"));
+    api.write_kubeconfig(&kubeconfig)?;
+    let pins = PinDir::new("bench-k8s");
+    let result = measure(&api, root.path(), &pins, &kubeconfig);
+    let _ = std::fs::remove_file(&kubeconfig);
+    result
+}
+
+fn measure(
+    api: &FakeApiServer,
+    root: &Path,
+    pins: &PinDir,
+    kubeconfig: &Path,
+) -> anyhow::Result<Vec<Row>> {
+    let root_arg = root.display().to_string();
+    let pins_arg = pins.path().display().to_string();
+    let kubeconfig_arg = kubeconfig.display().to_string();
+    let mut daemon = Daemon::start_with_env(
+        &[
+            "run",
+            "--node-name",
+            NODE,
+            "--cgroup-root",
+            &root_arg,
+            "--bpffs-dir",
+            &pins_arg,
+        ],
+        &[("KUBECONFIG", &kubeconfig_arg), ("IMDS_GUARD_LOG", "info")],
+    )?;
+    daemon.wait_for_log("synced with the API server", Duration::from_secs(20))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let idle_kib = rss_kib(daemon.pid())?;
+
+    // Each change flips one resident pod's label; the daemon logs the allow
+    // list update with its own timestamp.
+    const UPDATED: &str = "allow list updated";
+    let mut updates = daemon.count_log(UPDATED);
+    let mut latencies_ms = Vec::with_capacity(CHANGES);
+    for change in 0..CHANGES {
+        interrupted()?;
+        let index = change % RESIDENT_PODS;
+        let allow = !index.is_multiple_of(2);
+        let before = unix_now();
+        api.apply_pod(pod(index, &format!("resident-{index}"), allow)?)?;
+        updates += 1;
+        let line = nth_line(&mut daemon, UPDATED, updates)?;
+        let at = log_time(&line).with_context(|| format!("no timestamp in {line:?}"))?;
+        latencies_ms.push((at - before) * 1000.0);
+        // Put it back, so every change is a real flip of the allow list.
+        api.apply_pod(pod(index, &format!("resident-{index}"), !allow)?)?;
+        updates += 1;
+        nth_line(&mut daemon, UPDATED, updates)?;
+    }
+    let (p50, p99) = (quantile(&latencies_ms, 0.5), quantile(&latencies_ms, 0.99));
+
+    // Churn: pods come and go as fast as the API server takes them.
+    let mut peak_kib = idle_kib;
+    let churn_started = Instant::now();
+    for index in 0..CHURN_PODS {
+        if index.is_multiple_of(100) {
+            interrupted()?;
+            peak_kib = peak_kib.max(rss_kib(daemon.pid())?);
+        }
+        let name = format!("churn-{index}");
+        api.apply_pod(pod(RESIDENT_PODS + index, &name, false)?)?;
+        if index >= 50 {
+            api.delete_pod("kube-system", &format!("churn-{}", index - 50))?;
+        }
+    }
+    let churn = churn_started.elapsed();
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(50));
+        peak_kib = peak_kib.max(rss_kib(daemon.pid())?);
+    }
+    let status = daemon.stop()?;
+    ensure!(
+        status.success(),
+        "imds-guard exited with {status}:\n{}",
+        daemon.log()
+    );
+    let mib = |kib: f64| kib / 1024.0;
+    Ok(vec![
+        Row::new(
+            "7 Kubernetes: label change to allow map updated, p50",
+            format!("{p50:.1} ms"),
+        )
+        .raw(Json::List(
+            latencies_ms.iter().map(|v| Json::Number(*v)).collect(),
+        )),
+        Row::new(
+            "7 Kubernetes: label change to allow map updated, p99",
+            format!("{p99:.1} ms"),
+        )
+        .target(Target::Below(100.0, "ms"), p99),
+        Row::new(
+            format!("7 Kubernetes: daemon memory, idle, {RESIDENT_PODS} pods"),
+            format!("{:.1} MiB", mib(idle_kib)),
+        )
+        .target(Target::Below(32.0, "MiB"), mib(idle_kib)),
+        Row::new(
+            format!(
+                "7 Kubernetes: daemon memory, peak, {CHURN_PODS} pods churning ({:.1} s)",
+                churn.as_secs_f64()
+            ),
+            format!("{:.1} MiB", mib(peak_kib)),
+        )
+        .target(Target::Below(32.0, "MiB"), mib(peak_kib)),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_timestamps_read_as_unix_time() {
+        let line = "2026-11-27T06:24:01.500000Z  INFO enforcer_user::k8s::run: allow list updated";
+        // 2026-11-27T00:00:00Z is 1795737600.
+        assert_eq!(
+            log_time(line),
+            Some(1_795_737_600.0 + 6.0 * 3600.0 + 24.0 * 60.0 + 1.5)
+        );
+        assert_eq!(log_time("1970-01-01T00:00:00Z x"), Some(0.0));
+        assert_eq!(log_time("no timestamp"), None);
+    }
+}
