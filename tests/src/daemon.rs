@@ -50,6 +50,32 @@ impl Daemon {
         Daemon::launch(command)
     }
 
+    /// Starts `imds-guard run` for `node` on a fake node's cgroup `root`,
+    /// pinning under `pins` and talking to the API server `kubeconfig`
+    /// names, with `extra` arguments; waits until it says it is enforcing.
+    pub fn start_kubernetes(
+        node: &str,
+        root: &Path,
+        pins: &Path,
+        kubeconfig: &Path,
+        extra: &[&str],
+    ) -> Result<Daemon> {
+        let root = root.display().to_string();
+        let pins = pins.display().to_string();
+        let kubeconfig = kubeconfig.display().to_string();
+        let mut args = vec![
+            "run",
+            "--node-name",
+            node,
+            "--cgroup-root",
+            &root,
+            "--bpffs-dir",
+            &pins,
+        ];
+        args.extend_from_slice(extra);
+        Daemon::start_with_env(&args, &[("KUBECONFIG", &kubeconfig)])
+    }
+
     /// Starts `imds-guard ARGS` with extra environment (e.g. KUBECONFIG) and
     /// waits until it says it is enforcing.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<Daemon> {

@@ -144,22 +144,12 @@ impl Node {
     }
 
     fn launch(root: &TestCgroup, pins: &PinDir, kubeconfig: &std::path::Path) -> Daemon {
-        let root_arg = root.path().display().to_string();
-        let pins_arg = pins.path().display().to_string();
-        let kubeconfig_arg = kubeconfig.display().to_string();
-        let mut daemon = Daemon::start_with_env(
-            &[
-                "run",
-                "--node-name",
-                NODE,
-                "--cgroup-root",
-                &root_arg,
-                "--bpffs-dir",
-                &pins_arg,
-                "--http-listen",
-                "127.0.0.1:0",
-            ],
-            &[("KUBECONFIG", &kubeconfig_arg)],
+        let mut daemon = Daemon::start_kubernetes(
+            NODE,
+            root.path(),
+            pins.path(),
+            kubeconfig,
+            &["--http-listen", "127.0.0.1:0"],
         )
         .expect("imds-guard run starts");
         daemon

@@ -116,22 +116,8 @@ fn measure(
     pins: &PinDir,
     kubeconfig: &Path,
 ) -> anyhow::Result<Vec<Row>> {
-    let root_arg = root.display().to_string();
-    let pins_arg = pins.path().display().to_string();
-    let kubeconfig_arg = kubeconfig.display().to_string();
     let spawned = Instant::now();
-    let mut daemon = Daemon::start_with_env(
-        &[
-            "run",
-            "--node-name",
-            NODE,
-            "--cgroup-root",
-            &root_arg,
-            "--bpffs-dir",
-            &pins_arg,
-        ],
-        &[("KUBECONFIG", &kubeconfig_arg), ("IMDS_GUARD_LOG", "info")],
-    )?;
+    let mut daemon = Daemon::start_kubernetes(NODE, root, pins.path(), kubeconfig, &[])?;
     let to_enforcing = spawned.elapsed();
     daemon.wait_for_log("synced with the API server", Duration::from_secs(20))?;
     let to_ready = spawned.elapsed();
