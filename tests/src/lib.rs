@@ -73,6 +73,48 @@ pub fn run(program: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// A file in the temporary directory, written whole (write, then rename)
+/// so a daemon watching it never reads half of it; removed on drop.
+pub struct TempFile {
+    path: PathBuf,
+}
+
+impl TempFile {
+    pub fn new(tag: &str, text: &str) -> Result<TempFile> {
+        let file = TempFile {
+            path: std::env::temp_dir().join(unique_name(tag)),
+        };
+        file.write(text)?;
+        Ok(file)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// The path as an argument.
+    pub fn arg(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    pub fn write(&self, text: &str) -> Result<()> {
+        let partial = self.path.with_extension("partial");
+        let io = |what, source| SandboxError::Io {
+            what,
+            path: self.path.clone(),
+            source,
+        };
+        std::fs::write(&partial, text).map_err(|e| io("writing", e))?;
+        std::fs::rename(&partial, &self.path).map_err(|e| io("renaming into", e))
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// Fails unless this process is root: the sandbox needs namespaces,
 /// cgroups and BPF. Tests call it first, so a missing privilege is a
 /// failure with a reason, never a silent skip.

@@ -9,7 +9,7 @@ use std::{
 };
 
 use imds_guard_tests::{
-    Daemon, Outcome, PinDir, Tally, addrs,
+    Daemon, Outcome, PinDir, Tally, TempFile, addrs,
     stage::{HTTP, World, case, eperm},
 };
 use nix::sys::signal::Signal;
@@ -111,17 +111,10 @@ fn upgrade_and_downgrade_between_two_builds_under_load() {
     assert_ne!(world.pins.generations(), first, "the object did not change");
 }
 
-fn write_config(path: &Path, text: &str) {
-    let partial = path.with_extension("partial");
-    std::fs::write(&partial, text).expect("write config");
-    std::fs::rename(&partial, path).expect("rename config");
-}
-
 #[test]
 fn bad_configurations_change_nothing_and_good_ones_apply() {
-    let config = std::env::temp_dir().join(imds_guard_tests::unique_name("config.yaml"));
-    write_config(&config, "mode: enforce\npresets: [gcp]\n");
-    let config_arg = config.to_str().expect("utf-8").to_owned();
+    let config = TempFile::new("config", "mode: enforce\npresets: [gcp]\n").expect("config");
+    let config_arg = config.arg();
     let args = ["--allow", "{allowed}", "--config", &config_arg];
     let mut world = World::new(&args);
     let tcp = case("tcp", addrs::METADATA_V4, HTTP);
@@ -143,10 +136,9 @@ fn bad_configurations_change_nothing_and_good_ones_apply() {
 
     // At start: the pinned enforcement stays exactly as it was.
     world.daemon.stop().expect("SIGTERM");
-    write_config(
-        &config,
-        "mode: enforce\npresets: [gcp]\ndeny: [\"169.254.169.254/40\"]\n",
-    );
+    config
+        .write("mode: enforce\npresets: [gcp]\ndeny: [\"169.254.169.254/40\"]\n")
+        .expect("write config");
     let stage_args = world.daemon_args(&args);
     let stage_args: Vec<&str> = stage_args.iter().map(String::as_str).collect();
     let mut refused = Daemon::spawn(&stage_args).expect("spawn");
@@ -162,12 +154,13 @@ fn bad_configurations_change_nothing_and_good_ones_apply() {
     check(&world, true);
 
     // At reload: rejected, the old configuration stays.
-    write_config(&config, "mode: enforce\npresets: [gcp]\n");
+    config
+        .write("mode: enforce\npresets: [gcp]\n")
+        .expect("write config");
     world.restart(None, &args);
-    write_config(
-        &config,
-        "mode: enforce\npresets: [gcp]\nlimits: {minPrefixLengthV4: 99}\n",
-    );
+    config
+        .write("mode: enforce\npresets: [gcp]\nlimits: {minPrefixLengthV4: 99}\n")
+        .expect("write config");
     world
         .daemon
         .wait_for_log("configuration not reloaded", Duration::from_secs(5))
@@ -180,23 +173,23 @@ fn bad_configurations_change_nothing_and_good_ones_apply() {
     check(&world, true);
 
     // A good change applies, on change of the file and on SIGHUP alike.
-    write_config(
-        &config,
-        "mode: enforce\npresets: [gcp]\ndeny: [\"169.254.170.23/32\"]\npass: []\n",
-    );
+    config
+        .write("mode: enforce\npresets: [gcp]\ndeny: [\"169.254.170.23/32\"]\npass: []\n")
+        .expect("write config");
     world
         .daemon
         .wait_for_log("configuration reloaded", Duration::from_secs(5))
         .expect("the good file applies");
     check(&world, false);
-    write_config(&config, "mode: enforce\npresets: [gcp]\n");
+    config
+        .write("mode: enforce\npresets: [gcp]\n")
+        .expect("write config");
     world.daemon.signal(Signal::SIGHUP).expect("SIGHUP");
     world
         .daemon
         .wait_for_log_count("configuration reloaded", 2, Duration::from_secs(5))
         .expect("SIGHUP reloads");
     check(&world, true);
-    let _ = std::fs::remove_file(&config);
 }
 
 #[test]

@@ -2,14 +2,10 @@
 //! clients in cgroups of ours, inside a sandbox namespace with no route out,
 //! try to reach our own fake metadata server.
 
-use std::{
-    net::IpAddr,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{net::IpAddr, time::Duration};
 
 use imds_guard_tests::{
-    Daemon, Outcome, addrs,
+    Daemon, Outcome, TempFile, addrs,
     stage::{Case, DNS, HTTP, Stage, World, case, eperm},
 };
 use nix::sys::signal::Signal;
@@ -169,9 +165,11 @@ fn blocked_attempts_are_logged_once_and_counted() {
 
 #[test]
 fn removing_an_allow_entry_cuts_an_open_connection() {
-    let allow_file = tempfile_path("allow");
-    let mut world = World::new(&["--allow-file", allow_file.to_str().expect("utf-8 path")]);
-    write_file(&allow_file, &format!("{}\n", world.allowed.display()));
+    let allow_file = TempFile::new("allow", "").expect("allow file");
+    let mut world = World::new(&["--allow-file", &allow_file.arg()]);
+    allow_file
+        .write(&format!("{}\n", world.allowed.display()))
+        .expect("write");
     world.daemon.signal(Signal::SIGHUP).expect("SIGHUP");
     world
         .daemon
@@ -193,7 +191,9 @@ fn removing_an_allow_entry_cuts_an_open_connection() {
         assert_eq!(next(), "exchange ok");
     }
 
-    write_file(&allow_file, "# nothing allowed any more\n");
+    allow_file
+        .write("# nothing allowed any more\n")
+        .expect("write");
     world.daemon.signal(Signal::SIGHUP).expect("SIGHUP");
     world
         .daemon
@@ -214,7 +214,6 @@ fn removing_an_allow_entry_cuts_an_open_connection() {
         break line;
     };
     assert_eq!(verdict, "exchange outcome=timeout");
-    let _ = std::fs::remove_file(&allow_file);
 }
 
 #[test]
@@ -275,12 +274,12 @@ fn pass_rules_carve_out_of_a_broad_deny() {
 fn bad_input_is_a_clear_error_before_anything_is_attached() {
     let stage = Stage::set_up();
     let guarded = stage.guarded.to_str().expect("utf-8");
-    let bad_config = tempfile_path("config");
-    write_file(
-        &bad_config,
+    let bad_config = TempFile::new(
+        "config",
         "mode: enforce\ndeny:\n  - \"169.254.169.254/32 ports=99999\"\n",
-    );
-    let bad_config = bad_config.to_str().expect("utf-8").to_owned();
+    )
+    .expect("config file");
+    let bad_config = bad_config.arg();
     let pins = stage.pins.path().display().to_string();
     let cases: [(&[&str], &str); 8] = [
         (
@@ -351,17 +350,4 @@ fn sigterm_leaves_enforcement_pinned_and_uninstall_removes_it() {
         world.attempt(&world.blocked, &tcp).outcome,
         Outcome::Reached
     );
-}
-
-fn tempfile_path(tag: &str) -> PathBuf {
-    let path = std::env::temp_dir().join(imds_guard_tests::unique_name(tag));
-    write_file(&path, "");
-    path
-}
-
-fn write_file(path: &Path, text: &str) {
-    // Write then rename, so the daemon never reads a half-written file.
-    let partial = path.with_extension("partial");
-    std::fs::write(&partial, text).expect("write");
-    std::fs::rename(&partial, path).expect("rename");
 }

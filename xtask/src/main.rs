@@ -78,19 +78,23 @@ fn workspace_root() -> anyhow::Result<PathBuf> {
 /// Builds the daemon and the sandbox probe in release mode; returns the
 /// directory holding them.
 fn build_release(root: &Path) -> anyhow::Result<PathBuf> {
-    cargo(
-        root,
-        &[
-            "build",
-            "--release",
-            "-p",
-            "enforcer-user",
-            "-p",
-            "imds-guard-tests",
-            "--bins",
-        ],
-    )?;
-    Ok(root.join("target/release"))
+    build_binaries(root, true)
+}
+
+/// Builds the daemon and the sandbox's binaries (probe, traffic); returns
+/// the directory holding them.
+fn build_binaries(root: &Path, release: bool) -> anyhow::Result<PathBuf> {
+    let mut args = vec!["build"];
+    if release {
+        args.push("--release");
+    }
+    args.extend(["-p", "enforcer-user", "-p", "imds-guard-tests", "--bins"]);
+    cargo(root, &args)?;
+    Ok(root.join(if release {
+        "target/release"
+    } else {
+        "target/debug"
+    }))
 }
 
 /// Runs `cargo ARGS` in the workspace, failing on a non-zero exit.

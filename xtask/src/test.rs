@@ -4,7 +4,7 @@ use std::{path::Path, time::Instant};
 
 use anyhow::bail;
 
-use crate::{cargo, in_ci, is_root, run_in, setup};
+use crate::{build_binaries, cargo, in_ci, is_root, run_in, setup};
 
 /// Formatting and clippy, in two passes: the workspace without the eBPF
 /// crate, then the eBPF crate alone for its own target (built together,
@@ -75,17 +75,7 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     // The end-to-end tests run the real binaries: build them first, and a
     // second build whose eBPF object differs, for the upgrade tests (in a
     // target directory of its own, so neither build invalidates the other).
-    cargo(
-        root,
-        &[
-            "build",
-            "-p",
-            "enforcer-user",
-            "-p",
-            "imds-guard-tests",
-            "--bins",
-        ],
-    )?;
+    let bin_dir = build_binaries(root, false)?;
     let variant_target = root.join("target/variant");
     run_in(
         root,
@@ -96,7 +86,6 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
             ("IMDS_GUARD_EBPF_VARIANT", "1"),
         ],
     )?;
-    let bin_dir = root.join("target/debug");
     let variant_dir = variant_target.join("debug");
     run_in(
         root,
