@@ -71,6 +71,24 @@ pub const fn ipv4_mapped(octets: [u8; 4]) -> AddrBytes {
     ]
 }
 
+/// The trie form of an IPv6 address the kernel hands over as four 32-bit
+/// words in network byte order (`bpf_sock_addr.user_ip6`). Built as one
+/// array expression: zeroing a buffer first would be a `memset`, which the
+/// verifier refuses on the stack without CAP_PERFMON.
+#[inline(always)]
+pub const fn ipv6_from_words(words: [u32; 4]) -> AddrBytes {
+    let [a, b, c, d] = [
+        words[0].to_ne_bytes(),
+        words[1].to_ne_bytes(),
+        words[2].to_ne_bytes(),
+        words[3].to_ne_bytes(),
+    ];
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
+}
+
 /// Bytes of the event ring buffer (a power of two, a multiple of the page size).
 pub const EVENT_RING_BYTES: u32 = 256 * 1024;
 /// Events a cgroup may send per second; the rest are counted as dropped.
@@ -87,6 +105,12 @@ pub const VERDICT_REFUSED: u8 = 1;
 pub const VERDICT_AUDITED: u8 = 2;
 
 /// One refused (or audited) attempt, sent to the daemon through the ring buffer.
+///
+/// Every byte is a named field, padding included, and the programs write it
+/// with [`BlockEvent::new`]: the verifier refuses the byte-loop `memset` the
+/// compiler emits for zeroing a padding array or implicit tail padding when
+/// the loader lacks CAP_PERFMON (variable-offset pointer arithmetic on ring
+/// memory), so there must be none to zero.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlockEvent {
@@ -103,7 +127,36 @@ pub struct BlockEvent {
     pub hook: u8,
     /// `VERDICT_*`.
     pub verdict: u8,
-    pub _pad: [u8; 7],
+    pub _pad8: u8,
+    pub _pad16: u16,
+}
+
+impl BlockEvent {
+    /// An event with its padding zeroed (so nothing of the kernel's stack
+    /// reaches the daemon), written with constant-offset stores only.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub const fn new(
+        cgroup_id: u64,
+        timestamp_ns: u64,
+        destination: AddrBytes,
+        port: u16,
+        protocol: u8,
+        hook: u8,
+        verdict: u8,
+    ) -> BlockEvent {
+        BlockEvent {
+            cgroup_id,
+            timestamp_ns,
+            destination,
+            port,
+            protocol,
+            hook,
+            verdict,
+            _pad8: 0,
+            _pad16: 0,
+        }
+    }
 }
 
 /// Per-cgroup rate-limit state for events.
@@ -172,12 +225,62 @@ pub struct BlockCounters {
     pub egress: u64,
 }
 
+/// Fails the build, on the host and on the BPF target alike, unless `$type`
+/// has exactly `$size` bytes and each field sits at its offset: the two
+/// sides read each other's bytes, so the layout is part of the contract.
+macro_rules! assert_layout {
+    ($type:ty, $size:expr, { $($field:ident: $offset:expr),* $(,)? }) => {
+        const _: () = {
+            assert!(core::mem::size_of::<$type>() == $size);
+            $(assert!(core::mem::offset_of!($type, $field) == $offset);)*
+        };
+    };
+}
+
+assert_layout!(BlockEvent, 40, {
+    cgroup_id: 0, timestamp_ns: 8, destination: 16, port: 32, protocol: 34,
+    hook: 35, verdict: 36, _pad8: 37, _pad16: 38,
+});
+assert_layout!(EventWindow, 16, { start_ns: 0, sent: 8, _pad: 12 });
+assert_layout!(AllowEntry, 8, { generation: 0, _pad: 4 });
+assert_layout!(BlockCounters, 24, { connect: 0, sendmsg: 8, egress: 16 });
+assert_layout!(PortRange, 4, { first: 0, last: 2 });
+assert_layout!(DestRule, 48, {
+    action: 0, protocols: 4, port_scope: 8, port_range_count: 12, port_ranges: 16,
+});
+assert_layout!(AddrBytes, 16, {});
+
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all of these are `#[repr(C)]`, made of integers, without implicit padding.
+    // SAFETY: all of these are `#[repr(C)]`, made of integers, and the layout
+    // assertions above prove they have no implicit padding.
     unsafe impl aya::Pod for super::DestRule {}
     unsafe impl aya::Pod for super::AllowEntry {}
     unsafe impl aya::Pod for super::BlockCounters {}
     unsafe impl aya::Pod for super::BlockEvent {}
     unsafe impl aya::Pod for super::EventWindow {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The words `bpf_sock_addr.user_ip6` holds for an address.
+    fn user_ip6(octets: [u8; 16]) -> [u32; 4] {
+        [0, 4, 8, 12]
+            .map(|i| u32::from_ne_bytes([octets[i], octets[i + 1], octets[i + 2], octets[i + 3]]))
+    }
+
+    #[test]
+    fn ipv6_words_keep_network_byte_order() {
+        let metadata = std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254).octets();
+        assert_eq!(ipv6_from_words(user_ip6(metadata)), metadata);
+        let mapped = std::net::Ipv4Addr::new(169, 254, 169, 254)
+            .to_ipv6_mapped()
+            .octets();
+        assert_eq!(
+            ipv6_from_words(user_ip6(mapped)),
+            ipv4_mapped([169, 254, 169, 254])
+        );
+    }
 }

@@ -8,6 +8,7 @@
 
 mod maps;
 mod packet;
+mod stores;
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
@@ -16,7 +17,7 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext},
 };
 use enforcer_common::{
-    AddrBytes, DestRule, PortInfo, ipv4_mapped,
+    AddrBytes, DestRule, PortInfo, ipv6_from_words,
     rule::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, protocol_class},
 };
 
@@ -91,21 +92,11 @@ impl Attempt {
         // SAFETY: the kernel hands every cgroup_sock_addr program a valid context.
         let addr: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
         let destination = if ipv6 {
-            let mut bytes = [0u8; 16];
-            let mut i = 0;
-            while i < 4 {
-                let word = addr.user_ip6[i].to_ne_bytes();
-                bytes[i * 4] = word[0];
-                bytes[i * 4 + 1] = word[1];
-                bytes[i * 4 + 2] = word[2];
-                bytes[i * 4 + 3] = word[3];
-                i += 1;
-            }
             // `::ffff:a.b.c.d` already has the trie's IPv4-mapped form, so a
             // mapped destination meets the IPv4 rules with no extra step.
-            bytes
+            ipv6_from_words(addr.user_ip6)
         } else {
-            ipv4_mapped(addr.user_ip4.to_ne_bytes())
+            crate::stores::ipv4_mapped(addr.user_ip4.to_ne_bytes())
         };
         // user_port holds the port in network byte order in its low 16 bits.
         let port_number = u16::from_be(addr.user_port as u16);

@@ -87,6 +87,16 @@ pub enum Hook {
 }
 
 impl Hook {
+    /// The counter this hook's attempts go to.
+    #[inline(always)]
+    fn field(self, counters: &mut BlockCounters) -> &mut u64 {
+        match self {
+            Hook::Connect => &mut counters.connect,
+            Hook::Sendmsg => &mut counters.sendmsg,
+            Hook::Egress => &mut counters.egress,
+        }
+    }
+
     fn code(self) -> u8 {
         match self {
             Hook::Connect => HOOK_CONNECT,
@@ -150,20 +160,10 @@ pub fn cgroup_is_allowed(subject: &Subject) -> bool {
 pub fn count_block(cgroup_id: u64, hook: Hook) {
     if let Some(counters) = BLOCK_COUNTERS.get_ptr_mut(cgroup_id) {
         // SAFETY: a live value of this CPU's slot.
-        let counters = unsafe { &mut *counters };
-        match hook {
-            Hook::Connect => counters.connect += 1,
-            Hook::Sendmsg => counters.sendmsg += 1,
-            Hook::Egress => counters.egress += 1,
-        }
+        *hook.field(unsafe { &mut *counters }) += 1;
         return;
     }
-    let mut first = BlockCounters::default();
-    match hook {
-        Hook::Connect => first.connect = 1,
-        Hook::Sendmsg => first.sendmsg = 1,
-        Hook::Egress => first.egress = 1,
-    }
+    let first = crate::stores::one_count(|c| hook.field(c));
     // Losing one count to a concurrent first insert is acceptable.
     let _ = BLOCK_COUNTERS.insert(cgroup_id, first, u64::from(BPF_NOEXIST));
 }
@@ -217,19 +217,19 @@ pub fn send_event(cgroup_id: u64, destination: &AddrBytes, port: u16, protocol: 
         count_dropped_event();
         return;
     };
-    entry.write(BlockEvent {
+    let verdict = if audit_mode() {
+        VERDICT_AUDITED
+    } else {
+        VERDICT_REFUSED
+    };
+    entry.write(BlockEvent::new(
         cgroup_id,
-        timestamp_ns: now_ns,
-        destination: *destination,
+        now_ns,
+        *destination,
         port,
-        protocol: protocol as u8,
-        hook: hook.code(),
-        verdict: if audit_mode() {
-            VERDICT_AUDITED
-        } else {
-            VERDICT_REFUSED
-        },
-        _pad: [0; 7],
-    });
+        protocol as u8,
+        hook.code(),
+        verdict,
+    ));
     entry.submit(0);
 }

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{cty::c_long, programs::SkBuffContext};
 use enforcer_common::{
-    AddrBytes, PortInfo, ipv4_mapped,
+    AddrBytes, PortInfo,
     rule::{PROTO_ANY, PROTO_ICMP, PROTO_TCP, PROTO_UDP, protocol_class},
 };
 
@@ -40,7 +40,9 @@ const IPV6_DESTINATION_AT: usize = 24;
 pub fn read_destination(ctx: &SkBuffContext) -> Result<AddrBytes, c_long> {
     let ethertype = u16::from_be(ctx.skb.protocol() as u16);
     match ethertype {
-        ETH_P_IP => ctx.load::<[u8; 4]>(IPV4_DESTINATION_AT).map(ipv4_mapped),
+        ETH_P_IP => ctx
+            .load::<[u8; 4]>(IPV4_DESTINATION_AT)
+            .map(crate::stores::ipv4_mapped),
         ETH_P_IPV6 => ctx.load(IPV6_DESTINATION_AT),
         _ => Err(0),
     }

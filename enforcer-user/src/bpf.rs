@@ -22,26 +22,40 @@ use enforcer_common::{
     MODE_ENFORCE, names,
 };
 
-use crate::{cgroup::CgroupDir, pins::MAPS, rules::RuleSet};
+use crate::{cgroup::CgroupDir, memlock::MemlockError, pins::MAPS, rules::RuleSet};
 
 /// The eBPF object built by `build.rs`.
 static EBPF_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/imds-guard-ebpf"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
-    #[error(
-        "loading the eBPF object failed: {source}. imds-guard needs root, or CAP_BPF \
-         and CAP_NET_ADMIN, and a kernel with BPF and cgroup v2 support"
-    )]
+    #[error("loading the eBPF object failed: {source}")]
     Load { source: EbpfError },
+    #[error("the kernel refused to create map {name} ({errno}): {cause}")]
+    MapRefused {
+        name: String,
+        errno: std::io::Error,
+        cause: String,
+    },
+    #[error(transparent)]
+    Memlock(#[from] MemlockError),
     #[error("the eBPF object has no {kind} named {name}")]
     Missing {
         kind: &'static str,
         name: &'static str,
     },
     #[error(
-        "the kernel refused program {name}: {source}. Cgroup socket hooks need Linux 5.7 or newer"
+        "the kernel's verifier refused program {name} ({errno}){}: {}. \
+         The whole verifier log is logged at debug level (IMDS_GUARD_LOG=debug)",
+        summary.failing_instruction.as_ref().map(|i| format!(" at instruction {i}")).unwrap_or_default(),
+        summary.last_lines.join(" / ")
     )]
+    ProgramRefused {
+        name: &'static str,
+        errno: std::io::Error,
+        summary: VerifierSummary,
+    },
+    #[error("loading program {name} failed: {source}")]
     ProgramLoad {
         name: &'static str,
         source: ProgramError,
@@ -117,20 +131,194 @@ pub fn load(mode: Mode, map_pins: Option<&dyn Fn(&str) -> PathBuf>) -> Result<Eb
     for (map, path) in &pin_paths {
         loader.map_pin_path(map, path.as_path());
     }
-    let mut ebpf = loader
-        .load(EBPF_OBJECT)
-        .map_err(|source| BpfError::Load { source })?;
+    let mut ebpf = loader.load(EBPF_OBJECT).map_err(load_error)?;
     let egress: &mut CgroupSkb = program(&mut ebpf, names::PROG_EGRESS)?;
-    egress.load().map_err(|source| BpfError::ProgramLoad {
-        name: names::PROG_EGRESS,
-        source,
-    })?;
+    egress
+        .load()
+        .map_err(|source| program_error(names::PROG_EGRESS, source))?;
     for name in SOCK_ADDR_PROGRAMS {
         let hook: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-        hook.load()
-            .map_err(|source| BpfError::ProgramLoad { name, source })?;
+        hook.load().map_err(|source| program_error(name, source))?;
     }
     Ok(ebpf)
+}
+
+/// What the kernel needs of RLIMIT_MEMLOCK for one generation's maps, on
+/// kernels that charge it: checked (and raised where allowed) before any
+/// map exists, so a refusal leaves nothing behind.
+pub fn ensure_memlock() -> Result<crate::memlock::Memlock, BpfError> {
+    let shapes = crate::memlock::shapes(EBPF_OBJECT).map_err(|e| BpfError::Load {
+        source: EbpfError::ParseError(e),
+    })?;
+    let cpus = possible_cpus();
+    crate::memlock::ensure(&kernel_release(), crate::memlock::need(&shapes, cpus), cpus)
+        .map_err(BpfError::from)
+}
+
+fn possible_cpus() -> u64 {
+    aya::util::nr_cpus().map_or(1, |n| n as u64)
+}
+
+fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Names the cause of a failed object load where it can be told: a map the
+/// kernel refused to create is a seccomp filter, the memlock limit, or a
+/// security module, and each has its own fix.
+fn load_error(source: EbpfError) -> BpfError {
+    let EbpfError::MapError(MapError::CreateError { name, io_error }) = source else {
+        return BpfError::Load { source };
+    };
+    let cause = if io_error.raw_os_error() == Some(libc::EPERM) {
+        refusal_cause()
+    } else {
+        "this kernel may lack the map type or feature it needs".to_owned()
+    };
+    BpfError::MapRefused {
+        name,
+        errno: io_error,
+        cause,
+    }
+}
+
+/// Why the kernel said EPERM to a process that holds CAP_BPF (privileges
+/// are checked before loading).
+fn refusal_cause() -> String {
+    if bpf_syscall_filtered() {
+        let seccomp = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .is_some_and(|s| seccomp_filtering(&s));
+        return if seccomp {
+            "this process's seccomp filter refuses the bpf system call. The container \
+             runtime's profile must allow bpf for a process with CAP_BPF (containerd's \
+             default profile does from 1.7 and 1.6.13, Docker's from 23.0); CRI-O's \
+             default allows it only with CAP_SYS_ADMIN: use a Localhost profile that \
+             allows bpf"
+                .to_owned()
+        } else {
+            "something refuses the bpf system call before the kernel reads it (a \
+             security module such as SELinux or Lockdown)"
+                .to_owned()
+        };
+    }
+    let release = kernel_release();
+    if crate::preflight::kernel_version(&release)
+        .is_some_and(|v| v < crate::memlock::FIRST_MEMCG_KERNEL)
+    {
+        let need = crate::memlock::shapes(EBPF_OBJECT)
+            .map(|s| crate::memlock::need(&s, possible_cpus()))
+            .unwrap_or(0);
+        return format!(
+            "kernel {release} charges BPF maps to RLIMIT_MEMLOCK and the limit is too low \
+             (the maps need about {} with {} possible CPUs; other processes of this user \
+             count too): grant CAP_SYS_RESOURCE or raise the memlock limit",
+            crate::memlock::human(need),
+            possible_cpus()
+        );
+    }
+    "the kernel refused although this process holds CAP_BPF: a security module \
+     (SELinux, AppArmor, Lockdown) may forbid BPF maps here"
+        .to_owned()
+}
+
+/// Whether a `bpf()` call the kernel would reject as malformed (EINVAL) is
+/// refused with EPERM instead: then something in front of the kernel, a
+/// seccomp filter or a security module, refuses every `bpf()` call.
+fn bpf_syscall_filtered() -> bool {
+    // No such command: the kernel answers EINVAL once it gets to look.
+    const NO_SUCH_COMMAND: libc::c_long = 0x7fff;
+    // SAFETY: a null attribute pointer with size 0 is never dereferenced.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            NO_SUCH_COMMAND,
+            std::ptr::null::<u8>(),
+            0usize,
+        )
+    };
+    ret < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Whether /proc/PID/status text says a seccomp filter is installed (mode 2).
+fn seccomp_filtering(status: &str) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))
+        .is_some_and(|mode| mode.trim() == "2")
+}
+
+/// The parts of a verifier log that explain a refusal.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VerifierSummary {
+    /// The last instruction the verifier printed before refusing.
+    pub failing_instruction: Option<String>,
+    /// Its last lines, without the statistics it ends with.
+    pub last_lines: Vec<String>,
+}
+
+/// How many of the verifier's last lines an error carries.
+const VERIFIER_LINES_SHOWN: usize = 3;
+
+/// Picks the failing instruction and the closing lines out of a log.
+pub fn summarize_verifier_log(log: &str) -> VerifierSummary {
+    let is_statistics = |line: &str| {
+        ["verification time", "stack depth", "processed "]
+            .iter()
+            .any(|p| line.starts_with(p))
+    };
+    let lines: Vec<&str> = log
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !is_statistics(l) && !l.starts_with(';'))
+        .collect();
+    let is_instruction = |line: &str| {
+        line.split_once(": (")
+            .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let failing_instruction = lines.iter().rev().find(|l| is_instruction(l)).map(|l| {
+        // Drop the register state the verifier prints after `;`.
+        l.split_once(" ; ")
+            .map_or(*l, |(insn, _)| insn)
+            .trim()
+            .to_owned()
+    });
+    let tail = lines.len().saturating_sub(VERIFIER_LINES_SHOWN);
+    VerifierSummary {
+        failing_instruction,
+        last_lines: lines[tail..]
+            .iter()
+            .filter(|l| !is_instruction(l))
+            .map(|l| (*l).to_owned())
+            .collect(),
+    }
+}
+
+/// A refused program load, with its verifier log shortened for the error
+/// and kept whole at debug level (logged once, here).
+fn program_error(name: &'static str, source: ProgramError) -> BpfError {
+    match source {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            tracing::debug!(program = name, log = %log, "the verifier's whole log");
+            BpfError::ProgramRefused {
+                name,
+                errno: io_error,
+                summary: summarize_verifier_log(&log),
+            }
+        }
+        source => BpfError::ProgramLoad { name, source },
+    }
+}
+
+/// The eBPF object built into this binary.
+pub fn object() -> &'static [u8] {
+    EBPF_OBJECT
 }
 
 /// Attaches every program to `cgroup` and pins each link at the path
@@ -438,5 +626,110 @@ impl DroppedEvents {
     pub fn total(&self) -> Result<u64, BpfError> {
         let per_cpu = self.0.get(&0, 0).map_err(map_err(names::EVENTS_DROPPED))?;
         Ok(per_cpu.iter().sum())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The end of the log kernel 6.18 gave for the padding memset that
+    /// CAP_PERFMON-less loaders were refused over.
+    const REFUSED_MEMSET: &str = "\
+1081: frame1: R1=ringbuf_mem(ref_obj_id=85,off=37,sz=48) R2=0 R3=7 R10=fp0 refs=85
+; if self.start < self.end { @ range.rs:900
+1081: (15) if r3 == 0x0 goto pc+6     ; frame1: R3=7 refs=85
+1082: (b7) r4 = 0                     ; frame1: R4=0 refs=85
+; unsafe { intrinsics::offset(self, count) } @ mut_ptr.rs:961
+1083: (bf) r5 = r1                    ; frame1: R1=ringbuf_mem(ref_obj_id=85,off=37,sz=48) R5=ringbuf_mem(ref_obj_id=85,off=37,sz=48) refs=85
+1084: (0f) r5 += r4
+R5 has pointer with unsupported alu operation, pointer arithmetic with it prohibited for !root
+verification time 3834 usec
+stack depth 152+0
+processed 924 insns (limit 1000000) max_states_per_insn 4 total_states 32 peak_states 32 mark_read 0
+";
+
+    #[test]
+    fn verifier_logs_shrink_to_the_refusal() {
+        let cases = [
+            (
+                REFUSED_MEMSET,
+                Some("1084: (0f) r5 += r4"),
+                vec![
+                    "R5 has pointer with unsupported alu operation, pointer arithmetic with it \
+                     prohibited for !root",
+                ],
+            ),
+            (
+                "0: (b7) r0 = 0 ; R0=0\n1: (95) exit\nR0 leaks addr as return value\n",
+                Some("1: (95) exit"),
+                vec!["R0 leaks addr as return value"],
+            ),
+            ("", None, vec![]),
+            (
+                "unknown func bpf_ringbuf_reserve#131\n",
+                None,
+                vec!["unknown func bpf_ringbuf_reserve#131"],
+            ),
+        ];
+        for (log, instruction, lines) in cases {
+            let summary = summarize_verifier_log(log);
+            assert_eq!(summary.failing_instruction.as_deref(), instruction, "{log}");
+            assert_eq!(summary.last_lines, lines, "{log}");
+        }
+    }
+
+    #[test]
+    fn refusal_message_names_program_instruction_and_reason_once() {
+        let err = BpfError::ProgramRefused {
+            name: names::PROG_EGRESS,
+            errno: std::io::Error::from_raw_os_error(libc::EACCES),
+            summary: summarize_verifier_log(REFUSED_MEMSET),
+        }
+        .to_string();
+        assert!(err.contains("imds_guard_egress"), "{err}");
+        assert!(err.contains("at instruction 1084: (0f) r5 += r4"), "{err}");
+        assert_eq!(err.matches("prohibited for !root").count(), 1, "{err}");
+        assert!(
+            !err.contains("5.7"),
+            "no hint unrelated to the failure: {err}"
+        );
+    }
+
+    /// The programs' calls to compiler-builtins' memory functions: their
+    /// byte loops need CAP_PERFMON to pass the verifier (enforcer-ebpf's
+    /// `stores` module says how the programs avoid them).
+    #[test]
+    fn programs_call_no_memory_builtins() {
+        use object::{Object as _, ObjectSection as _, ObjectSymbol as _, RelocationTarget};
+        const BUILTINS: [&str; 5] = ["memset", "memcpy", "memmove", "memcmp", "bcmp"];
+        let file = object::File::parse(EBPF_OBJECT).expect("the eBPF object parses");
+        let mut calls = Vec::new();
+        for section in file.sections() {
+            let section_name = section.name().unwrap_or_default();
+            if section_name.starts_with(".debug") || section_name.starts_with(".BTF") {
+                continue;
+            }
+            for (offset, relocation) in section.relocations() {
+                let RelocationTarget::Symbol(index) = relocation.target() else {
+                    continue;
+                };
+                let symbol = file.symbol_by_index(index).expect("relocation symbol");
+                let name = symbol.name().unwrap_or_default();
+                if BUILTINS.contains(&name) {
+                    calls.push(format!("{section_name}+{offset:#x} calls {name}"));
+                }
+            }
+        }
+        assert!(calls.is_empty(), "{calls:#?}");
+    }
+
+    #[test]
+    fn seccomp_mode_from_status() {
+        assert!(seccomp_filtering(
+            "Name:\tx\nSeccomp:\t2\nSeccomp_filters:\t1\n"
+        ));
+        assert!(!seccomp_filtering("Seccomp:\t0\n"));
+        assert!(!seccomp_filtering("Name:\tx\n"));
     }
 }

@@ -116,7 +116,19 @@ impl Enforcer {
             }
             StartPlan::Install { carry_from, stale } => {
                 let generation = pins.new_generation_name(&key);
-                let enforcer = Enforcer::install(settings, &generation, carry_from.as_deref())?;
+                let enforcer = match Enforcer::install(settings, &generation, carry_from.as_deref())
+                {
+                    Ok(enforcer) => enforcer,
+                    Err(err) => {
+                        // A refused start leaves nothing behind: a daemon in a
+                        // crash loop must not pile up kernel memory. The old
+                        // generation, if any, stays attached.
+                        if let Err(cleanup) = pins.remove_generation(&generation) {
+                            tracing::warn!(%generation, "cannot remove the failed generation: {cleanup}");
+                        }
+                        return Err(err);
+                    }
+                };
                 for old in &stale {
                     pins.remove_generation(old)?;
                 }
@@ -156,6 +168,8 @@ impl Enforcer {
         carry_from: Option<&str>,
     ) -> Result<Enforcer, EnforcerError> {
         let pins = settings.pins;
+        // Before any map exists, so a refusal creates nothing.
+        bpf::ensure_memlock()?;
         pins.create_generation_dir(generation)?;
         let map_pin = |map: &str| pins.map_pin(generation, map);
         let mut ebpf = bpf::load(settings.mode, Some(&map_pin))?;

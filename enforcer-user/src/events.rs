@@ -317,16 +317,15 @@ mod tests {
     use super::*;
 
     fn event(cgroup_id: u64, port: u16, verdict: u8) -> BlockEvent {
-        BlockEvent {
+        BlockEvent::new(
             cgroup_id,
-            timestamp_ns: 0,
-            destination: ipv4_mapped([169, 254, 169, 254]),
+            0,
+            ipv4_mapped([169, 254, 169, 254]),
             port,
-            protocol: PROTO_TCP as u8,
-            hook: HOOK_CONNECT,
+            PROTO_TCP as u8,
+            HOOK_CONNECT,
             verdict,
-            _pad: [0; 7],
-        }
+        )
     }
 
     #[test]

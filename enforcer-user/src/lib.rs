@@ -8,6 +8,7 @@ pub mod enforcer;
 pub mod events;
 pub mod http;
 pub mod k8s;
+pub mod memlock;
 pub mod metrics;
 pub mod pins;
 pub mod preflight;

@@ -1,0 +1,47 @@
+//! Values built so the compiler emits no `memset`.
+//!
+//! bpf-linker expands `memcpy` in order but leaves every `memset` a call to
+//! compiler-builtins' byte loop, and the verifier refuses that loop's
+//! variable-offset pointer arithmetic unless the loader holds CAP_PERFMON.
+//! The optimizer turns any run of constant zero stores (an array literal, a
+//! `Default`, a struct with two zero fields) into such a `memset`, so zeros
+//! stored next to each other here come from an opaque value it cannot fold.
+//! A unit test of the daemon fails on any `memset` call left in the object.
+
+use enforcer_common::{AddrBytes, BlockCounters};
+
+/// Zero, as far as the optimizer knows any value.
+#[inline(always)]
+fn opaque_zero() -> u32 {
+    let zero = 0u32;
+    // SAFETY: a read of a local.
+    unsafe { core::ptr::read_volatile(&zero) }
+}
+
+/// `::ffff:a.b.c.d`, the trie form of an IPv4 address in network byte
+/// order, as four word stores.
+#[inline(always)]
+pub fn ipv4_mapped(octets: [u8; 4]) -> AddrBytes {
+    let zero = opaque_zero();
+    let words = [
+        zero,
+        zero,
+        u32::from_ne_bytes([0, 0, 0xff, 0xff]),
+        u32::from_ne_bytes(octets),
+    ];
+    // SAFETY: both are 16 plain bytes; any bit pattern is valid for either.
+    unsafe { core::mem::transmute::<[u32; 4], AddrBytes>(words) }
+}
+
+/// Counters with one attempt counted in the field `pick` selects.
+#[inline(always)]
+pub fn one_count(pick: impl FnOnce(&mut BlockCounters) -> &mut u64) -> BlockCounters {
+    let zero = u64::from(opaque_zero());
+    let mut counters = BlockCounters {
+        connect: zero,
+        sendmsg: zero,
+        egress: zero,
+    };
+    *pick(&mut counters) += 1;
+    counters
+}
