@@ -10,7 +10,7 @@ use std::{
 
 use nix::{sys::signal::Signal, unistd::Pid};
 
-use crate::{Result, SandboxError, probe::binary};
+use crate::{Result, SandboxError, privileges::Privileges, probe::binary};
 
 /// The line the daemon logs once its programs are attached.
 pub const ENFORCING: &str = "imds-guard is enforcing";
@@ -18,7 +18,9 @@ pub const ENFORCING: &str = "imds-guard is enforcing";
 /// Runs a short `imds-guard` command (`status`, `uninstall`) to the end and
 /// returns its standard output; a failure carries its log.
 pub fn run_to_end(args: &[&str]) -> Result<String> {
-    let output = Command::new(binary("imds-guard")?)
+    let mut command = Command::new(binary("imds-guard")?);
+    Privileges::from_env()?.apply(&mut command);
+    let output = command
         .args(args)
         .output()
         .map_err(|e| SandboxError::Process(format!("running imds-guard {args:?}: {e}")))?;
@@ -86,7 +88,10 @@ impl Daemon {
         Ok(daemon)
     }
 
+    /// Every daemon runs with the test run's privileges (by default the
+    /// DaemonSet's: see [`crate::privileges`]).
     fn launch(mut command: Command) -> Result<Daemon> {
+        Privileges::from_env()?.apply(&mut command);
         let mut child = command
             .env("IMDS_GUARD_LOG", "info")
             .stdout(Stdio::null())

@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod hostns;
 pub mod netns;
 pub mod pins;
+pub mod privileges;
 pub mod probe;
 pub mod stage;
 
