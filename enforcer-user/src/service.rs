@@ -106,6 +106,9 @@ pub async fn start(
         let reporter = Reporter::new(namer, Arc::clone(&metrics), options.pod_events);
         helpers.push(tokio::spawn(events::read_events(ring, reporter)));
     }
+    // Before anything is served: a probe that answers 200 implies the
+    // gauges operators read are already set.
+    refresh_metrics_once(&health, &metrics).await;
     helpers.push(tokio::spawn(refresh_metrics(
         Arc::clone(&health),
         Arc::clone(&metrics),
@@ -127,21 +130,30 @@ pub async fn start(
     })
 }
 
-/// Keeps the gauges that mirror the maps up to date.
+/// Sets the gauges that mirror the maps from what the kernel holds now.
+async fn refresh_metrics_once(health: &Health, metrics: &Metrics) {
+    metrics
+        .programs_attached
+        .set(health.programs_attached() as i64);
+    match health.handle.snapshot().await {
+        Ok(snapshot) => {
+            metrics.allowlisted.set(snapshot.allowed.len() as i64);
+            metrics.set_events_dropped(snapshot.events_dropped);
+        }
+        Err(err) => warn!("cannot read the enforcer's state: {err}"),
+    }
+}
+
+/// Keeps the gauges that mirror the maps up to date (the first refresh
+/// happened before the endpoints were served).
 async fn refresh_metrics(health: Arc<Health>, metrics: Arc<Metrics>) {
-    let mut tick = tokio::time::interval(METRICS_REFRESH);
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + METRICS_REFRESH,
+        METRICS_REFRESH,
+    );
     loop {
         tick.tick().await;
-        metrics
-            .programs_attached
-            .set(health.programs_attached() as i64);
-        match health.handle.snapshot().await {
-            Ok(snapshot) => {
-                metrics.allowlisted.set(snapshot.allowed.len() as i64);
-                metrics.set_events_dropped(snapshot.events_dropped);
-            }
-            Err(err) => warn!("cannot read the enforcer's state: {err}"),
-        }
+        refresh_metrics_once(&health, &metrics).await;
     }
 }
 
