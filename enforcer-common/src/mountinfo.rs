@@ -7,8 +7,17 @@ use std::path::PathBuf;
 pub struct Mount {
     pub point: PathBuf,
     pub fstype: String,
+    /// Per-mount options (`rw` or `ro` first).
+    pub options: String,
     /// Per-superblock options; for cgroup v1 they name the controllers.
     pub super_options: String,
+}
+
+impl Mount {
+    /// Whether this mount lets its users write (per-mount `ro` is absent).
+    pub fn writable(&self) -> bool {
+        !self.options.split(',').any(|o| o == "ro")
+    }
 }
 
 /// Parses mountinfo text, skipping lines it cannot read.
@@ -21,10 +30,13 @@ pub fn parse(mountinfo: &str) -> Vec<Mount> {
             let mut right = right.split_whitespace();
             let fstype = right.next()?.to_owned();
             let super_options = right.nth(1).unwrap_or_default().to_owned();
-            let point = PathBuf::from(unescape_mountinfo(left.split_whitespace().nth(4)?));
+            let mut left = left.split_whitespace();
+            let point = PathBuf::from(unescape_mountinfo(left.nth(4)?));
+            let options = left.next()?.to_owned();
             Some(Mount {
                 point,
                 fstype,
+                options,
                 super_options,
             })
         })
@@ -96,6 +108,23 @@ mod tests {
         for (text, want) in cases {
             assert_eq!(find_cgroup2_mount(text), want.map(PathBuf::from), "{text}");
         }
+    }
+
+    #[test]
+    fn per_mount_options_tell_read_only() {
+        let writable: Vec<(String, bool)> = parse(HYBRID)
+            .into_iter()
+            .map(|m| (m.point.display().to_string(), m.writable()))
+            .collect();
+        assert_eq!(
+            writable,
+            [
+                ("/sys".to_owned(), true),
+                ("/sys/fs/cgroup".to_owned(), false),
+                ("/sys/fs/cgroup/unified".to_owned(), true),
+                ("/sys/fs/cgroup/systemd".to_owned(), true),
+            ]
+        );
     }
 
     #[test]

@@ -82,6 +82,33 @@ pub fn check_bpffs(mounts: &[Mount], path: &Path) -> Result<(), PreflightError> 
     }
 }
 
+/// The mounts at or below `cgroup_root` that are writable. The daemon only
+/// reads the hierarchy; a DaemonSet's read-only hostPath of a hybrid host's
+/// /sys/fs/cgroup still leaves the cgroup2 submount writable unless the
+/// runtime makes it read-only recursively.
+pub fn writable_mounts_under<'a>(mounts: &'a [Mount], cgroup_root: &Path) -> Vec<&'a Mount> {
+    mounts
+        .iter()
+        .filter(|m| m.point.starts_with(cgroup_root) && m.writable())
+        .collect()
+}
+
+/// Warns, naming each, about writable mounts of the cgroup hierarchy
+/// (Kubernetes mode, where the manifest promises a read-only one).
+pub fn warn_writable_cgroup_mounts(cgroup_root: &Path) {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mounts = mountinfo::parse(&text);
+    for mount in writable_mounts_under(&mounts, cgroup_root) {
+        tracing::warn!(
+            mount = %mount.point.display(),
+            fstype = %mount.fstype,
+            "the cgroup hierarchy is writable here, and imds-guard only reads it: mount the \
+             cgroup2 filesystem itself read-only (deploy/overlays/hybrid-cgroups on hybrid \
+             hosts), or use recursiveReadOnly with a runtime that supports it"
+        );
+    }
+}
+
 /// Runs every check against this machine.
 pub fn check_node(pin_root: &Path) -> Result<(), PreflightError> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -101,8 +128,34 @@ mod tests {
         Mount {
             point: point.into(),
             fstype: fstype.to_owned(),
+            options: "rw".to_owned(),
             super_options: options.to_owned(),
         }
+    }
+
+    #[test]
+    fn writable_cgroup_mounts_are_named() {
+        let read_only = |point: &str, fstype: &str| Mount {
+            options: "ro,nosuid".to_owned(),
+            ..mount(point, fstype, "")
+        };
+        // A hybrid host's /sys/fs/cgroup bound read-only, not recursively.
+        let hybrid_bind = vec![
+            read_only("/host/sys/fs/cgroup", "tmpfs"),
+            mount("/host/sys/fs/cgroup/unified", "cgroup2", "rw"),
+            read_only("/host/sys/fs/cgroup/memory", "cgroup"),
+            mount("/host/sys/fs/bpf", "bpf", "rw"),
+        ];
+        let writable: Vec<&Path> =
+            writable_mounts_under(&hybrid_bind, Path::new("/host/sys/fs/cgroup"))
+                .iter()
+                .map(|m| m.point.as_path())
+                .collect();
+        assert_eq!(writable, [Path::new("/host/sys/fs/cgroup/unified")]);
+        let cgroup2_itself = vec![read_only("/host/sys/fs/cgroup", "cgroup2")];
+        assert!(
+            writable_mounts_under(&cgroup2_itself, Path::new("/host/sys/fs/cgroup")).is_empty()
+        );
     }
 
     #[test]
