@@ -169,7 +169,13 @@ impl Enforcer {
     ) -> Result<Enforcer, EnforcerError> {
         let pins = settings.pins;
         // Before any map exists, so a refusal creates nothing.
-        bpf::ensure_memlock()?;
+        if let crate::memlock::Memlock::Enough { need, limit } = bpf::ensure_memlock()? {
+            tracing::info!(
+                need = %crate::memlock::human(need),
+                limit = %crate::memlock::human(limit),
+                "this kernel charges BPF maps to RLIMIT_MEMLOCK; the limit is enough"
+            );
+        }
         pins.create_generation_dir(generation)?;
         let map_pin = |map: &str| pins.map_pin(generation, map);
         let mut ebpf = bpf::load(settings.mode, Some(&map_pin))?;

@@ -86,6 +86,18 @@ fn audit() -> Vec<Value> {
     render("deploy/overlays/audit").1
 }
 
+/// Every overlay a user may apply.
+const OVERLAYS: [&str; 3] = [
+    "deploy/overlays/audit",
+    "deploy/overlays/kernel-5.10",
+    "deploy/overlays/hybrid-cgroups",
+];
+
+/// The DaemonSet of some rendered manifests.
+fn daemonset(docs: &[Value]) -> &Value {
+    find(docs, "DaemonSet", "imds-guard")
+}
+
 /// The one document of `kind` (and `name`, when several could match).
 fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
     docs.iter()
@@ -141,7 +153,7 @@ fn validate(label: &str, yaml: &str) {
 
 #[test]
 fn every_rendered_document_is_valid_kubernetes() {
-    for dir in ["deploy", "deploy/overlays/audit"] {
+    for dir in std::iter::once("deploy").chain(OVERLAYS) {
         validate(dir, &render(dir).0);
     }
     // The end-to-end harnesses' objects cannot run here; they can be checked.
@@ -187,7 +199,7 @@ fn paths_set_true(value: &Value, key: &str, path: &str, found: &mut Vec<String>)
 
 #[test]
 fn nothing_is_privileged_or_shares_host_namespaces() {
-    for docs in [base(), audit()] {
+    for docs in std::iter::once(base()).chain(OVERLAYS.map(|dir| render(dir).1)) {
         for key in [
             "privileged",
             "hostNetwork",
@@ -302,8 +314,17 @@ fn daemonset_has_what_the_daemon_needs_and_no_more() {
     );
     let cgroup = mounts["host-cgroup"];
     assert_eq!(
-        (&cgroup["mountPath"], &cgroup["readOnly"]),
-        (&json!("/host/sys/fs/cgroup"), &json!(true))
+        (
+            &cgroup["mountPath"],
+            &cgroup["readOnly"],
+            &cgroup["recursiveReadOnly"]
+        ),
+        (
+            &json!("/host/sys/fs/cgroup"),
+            &json!(true),
+            &json!("IfPossible")
+        ),
+        "read-only all the way down where the runtime can"
     );
     let bpffs = mounts["bpffs"];
     // Not under /sys/fs: the default AppArmor profile denies writes there.
@@ -340,6 +361,96 @@ fn daemonset_has_what_the_daemon_needs_and_no_more() {
             at(container, &format!("/resources/{resource}/{kind}"));
         }
     }
+}
+
+/// The DaemonSet's pod spec with the paths an overlay may change removed.
+fn without(daemonset: &Value, pointers: &[&str]) -> Value {
+    let mut copy = daemonset.clone();
+    for pointer in pointers {
+        let (parent, key) = pointer.rsplit_once('/').expect("a pointer");
+        let parent = copy.pointer_mut(parent).expect("present");
+        match parent {
+            Value::Object(map) => {
+                map.remove(key);
+            }
+            Value::Array(items) => {
+                items.remove(key.parse::<usize>().expect("an index"));
+            }
+            _ => panic!("{pointer} is not in a map or list"),
+        }
+    }
+    copy
+}
+
+/// The hostPath of volume `name`, and the DaemonSet without it, its volumes
+/// in name order (a strategic merge may reorder them).
+fn split_host_path(daemonset: &Value, name: &str) -> (String, Value) {
+    let mut copy = daemonset.clone();
+    let volumes = copy
+        .pointer_mut("/spec/template/spec/volumes")
+        .and_then(Value::as_array_mut)
+        .expect("volumes");
+    volumes.sort_by_key(|v| v["name"].as_str().unwrap_or_default().to_owned());
+    let volume = volumes
+        .iter_mut()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("no volume {name}"));
+    let path = volume
+        .pointer_mut("/hostPath/path")
+        .map(Value::take)
+        .and_then(|p| p.as_str().map(str::to_owned))
+        .unwrap_or_else(|| panic!("volume {name} is no hostPath"));
+    (path, copy)
+}
+
+#[test]
+fn overlays_change_only_what_they_say() {
+    let base_docs = base();
+    let base = daemonset(&base_docs);
+    const CAPABILITIES: &str = "/spec/template/spec/containers/0/securityContext/capabilities/add";
+
+    let kernel_docs = render("deploy/overlays/kernel-5.10").1;
+    let kernel = daemonset(&kernel_docs);
+    assert_eq!(
+        strings(at(kernel, CAPABILITIES)),
+        set(&["BPF", "NET_ADMIN", "SYS_RESOURCE"]),
+        "kernels before 5.11 need CAP_SYS_RESOURCE to raise RLIMIT_MEMLOCK"
+    );
+    assert_eq!(
+        without(kernel, &[&format!("{CAPABILITIES}/2")]),
+        *base,
+        "nothing else changes"
+    );
+
+    let hybrid_docs = render("deploy/overlays/hybrid-cgroups").1;
+    let hybrid = daemonset(&hybrid_docs);
+    let (base_path, base_rest) = split_host_path(base, "host-cgroup");
+    let (hybrid_path, hybrid_rest) = split_host_path(hybrid, "host-cgroup");
+    assert_eq!(
+        (base_path.as_str(), hybrid_path.as_str()),
+        ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")
+    );
+    assert_eq!(hybrid_rest, base_rest, "only the cgroup hostPath changes");
+    for overlay in [&kernel_docs, &hybrid_docs] {
+        assert_eq!(overlay.len(), base_docs.len(), "the same objects");
+    }
+}
+
+#[test]
+fn test_harness_runs_the_daemon_with_the_daemonsets_capabilities() {
+    let docs = base();
+    let added = strings(at(
+        daemonset(&docs),
+        "/spec/template/spec/containers/0/securityContext/capabilities/add",
+    ));
+    let harness: BTreeSet<String> = imds_guard_tests::privileges::DAEMONSET_CAPABILITIES
+        .iter()
+        .map(|c| (*c).to_owned())
+        .collect();
+    assert_eq!(
+        added, harness,
+        "tests/src/privileges.rs must grant what the manifest grants"
+    );
 }
 
 #[test]
