@@ -126,6 +126,8 @@ impl Enforcer {
                         if let Err(cleanup) = pins.remove_generation(&generation) {
                             tracing::warn!(%generation, "cannot remove the failed generation: {cleanup}");
                         }
+                        // The root too, when nothing else is in it.
+                        let _ = std::fs::remove_dir(pins.path());
                         return Err(err);
                     }
                 };

@@ -13,7 +13,9 @@ pub enum PrivilegeError {
     #[error("{path} has no CapEff line")]
     NoCapEff { path: PathBuf },
     #[error(
-        "missing capabilities: {}. Run imds-guard as root or grant them",
+        "missing capabilities: {}. imds-guard needs CAP_BPF (to create maps and load \
+         programs) and CAP_NET_ADMIN (to attach cgroup network programs): add them \
+         (securityContext.capabilities.add in a pod) or run as root",
         missing.join(", ")
     )]
     Missing { missing: Vec<&'static str> },

@@ -52,6 +52,14 @@ impl Daemon {
         Daemon::launch(command)
     }
 
+    /// Starts `imds-guard ARGS` with these privileges instead of the test
+    /// run's, without waiting.
+    pub fn spawn_with(privileges: &Privileges, args: &[&str]) -> Result<Daemon> {
+        let mut command = Command::new(binary("imds-guard")?);
+        command.args(args);
+        Daemon::launch_with(command, privileges)
+    }
+
     /// Starts `imds-guard run` for `node` on a fake node's cgroup `root`,
     /// pinning under `pins` and talking to the API server `kubeconfig`
     /// names, with `extra` arguments; waits until it says it is enforcing.
@@ -90,8 +98,12 @@ impl Daemon {
 
     /// Every daemon runs with the test run's privileges (by default the
     /// DaemonSet's: see [`crate::privileges`]).
-    fn launch(mut command: Command) -> Result<Daemon> {
-        Privileges::from_env()?.apply(&mut command);
+    fn launch(command: Command) -> Result<Daemon> {
+        Daemon::launch_with(command, &Privileges::from_env()?)
+    }
+
+    fn launch_with(mut command: Command, privileges: &Privileges) -> Result<Daemon> {
+        privileges.apply(&mut command);
         let mut child = command
             .env("IMDS_GUARD_LOG", "info")
             .stdout(Stdio::null())

@@ -44,7 +44,27 @@ pub struct Privileges {
     pub capabilities: Option<Vec<u32>>,
     /// RLIMIT_MEMLOCK (soft and hard); `None` leaves it as inherited.
     pub memlock_bytes: Option<u64>,
+    /// `bpf()` calls a seccomp filter refuses with EPERM, as a runtime's
+    /// profile would.
+    pub bpf_filter: BpfFilter,
 }
+
+/// Which `bpf()` calls the daemon's seccomp filter refuses.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum BpfFilter {
+    /// No filter.
+    #[default]
+    None,
+    /// Every call, as a profile without the `bpf` rule does.
+    RefuseAll,
+    /// These commands only, to make a start fail part-way (after its maps
+    /// exist): `BPF_LINK_CREATE` and `BPF_PROG_ATTACH` fail the attach.
+    Refuse(Vec<u32>),
+}
+
+/// `enum bpf_cmd` values.
+pub const BPF_PROG_ATTACH: u32 = 8;
+pub const BPF_LINK_CREATE: u32 = 28;
 
 impl Privileges {
     /// What the base DaemonSet grants.
@@ -57,6 +77,7 @@ impl Privileges {
         Privileges {
             capabilities: None,
             memlock_bytes: None,
+            bpf_filter: BpfFilter::None,
         }
     }
 
@@ -69,6 +90,7 @@ impl Privileges {
         Ok(Privileges {
             capabilities: Some(capabilities),
             memlock_bytes: Some(DEFAULT_MEMLOCK_BYTES),
+            bpf_filter: BpfFilter::None,
         })
     }
 
@@ -99,13 +121,13 @@ impl Privileges {
     /// capability bounding set (a uid-0 exec gets exactly the bounding set),
     /// and no_new_privs, as the DaemonSet's allowPrivilegeEscalation: false.
     pub fn apply(&self, command: &mut std::process::Command) {
-        let Some(capabilities) = self.capabilities.clone() else {
-            if let Some(bytes) = self.memlock_bytes {
-                set_memlock_before_exec(command, bytes);
-            }
-            return;
-        };
+        let capabilities = self.capabilities.clone();
         let memlock = self.memlock_bytes;
+        let filter = match &self.bpf_filter {
+            BpfFilter::None => None,
+            BpfFilter::RefuseAll => Some(bpf_command_filter(None)),
+            BpfFilter::Refuse(commands) => Some(bpf_command_filter(Some(commands))),
+        };
         // SAFETY: the closure runs in the forked child before exec and only
         // makes async-signal-safe system calls.
         unsafe {
@@ -113,18 +135,22 @@ impl Privileges {
                 if let Some(bytes) = memlock {
                     set_memlock(bytes)?;
                 }
-                for cap in 0..=LAST_CAPABILITY {
-                    // EINVAL: a capability this kernel does not know.
-                    if !capabilities.contains(&cap)
-                        && libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0)
-                            != 0
-                        && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
-                    {
-                        return Err(std::io::Error::last_os_error());
-                    }
+                if let Some(capabilities) = &capabilities {
+                    drop_bounding_set_except(capabilities)?;
                 }
-                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
+                if capabilities.is_some() || filter.is_some() {
+                    check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+                }
+                if let Some(filter) = &filter {
+                    let program = libc::sock_fprog {
+                        len: filter.len() as u16,
+                        filter: filter.as_ptr().cast_mut(),
+                    };
+                    check(libc::prctl(
+                        libc::PR_SET_SECCOMP,
+                        libc::SECCOMP_MODE_FILTER,
+                        &program as *const libc::sock_fprog,
+                    ))?;
                 }
                 Ok(())
             });
@@ -132,11 +158,71 @@ impl Privileges {
     }
 }
 
-fn set_memlock_before_exec(command: &mut std::process::Command, bytes: u64) {
-    // SAFETY: setrlimit is async-signal-safe.
-    unsafe {
-        command.pre_exec(move || set_memlock(bytes));
+fn check(ret: libc::c_int) -> std::io::Result<()> {
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
+}
+
+/// Drops every capability but `keep` from the bounding set: a uid-0 exec
+/// then gets exactly `keep`.
+fn drop_bounding_set_except(keep: &[u32]) -> std::io::Result<()> {
+    for cap in (0..=LAST_CAPABILITY).filter(|cap| !keep.contains(cap)) {
+        // SAFETY: a plain prctl.
+        let ret = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) };
+        // EINVAL: a capability this kernel does not know.
+        if ret != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A classic-BPF seccomp program: `bpf(cmd, ...)` with `cmd` in `refused`
+/// (every `cmd` when `None`) fails with EPERM, everything else is allowed
+/// (x86_64 only; any other architecture is killed, as runtimes' profiles do).
+fn bpf_command_filter(refused: Option<&[u32]>) -> Vec<libc::sock_filter> {
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    // Offsets in `struct seccomp_data`.
+    const NR: u32 = 0;
+    const ARCH: u32 = 4;
+    const ARG0: u32 = 16;
+    let statement = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jump_eq = |k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+        jt,
+        jf,
+        k,
+    };
+    let load = |offset| statement(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, offset);
+    let ret = |value| statement(libc::BPF_RET | libc::BPF_K, value);
+    let refuse = ret(libc::SECCOMP_RET_ERRNO | libc::EPERM as u32);
+    let mut program = vec![
+        load(ARCH),
+        jump_eq(AUDIT_ARCH_X86_64, 1, 0),
+        ret(libc::SECCOMP_RET_KILL_PROCESS),
+        load(NR),
+        jump_eq(libc::SYS_bpf as u32, 1, 0),
+        ret(libc::SECCOMP_RET_ALLOW),
+    ];
+    let Some(commands) = refused else {
+        program.push(refuse);
+        return program;
+    };
+    program.push(load(ARG0));
+    for &command in commands {
+        program.push(jump_eq(command, 0, 1));
+        program.push(refuse);
+    }
+    program.push(ret(libc::SECCOMP_RET_ALLOW));
+    program
 }
 
 fn set_memlock(bytes: u64) -> std::io::Result<()> {
