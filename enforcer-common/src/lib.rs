@@ -1,5 +1,8 @@
 //! The contract between the imds-guard eBPF programs and the daemon: map
-//! names, limits, and the `#[repr(C)]` values stored in the maps.
+//! and program names, limits, the `#[repr(C)]` values stored in the maps
+//! (with their layouts asserted), the destination rule's decision and the
+//! destination pre-filter, whose reader (the programs) and writer (the
+//! daemon) sit side by side in [`prefilter`].
 //!
 //! Every type here is shared with the kernel, so it has explicit padding and
 //! no `bool`, enum or `Option` fields.
@@ -7,11 +10,14 @@
 
 #[cfg(feature = "std")]
 pub mod mountinfo;
+pub mod prefilter;
 pub mod rule;
 
+pub use prefilter::{BUCKET_COUNT, BUCKET_WORDS, IPV6_BUCKETS_START, bucket, is_ipv4_mapped};
 pub use rule::{DestRule, PortInfo, PortRange};
 
-/// Names of the maps and globals in the eBPF object. They appear nowhere else.
+/// Names of the maps, globals and programs in the eBPF object. They appear
+/// nowhere else (the daemon's tests check the object against them).
 pub mod names {
     /// LPM trie: destination prefix -> [`crate::DestRule`].
     pub const DEST_RULES: &str = "DEST_RULES";
@@ -37,6 +43,28 @@ pub mod names {
     pub const PROG_CONNECT6: &str = "imds_guard_connect6";
     pub const PROG_SENDMSG4: &str = "imds_guard_sendmsg4";
     pub const PROG_SENDMSG6: &str = "imds_guard_sendmsg6";
+
+    /// Every map of the object: one generation pins each of them.
+    pub const MAPS: [&str; 7] = [
+        DEST_RULES,
+        DEST_BUCKETS,
+        ALLOWED_CGROUPS,
+        BLOCK_COUNTERS,
+        EVENTS,
+        EVENT_WINDOWS,
+        EVENTS_DROPPED,
+    ];
+    /// The cgroup_sock_addr programs, which share one attach call.
+    pub const SOCK_ADDR_PROGRAMS: [&str; 4] =
+        [PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6];
+    /// Every program, egress first; one generation pins a link to each.
+    pub const PROGRAMS: [&str; 5] = [
+        PROG_EGRESS,
+        SOCK_ADDR_PROGRAMS[0],
+        SOCK_ADDR_PROGRAMS[1],
+        SOCK_ADDR_PROGRAMS[2],
+        SOCK_ADDR_PROGRAMS[3],
+    ];
 }
 
 /// Blocked attempts are refused.
@@ -166,44 +194,6 @@ pub struct EventWindow {
     pub start_ns: u64,
     pub sent: u32,
     pub _pad: u32,
-}
-
-/// Buckets of the destination pre-filter: one per value of the first 16
-/// bits of an IPv4 address, then one per value of the first 16 bits of an
-/// IPv6 address. A bucket's bit is set when a deny rule covers any address
-/// in it; destinations in clear buckets skip the trie.
-pub const BUCKET_COUNT: u32 = 2 * 65536;
-/// `u64` words of the pre-filter array.
-pub const BUCKET_WORDS: u32 = BUCKET_COUNT / 64;
-/// First bucket of the IPv6 half.
-pub const IPV6_BUCKETS_START: u32 = 65536;
-
-/// Whether a trie-form address is IPv4-mapped (`::ffff:a.b.c.d`).
-#[inline(always)]
-pub fn is_ipv4_mapped(addr: &AddrBytes) -> bool {
-    addr[0]
-        | addr[1]
-        | addr[2]
-        | addr[3]
-        | addr[4]
-        | addr[5]
-        | addr[6]
-        | addr[7]
-        | addr[8]
-        | addr[9]
-        == 0
-        && addr[10] == 0xff
-        && addr[11] == 0xff
-}
-
-/// The pre-filter bucket of a trie-form address.
-#[inline(always)]
-pub fn bucket(addr: &AddrBytes) -> u32 {
-    if is_ipv4_mapped(addr) {
-        (u32::from(addr[12]) << 8) | u32::from(addr[13])
-    } else {
-        IPV6_BUCKETS_START + ((u32::from(addr[0]) << 8) | u32::from(addr[1]))
-    }
 }
 
 /// Value of the allow map. The key alone is the information; the value keeps

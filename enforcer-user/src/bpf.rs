@@ -22,7 +22,7 @@ use enforcer_common::{
     MODE_ENFORCE, names,
 };
 
-use crate::{cgroup::CgroupDir, memlock::MemlockError, pins::MAPS, rules::RuleSet};
+use crate::{cgroup::CgroupDir, memlock::MemlockError, rules::RuleSet};
 
 /// The eBPF object built by `build.rs`.
 static EBPF_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/imds-guard-ebpf"));
@@ -96,22 +96,6 @@ impl Mode {
     }
 }
 
-const SOCK_ADDR_PROGRAMS: [&str; 4] = [
-    names::PROG_CONNECT4,
-    names::PROG_CONNECT6,
-    names::PROG_SENDMSG4,
-    names::PROG_SENDMSG6,
-];
-
-/// Every program, egress first.
-pub const PROGRAMS: [&str; 5] = [
-    names::PROG_EGRESS,
-    names::PROG_CONNECT4,
-    names::PROG_CONNECT6,
-    names::PROG_SENDMSG4,
-    names::PROG_SENDMSG6,
-];
-
 /// A fingerprint of the eBPF object built into this binary: pinned
 /// generations of another object are upgraded, not adopted.
 pub fn object_fingerprint() -> u64 {
@@ -126,7 +110,7 @@ pub fn load(mode: Mode, map_pins: Option<&dyn Fn(&str) -> PathBuf>) -> Result<Eb
     let mut loader = EbpfLoader::new();
     loader.override_global(names::ENFORCE_MODE, &mode_value, true);
     let pin_paths: Vec<(&str, PathBuf)> = map_pins
-        .map(|pin| MAPS.iter().map(|&m| (m, pin(m))).collect())
+        .map(|pin| names::MAPS.iter().map(|&m| (m, pin(m))).collect())
         .unwrap_or_default();
     for (map, path) in &pin_paths {
         loader.map_pin_path(map, path.as_path());
@@ -136,7 +120,7 @@ pub fn load(mode: Mode, map_pins: Option<&dyn Fn(&str) -> PathBuf>) -> Result<Eb
     egress
         .load()
         .map_err(|source| program_error(names::PROG_EGRESS, source))?;
-    for name in SOCK_ADDR_PROGRAMS {
+    for name in names::SOCK_ADDR_PROGRAMS {
         let hook: &mut CgroupSockAddr = program(&mut ebpf, name)?;
         hook.load().map_err(|source| program_error(name, source))?;
     }
@@ -357,7 +341,7 @@ pub fn attach_pinned(
         .map_err(|e: LinkError| pin_err(names::PROG_EGRESS, e.to_string()))?;
     link.pin(link_pin(names::PROG_EGRESS))
         .map_err(|e| pin_err(names::PROG_EGRESS, e.to_string()))?;
-    for name in SOCK_ADDR_PROGRAMS {
+    for name in names::SOCK_ADDR_PROGRAMS {
         let hook: &mut CgroupSockAddr = program(ebpf, name)?;
         let id = hook
             .attach(cgroup.file(), CgroupAttachMode::Single)
@@ -722,6 +706,23 @@ processed 924 insns (limit 1000000) max_states_per_insn 4 total_states 32 peak_s
             }
         }
         assert!(calls.is_empty(), "{calls:#?}");
+    }
+
+    /// The object defines exactly the maps and programs the contract names:
+    /// pins, health and status go by those lists.
+    #[test]
+    fn the_object_defines_the_contracts_maps_and_programs() {
+        let object = aya_obj::Object::parse(EBPF_OBJECT).expect("the eBPF object parses");
+        // Globals live in maps named after their sections (.rodata, .bss).
+        let maps: BTreeSet<&str> = object
+            .maps
+            .keys()
+            .map(String::as_str)
+            .filter(|name| !name.starts_with('.'))
+            .collect();
+        assert_eq!(maps, BTreeSet::from(names::MAPS));
+        let programs: BTreeSet<&str> = object.programs.keys().map(String::as_str).collect();
+        assert_eq!(programs, BTreeSet::from(names::PROGRAMS));
     }
 
     #[test]

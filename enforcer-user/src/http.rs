@@ -13,15 +13,14 @@ use std::{
 };
 
 use bytes::Bytes;
+use enforcer_common::names::PROGRAMS;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::warn;
 
-use crate::{
-    bpf::PROGRAMS, enforcer::EnforcerHandle, events::PodNames, metrics::Metrics, pins::PinRoot,
-};
+use crate::{enforcer::EnforcerHandle, events::PodNames, metrics::Metrics, pins::PinRoot};
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {address}: {source}")]

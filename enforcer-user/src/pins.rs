@@ -10,20 +10,9 @@
 
 use std::path::{Path, PathBuf};
 
-use enforcer_common::names;
+use enforcer_common::names::{MAPS, PROGRAMS};
 
-use crate::bpf::{Mode, PROGRAMS};
-
-/// The maps of one generation.
-pub const MAPS: [&str; 7] = [
-    names::DEST_RULES,
-    names::DEST_BUCKETS,
-    names::ALLOWED_CGROUPS,
-    names::BLOCK_COUNTERS,
-    names::EVENTS,
-    names::EVENT_WINDOWS,
-    names::EVENTS_DROPPED,
-];
+use crate::bpf::Mode;
 
 /// Default pin root; DaemonSets mount the host's /sys/fs/bpf.
 pub const DEFAULT_ROOT: &str = "/sys/fs/bpf/imds-guard";

@@ -10,7 +10,7 @@
 use std::{fmt, net::IpAddr, str::FromStr};
 
 use enforcer_common::{
-    AddrBytes, BUCKET_WORDS, DestRule, IPV4_MAPPED_PREFIX_BITS, IPV6_BUCKETS_START, ipv4_mapped,
+    AddrBytes, DestRule, IPV4_MAPPED_PREFIX_BITS, ipv4_mapped,
     rule::{
         ACTION_DENY, MAX_PORT_RANGES, PORTS_ALL, PORTS_EXCEPT, PORTS_ONLY, PROTO_ANY, PROTO_ICMP,
         PROTO_OTHER, PROTO_TCP, PROTO_UDP, PortRange,
@@ -258,45 +258,6 @@ impl FromStr for Rule {
     }
 }
 
-/// The top `bits` bits of a 128-bit address.
-fn top_bits(bits: u32) -> u128 {
-    if bits == 0 {
-        0
-    } else {
-        !0u128 << (128 - bits.min(128))
-    }
-}
-
-/// Calls `mark(first, count)` for the pre-filter buckets a trie key covers:
-/// the IPv4 buckets of the IPv4-mapped addresses it holds, and the IPv6
-/// buckets of the others.
-fn key_buckets(prefix_len: u32, addr: AddrBytes, mut mark: impl FnMut(u32, u32)) {
-    const MAPPED: u128 = 0xffff_0000_0000;
-    let a = u128::from_be_bytes(addr);
-    let in_mapped_range = (a ^ MAPPED) & top_bits(prefix_len.min(96)) == 0;
-    let v4_first16 = ((a >> 16) & 0xffff) as u32;
-    if in_mapped_range {
-        match prefix_len {
-            112.. => mark(v4_first16, 1),
-            96..=111 => {
-                let span = 1 << (112 - prefix_len);
-                mark(v4_first16 & !(span - 1), span);
-            }
-            _ => mark(0, 65536),
-        }
-    }
-    // A key entirely within ::ffff:0:0/96 holds no other address.
-    if !(in_mapped_range && prefix_len >= 96) {
-        let v6_first16 = (a >> 112) as u32;
-        let span = if prefix_len >= 16 {
-            1
-        } else {
-            1 << (16 - prefix_len)
-        };
-        mark(IPV6_BUCKETS_START + (v6_first16 & !(span - 1)), span);
-    }
-}
-
 const PROTOCOL_NAMES: [(&str, u32); 4] = [
     ("tcp", PROTO_TCP),
     ("udp", PROTO_UDP),
@@ -438,19 +399,14 @@ impl RuleSet {
         &self.rules
     }
 
-    /// The pre-filter: one bit for every bucket a deny rule covers. Pass
-    /// rules only ever let through, so they need none.
+    /// The pre-filter's words: one bit for every bucket a deny rule covers.
     pub fn bucket_words(&self) -> Vec<u64> {
-        let mut words = vec![0u64; BUCKET_WORDS as usize];
-        for rule in self.rules.iter().filter(|r| r.action == Action::Deny) {
-            let (len, addr) = rule.kernel_key();
-            key_buckets(len, addr, |first, count| {
-                for bucket in first..first + count {
-                    words[(bucket / 64) as usize] |= 1 << (bucket % 64);
-                }
-            });
-        }
-        words
+        enforcer_common::prefilter::bucket_words(
+            self.rules
+                .iter()
+                .filter(|r| r.action == Action::Deny)
+                .map(Rule::kernel_key),
+        )
     }
 
     /// The rule of the longest prefix containing `addr`, as the kernel picks it.
@@ -714,21 +670,6 @@ mod tests {
         for (addr, want) in cases {
             assert_eq!(passes_filter(&words, addr.parse().unwrap()), want, "{addr}");
         }
-    }
-
-    #[test]
-    fn ipv6_rules_over_the_mapped_range_mark_ipv4_buckets() {
-        let mut marked = Vec::new();
-        // ::ffff:169.254.0.0/112 is 169.254.0.0/16 as an IPv6 prefix.
-        let (len, addr) = Rule::parse_deny("::ffff:169.254.0.0/112")
-            .unwrap()
-            .kernel_key();
-        key_buckets(len, addr, |first, count| marked.push((first, count)));
-        assert_eq!(marked, [((169 << 8) | 254, 1)]);
-        marked.clear();
-        let (len, addr) = Rule::parse_deny("::/8").unwrap().kernel_key();
-        key_buckets(len, addr, |first, count| marked.push((first, count)));
-        assert_eq!(marked, [(0, 65536), (IPV6_BUCKETS_START, 256)]);
     }
 
     #[test]

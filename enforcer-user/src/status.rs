@@ -13,13 +13,13 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    bpf::{AllowMap, BpfError, CountersMap, DestRulesMap, DroppedEvents, Mode, PROGRAMS},
+    bpf::{AllowMap, BpfError, CountersMap, DestRulesMap, DroppedEvents, Mode},
     cgroup,
     k8s::layout::identify,
     pins::{self, PinError, PinRoot},
     rules::Rule,
 };
-use enforcer_common::names;
+use enforcer_common::names::{self, PROGRAMS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
