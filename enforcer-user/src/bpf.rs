@@ -22,7 +22,14 @@ use enforcer_common::{
     MODE_ENFORCE, names,
 };
 
-use crate::{cgroup::CgroupDir, memlock::MemlockError, rules::RuleSet};
+use crate::{
+    host::{
+        cgroup::CgroupDir,
+        memlock::{self, MemlockError},
+        preflight,
+    },
+    rules::RuleSet,
+};
 
 /// The eBPF object built by `build.rs`.
 static EBPF_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/imds-guard-ebpf"));
@@ -130,13 +137,12 @@ pub fn load(mode: Mode, map_pins: Option<&dyn Fn(&str) -> PathBuf>) -> Result<Eb
 /// What the kernel needs of RLIMIT_MEMLOCK for one generation's maps, on
 /// kernels that charge it: checked (and raised where allowed) before any
 /// map exists, so a refusal leaves nothing behind.
-pub fn ensure_memlock() -> Result<crate::memlock::Memlock, BpfError> {
-    let shapes = crate::memlock::shapes(EBPF_OBJECT).map_err(|e| BpfError::Load {
+pub fn ensure_memlock() -> Result<memlock::Memlock, BpfError> {
+    let shapes = memlock::shapes(EBPF_OBJECT).map_err(|e| BpfError::Load {
         source: EbpfError::ParseError(e),
     })?;
     let cpus = possible_cpus();
-    crate::memlock::ensure(&kernel_release(), crate::memlock::need(&shapes, cpus), cpus)
-        .map_err(BpfError::from)
+    memlock::ensure(&kernel_release(), memlock::need(&shapes, cpus), cpus).map_err(BpfError::from)
 }
 
 fn possible_cpus() -> u64 {
@@ -189,17 +195,15 @@ fn refusal_cause() -> String {
         };
     }
     let release = kernel_release();
-    if crate::preflight::kernel_version(&release)
-        .is_some_and(|v| v < crate::memlock::FIRST_MEMCG_KERNEL)
-    {
-        let need = crate::memlock::shapes(EBPF_OBJECT)
-            .map(|s| crate::memlock::need(&s, possible_cpus()))
+    if preflight::kernel_version(&release).is_some_and(|v| v < memlock::FIRST_MEMCG_KERNEL) {
+        let need = memlock::shapes(EBPF_OBJECT)
+            .map(|s| memlock::need(&s, possible_cpus()))
             .unwrap_or(0);
         return format!(
             "kernel {release} charges BPF maps to RLIMIT_MEMLOCK and the limit is too low \
              (the maps need about {} with {} possible CPUs; other processes of this user \
              count too): grant CAP_SYS_RESOURCE or raise the memlock limit",
-            crate::memlock::human(need),
+            memlock::human(need),
             possible_cpus()
         );
     }

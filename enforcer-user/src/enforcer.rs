@@ -8,7 +8,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     bpf::{self, AllowMap, BpfError, CountersMap, DestRulesMap, DroppedEvents, EventRing, Mode},
-    cgroup::CgroupDir,
+    host::{cgroup::CgroupDir, memlock},
     pins::{self, GenerationKey, PinError, PinRoot, StartPlan},
     rules::RuleSet,
 };
@@ -171,10 +171,10 @@ impl Enforcer {
     ) -> Result<Enforcer, EnforcerError> {
         let pins = settings.pins;
         // Before any map exists, so a refusal creates nothing.
-        if let crate::memlock::Memlock::Enough { need, limit } = bpf::ensure_memlock()? {
+        if let memlock::Memlock::Enough { need, limit } = bpf::ensure_memlock()? {
             tracing::info!(
-                need = %crate::memlock::human(need),
-                limit = %crate::memlock::human(limit),
+                need = %memlock::human(need),
+                limit = %memlock::human(limit),
                 "this kernel charges BPF maps to RLIMIT_MEMLOCK; the limit is enough"
             );
         }

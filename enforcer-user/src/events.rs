@@ -18,8 +18,7 @@ use tracing::warn;
 
 use crate::{
     bpf::EventRing,
-    cgroup,
-    k8s::layout::identify,
+    host::{cgroup, identity::identify},
     metrics::{AttemptLabels, Metrics},
 };
 

@@ -2,17 +2,14 @@
 //! sync, and the modes the daemon runs in.
 
 pub mod bpf;
-pub mod cgroup;
 pub mod config;
 pub mod enforcer;
 pub mod events;
+pub mod host;
 pub mod http;
 pub mod k8s;
-pub mod memlock;
 pub mod metrics;
 pub mod pins;
-pub mod preflight;
-pub mod privilege;
 pub mod rules;
 pub mod service;
 pub mod standalone;

@@ -6,9 +6,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use enforcer_user::{
     bpf::Mode,
     config::{Overrides, Preset, Sources},
+    host::privilege,
     k8s,
     pins::{self, PinRoot},
-    privilege, standalone, status,
+    standalone, status,
 };
 use tracing_subscriber::EnvFilter;
 

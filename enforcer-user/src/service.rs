@@ -16,15 +16,17 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    cgroup::{self, CgroupDir, CgroupError},
     config::Common,
     enforcer::{Enforcer, EnforcerHandle, Started},
     events::{self, Namer, PodNames, PodNotice, Reporter},
+    host::{
+        cgroup::{self, CgroupDir, CgroupError},
+        preflight::{self, PreflightError},
+        privilege::{self, PrivilegeError},
+    },
     http::{self, Endpoints, Health, ListenError},
     metrics::Metrics,
     pins::PinRoot,
-    preflight::{self, PreflightError},
-    privilege::{self, PrivilegeError},
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -10,9 +10,9 @@ use std::{
 use tracing::{info, warn};
 
 use crate::{
-    cgroup::{CgroupDir, CgroupError},
     config::{self, ConfigError, Sources},
     enforcer::{Enforcer, EnforcerError, EnforcerHandle, StartSettings},
+    host::cgroup::{CgroupDir, CgroupError},
     pins::PinRoot,
     service::{self, FILE_POLL_INTERVAL, RunOptions, ServiceError, Signals, WatchedFiles},
 };

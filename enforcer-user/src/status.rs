@@ -14,8 +14,7 @@ use serde::Serialize;
 
 use crate::{
     bpf::{AllowMap, BpfError, CountersMap, DestRulesMap, DroppedEvents, Mode},
-    cgroup,
-    k8s::layout::identify,
+    host::{cgroup, identity::identify},
     pins::{self, PinError, PinRoot},
     rules::Rule,
 };

@@ -1,6 +1,6 @@
 //! Where the kubelet puts pod cgroups, for both cgroup drivers and the
-//! nested layouts kind uses, and how to read a pod and container back out
-//! of a cgroup path.
+//! nested layouts kind uses (reading a pod back out of a cgroup path is
+//! `host::identity`).
 
 use std::path::{Path, PathBuf};
 
@@ -170,48 +170,6 @@ impl PodLayout {
     }
 }
 
-/// What a cgroup path says about who runs in it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CgroupIdentity {
-    /// The pod UID, in the API's spelling (with dashes).
-    pub pod_uid: String,
-    /// The container ID, when the path reaches a container's cgroup.
-    pub container_id: Option<String>,
-}
-
-/// Reads the pod UID and container ID out of a cgroup path, for any driver
-/// and runtime (`cri-containerd-<id>.scope`, `crio-<id>.scope`,
-/// `docker-<id>.scope`, or a bare ID under cgroupfs).
-pub fn identify(path: &Path) -> Option<CgroupIdentity> {
-    let parts: Vec<String> = path
-        .components()
-        .map(|c| c.as_os_str().to_string_lossy().into_owned())
-        .collect();
-    let (index, uid) = parts.iter().enumerate().rev().find_map(|(i, part)| {
-        let name = part.trim_end_matches(".slice");
-        let at = name.rfind("pod")?;
-        let candidate = &name[at + 3..];
-        // A UID is 36 characters of hex digits and separators.
-        let looks_like_uid = candidate.len() == 36
-            && candidate
-                .chars()
-                .all(|c| c.is_ascii_hexdigit() || c == '-' || c == '_');
-        looks_like_uid.then(|| (i, candidate.replace('_', "-")))
-    })?;
-    let container_id = parts.get(index + 1).map(|leaf| {
-        let leaf = leaf.trim_end_matches(".scope");
-        ["cri-containerd-", "crio-", "docker-", "cri-o-"]
-            .iter()
-            .find_map(|prefix| leaf.strip_prefix(prefix))
-            .unwrap_or(leaf)
-            .to_owned()
-    });
-    Some(CgroupIdentity {
-        pod_uid: uid,
-        container_id,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
@@ -362,51 +320,6 @@ mod tests {
         );
         assert_eq!(
             cgroupfs.find_pod_dir(UID, None, &FakeDirs::new(&["/c/kubepods"])),
-            None
-        );
-    }
-
-    #[test]
-    fn identifies_pods_and_containers_from_paths() {
-        let cases = [
-            (
-                format!(
-                    "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice/cri-containerd-4a5b6c.scope"
-                ),
-                Some("4a5b6c"),
-            ),
-            (
-                format!("/kubepods.slice/kubepods-pod{UID_}.slice/crio-7d8e9f.scope"),
-                Some("7d8e9f"),
-            ),
-            (
-                format!(
-                    "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice/docker-0a1b2c.scope"
-                ),
-                Some("0a1b2c"),
-            ),
-            (
-                format!("/kubepods/burstable/pod{UID}/0a1b2c3d"),
-                Some("0a1b2c3d"),
-            ),
-            (
-                format!("/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-pod{UID_}.slice"),
-                None,
-            ),
-        ];
-        for (path, container) in cases {
-            assert_eq!(
-                identify(Path::new(&path)),
-                Some(CgroupIdentity {
-                    pod_uid: UID.to_owned(),
-                    container_id: container.map(str::to_owned),
-                }),
-                "{path}"
-            );
-        }
-        assert_eq!(identify(Path::new("/system.slice/kubelet.service")), None);
-        assert_eq!(
-            identify(Path::new("/kubepods.slice/kubepods-burstable.slice")),
             None
         );
     }

@@ -21,10 +21,13 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
-    cgroup::{CgroupDir, CgroupError},
     config::{self, ConfigError, Sources},
     enforcer::{Enforcer, EnforcerError, EnforcerHandle, StartSettings},
     events::{PodNames, PodNotice, PodRef},
+    host::{
+        cgroup::{CgroupDir, CgroupError},
+        preflight,
+    },
     http::Health,
     k8s::{
         layout::{PodLayout, RealDirs},
@@ -244,7 +247,7 @@ pub async fn run(sources: Sources) -> Result<(), KubernetesError> {
     let mut seen = watched(&sources);
     let mut settings = Settings::resolve(&sources)?;
     let root = service::prepare(&settings.common)?;
-    crate::preflight::warn_writable_cgroup_mounts(&root);
+    preflight::warn_writable_cgroup_mounts(&root);
     let layout = match &settings.mode.pod_cgroup {
         Some(base) if base.is_absolute() => PodLayout::at(base.clone()),
         Some(base) => PodLayout::at(root.join(base)),

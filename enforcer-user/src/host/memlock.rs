@@ -166,7 +166,7 @@ pub enum Memlock {
 /// every process of this user has locked, so the check is necessary, not
 /// always sufficient: a later EPERM still names the need.
 pub fn ensure(kernel: &str, need: u64, cpus: u64) -> Result<Memlock, MemlockError> {
-    let charged = crate::preflight::kernel_version(kernel).is_some_and(|v| v < FIRST_MEMCG_KERNEL);
+    let charged = super::preflight::kernel_version(kernel).is_some_and(|v| v < FIRST_MEMCG_KERNEL);
     if !charged {
         return Ok(Memlock::NotCharged);
     }
