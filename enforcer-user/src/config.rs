@@ -31,9 +31,7 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
-    bpf::Mode,
     k8s::policy::{self, Policy},
-    pins,
     rules::{PrefixLimits, Rule, RuleError, RuleSet},
 };
 
@@ -79,27 +77,84 @@ pub enum ConfigError {
     },
 }
 
-/// Rule sets for the clouds we know.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Preset {
-    Aws,
-    Gcp,
-    Azure,
-    Alibaba,
-    Openstack,
+/// An enum of a few named values, each name written once: `as_str`,
+/// `Display` and `FromStr` use it, and so do the derived clap (flags and
+/// environment) and serde (configuration file) impls, so a name cannot
+/// differ between them.
+macro_rules! named_values {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident { $($(#[$variant_meta:meta])* $variant:ident = $text:literal,)+ }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, serde::Deserialize)]
+        pub enum $name {
+            $($(#[$variant_meta])* #[value(name = $text)] #[serde(rename = $text)] $variant,)+
+        }
+
+        impl $name {
+            /// Every value, in the order the names are listed.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
+            /// Every name, in the same order.
+            pub const NAMES: &'static [&'static str] = &[$($text,)+];
+
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = UnknownName;
+
+            fn from_str(text: &str) -> Result<Self, UnknownName> {
+                Self::ALL
+                    .iter()
+                    .copied()
+                    .find(|value| value.as_str() == text)
+                    .ok_or_else(|| UnknownName {
+                        given: text.to_owned(),
+                        expected: Self::NAMES,
+                    })
+            }
+        }
+    };
 }
 
-impl std::fmt::Display for Preset {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let name = match self {
-            Preset::Aws => "aws",
-            Preset::Gcp => "gcp",
-            Preset::Azure => "azure",
-            Preset::Alibaba => "alibaba",
-            Preset::Openstack => "openstack",
-        };
-        f.write_str(name)
+/// A name that is none of a [`named_values!`] enum's.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{given:?} is not one of {}", expected.join(", "))]
+pub struct UnknownName {
+    pub given: String,
+    pub expected: &'static [&'static str],
+}
+
+named_values! {
+    /// Whether blocked attempts are refused or only counted.
+    pub enum Mode {
+        Enforce = "enforce",
+        Audit = "audit",
+    }
+}
+
+/// Default pin root; DaemonSets mount the host's /sys/fs/bpf.
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/imds-guard";
+
+named_values! {
+    /// Rule sets for the clouds we know.
+    pub enum Preset {
+        Aws = "aws",
+        Gcp = "gcp",
+        Azure = "azure",
+        Alibaba = "alibaba",
+        Openstack = "openstack",
     }
 }
 
@@ -386,7 +441,7 @@ impl Common {
                 .bpffs_dir
                 .clone()
                 .or_else(|| file.bpffs_dir.clone())
-                .unwrap_or_else(|| PathBuf::from(pins::DEFAULT_ROOT)),
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS_DIR)),
             cgroup_root: flags
                 .cgroup_root
                 .clone()
@@ -402,8 +457,8 @@ impl Common {
     pub async fn reload(
         &self,
         new: Common,
-        handle: &crate::enforcer::EnforcerHandle,
-    ) -> Result<Common, crate::enforcer::EnforcerError> {
+        handle: &crate::bpf::owner::EnforcerHandle,
+    ) -> Result<Common, crate::bpf::owner::EnforcerError> {
         let at_restart = [
             ("mode", new.mode != self.mode),
             ("bpffsDir", new.bpffs_dir != self.bpffs_dir),
@@ -570,6 +625,36 @@ mod tests {
             .filter(|r| r.action == action)
             .map(|r| r.to_string())
             .collect()
+    }
+
+    /// One name per value, the same for `as_str`, `FromStr`, the command
+    /// line and the configuration file.
+    #[test]
+    fn named_values_read_back_the_same_everywhere() {
+        fn check<T>(all: &[T])
+        where
+            T: Copy + std::fmt::Debug + PartialEq + std::fmt::Display + std::str::FromStr,
+            T: clap::ValueEnum + serde::de::DeserializeOwned,
+        {
+            for &value in all {
+                let name = value.to_string();
+                assert_eq!(name.parse::<T>().ok(), Some(value), "{name}");
+                assert_eq!(
+                    <T as clap::ValueEnum>::from_str(&name, false),
+                    Ok(value),
+                    "{name}"
+                );
+                assert_eq!(
+                    serde_yaml_ng::from_str::<T>(&name).ok(),
+                    Some(value),
+                    "{name}"
+                );
+            }
+            assert!("no-such-name".parse::<T>().is_err());
+        }
+        check(Mode::ALL);
+        check(Preset::ALL);
+        assert_eq!(Mode::NAMES, ["enforce", "audit"]);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use tokio::{io::unix::AsyncFd, sync::mpsc};
 use tracing::warn;
 
 use crate::{
-    bpf::EventRing,
+    bpf::maps::EventRing,
     host::{cgroup, identity::identify},
     metrics::{AttemptLabels, Metrics},
 };

@@ -20,7 +20,11 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::warn;
 
-use crate::{enforcer::EnforcerHandle, events::PodNames, metrics::Metrics, pins::PinRoot};
+use crate::{
+    bpf::{owner::EnforcerHandle, pins::PinRoot},
+    events::PodNames,
+    metrics::Metrics,
+};
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {address}: {source}")]

@@ -3,13 +3,11 @@
 
 pub mod bpf;
 pub mod config;
-pub mod enforcer;
 pub mod events;
 pub mod host;
 pub mod http;
 pub mod k8s;
 pub mod metrics;
-pub mod pins;
 pub mod rules;
 pub mod service;
 pub mod standalone;

@@ -4,12 +4,10 @@ use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use enforcer_user::{
-    bpf::Mode,
-    config::{Overrides, Preset, Sources},
+    bpf::pins::PinRoot,
+    config::{self, Mode, Overrides, Preset, Sources},
     host::privilege,
-    k8s,
-    pins::{self, PinRoot},
-    standalone, status,
+    k8s, standalone, status,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -114,7 +112,7 @@ enum Command {
     /// Show what is enforced: programs, mode, rules, allowlisted cgroups, counters.
     Status {
         /// bpffs directory where the pins are.
-        #[arg(long, env = "IMDS_GUARD_BPFFS_DIR", default_value = pins::DEFAULT_ROOT)]
+        #[arg(long, env = "IMDS_GUARD_BPFFS_DIR", default_value = config::DEFAULT_BPFFS_DIR)]
         bpffs_dir: PathBuf,
         /// Mount point of the cgroup v2 hierarchy (detected when absent).
         #[arg(long, env = "IMDS_GUARD_CGROUP_ROOT")]
@@ -129,7 +127,7 @@ enum Command {
     /// Detach every program and remove every pin imds-guard made.
     Uninstall {
         /// bpffs directory where the pins are.
-        #[arg(long, env = "IMDS_GUARD_BPFFS_DIR", default_value = pins::DEFAULT_ROOT)]
+        #[arg(long, env = "IMDS_GUARD_BPFFS_DIR", default_value = config::DEFAULT_BPFFS_DIR)]
         bpffs_dir: PathBuf,
     },
 }

@@ -16,8 +16,11 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
+    bpf::{
+        owner::{Enforcer, EnforcerHandle, Started},
+        pins::PinRoot,
+    },
     config::Common,
-    enforcer::{Enforcer, EnforcerHandle, Started},
     events::{self, Namer, PodNames, PodNotice, Reporter},
     host::{
         cgroup::{self, CgroupDir, CgroupError},
@@ -26,7 +29,6 @@ use crate::{
     },
     http::{self, Endpoints, Health, ListenError},
     metrics::Metrics,
-    pins::PinRoot,
 };
 
 #[derive(Debug, thiserror::Error)]

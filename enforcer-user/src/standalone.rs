@@ -10,10 +10,12 @@ use std::{
 use tracing::{info, warn};
 
 use crate::{
+    bpf::{
+        owner::{Enforcer, EnforcerError, EnforcerHandle, StartSettings},
+        pins::PinRoot,
+    },
     config::{self, ConfigError, Sources},
-    enforcer::{Enforcer, EnforcerError, EnforcerHandle, StartSettings},
     host::cgroup::{CgroupDir, CgroupError},
-    pins::PinRoot,
     service::{self, FILE_POLL_INTERVAL, RunOptions, ServiceError, Signals, WatchedFiles},
 };
 

@@ -13,9 +13,12 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    bpf::{AllowMap, BpfError, CountersMap, DestRulesMap, DroppedEvents, Mode},
+    bpf::{
+        BpfError,
+        maps::{AllowMap, CountersMap, DestRulesMap, DroppedEvents},
+        pins::{self, PinError, PinRoot},
+    },
     host::{cgroup, identity::identify},
-    pins::{self, PinError, PinRoot},
     rules::Rule,
 };
 use enforcer_common::names::{self, PROGRAMS};
@@ -154,10 +157,7 @@ pub fn read(
         .collect();
     Ok(Status {
         bpffs_dir: bpffs_dir.to_path_buf(),
-        mode: match key.mode {
-            Mode::Enforce => "enforce",
-            Mode::Audit => "audit",
-        },
+        mode: key.mode.as_str(),
         protected_cgroup_id: key.cgroup_id,
         protected_cgroup: cgroup_root
             .as_deref()

@@ -14,8 +14,7 @@ use std::{
 };
 
 use enforcer_user::{
-    bpf::Mode,
-    config::{Common, ConfigFile, Kubernetes, ModeSettings as _, Overrides, Preset},
+    config::{Common, ConfigFile, Kubernetes, Mode, ModeSettings as _, Overrides, Preset},
     k8s::API_ACCESS,
     rules::Action,
 };

@@ -13,7 +13,11 @@ use aya::{
     programs::{TestRun as _, TestRunOptions},
 };
 use enforcer_user::{
-    bpf::{self, AllowMap, DestRulesMap, Mode},
+    bpf::{
+        loader,
+        maps::{AllowMap, DestRulesMap},
+    },
+    config::Mode,
     rules::{Action, Ports, Rule, RuleSet},
 };
 use imds_guard_tests::require_root;
@@ -262,7 +266,7 @@ struct Loaded {
 
 fn load(rules: &RuleSet) -> Loaded {
     require_root();
-    let mut ebpf = bpf::load(Mode::Enforce, None).expect("load the programs");
+    let mut ebpf = loader::load(Mode::Enforce, None).expect("load the programs");
     let mut rules_map = DestRulesMap::take(&mut ebpf).expect("rules map");
     rules_map.sync(rules).expect("write rules");
     let allow = AllowMap::take(&mut ebpf).expect("allow map");
@@ -276,7 +280,7 @@ fn load(rules: &RuleSet) -> Loaded {
 impl Loaded {
     fn verdict(&mut self, packet: &Packet) -> u32 {
         let frame = packet.bytes();
-        let program = bpf::egress_program(&mut self.ebpf).expect("egress program");
+        let program = loader::egress_program(&mut self.ebpf).expect("egress program");
         program
             .test_run(TestRunOptions {
                 data_in: Some(&frame),

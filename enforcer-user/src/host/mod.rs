@@ -4,6 +4,7 @@
 
 pub mod cgroup;
 pub mod identity;
+pub mod kernel;
 pub mod memlock;
 pub mod preflight;
 pub mod privilege;

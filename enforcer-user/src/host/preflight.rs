@@ -27,14 +27,6 @@ pub enum PreflightError {
     NoBpffs { path: PathBuf, found: String },
 }
 
-/// The (major, minor) of a kernel release string such as `6.18.44-fc-v669`.
-pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
-    let mut parts = release.split(|c: char| !c.is_ascii_digit());
-    let major = parts.next()?.parse().ok()?;
-    let minor = parts.next()?.parse().ok()?;
-    Some((major, minor))
-}
-
 /// Checks the cgroup setup of a node from its mountinfo and kernel release.
 pub fn check_cgroups(mounts: &[Mount], kernel_release: &str) -> Result<(), PreflightError> {
     let v1: Vec<&Mount> = mounts.iter().filter(|m| m.fstype == "cgroup").collect();
@@ -54,7 +46,7 @@ pub fn check_cgroups(mounts: &[Mount], kernel_release: &str) -> Result<(), Prefl
                 .any(|m| m.super_options.split(',').any(|o| o == *c))
         })
         .collect();
-    let old = kernel_version(kernel_release).is_none_or(|v| v < (5, 15));
+    let old = super::kernel::version(kernel_release).is_none_or(|v| v < (5, 15));
     if !controllers.is_empty() && old {
         return Err(PreflightError::NetClsOnOldKernel {
             controllers: controllers.join(" and "),
@@ -113,10 +105,7 @@ pub fn warn_writable_cgroup_mounts(cgroup_root: &Path) {
 pub fn check_node(pin_root: &Path) -> Result<(), PreflightError> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let mounts = mountinfo::parse(&text);
-    let release = nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_default();
-    check_cgroups(&mounts, &release)?;
+    check_cgroups(&mounts, &super::kernel::release())?;
     check_bpffs(&mounts, pin_root)
 }
 
@@ -156,14 +145,6 @@ mod tests {
         assert!(
             writable_mounts_under(&cgroup2_itself, Path::new("/host/sys/fs/cgroup")).is_empty()
         );
-    }
-
-    #[test]
-    fn kernel_versions() {
-        assert_eq!(kernel_version("6.18.44-fc-v669"), Some((6, 18)));
-        assert_eq!(kernel_version("5.4.0-150-generic"), Some((5, 4)));
-        assert_eq!(kernel_version("5.15.0"), Some((5, 15)));
-        assert_eq!(kernel_version("garbage"), None);
     }
 
     #[test]

@@ -21,8 +21,11 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
+    bpf::{
+        owner::{Enforcer, EnforcerError, EnforcerHandle, StartSettings},
+        pins::PinRoot,
+    },
     config::{self, ConfigError, Sources},
-    enforcer::{Enforcer, EnforcerError, EnforcerHandle, StartSettings},
     events::{PodNames, PodNotice, PodRef},
     host::{
         cgroup::{CgroupDir, CgroupError},
@@ -35,7 +38,6 @@ use crate::{
         view::{ClusterView, PodEntry, namespace_entry},
     },
     metrics::Metrics,
-    pins::PinRoot,
     service::{self, FILE_POLL_INTERVAL, RunOptions, ServiceError, Signals, WatchedFiles},
 };
 

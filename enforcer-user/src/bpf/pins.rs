@@ -12,10 +12,7 @@ use std::path::{Path, PathBuf};
 
 use enforcer_common::names::{MAPS, PROGRAMS};
 
-use crate::bpf::Mode;
-
-/// Default pin root; DaemonSets mount the host's /sys/fs/bpf.
-pub const DEFAULT_ROOT: &str = "/sys/fs/bpf/imds-guard";
+use crate::config::Mode;
 
 /// Prefix of generation directory names: everything else under the root is
 /// not ours and is left alone.
@@ -41,10 +38,7 @@ pub struct GenerationKey {
 
 impl GenerationKey {
     pub fn dir_prefix(&self) -> String {
-        let mode = match self.mode {
-            Mode::Enforce => "enforce",
-            Mode::Audit => "audit",
-        };
+        let mode = self.mode;
         format!(
             "{GENERATION_PREFIX}{:016x}-{mode}-{}",
             self.object_hash, self.cgroup_id
@@ -57,24 +51,12 @@ pub fn parse_generation(name: &str) -> Option<GenerationKey> {
     let key = name.strip_prefix(GENERATION_PREFIX)?.split('_').next()?;
     let mut parts = key.splitn(3, '-');
     let object_hash = u64::from_str_radix(parts.next()?, 16).ok()?;
-    let mode = match parts.next()? {
-        "enforce" => Mode::Enforce,
-        "audit" => Mode::Audit,
-        _ => return None,
-    };
+    let mode = parts.next()?.parse().ok()?;
     let cgroup_id = parts.next()?.parse().ok()?;
     Some(GenerationKey {
         object_hash,
         mode,
         cgroup_id,
-    })
-}
-
-/// FNV-1a, 64 bits: a stable fingerprint of the eBPF object (not a
-/// security measure; it only tells builds apart).
-pub fn fingerprint(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
-        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })
 }
 
@@ -356,12 +338,5 @@ mod tests {
         for (present, want) in cases {
             assert_eq!(plan(&ours, &present), want, "{present:?}");
         }
-    }
-
-    #[test]
-    fn fingerprint_is_stable_and_tells_bytes_apart() {
-        assert_eq!(fingerprint(b""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fingerprint(b"a"), 0xaf63_dc4c_8601_ec8c);
-        assert_ne!(fingerprint(b"ab"), fingerprint(b"ba"));
     }
 }

@@ -6,10 +6,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use enforcer_common::{BlockCounters, names};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{
-    bpf::{self, AllowMap, BpfError, CountersMap, DestRulesMap, DroppedEvents, EventRing, Mode},
-    host::{cgroup::CgroupDir, memlock},
+use super::{
+    BpfError, loader,
+    maps::{AllowMap, CountersMap, DestRulesMap, DroppedEvents, EventRing},
     pins::{self, GenerationKey, PinError, PinRoot, StartPlan},
+};
+use crate::{
+    config::Mode,
+    host::{cgroup::CgroupDir, memlock},
     rules::RuleSet,
 };
 
@@ -96,7 +100,7 @@ impl Enforcer {
     pub fn start(settings: &StartSettings<'_>) -> Result<(Enforcer, Started), EnforcerError> {
         let pins = settings.pins;
         let key = GenerationKey {
-            object_hash: bpf::object_fingerprint(),
+            object_hash: loader::object_fingerprint(),
             mode: settings.mode,
             cgroup_id: settings.cgroup.id(),
         };
@@ -171,7 +175,7 @@ impl Enforcer {
     ) -> Result<Enforcer, EnforcerError> {
         let pins = settings.pins;
         // Before any map exists, so a refusal creates nothing.
-        if let memlock::Memlock::Enough { need, limit } = bpf::ensure_memlock()? {
+        if let memlock::Memlock::Enough { need, limit } = loader::ensure_memlock()? {
             tracing::info!(
                 need = %memlock::human(need),
                 limit = %memlock::human(limit),
@@ -180,7 +184,7 @@ impl Enforcer {
         }
         pins.create_generation_dir(generation)?;
         let map_pin = |map: &str| pins.map_pin(generation, map);
-        let mut ebpf = bpf::load(settings.mode, Some(&map_pin))?;
+        let mut ebpf = loader::load(settings.mode, Some(&map_pin))?;
         let mut enforcer = Enforcer {
             rules: DestRulesMap::take(&mut ebpf)?,
             allowed: AllowMap::take(&mut ebpf)?,
@@ -198,7 +202,7 @@ impl Enforcer {
             enforcer.allowed.sync(allowed)?;
         }
         let link_pin = |program: &str| pins.link_pin(generation, program);
-        bpf::attach_pinned(&mut ebpf, settings.cgroup, &link_pin)?;
+        loader::attach_pinned(&mut ebpf, settings.cgroup, &link_pin)?;
         Ok(enforcer)
     }
 

@@ -1,0 +1,233 @@
+//! The eBPF object built into this binary: loading its programs (the
+//! enforce/audit mode is a load-time constant), attaching them to a cgroup
+//! with pinned links, and telling builds apart.
+
+use std::path::PathBuf;
+
+use aya::{
+    Ebpf, EbpfError, EbpfLoader, include_bytes_aligned,
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr,
+        links::{FdLink, LinkError},
+    },
+};
+use enforcer_common::{MODE_AUDIT, MODE_ENFORCE, names};
+
+use super::{BpfError, refusal};
+use crate::{
+    config::Mode,
+    host::{cgroup::CgroupDir, kernel, memlock},
+};
+
+/// The eBPF object built by `build.rs`.
+static EBPF_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/imds-guard-ebpf"));
+
+/// The eBPF object built into this binary.
+pub fn object() -> &'static [u8] {
+    EBPF_OBJECT
+}
+
+/// A fingerprint of the eBPF object built into this binary: pinned
+/// generations of another object are upgraded, not adopted.
+pub fn object_fingerprint() -> u64 {
+    fingerprint(EBPF_OBJECT)
+}
+
+/// FNV-1a, 64 bits: a stable fingerprint of the eBPF object (not a
+/// security measure; it only tells builds apart).
+pub fn fingerprint(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The load-time value of `names::ENFORCE_MODE` for a mode.
+fn kernel_value(mode: Mode) -> u32 {
+    match mode {
+        Mode::Enforce => MODE_ENFORCE,
+        Mode::Audit => MODE_AUDIT,
+    }
+}
+
+/// Loads the object and every program into the kernel, unattached. The mode
+/// is a load-time constant, so the verifier drops the other mode's path.
+/// With `map_pins`, each map is created pinned at the path it gives.
+pub fn load(mode: Mode, map_pins: Option<&dyn Fn(&str) -> PathBuf>) -> Result<Ebpf, BpfError> {
+    let mode_value = kernel_value(mode);
+    let mut loader = EbpfLoader::new();
+    loader.override_global(names::ENFORCE_MODE, &mode_value, true);
+    let pin_paths: Vec<(&str, PathBuf)> = map_pins
+        .map(|pin| names::MAPS.iter().map(|&m| (m, pin(m))).collect())
+        .unwrap_or_default();
+    for (map, path) in &pin_paths {
+        loader.map_pin_path(map, path.as_path());
+    }
+    let mut ebpf = loader
+        .load(EBPF_OBJECT)
+        .map_err(|source| refusal::load_error(source, EBPF_OBJECT))?;
+    let egress: &mut CgroupSkb = program(&mut ebpf, names::PROG_EGRESS)?;
+    egress
+        .load()
+        .map_err(|source| refusal::program_error(names::PROG_EGRESS, source))?;
+    for name in names::SOCK_ADDR_PROGRAMS {
+        let hook: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+        hook.load()
+            .map_err(|source| refusal::program_error(name, source))?;
+    }
+    Ok(ebpf)
+}
+
+/// What the kernel needs of RLIMIT_MEMLOCK for one generation's maps, on
+/// kernels that charge it: checked (and raised where allowed) before any
+/// map exists, so a refusal leaves nothing behind.
+pub fn ensure_memlock() -> Result<memlock::Memlock, BpfError> {
+    let shapes = memlock::shapes(EBPF_OBJECT).map_err(|e| BpfError::Load {
+        source: EbpfError::ParseError(e),
+    })?;
+    let cpus = kernel::possible_cpus();
+    memlock::ensure(&kernel::release(), memlock::need(&shapes, cpus), cpus).map_err(BpfError::from)
+}
+
+/// Attaches every program to `cgroup` and pins each link at the path
+/// `link_pin` gives, so enforcement outlives this process. Links are pinned
+/// last: a generation with all its links pinned is complete.
+pub fn attach_pinned(
+    ebpf: &mut Ebpf,
+    cgroup: &CgroupDir,
+    link_pin: &dyn Fn(&str) -> PathBuf,
+) -> Result<(), BpfError> {
+    let attach_err = |name, source| BpfError::Attach {
+        name,
+        cgroup: cgroup.path().to_path_buf(),
+        source,
+    };
+    let pin_err = |name, source: String| BpfError::Pin {
+        name,
+        path: link_pin(name),
+        reason: source,
+    };
+    // `Single` links: AllowMultiple is refused (EINVAL) with link-based attach
+    // here, and single links of other owners (or of our previous generation,
+    // during an upgrade) still coexist on the cgroup, their verdicts AND-ed.
+    let egress: &mut CgroupSkb = program(ebpf, names::PROG_EGRESS)?;
+    let id = egress
+        .attach(
+            cgroup.file(),
+            CgroupSkbAttachType::Egress,
+            CgroupAttachMode::Single,
+        )
+        .map_err(|e| attach_err(names::PROG_EGRESS, e))?;
+    let link: FdLink = egress
+        .take_link(id)
+        .map_err(|e| attach_err(names::PROG_EGRESS, e))?
+        .try_into()
+        .map_err(|e: LinkError| pin_err(names::PROG_EGRESS, e.to_string()))?;
+    link.pin(link_pin(names::PROG_EGRESS))
+        .map_err(|e| pin_err(names::PROG_EGRESS, e.to_string()))?;
+    for name in names::SOCK_ADDR_PROGRAMS {
+        let hook: &mut CgroupSockAddr = program(ebpf, name)?;
+        let id = hook
+            .attach(cgroup.file(), CgroupAttachMode::Single)
+            .map_err(|e| attach_err(name, e))?;
+        let link: FdLink = hook
+            .take_link(id)
+            .map_err(|e| attach_err(name, e))?
+            .try_into()
+            .map_err(|e: LinkError| pin_err(name, e.to_string()))?;
+        link.pin(link_pin(name))
+            .map_err(|e| pin_err(name, e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// The egress program, for `BPF_PROG_TEST_RUN`.
+pub fn egress_program(ebpf: &mut Ebpf) -> Result<&mut CgroupSkb, BpfError> {
+    program(ebpf, names::PROG_EGRESS)
+}
+
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, BpfError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program>,
+{
+    let missing = || BpfError::Missing {
+        kind: "program",
+        name,
+    };
+    ebpf.program_mut(name)
+        .ok_or_else(missing)?
+        .try_into()
+        .map_err(|_| missing())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// The programs' calls to compiler-builtins' memory functions: their
+    /// byte loops need CAP_PERFMON to pass the verifier (enforcer-ebpf's
+    /// `stores` module says how the programs avoid them).
+    #[test]
+    fn programs_call_no_memory_builtins() {
+        use object::{Object as _, ObjectSection as _, ObjectSymbol as _, RelocationTarget};
+        const BUILTINS: [&str; 5] = ["memset", "memcpy", "memmove", "memcmp", "bcmp"];
+        let file = object::File::parse(EBPF_OBJECT).expect("the eBPF object parses");
+        let mut calls = Vec::new();
+        for section in file.sections() {
+            let section_name = section.name().unwrap_or_default();
+            if section_name.starts_with(".debug") || section_name.starts_with(".BTF") {
+                continue;
+            }
+            for (offset, relocation) in section.relocations() {
+                let RelocationTarget::Symbol(index) = relocation.target() else {
+                    continue;
+                };
+                let symbol = file.symbol_by_index(index).expect("relocation symbol");
+                let name = symbol.name().unwrap_or_default();
+                if BUILTINS.contains(&name) {
+                    calls.push(format!("{section_name}+{offset:#x} calls {name}"));
+                }
+            }
+        }
+        assert!(calls.is_empty(), "{calls:#?}");
+    }
+
+    /// The object defines exactly the maps and programs the contract names:
+    /// pins, health and status go by those lists.
+    #[test]
+    fn the_object_defines_the_contracts_maps_and_programs() {
+        let object = aya_obj::Object::parse(EBPF_OBJECT).expect("the eBPF object parses");
+        // Globals live in maps named after their sections (.rodata, .bss).
+        let maps: BTreeSet<&str> = object
+            .maps
+            .keys()
+            .map(String::as_str)
+            .filter(|name| !name.starts_with('.'))
+            .collect();
+        assert_eq!(maps, BTreeSet::from(names::MAPS));
+        let programs: BTreeSet<&str> = object.programs.keys().map(String::as_str).collect();
+        assert_eq!(programs, BTreeSet::from(names::PROGRAMS));
+    }
+
+    #[test]
+    fn our_object_needs_megabytes_more_with_more_cpus() {
+        let shapes = memlock::shapes(EBPF_OBJECT).expect("our object parses");
+        assert!(shapes.len() >= 7, "{shapes:?}");
+        let two = memlock::need(&shapes, 2);
+        let many = memlock::need(&shapes, 64);
+        assert!(
+            (8 << 20..32 << 20).contains(&two),
+            "{}",
+            memlock::human(two)
+        );
+        assert!(many > two + (16 << 20), "{}", memlock::human(many));
+    }
+
+    #[test]
+    fn fingerprint_is_stable_and_tells_bytes_apart() {
+        assert_eq!(fingerprint(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fingerprint(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_ne!(fingerprint(b"ab"), fingerprint(b"ba"));
+    }
+}
