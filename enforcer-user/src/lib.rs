@@ -3,12 +3,9 @@
 
 pub mod bpf;
 pub mod config;
-pub mod events;
 pub mod host;
-pub mod http;
 pub mod k8s;
-pub mod metrics;
+pub mod report;
 pub mod rules;
 pub mod service;
 pub mod standalone;
-pub mod status;

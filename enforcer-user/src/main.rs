@@ -7,7 +7,9 @@ use enforcer_user::{
     bpf::pins::PinRoot,
     config::{self, Mode, Overrides, Preset, Sources},
     host::privilege,
-    k8s, standalone, status,
+    k8s,
+    report::status,
+    standalone,
 };
 use tracing_subscriber::EnvFilter;
 

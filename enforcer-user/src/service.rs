@@ -21,14 +21,16 @@ use crate::{
         pins::PinRoot,
     },
     config::Common,
-    events::{self, Namer, PodNames, PodNotice, Reporter},
     host::{
         cgroup::{self, CgroupDir, CgroupError},
         preflight::{self, PreflightError},
         privilege::{self, PrivilegeError},
     },
-    http::{self, Endpoints, Health, ListenError},
-    metrics::Metrics,
+    report::{
+        events::{self, Namer, PodNames, PodNotice, Reporter},
+        http::{self, Endpoints, Health, ListenError},
+        metrics::Metrics,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -12,7 +12,7 @@ use kube::{
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::events::{PodNotice, PodRef};
+use crate::report::events::{PodNotice, PodRef};
 
 pub const REASON_BLOCKED: &str = "MetadataAccessBlocked";
 pub const REASON_AUDITED: &str = "MetadataAccessAudited";

@@ -26,18 +26,20 @@ use crate::{
         pins::PinRoot,
     },
     config::{self, ConfigError, Sources},
-    events::{PodNames, PodNotice, PodRef},
     host::{
         cgroup::{CgroupDir, CgroupError},
         preflight,
     },
-    http::Health,
     k8s::{
         layout::{PodLayout, RealDirs},
         notify,
         view::{ClusterView, PodEntry, namespace_entry},
     },
-    metrics::Metrics,
+    report::{
+        events::{PodNames, PodNotice, PodRef},
+        http::Health,
+        metrics::Metrics,
+    },
     service::{self, FILE_POLL_INTERVAL, RunOptions, ServiceError, Signals, WatchedFiles},
 };
 
@@ -271,11 +273,11 @@ pub async fn run(sources: Sources) -> Result<(), KubernetesError> {
     })?;
     service::log_start(&started, &target, &settings.common);
     info!(node = %settings.mode.node_name, driver = ?layout.driver, "watching this node's pods");
-    let pod_names: PodNames = PodNames::default();
+    let pod_names = PodNames::default();
     let (notices, notice_queue) = mpsc::channel(notify::QUEUE);
     let options = RunOptions {
         http_listen: settings.common.http_listen,
-        pods: Some(Arc::clone(&pod_names)),
+        pods: Some(pod_names.clone()),
         pod_events: Some(notices.clone()),
         needs_sync: true,
     };
@@ -330,7 +332,7 @@ pub async fn run(sources: Sources) -> Result<(), KubernetesError> {
                     Some(Change::Replace(all)) => view.replace_pods(all),
                     Some(Change::Nothing) | None => {}
                 }
-                *pod_names.write().unwrap_or_else(|e| e.into_inner()) = view.names();
+                pod_names.replace(view.names());
                 true
             }
             event = next_event(&mut namespaces, "namespaces") => {

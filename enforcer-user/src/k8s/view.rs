@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
+use crate::report::events::PodIndex;
+
 use crate::k8s::{
     layout::Qos,
     policy::{Policy, Verdict},
@@ -82,7 +84,7 @@ impl ClusterView {
     }
 
     /// Namespace and name of every pod, by UID.
-    pub fn names(&self) -> BTreeMap<String, (String, String)> {
+    pub fn names(&self) -> PodIndex {
         self.pods
             .values()
             .map(|p| (p.uid.clone(), (p.namespace.clone(), p.name.clone())))

@@ -5,7 +5,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv6Addr},
     path::PathBuf,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex, PoisonError, RwLock},
     time::{Duration, Instant},
 };
 
@@ -19,7 +19,7 @@ use tracing::warn;
 use crate::{
     bpf::maps::EventRing,
     host::{cgroup, identity::identify},
-    metrics::{AttemptLabels, Metrics},
+    report::metrics::{AttemptLabels, Metrics},
 };
 
 /// Who made an attempt, as far as we can tell.
@@ -33,8 +33,36 @@ pub struct Workload {
     pub container: Option<String>,
 }
 
-/// This node's pods by UID, as Kubernetes mode last saw them.
-pub type PodNames = Arc<RwLock<BTreeMap<String, (String, String)>>>;
+/// Pods by UID: (namespace, name).
+pub type PodIndex = BTreeMap<String, (String, String)>;
+
+/// This node's pods, as Kubernetes mode last saw them: it fills them in,
+/// and the reporter and `/pods` read them. Reporting owns the type so it
+/// needs nothing of Kubernetes mode.
+#[derive(Clone, Debug, Default)]
+pub struct PodNames(Arc<RwLock<PodIndex>>);
+
+impl PodNames {
+    /// Replaces every entry.
+    pub fn replace(&self, pods: PodIndex) {
+        // A writer that panicked left whole entries: the index stays usable.
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = pods;
+    }
+
+    /// The namespace and name of the pod with `uid`.
+    pub fn get(&self, uid: &str) -> Option<(String, String)> {
+        let pods = self.0.read().unwrap_or_else(PoisonError::into_inner);
+        pods.get(uid).cloned()
+    }
+
+    /// Every entry.
+    pub fn all(&self) -> PodIndex {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
 
 /// Turns cgroup ids into workloads: the cgroup path (found under the
 /// protected subtree, cached), and in Kubernetes mode the pod it belongs to.
@@ -74,14 +102,9 @@ impl Namer {
             };
         };
         let identity = identify(&path);
-        let pod = identity.as_ref().and_then(|id| {
-            let pods = self
-                .pods
-                .as_ref()?
-                .read()
-                .unwrap_or_else(|e| e.into_inner());
-            pods.get(&id.pod_uid).cloned()
-        });
+        let pod = identity
+            .as_ref()
+            .and_then(|id| self.pods.as_ref()?.get(&id.pod_uid));
         Workload {
             cgroup: path.display().to_string(),
             namespace: pod.as_ref().map(|(ns, _)| ns.clone()),

@@ -22,8 +22,7 @@ use tracing::warn;
 
 use crate::{
     bpf::{owner::EnforcerHandle, pins::PinRoot},
-    events::PodNames,
-    metrics::Metrics,
+    report::{events::PodNames, metrics::Metrics},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +124,7 @@ async fn route(endpoints: &Endpoints, request: &Request<Incoming>) -> Response<F
             let pods = endpoints
                 .pods
                 .as_ref()
-                .map(|p| p.read().unwrap_or_else(|e| e.into_inner()).clone())
+                .map(PodNames::all)
                 .unwrap_or_default();
             text(
                 StatusCode::OK,

@@ -19,6 +19,7 @@ use crate::{
         pins::{self, PinError, PinRoot},
     },
     host::{cgroup, identity::identify},
+    report::events::PodIndex,
     rules::Rule,
 };
 use enforcer_common::names::{self, PROGRAMS};
@@ -69,7 +70,7 @@ pub struct CounterEntry {
 }
 
 /// This node's pods by UID, from the daemon's `/pods`.
-fn daemon_pods(address: SocketAddr) -> Option<BTreeMap<String, (String, String)>> {
+fn daemon_pods(address: SocketAddr) -> Option<PodIndex> {
     let timeout = Duration::from_secs(2);
     let mut stream = TcpStream::connect_timeout(&address, timeout).ok()?;
     stream.set_read_timeout(Some(timeout)).ok()?;
@@ -84,7 +85,7 @@ fn daemon_pods(address: SocketAddr) -> Option<BTreeMap<String, (String, String)>
 
 struct Namer {
     root: Option<PathBuf>,
-    pods: Option<BTreeMap<String, (String, String)>>,
+    pods: Option<PodIndex>,
 }
 
 impl Namer {
