@@ -6,6 +6,5 @@ pub mod config;
 pub mod host;
 pub mod k8s;
 pub mod report;
-pub mod rules;
 pub mod service;
 pub mod standalone;

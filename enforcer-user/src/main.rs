@@ -5,7 +5,7 @@ use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use enforcer_user::{
     bpf::pins::PinRoot,
-    config::{self, Mode, Overrides, Preset, Sources},
+    config::{self, KubernetesSection, Layer, Sources, StandaloneSection},
     host::privilege,
     k8s,
     report::status,
@@ -39,78 +39,25 @@ enum LogFormat {
     Json,
 }
 
-/// Settings every enforcing mode shares; each given flag wins over the config file.
+/// What an enforcing command takes: the configuration file, and settings
+/// given as flags or environment, which win over the file's.
 #[derive(Args)]
-struct CommonArgs {
+struct EnforcingArgs<S: Args> {
     /// YAML configuration file (reloaded on SIGHUP and when it changes).
     #[arg(long, env = "IMDS_GUARD_CONFIG")]
     config: Option<PathBuf>,
-    /// enforce refuses; audit only counts and reports.
-    #[arg(long, value_enum, env = "IMDS_GUARD_MODE")]
-    mode: Option<Mode>,
-    /// Deny rules of a cloud provider. Repeatable.
-    #[arg(long, value_enum)]
-    preset: Vec<Preset>,
-    /// Deny rule `PREFIX [proto=LIST] [ports=LIST|except-ports=LIST]`. Repeatable;
-    /// with neither presets nor deny rules: 169.254.169.254/32 except-ports=53, fd00:ec2::254/128.
-    #[arg(long)]
-    deny: Vec<String>,
-    /// Prefix never refused, even inside a deny rule (longest prefix wins). Repeatable;
-    /// default: 169.254.170.23/32, fd00:ec2::23/128 (EKS Pod Identity), 169.254.20.10/32 (NodeLocal DNS).
-    #[arg(long)]
-    pass: Vec<String>,
-    /// bpffs directory where programs, links and maps are pinned.
-    #[arg(long, env = "IMDS_GUARD_BPFFS_DIR")]
-    bpffs_dir: Option<PathBuf>,
-    /// Mount point of the cgroup v2 hierarchy (detected when absent).
-    #[arg(long, env = "IMDS_GUARD_CGROUP_ROOT")]
-    cgroup_root: Option<PathBuf>,
-    /// Address to serve /metrics, /healthz and /readyz on (e.g. 0.0.0.0:9464).
-    #[arg(long, env = "IMDS_GUARD_HTTP_LISTEN")]
-    http_listen: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    common: Layer,
+    #[command(flatten)]
+    mode: S,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Protect one cgroup v2 subtree on a plain Linux host (Docker host, CI runner).
-    Standalone {
-        #[command(flatten)]
-        common: CommonArgs,
-        /// Cgroup v2 directory whose processes lose metadata access
-        /// (absolute, or relative to the cgroup2 mount).
-        #[arg(long, env = "IMDS_GUARD_CGROUP")]
-        cgroup: Option<PathBuf>,
-        /// Cgroup directory that keeps metadata access, with its subtree. Repeatable.
-        #[arg(long)]
-        allow: Vec<PathBuf>,
-        /// File listing allowlisted cgroup directories, one a line; reloaded like the config.
-        #[arg(long, env = "IMDS_GUARD_ALLOW_FILE")]
-        allow_file: Option<PathBuf>,
-    },
+    Standalone(EnforcingArgs<StandaloneSection>),
     /// Protect this Kubernetes node's pods; exempt those the label policy allows.
-    Run {
-        #[command(flatten)]
-        common: CommonArgs,
-        /// This node's name (the DaemonSet sets NODE_NAME from the downward API).
-        #[arg(long, env = "NODE_NAME")]
-        node_name: Option<String>,
-        /// Namespace whose pods may ask for access whatever its labels.
-        /// Repeatable; default: kube-system.
-        #[arg(long)]
-        allow_namespace: Vec<String>,
-        /// Label key on pods and namespaces (default imds-guard.io/metadata-access).
-        #[arg(long)]
-        label_key: Option<String>,
-        /// Pod label value that asks for access (default allow).
-        #[arg(long)]
-        pod_allow_value: Option<String>,
-        /// Namespace label value that permits its pods to ask (default allow-pods).
-        #[arg(long)]
-        namespace_allow_value: Option<String>,
-        /// Pod cgroup subtree, when not one of the known kubelet layouts.
-        #[arg(long)]
-        pod_cgroup: Option<PathBuf>,
-    },
+    Run(EnforcingArgs<KubernetesSection>),
     /// Show what is enforced: programs, mode, rules, allowlisted cgroups, counters.
     Status {
         /// bpffs directory where the pins are.
@@ -173,22 +120,6 @@ fn describe(err: &anyhow::Error) -> String {
     text
 }
 
-impl CommonArgs {
-    fn overrides(self) -> (Option<PathBuf>, Overrides) {
-        let overrides = Overrides {
-            mode: self.mode,
-            presets: self.preset,
-            deny: self.deny,
-            pass: self.pass,
-            bpffs_dir: self.bpffs_dir,
-            cgroup_root: self.cgroup_root,
-            http_listen: self.http_listen,
-            ..Overrides::default()
-        };
-        (self.config, overrides)
-    }
-}
-
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -198,46 +129,24 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Standalone {
-            common,
-            cgroup,
-            allow,
-            allow_file,
-        } => {
-            let (config_file, overrides) = common.overrides();
+        Command::Standalone(args) => {
             let sources = Sources {
-                config_file,
-                overrides: Overrides {
-                    cgroup,
-                    allow,
-                    allow_file,
-                    ..overrides
+                config_file: args.config,
+                flags: Layer {
+                    standalone: Some(args.mode),
+                    ..args.common
                 },
             };
             // The configuration is checked before anything touches the kernel.
             standalone::check(&sources)?;
             runtime()?.block_on(standalone::run(sources))?;
         }
-        Command::Run {
-            common,
-            node_name,
-            allow_namespace,
-            label_key,
-            pod_allow_value,
-            namespace_allow_value,
-            pod_cgroup,
-        } => {
-            let (config_file, overrides) = common.overrides();
+        Command::Run(args) => {
             let sources = Sources {
-                config_file,
-                overrides: Overrides {
-                    node_name,
-                    allow_namespaces: allow_namespace,
-                    label_key,
-                    pod_allow_value,
-                    namespace_allow_value,
-                    pod_cgroup,
-                    ..overrides
+                config_file: args.config,
+                flags: Layer {
+                    kubernetes: Some(args.mode),
+                    ..args.common
                 },
             };
             k8s::run::check(&sources)?;

@@ -17,10 +17,10 @@ use tracing::{info, warn};
 
 use crate::{
     bpf::{
-        owner::{Enforcer, EnforcerHandle, Started},
+        owner::{Enforcer, EnforcerError, EnforcerHandle, Started},
         pins::PinRoot,
     },
-    config::Common,
+    config::{Common, ModeSettings, Settings},
     host::{
         cgroup::{self, CgroupDir, CgroupError},
         preflight::{self, PreflightError},
@@ -229,6 +229,26 @@ impl WatchedFiles {
                 .collect(),
         )
     }
+}
+
+/// Applies a reloaded configuration's rules, and warns about the changed
+/// settings that wait for the next start; returns the settings to run with.
+pub async fn apply_reload<M: ModeSettings>(
+    running: &Settings<M>,
+    new: Settings<M>,
+    handle: &EnforcerHandle,
+) -> Result<Settings<M>, EnforcerError> {
+    let (settings, at_restart) = running.reloaded(new);
+    for field in at_restart {
+        warn!(
+            field,
+            "changed in the configuration: it takes effect at the next start"
+        );
+    }
+    if settings.common.rules != running.common.rules {
+        handle.set_rules(settings.common.rules.clone()).await?;
+    }
+    Ok(settings)
 }
 
 /// Logs how the enforcer started and what it enforces.

@@ -170,26 +170,14 @@ async fn reload_settings(
 ) -> Result<Settings, StandaloneError> {
     let new = Settings::resolve(sources)?;
     let allowed = allowed_ids(&new.mode, mount)?;
-    if new.mode.cgroup != running.mode.cgroup {
-        warn!(
-            field = "cgroup",
-            "changed in the configuration: it takes effect at the next start"
-        );
-    }
-    let common = running.common.reload(new.common, handle).await?;
+    let settings = service::apply_reload(running, new, handle).await?;
     handle.set_allowed(allowed.clone()).await?;
     info!(
-        rules = common.rules.rules().len(),
+        rules = settings.common.rules.rules().len(),
         allowed = allowed.len(),
         "configuration reloaded"
     );
-    Ok(Settings {
-        common,
-        mode: config::Standalone {
-            cgroup: running.mode.cgroup.clone(),
-            ..new.mode
-        },
-    })
+    Ok(settings)
 }
 
 #[cfg(test)]

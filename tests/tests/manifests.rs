@@ -14,9 +14,11 @@ use std::{
 };
 
 use enforcer_user::{
-    config::{Common, ConfigFile, Kubernetes, Mode, ModeSettings as _, Overrides, Preset},
+    config::{
+        Common, Kubernetes, KubernetesSection, Layer, Mode, ModeSettings as _, Preset, Stack as _,
+        rules::Action,
+    },
     k8s::API_ACCESS,
-    rules::Action,
 };
 use kube_cel::{KubeCelExt as _, cel};
 use serde_json::{Value, json};
@@ -528,13 +530,16 @@ fn admission_actions(docs: &[Value]) -> BTreeSet<String> {
 
 /// Parses and resolves a configuration as `imds-guard run` does at start.
 fn resolve(text: &str) -> Common {
-    let file = ConfigFile::parse(text).unwrap_or_else(|err| panic!("{err}:\n{text}"));
-    let flags = Overrides {
-        node_name: Some("node-1".to_owned()),
-        ..Overrides::default()
+    let file = Layer::parse(text).unwrap_or_else(|err| panic!("{err}:\n{text}"));
+    let flags = Layer {
+        kubernetes: Some(KubernetesSection {
+            node_name: Some("node-1".to_owned()),
+            ..KubernetesSection::default()
+        }),
+        ..Layer::default()
     };
-    Kubernetes::resolve(&file, &flags).unwrap_or_else(|err| panic!("{err}:\n{text}"));
-    Common::resolve(&file, &Overrides::default()).unwrap_or_else(|err| panic!("{err}:\n{text}"))
+    Kubernetes::validate(&flags.over(file.clone())).unwrap_or_else(|err| panic!("{err}:\n{text}"));
+    Common::validate(&file).unwrap_or_else(|err| panic!("{err}:\n{text}"))
 }
 
 #[test]
@@ -552,14 +557,13 @@ fn shipped_configurations_are_valid_for_the_daemon() {
 /// daemon's own configuration code resolves them.
 fn daemon_deny_prefixes() -> BTreeSet<String> {
     let presets = <Preset as clap::ValueEnum>::value_variants();
-    let files =
-        std::iter::once(ConfigFile::default()).chain(presets.iter().map(|&preset| ConfigFile {
-            presets: Some(vec![preset]),
-            ..ConfigFile::default()
-        }));
+    let files = std::iter::once(Layer::default()).chain(presets.iter().map(|&preset| Layer {
+        presets: Some(vec![preset]),
+        ..Layer::default()
+    }));
     files
         .flat_map(|file| {
-            let common = Common::resolve(&file, &Overrides::default()).expect("built-in rules");
+            let common = Common::validate(&file).expect("built-in rules");
             common
                 .rules
                 .rules()

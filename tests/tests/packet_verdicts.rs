@@ -17,8 +17,10 @@ use enforcer_user::{
         loader,
         maps::{AllowMap, DestRulesMap},
     },
-    config::Mode,
-    rules::{Action, Ports, Rule, RuleSet},
+    config::{
+        Mode,
+        rules::{Action, Ports, Rule, RuleSet},
+    },
 };
 use imds_guard_tests::require_root;
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng, seq::IndexedRandom as _};

@@ -17,7 +17,7 @@ use enforcer_common::{
 };
 
 use super::BpfError;
-use crate::rules::RuleSet;
+use crate::config::rules::RuleSet;
 
 fn take_map<M: TryFrom<Map>>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, BpfError> {
     let missing = || BpfError::Missing { kind: "map", name };

@@ -12,9 +12,8 @@ use super::{
     pins::{self, GenerationKey, PinError, PinRoot, StartPlan},
 };
 use crate::{
-    config::Mode,
+    config::{Mode, rules::RuleSet},
     host::{cgroup::CgroupDir, memlock},
-    rules::RuleSet,
 };
 
 #[derive(Debug, thiserror::Error)]

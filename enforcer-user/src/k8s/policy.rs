@@ -1,40 +1,11 @@
 //! Which pods keep metadata access. A pod label alone is never enough: pod
 //! labels are whatever the pod's creator wrote, so the pod's namespace must
-//! also be one an administrator opted in.
+//! also be one an administrator opted in. The policy's settings are read
+//! and checked in `config::labels`; this is what they decide.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
-/// The label policy, with the README's defaults.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Policy {
-    /// Label key used on pods and on namespaces.
-    pub label_key: String,
-    /// Pod label value that asks for access.
-    pub pod_allow_value: String,
-    /// Namespace label value that permits its pods to ask.
-    pub namespace_allow_value: String,
-    /// Namespaces permitted regardless of their labels.
-    pub allow_namespaces: BTreeSet<String>,
-}
-
-pub const DEFAULT_LABEL_KEY: &str = "imds-guard.io/metadata-access";
-pub const DEFAULT_POD_ALLOW_VALUE: &str = "allow";
-pub const DEFAULT_NAMESPACE_ALLOW_VALUE: &str = "allow-pods";
-pub const DEFAULT_ALLOW_NAMESPACES: [&str; 1] = ["kube-system"];
-
-impl Default for Policy {
-    fn default() -> Self {
-        Policy {
-            label_key: DEFAULT_LABEL_KEY.to_owned(),
-            pod_allow_value: DEFAULT_POD_ALLOW_VALUE.to_owned(),
-            namespace_allow_value: DEFAULT_NAMESPACE_ALLOW_VALUE.to_owned(),
-            allow_namespaces: DEFAULT_ALLOW_NAMESPACES
-                .iter()
-                .map(|s| (*s).to_owned())
-                .collect(),
-        }
-    }
-}
+use crate::config::labels::LabelPolicy;
 
 /// What the policy says of one pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,7 +16,7 @@ pub enum Verdict {
     LabelIgnored,
 }
 
-impl Policy {
+impl LabelPolicy {
     /// `namespace_labels` is `None` while the namespace is unknown (not
     /// listed yet, or gone): only the flag list can permit it then.
     pub fn decide(
@@ -82,7 +53,7 @@ mod tests {
 
     #[test]
     fn decisions() {
-        let policy = Policy::default();
+        let policy = LabelPolicy::default();
         let asks = labels(&[("imds-guard.io/metadata-access", "allow"), ("app", "x")]);
         let opted_in = labels(&[("imds-guard.io/metadata-access", "allow-pods")]);
         let other_value = labels(&[("imds-guard.io/metadata-access", "allow")]);
@@ -110,11 +81,11 @@ mod tests {
 
     #[test]
     fn keys_and_values_are_configurable() {
-        let policy = Policy {
+        let policy = LabelPolicy {
             label_key: "example.com/imds".to_owned(),
             pod_allow_value: "true".to_owned(),
             namespace_allow_value: "permit".to_owned(),
-            allow_namespaces: BTreeSet::new(),
+            allow_namespaces: std::collections::BTreeSet::new(),
         };
         let pod = labels(&[("example.com/imds", "true")]);
         let ns = labels(&[("example.com/imds", "permit")]);

@@ -417,25 +417,10 @@ async fn reload_settings(
     handle: &EnforcerHandle,
 ) -> Result<Settings, KubernetesError> {
     let new = Settings::resolve(sources)?;
-    let restart_only = [
-        ("nodeName", new.mode.node_name != running.mode.node_name),
-        ("podCgroup", new.mode.pod_cgroup != running.mode.pod_cgroup),
-    ];
-    for (field, changed) in restart_only {
-        if changed {
-            warn!(
-                field,
-                "changed in the configuration: it takes effect at the next start"
-            );
-        }
-    }
-    let common = running.common.reload(new.common, handle).await?;
-    info!(rules = common.rules.rules().len(), "configuration reloaded");
-    Ok(Settings {
-        common,
-        mode: config::Kubernetes {
-            policy: new.mode.policy,
-            ..running.mode.clone()
-        },
-    })
+    let settings = service::apply_reload(running, new, handle).await?;
+    info!(
+        rules = settings.common.rules.rules().len(),
+        "configuration reloaded"
+    );
+    Ok(settings)
 }

@@ -5,11 +5,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
-use crate::report::events::PodIndex;
-
-use crate::k8s::{
-    layout::Qos,
-    policy::{Policy, Verdict},
+use crate::{
+    config::labels::LabelPolicy,
+    k8s::{layout::Qos, policy::Verdict},
+    report::events::PodIndex,
 };
 
 /// What we keep of a pod (no managed fields, no spec beyond this).
@@ -96,7 +95,7 @@ impl ClusterView {
     }
 
     /// The pods the policy allows, and the UIDs of those whose label it ignores.
-    pub fn judge(&self, policy: &Policy) -> (Vec<&PodEntry>, BTreeSet<&str>) {
+    pub fn judge(&self, policy: &LabelPolicy) -> (Vec<&PodEntry>, BTreeSet<&str>) {
         let mut allowed = Vec::new();
         let mut ignored = BTreeSet::new();
         for pod in self.pods.values() {
@@ -139,7 +138,7 @@ mod tests {
 
     #[test]
     fn namespace_changes_re_evaluate_their_pods() {
-        let policy = Policy::default();
+        let policy = LabelPolicy::default();
         let mut view = ClusterView::default();
         view.apply_pod(pod("a", "team", true));
         view.apply_pod(pod("b", "team", false));

@@ -18,9 +18,9 @@ use crate::{
         maps::{AllowMap, CountersMap, DestRulesMap, DroppedEvents},
         pins::{self, PinError, PinRoot},
     },
+    config::rules::Rule,
     host::{cgroup, identity::identify},
     report::events::PodIndex,
-    rules::Rule,
 };
 use enforcer_common::names::{self, PROGRAMS};
 
