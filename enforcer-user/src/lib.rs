@@ -1,10 +1,19 @@
-//! imds-guard's user side: loading the eBPF enforcer, keeping its maps in
-//! sync, and the modes the daemon runs in.
+//! imds-guard's user side, one folder a responsibility:
+//! - [`app`]: the daemon's skeleton, one start, loop and shutdown for every mode;
+//! - [`standalone`] and [`k8s`]: the modes, which supply only what differs;
+//! - [`config`]: the settings, from flags and file, checked (pure);
+//! - [`bpf`]: the eBPF object, its maps and pins, and the task that owns them;
+//! - [`host`]: the machine: cgroups, capabilities, kernel, memlock;
+//! - [`report`]: events, metrics, HTTP endpoints and `status`.
+//!
+//! Dependencies point one way: the modes use [`app`], which uses
+//! [`report`], [`bpf`], [`host`] and [`config`]; [`config`] uses nothing of
+//! the crate (a unit test in this file checks the order).
 
+pub mod app;
 pub mod bpf;
 pub mod config;
 pub mod host;
 pub mod k8s;
 pub mod report;
-pub mod service;
 pub mod standalone;

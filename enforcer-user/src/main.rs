@@ -4,12 +4,13 @@ use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use enforcer_user::{
+    app,
     bpf::pins::PinRoot,
     config::{self, KubernetesSection, Layer, Sources, StandaloneSection},
     host::privilege,
-    k8s,
+    k8s::mode::KubernetesMode,
     report::status,
-    standalone,
+    standalone::StandaloneMode,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -120,6 +121,26 @@ fn describe(err: &anyhow::Error) -> String {
     text
 }
 
+impl<S: Args> EnforcingArgs<S> {
+    /// Where the settings come from; `place` puts the mode's own flags in
+    /// their section.
+    fn sources(self, place: impl FnOnce(&mut Layer, S)) -> Sources {
+        let mut flags = self.common;
+        place(&mut flags, self.mode);
+        Sources {
+            config_file: self.config,
+            flags,
+        }
+    }
+}
+
+/// Runs a mode; the configuration is checked before anything touches the kernel.
+fn enforce<M: app::DaemonMode>(sources: Sources) -> anyhow::Result<()> {
+    app::check::<M>(&sources)?;
+    runtime()?.block_on(app::run::<M>(sources))?;
+    Ok(())
+}
+
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -130,27 +151,10 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Standalone(args) => {
-            let sources = Sources {
-                config_file: args.config,
-                flags: Layer {
-                    standalone: Some(args.mode),
-                    ..args.common
-                },
-            };
-            // The configuration is checked before anything touches the kernel.
-            standalone::check(&sources)?;
-            runtime()?.block_on(standalone::run(sources))?;
+            enforce::<StandaloneMode>(args.sources(|flags, own| flags.standalone = Some(own)))?;
         }
         Command::Run(args) => {
-            let sources = Sources {
-                config_file: args.config,
-                flags: Layer {
-                    kubernetes: Some(args.mode),
-                    ..args.common
-                },
-            };
-            k8s::run::check(&sources)?;
-            runtime()?.block_on(k8s::run::run(sources))?;
+            enforce::<KubernetesMode>(args.sources(|flags, own| flags.kubernetes = Some(own)))?;
         }
         Command::Status {
             bpffs_dir,

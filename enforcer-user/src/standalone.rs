@@ -4,27 +4,18 @@
 
 use std::{
     collections::BTreeSet,
+    convert::Infallible,
     path::{Path, PathBuf},
 };
 
-use tracing::{info, warn};
-
 use crate::{
-    bpf::{
-        owner::{Enforcer, EnforcerError, EnforcerHandle, StartSettings},
-        pins::PinRoot,
-    },
-    config::{self, ConfigError, Sources},
+    app::{Daemon, DaemonMode, Target},
+    config::{Settings, Standalone},
     host::cgroup::{CgroupDir, CgroupError},
-    service::{self, FILE_POLL_INTERVAL, RunOptions, ServiceError, Signals, WatchedFiles},
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum StandaloneError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error(transparent)]
-    Service(#[from] ServiceError),
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
     #[error("allow file {path}: {source}")]
@@ -39,15 +30,7 @@ pub enum StandaloneError {
         source: CgroupError,
     },
     #[error(transparent)]
-    Enforcer(#[from] EnforcerError),
-}
-
-type Settings = config::Settings<config::Standalone>;
-
-/// Checks everything that needs no privilege: a bad configuration exits
-/// here, before the kernel is touched.
-pub fn check(sources: &Sources) -> Result<(), ConfigError> {
-    Settings::resolve(sources).map(|_| ())
+    Enforcer(#[from] crate::bpf::owner::EnforcerError),
 }
 
 /// The allow file's entries: one cgroup directory a line, absolute or
@@ -65,10 +48,7 @@ pub fn parse_allow_file(text: &str) -> Vec<(usize, PathBuf)> {
 
 /// The cgroup ids to allow: every `allow` directory and every allow-file
 /// entry. Any bad entry fails the whole set, so a typo never changes the map.
-fn allowed_ids(
-    settings: &config::Standalone,
-    mount: &Path,
-) -> Result<BTreeSet<u64>, StandaloneError> {
+fn allowed_ids(settings: &Standalone, mount: &Path) -> Result<BTreeSet<u64>, StandaloneError> {
     let mut ids = BTreeSet::new();
     for dir in &settings.allow {
         ids.insert(CgroupDir::open(dir, mount)?.id());
@@ -91,93 +71,73 @@ fn allowed_ids(
     Ok(ids)
 }
 
-/// The files whose changes trigger a reload.
-fn watched(sources: &Sources, settings: &Settings) -> WatchedFiles {
-    WatchedFiles::read(&[
-        sources.config_file.as_deref(),
-        settings.mode.allow_file.as_deref(),
-    ])
+/// The fixed subtree and allow list of a plain host.
+pub struct StandaloneMode {
+    /// The cgroup2 mount, which relative allow entries start from.
+    mount: PathBuf,
 }
 
-/// Runs until SIGTERM or SIGINT. The programs stay pinned and attached when
-/// it returns: only `imds-guard uninstall` removes them.
-pub async fn run(sources: Sources) -> Result<(), StandaloneError> {
-    // The files are looked at before the settings are read from them, so a
-    // change in between shows as a change at the first poll.
-    let mut seen = watched(&sources, &Settings::resolve(&sources)?);
-    let mut settings = Settings::resolve(&sources)?;
-    let mount = service::prepare(&settings.common)?;
-    let target = CgroupDir::open(&settings.mode.cgroup, &mount)?;
-    let allowed = allowed_ids(&settings.mode, &mount)?;
-    let mut signals = Signals::listen()?;
+impl DaemonMode for StandaloneMode {
+    type Settings = Standalone;
+    /// Nothing changes from outside but the files.
+    type Change = Infallible;
+    /// The new allow list.
+    type Reload = BTreeSet<u64>;
+    type Error = StandaloneError;
 
-    let pins = PinRoot::new(&settings.common.bpffs_dir);
-    let (enforcer, started) = Enforcer::start(&StartSettings {
-        pins: &pins,
-        mode: settings.common.mode,
-        rules: &settings.common.rules,
-        cgroup: &target,
-        allowed: Some(&allowed),
-    })?;
-    service::log_start(&started, &target, &settings.common);
-    info!(allowed = allowed.len(), "allow list applied");
-    let options = RunOptions {
-        http_listen: settings.common.http_listen,
-        pods: None,
-        pod_events: None,
-        needs_sync: false,
-    };
-    let running = service::start(enforcer, &started, &target, &settings.common, options).await?;
-
-    let mut poll = tokio::time::interval(FILE_POLL_INTERVAL);
-    loop {
-        let reload = tokio::select! {
-            _ = signals.terminate.recv() => break,
-            _ = signals.interrupt.recv() => break,
-            _ = signals.hangup.recv() => true,
-            _ = poll.tick() => {
-                let now = watched(&sources, &settings);
-                let changed = now != seen;
-                seen = now;
-                changed
-            }
-        };
-        if reload {
-            seen = watched(&sources, &settings);
-            match reload_settings(&sources, &settings, &mount, &running.handle).await {
-                Ok(new) => {
-                    running
-                        .metrics
-                        .rules
-                        .set(new.common.rules.rules().len() as i64);
-                    settings = new;
-                }
-                Err(err) => warn!("configuration not reloaded, the running one stays: {err}"),
-            }
-        }
+    fn watched_files(settings: &Standalone) -> Vec<PathBuf> {
+        settings.allow_file.iter().cloned().collect()
     }
-    running.stop().await;
-    Ok(())
-}
 
-/// Re-reads everything; applies it only if all of it is valid. Settings
-/// that shape the loaded programs take effect at the next start.
-async fn reload_settings(
-    sources: &Sources,
-    running: &Settings,
-    mount: &Path,
-    handle: &EnforcerHandle,
-) -> Result<Settings, StandaloneError> {
-    let new = Settings::resolve(sources)?;
-    let allowed = allowed_ids(&new.mode, mount)?;
-    let settings = service::apply_reload(running, new, handle).await?;
-    handle.set_allowed(allowed.clone()).await?;
-    info!(
-        rules = settings.common.rules.rules().len(),
-        allowed = allowed.len(),
-        "configuration reloaded"
-    );
-    Ok(settings)
+    fn prepare(
+        settings: &Settings<Standalone>,
+        cgroup_root: &Path,
+    ) -> Result<(StandaloneMode, Target), StandaloneError> {
+        let target = Target {
+            cgroup: CgroupDir::open(&settings.mode.cgroup, cgroup_root)?,
+            allowed: Some(allowed_ids(&settings.mode, cgroup_root)?),
+        };
+        let mode = StandaloneMode {
+            mount: cgroup_root.to_path_buf(),
+        };
+        Ok((mode, target))
+    }
+
+    async fn start(
+        &mut self,
+        _: &Settings<Standalone>,
+        _: &mut Daemon,
+    ) -> Result<(), StandaloneError> {
+        Ok(())
+    }
+
+    async fn next_change(&mut self) -> Result<Infallible, StandaloneError> {
+        std::future::pending().await
+    }
+
+    async fn apply(
+        &mut self,
+        change: Infallible,
+        _: &Settings<Standalone>,
+        _: &Daemon,
+    ) -> Result<(), StandaloneError> {
+        match change {}
+    }
+
+    fn plan_reload(&self, new: &Standalone) -> Result<BTreeSet<u64>, StandaloneError> {
+        allowed_ids(new, &self.mount)
+    }
+
+    async fn apply_reload(
+        &mut self,
+        allowed: BTreeSet<u64>,
+        _: &Settings<Standalone>,
+        daemon: &Daemon,
+    ) -> Result<Option<usize>, StandaloneError> {
+        let count = allowed.len();
+        daemon.handle.set_allowed(allowed).await?;
+        Ok(Some(count))
+    }
 }
 
 #[cfg(test)]

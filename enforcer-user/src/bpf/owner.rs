@@ -218,12 +218,12 @@ impl Enforcer {
         })
     }
 
-    /// Starts the owner task; it ends on [`EnforcerHandle::shutdown`] or
-    /// when every handle is dropped, and the pinned programs stay attached.
-    pub fn spawn(self) -> (EnforcerHandle, tokio::task::JoinHandle<()>) {
+    /// The owner task, to spawn, and the handle to ask it with. The task
+    /// ends on [`EnforcerHandle::shutdown`] or when every handle is dropped;
+    /// the pinned programs stay attached.
+    pub fn into_task(self) -> (EnforcerHandle, impl Future<Output = ()> + Send + 'static) {
         let (sender, receiver) = mpsc::channel(64);
-        let task = tokio::spawn(self.serve(receiver));
-        (EnforcerHandle(sender), task)
+        (EnforcerHandle(sender), self.serve(receiver))
     }
 
     async fn serve(mut self, mut requests: mpsc::Receiver<Request>) {

@@ -2,10 +2,12 @@
 //! namespace policy, on every kubelet cgroup layout.
 
 pub mod layout;
+pub mod mode;
 pub mod notify;
 pub mod policy;
-pub mod run;
+pub mod reconcile;
 pub mod view;
+pub mod watch;
 
 /// The Kubernetes API access the daemon uses: (API group, resource, verbs).
 /// The deployment's ClusterRole must grant exactly this; a test checks it.

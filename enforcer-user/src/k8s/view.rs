@@ -39,8 +39,11 @@ impl PodEntry {
     }
 }
 
+/// A namespace's name and labels.
+pub type NamespaceEntry = (String, BTreeMap<String, String>);
+
 /// Name and labels of a namespace.
-pub fn namespace_entry(namespace: &Namespace) -> Option<(String, BTreeMap<String, String>)> {
+pub fn namespace_entry(namespace: &Namespace) -> Option<NamespaceEntry> {
     let name = namespace.metadata.name.clone()?;
     Some((name, namespace.metadata.labels.clone().unwrap_or_default()))
 }
@@ -74,7 +77,7 @@ impl ClusterView {
         self.namespaces.remove(name);
     }
 
-    pub fn replace_namespaces(&mut self, namespaces: Vec<(String, BTreeMap<String, String>)>) {
+    pub fn replace_namespaces(&mut self, namespaces: Vec<NamespaceEntry>) {
         self.namespaces = namespaces.into_iter().collect();
     }
 

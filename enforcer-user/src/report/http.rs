@@ -6,7 +6,7 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -17,7 +17,8 @@ use enforcer_common::names::PROGRAMS;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, task::JoinSet};
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::{
@@ -34,13 +35,15 @@ pub struct ListenError {
 
 /// What the probes look at.
 pub struct Health {
-    pub pins: PinRoot,
-    pub generation: String,
+    pins: PinRoot,
+    generation: String,
     pub handle: EnforcerHandle,
     /// Kubernetes mode is ready once the first lists are reconciled.
     pub synced: AtomicBool,
     /// The last watch request succeeded.
     pub api_reachable: AtomicBool,
+    /// The daemon's tasks that stopped while it runs.
+    stopped_tasks: Mutex<Vec<&'static str>>,
 }
 
 /// How long the enforcer task may take to answer before the daemon counts
@@ -48,6 +51,32 @@ pub struct Health {
 const RESPONSIVE_WITHIN: Duration = Duration::from_secs(1);
 
 impl Health {
+    /// Health of the generation in force; `needs_sync` keeps readiness back
+    /// until [`Health::synced`] is set.
+    pub fn new(
+        pins: PinRoot,
+        generation: String,
+        handle: EnforcerHandle,
+        needs_sync: bool,
+    ) -> Health {
+        Health {
+            pins,
+            generation,
+            handle,
+            synced: AtomicBool::new(!needs_sync),
+            api_reachable: AtomicBool::new(true),
+            stopped_tasks: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Records that a task of the daemon stopped: the daemon is not live.
+    pub fn task_stopped(&self, name: &'static str) {
+        self.stopped_tasks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(name);
+    }
+
     /// Every program's link is still pinned in the generation in force.
     pub fn programs_attached(&self) -> usize {
         PROGRAMS
@@ -64,6 +93,15 @@ impl Health {
                 "{attached} of {} programs attached",
                 PROGRAMS.len()
             ));
+        }
+        {
+            let stopped = self
+                .stopped_tasks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if !stopped.is_empty() {
+                return Some(format!("task stopped: {}", stopped.join(", ")));
+            }
         }
         match tokio::time::timeout(RESPONSIVE_WITHIN, self.handle.snapshot()).await {
             Ok(Ok(_)) => None,
@@ -135,17 +173,25 @@ async fn route(endpoints: &Endpoints, request: &Request<Incoming>) -> Response<F
     }
 }
 
-/// Binds `address` (a failure is reported at start) and serves until the
-/// task is dropped.
+/// Binds `address`, so a failure is reported at start.
 pub async fn bind(address: SocketAddr) -> Result<TcpListener, ListenError> {
     TcpListener::bind(address)
         .await
         .map_err(|source| ListenError { address, source })
 }
 
-pub async fn serve(listener: TcpListener, endpoints: Arc<Endpoints>) {
+/// Serves until `cancel` fires; then answers the requests under way,
+/// closes every connection and returns.
+pub async fn serve(listener: TcpListener, endpoints: Arc<Endpoints>, cancel: CancellationToken) {
+    let mut connections = JoinSet::new();
     loop {
-        let stream = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = cancel.cancelled() => break,
+            // Reap finished connections as they go.
+            Some(_) = connections.join_next() => continue,
+        };
+        let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(err) => {
                 warn!("accepting an HTTP connection: {err}");
@@ -153,15 +199,24 @@ pub async fn serve(listener: TcpListener, endpoints: Arc<Endpoints>) {
             }
         };
         let endpoints = Arc::clone(&endpoints);
-        tokio::spawn(async move {
+        let cancel = cancel.clone();
+        connections.spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
                 let endpoints = Arc::clone(&endpoints);
                 async move { Ok::<_, Infallible>(route(&endpoints, &request).await) }
             });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
             // A client that goes away mid-request is not our problem.
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = cancel.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
         });
     }
+    while connections.join_next().await.is_some() {}
 }
