@@ -8,8 +8,13 @@
 //! Layout: `<root>/<key>_<nonce>/{map-<NAME>, link-<PROGRAM>}` with
 //! `<key> = g-<object hash>-<mode>-<cgroup id>` (bpffs forbids dots in names).
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::BTreeMap,
+    os::unix::ffi::OsStrExt as _,
+    path::{Path, PathBuf},
+};
 
+use aya::programs::links::{FdLink, LinkType, PinnedLink};
 use enforcer_common::names::{MAPS, PROGRAMS};
 
 use crate::config::Mode;
@@ -129,6 +134,15 @@ impl PinRoot {
         self.root.join(generation).join(format!("link-{program}"))
     }
 
+    /// Each program of `generation`, and whether its link is attached (see
+    /// [`link_attached`]).
+    pub fn attached_programs(&self, generation: &str) -> BTreeMap<&'static str, bool> {
+        PROGRAMS
+            .iter()
+            .map(|&program| (program, link_attached(&self.link_pin(generation, program))))
+            .collect()
+    }
+
     /// A fresh, unused directory name for a generation with `key`.
     pub fn new_generation_name(&self, key: &GenerationKey) -> String {
         let nanos = std::time::SystemTime::now()
@@ -237,6 +251,24 @@ impl PinRoot {
     }
 }
 
+/// Whether the link pinned at `path` holds a program on a cgroup: the pin
+/// opens as a BPF link and the kernel describes it as a cgroup link with a
+/// program. A removed pin (which detached the program, since nothing else
+/// holds its link) or another object pinned there is not attached.
+pub fn link_attached(path: &Path) -> bool {
+    // aya's from_pin cannot take a path with a NUL byte; no pin has one.
+    if path.as_os_str().as_bytes().contains(&0) {
+        return false;
+    }
+    let Ok(pinned) = PinnedLink::from_pin(path) else {
+        return false;
+    };
+    // Dropping the opened link closes only our descriptor: the pin keeps it.
+    FdLink::from(pinned).info().is_ok_and(|info| {
+        info.program_id() != 0 && matches!(info.link_type(), Ok(LinkType::Cgroup))
+    })
+}
+
 /// What `uninstall` did.
 #[derive(Debug)]
 pub struct Uninstalled {
@@ -262,6 +294,27 @@ mod tests {
             name: name.to_owned(),
             complete,
         }
+    }
+
+    /// The positive case needs a kernel and a pinned link: the end-to-end
+    /// tests check /healthz and `status` with real and removed pins.
+    #[test]
+    fn only_a_pinned_link_counts_as_attached() {
+        use std::os::unix::ffi::OsStringExt as _;
+        assert!(!link_attached(Path::new(
+            "/nonexistent/link-imds_guard_egress"
+        )));
+        // A file that is no BPF object at all.
+        assert!(!link_attached(Path::new("/proc/self/status")));
+        let with_nul = PathBuf::from(std::ffi::OsString::from_vec(b"/sys/fs/bpf/a\0b".to_vec()));
+        assert!(!link_attached(&with_nul));
+        let root = PinRoot::new("/nonexistent");
+        assert!(
+            root.attached_programs("g-0")
+                .values()
+                .all(|attached| !attached)
+        );
+        assert_eq!(root.attached_programs("g-0").len(), PROGRAMS.len());
     }
 
     #[test]

@@ -77,11 +77,13 @@ impl Health {
             .push(name);
     }
 
-    /// Every program's link is still pinned in the generation in force.
+    /// The programs of the generation in force whose pinned link the kernel
+    /// still reports attached to a cgroup.
     pub fn programs_attached(&self) -> usize {
-        PROGRAMS
-            .iter()
-            .filter(|p| self.pins.link_pin(&self.generation, p).exists())
+        self.pins
+            .attached_programs(&self.generation)
+            .values()
+            .filter(|attached| **attached)
             .count()
     }
 

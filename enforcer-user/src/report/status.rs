@@ -22,7 +22,7 @@ use crate::{
     host::{cgroup, identity::identify},
     report::events::PodIndex,
 };
-use enforcer_common::names::{self, PROGRAMS};
+use enforcer_common::names;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
@@ -41,7 +41,7 @@ pub struct Status {
     pub mode: &'static str,
     pub protected_cgroup_id: u64,
     pub protected_cgroup: Option<PathBuf>,
-    /// Program name -> whether its link is pinned (attached).
+    /// Program name -> whether its pinned link is attached.
     pub programs: BTreeMap<&'static str, bool>,
     pub rules: Vec<String>,
     pub allowed: Vec<CgroupEntry>,
@@ -163,10 +163,7 @@ pub fn read(
         protected_cgroup: cgroup_root
             .as_deref()
             .and_then(|r| cgroup::find_by_id(r, key.cgroup_id)),
-        programs: PROGRAMS
-            .iter()
-            .map(|p| (*p, root.link_pin(&generation, p).exists()))
-            .collect(),
+        programs: root.attached_programs(&generation),
         rules: rules.into_iter().map(|(_, r)| r).collect(),
         allowed,
         counters,
