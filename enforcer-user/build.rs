@@ -2,7 +2,7 @@ use anyhow::{Context as _, anyhow};
 use aya_build::{Package, Toolchain};
 
 /// Builds the eBPF programs with the nightly toolchain and bpf-linker; the
-/// object lands in OUT_DIR, where the loader includes it.
+/// object lands in `OUT_DIR`, where the loader includes it.
 fn main() -> anyhow::Result<()> {
     // Selects the second build the upgrade tests need (see the eBPF crate).
     println!("cargo:rerun-if-env-changed=IMDS_GUARD_EBPF_VARIANT");

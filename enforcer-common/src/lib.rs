@@ -7,6 +7,12 @@
 //! Every type here is shared with the kernel, so it has explicit padding and
 //! no `bool`, enum or `Option` fields.
 #![cfg_attr(not(any(test, feature = "std")), no_std)]
+// The programs call these on every packet and socket call; inlined, they
+// cost the verifier no BPF-to-BPF calls.
+#![allow(clippy::inline_always)]
+// Padding is spelt out as public fields, so either side can write a whole
+// value; the leading `_` says they carry nothing.
+#![allow(clippy::pub_underscore_fields)]
 
 #[cfg(feature = "std")]
 pub mod mountinfo;
@@ -36,9 +42,9 @@ pub mod names {
     pub const EVENTS_DROPPED: &str = "EVENTS_DROPPED";
     /// Global `u32` set at load time: [`crate::MODE_ENFORCE`] or [`crate::MODE_AUDIT`].
     pub const ENFORCE_MODE: &str = "ENFORCE_MODE";
-    /// The cgroup_skb egress program.
+    /// The `cgroup_skb` egress program.
     pub const PROG_EGRESS: &str = "imds_guard_egress";
-    /// The cgroup_sock_addr programs.
+    /// The `cgroup_sock_addr` programs.
     pub const PROG_CONNECT4: &str = "imds_guard_connect4";
     pub const PROG_CONNECT6: &str = "imds_guard_connect6";
     pub const PROG_SENDMSG4: &str = "imds_guard_sendmsg4";
@@ -54,7 +60,7 @@ pub mod names {
         EVENT_WINDOWS,
         EVENTS_DROPPED,
     ];
-    /// The cgroup_sock_addr programs, which share one attach call.
+    /// The `cgroup_sock_addr` programs, which share one attach call.
     pub const SOCK_ADDR_PROGRAMS: [&str; 4] =
         [PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6];
     /// Every program, egress first; one generation pins a link to each.
@@ -102,7 +108,7 @@ pub const fn ipv4_mapped(octets: [u8; 4]) -> AddrBytes {
 /// The trie form of an IPv6 address the kernel hands over as four 32-bit
 /// words in network byte order (`bpf_sock_addr.user_ip6`). Built as one
 /// array expression: zeroing a buffer first would be a `memset`, which the
-/// verifier refuses on the stack without CAP_PERFMON.
+/// verifier refuses on the stack without `CAP_PERFMON`.
 #[inline(always)]
 pub const fn ipv6_from_words(words: [u32; 4]) -> AddrBytes {
     let [a, b, c, d] = [
@@ -137,7 +143,7 @@ pub const VERDICT_AUDITED: u8 = 2;
 /// Every byte is a named field, padding included, and the programs write it
 /// with [`BlockEvent::new`]: the verifier refuses the byte-loop `memset` the
 /// compiler emits for zeroing a padding array or implicit tail padding when
-/// the loader lacks CAP_PERFMON (variable-offset pointer arithmetic on ring
+/// the loader lacks `CAP_PERFMON` (variable-offset pointer arithmetic on ring
 /// memory), so there must be none to zero.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -117,7 +117,7 @@ mod tests {
         // ::ffff:169.254.0.0/112 is 169.254.0.0/16 as an IPv6 prefix.
         assert_eq!(
             marked(112, ipv4_mapped([169, 254, 0, 0])),
-            [((169 << 8) | 254, 1)]
+            [(u32::from(u16::from_be_bytes([169, 254])), 1)]
         );
         // ::/8 holds the whole IPv4-mapped range and 256 IPv6 buckets.
         assert_eq!(marked(8, [0; 16]), [(0, 65536), (IPV6_BUCKETS_START, 256)]);
@@ -148,9 +148,9 @@ mod tests {
             addr[15] = 1;
             assert!(set(&words, &addr), "{second:#x}");
         }
-        let mut fec0 = fe80;
-        fec0[1] = 0xc0;
-        assert!(!set(&words, &fec0));
+        let mut outside = fe80;
+        outside[1] = 0xc0;
+        assert!(!set(&words, &outside));
         assert!(bucket_words([]).iter().all(|w| *w == 0));
     }
 }

@@ -92,6 +92,7 @@ impl DestRule {
 
     /// Whether `port` falls in one of the listed ranges.
     #[inline(always)]
+    #[allow(clippy::cast_possible_truncation, reason = "i < MAX_PORT_RANGES")]
     fn lists_port(&self, port: u16) -> bool {
         let mut i = 0;
         // Bounded by the array length, so the verifier sees a finite loop.
@@ -116,13 +117,12 @@ impl DestRule {
             return false;
         }
         match (self.port_scope, port) {
-            (PORTS_ALL, _) => true,
-            (_, PortInfo::Unknown) => true,
             (PORTS_ONLY, PortInfo::Known(p)) => self.lists_port(p),
             (PORTS_ONLY, PortInfo::NotApplicable) => false,
             (PORTS_EXCEPT, PortInfo::Known(p)) => !self.lists_port(p),
-            (PORTS_EXCEPT, PortInfo::NotApplicable) => true,
-            // An unknown scope is a corrupt rule: refuse.
+            // Everything else is refused: a rule for every port, a port that
+            // cannot be read (fail closed), a protocol without ports under an
+            // exception list, and an unknown scope (a corrupt rule).
             _ => true,
         }
     }
@@ -143,7 +143,7 @@ mod tests {
             action: ACTION_DENY,
             protocols,
             port_scope,
-            port_range_count: ranges.len() as u32,
+            port_range_count: u32::try_from(ranges.len()).expect("a few ranges"),
             port_ranges: [PortRange::default(); MAX_PORT_RANGES],
         };
         for (slot, &(first, last)) in r.port_ranges.iter_mut().zip(ranges) {
@@ -154,10 +154,10 @@ mod tests {
 
     #[test]
     fn decisions_over_the_default_and_provider_rules() {
+        use PortInfo::{Known, NotApplicable, Unknown};
         let imds_except_dns = rule(PROTO_ANY, PORTS_EXCEPT, &[(53, 53)]);
         let wireserver = rule(PROTO_TCP, PORTS_ONLY, &[(80, 80), (32526, 32526)]);
         let whole = rule(PROTO_ANY, PORTS_ALL, &[]);
-        use PortInfo::*;
         let cases = [
             (&imds_except_dns, PROTO_TCP, Known(80), true),
             (&imds_except_dns, PROTO_TCP, Known(53), false),

@@ -32,7 +32,7 @@ use crate::{
     report::{
         events::{self, Namer, PodNames, PodNotice, Reporter},
         http::{self, Endpoints, Health, ListenError},
-        metrics::Metrics,
+        metrics::{self, Metrics},
     },
 };
 
@@ -286,10 +286,11 @@ async fn reload_settings<M: DaemonMode>(
         .await
         .map_err(mode_error)?;
     let rules = settings.common.rules.rules().len();
-    daemon.metrics.rules.set(rules as i64);
-    match allowed {
-        Some(allowed) => info!(rules, allowed, "configuration reloaded"),
-        None => info!(rules, "configuration reloaded"),
+    daemon.metrics.rules.set(metrics::gauge_count(rules));
+    if let Some(allowed) = allowed {
+        info!(rules, allowed, "configuration reloaded");
+    } else {
+        info!(rules, "configuration reloaded");
     }
     Ok(settings)
 }
@@ -328,7 +329,9 @@ async fn start(
         None => None,
     };
     let metrics = Arc::new(Metrics::new());
-    metrics.rules.set(common.rules.rules().len() as i64);
+    metrics
+        .rules
+        .set(metrics::gauge_count(common.rules.rules().len()));
     let events = enforcer.take_events();
     let (handle, owner) = enforcer.into_task();
     let mut tasks = Tasks::default();
@@ -374,10 +377,12 @@ async fn start(
 async fn refresh_metrics_once(health: &Health, metrics: &Metrics) {
     metrics
         .programs_attached
-        .set(health.programs_attached() as i64);
+        .set(metrics::gauge_count(health.programs_attached()));
     match health.handle.snapshot().await {
         Ok(snapshot) => {
-            metrics.allowlisted.set(snapshot.allowed.len() as i64);
+            metrics
+                .allowlisted
+                .set(metrics::gauge_count(snapshot.allowed.len()));
             metrics.set_events_dropped(snapshot.events_dropped);
         }
         Err(err) => warn!("cannot read the enforcer's state: {err}"),

@@ -77,7 +77,7 @@ pub fn load(mode: Mode, map_pins: Option<&dyn Fn(&str) -> PathBuf>) -> Result<Eb
     Ok(ebpf)
 }
 
-/// What the kernel needs of RLIMIT_MEMLOCK for one generation's maps, on
+/// What the kernel needs of `RLIMIT_MEMLOCK` for one generation's maps, on
 /// kernels that charge it: checked (and raised where allowed) before any
 /// map exists, so a refusal leaves nothing behind.
 pub fn ensure_memlock() -> Result<memlock::Memlock, BpfError> {
@@ -166,7 +166,7 @@ mod tests {
     use super::*;
 
     /// The programs' calls to compiler-builtins' memory functions: their
-    /// byte loops need CAP_PERFMON to pass the verifier (enforcer-ebpf's
+    /// byte loops need `CAP_PERFMON` to pass the verifier (enforcer-ebpf's
     /// `stores` module says how the programs avoid them).
     #[test]
     fn programs_call_no_memory_builtins() {

@@ -75,9 +75,9 @@ impl DestRulesMap {
 
     fn write_buckets(&mut self, words: &[u64], present: &[u64]) -> Result<(), BpfError> {
         let err = map_err(names::DEST_BUCKETS);
-        for (index, (&word, &now)) in words.iter().zip(present).enumerate() {
+        for (index, (&word, &now)) in (0..BUCKET_WORDS).zip(words.iter().zip(present)) {
             if word != now {
-                self.buckets.set(index as u32, word, 0).map_err(&err)?;
+                self.buckets.set(index, word, 0).map_err(&err)?;
             }
         }
         Ok(())
@@ -189,7 +189,7 @@ impl CountersMap {
     /// The counters of every cgroup, summed over CPUs.
     pub fn read(&self) -> Result<BTreeMap<u64, BlockCounters>, BpfError> {
         let mut totals = BTreeMap::new();
-        for entry in self.0.iter() {
+        for entry in &self.0 {
             let (id, per_cpu) = entry.map_err(map_err(names::BLOCK_COUNTERS))?;
             let total: &mut BlockCounters = totals.entry(id).or_default();
             for c in per_cpu.iter() {

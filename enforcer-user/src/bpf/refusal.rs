@@ -27,7 +27,7 @@ pub(super) fn load_error(source: EbpfError, object: &[u8]) -> BpfError {
     }
 }
 
-/// Why the kernel said EPERM to a process that holds CAP_BPF (privileges
+/// Why the kernel said EPERM to a process that holds `CAP_BPF` (privileges
 /// are checked before loading).
 fn refusal_cause(object: &[u8]) -> String {
     if bpf_syscall_filtered() {
@@ -49,9 +49,8 @@ fn refusal_cause(object: &[u8]) -> String {
     }
     let release = kernel::release();
     if kernel::version(&release).is_some_and(|v| v < memlock::FIRST_MEMCG_KERNEL) {
-        let need = memlock::shapes(object)
-            .map(|s| memlock::need(&s, kernel::possible_cpus()))
-            .unwrap_or(0);
+        let need =
+            memlock::shapes(object).map_or(0, |s| memlock::need(&s, kernel::possible_cpus()));
         return format!(
             "kernel {release} charges BPF maps to RLIMIT_MEMLOCK and the limit is too low \
              (the maps need about {} with {} possible CPUs; other processes of this user \

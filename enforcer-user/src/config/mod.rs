@@ -93,6 +93,10 @@ pub enum ConfigError {
 /// One source of settings: the configuration file, or the command line
 /// with the environment. Every field is optional (a flag's absence leaves
 /// the file's value); the field docs are the flags' help.
+#[allow(
+    clippy::doc_markdown,
+    reason = "field docs are --help text, printed as written"
+)]
 #[derive(Clone, Debug, Default, PartialEq, Eq, clap::Args, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Layer {
@@ -157,6 +161,10 @@ pub struct StandaloneSection {
 }
 
 /// `kubernetes:` in the file, or the `run` command's flags.
+#[allow(
+    clippy::doc_markdown,
+    reason = "field docs are --help text, printed as written"
+)]
 #[derive(Clone, Debug, Default, PartialEq, Eq, clap::Args, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct KubernetesSection {
@@ -565,7 +573,7 @@ mod tests {
             .rules()
             .iter()
             .filter(|r| r.action == action)
-            .map(|r| r.to_string())
+            .map(ToString::to_string)
             .collect()
     }
 

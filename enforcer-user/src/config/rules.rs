@@ -174,7 +174,8 @@ impl Rule {
             action: ACTION_DENY,
             protocols: self.protocols,
             port_scope,
-            port_range_count: ranges.len() as u32,
+            // At most MAX_PORT_RANGES, as the slice above requires.
+            port_range_count: u32::try_from(ranges.len()).unwrap_or(u32::MAX),
             port_ranges,
         }
     }
@@ -184,9 +185,11 @@ impl Rule {
     pub fn from_kernel(prefix_len: u32, addr: AddrBytes, value: &DestRule) -> Option<Rule> {
         let v6 = std::net::Ipv6Addr::from(addr);
         let prefix = match v6.to_ipv4_mapped() {
-            Some(v4) if prefix_len >= IPV4_MAPPED_PREFIX_BITS => {
-                IpNet::new(IpAddr::V4(v4), (prefix_len - IPV4_MAPPED_PREFIX_BITS) as u8).ok()?
-            }
+            Some(v4) if prefix_len >= IPV4_MAPPED_PREFIX_BITS => IpNet::new(
+                IpAddr::V4(v4),
+                u8::try_from(prefix_len - IPV4_MAPPED_PREFIX_BITS).ok()?,
+            )
+            .ok()?,
             _ => IpNet::new(IpAddr::V6(v6), u8::try_from(prefix_len).ok()?).ok()?,
         };
         if value.action != ACTION_DENY {
@@ -305,8 +308,8 @@ fn parse_protocols(rule: &str, list: &str) -> Result<u32, RuleError> {
     Ok(bits)
 }
 
-fn parse_ports(rule: &str, list: &str) -> Result<Vec<PortRange>, RuleError> {
-    let ranges = list
+fn parse_ports(rule: &str, ports: &str) -> Result<Vec<PortRange>, RuleError> {
+    let ranges = ports
         .split(',')
         .map(|item| {
             let bad = || RuleError::BadPort {
@@ -317,12 +320,11 @@ fn parse_ports(rule: &str, list: &str) -> Result<Vec<PortRange>, RuleError> {
                 Ok(p) if p != 0 => Ok(p),
                 _ => Err(bad()),
             };
-            let (first, last) = match item.split_once('-') {
-                Some((a, b)) => (port(a)?, port(b)?),
-                None => {
-                    let p = port(item)?;
-                    (p, p)
-                }
+            let (first, last) = if let Some((a, b)) = item.split_once('-') {
+                (port(a)?, port(b)?)
+            } else {
+                let p = port(item)?;
+                (p, p)
             };
             if first > last {
                 return Err(bad());

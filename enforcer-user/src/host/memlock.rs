@@ -1,4 +1,4 @@
-//! Kernels before 5.11 charge every BPF map to the owner's RLIMIT_MEMLOCK
+//! Kernels before 5.11 charge every BPF map to the owner's `RLIMIT_MEMLOCK`
 //! (5.11 moved the charge to memory cgroups). A container runtime that sets
 //! no memlock limit hands out the kernel's 64 KiB, far below what our maps
 //! take, and the kernel then refuses map creation with a bare EPERM. So on
@@ -129,14 +129,14 @@ pub enum MemlockError {
     },
 }
 
-/// The current (soft, hard) RLIMIT_MEMLOCK.
+/// The current (soft, hard) `RLIMIT_MEMLOCK`.
 fn current_limit() -> std::io::Result<(u64, u64)> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes into the struct we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } != 0 {
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &raw mut limit) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok((limit.rlim_cur, limit.rlim_max))
@@ -148,7 +148,7 @@ fn set_limit(soft: u64, hard: u64) -> bool {
         rlim_max: hard,
     };
     // SAFETY: a plain system call on a struct we own.
-    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) == 0 }
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const limit) == 0 }
 }
 
 /// What [`ensure`] did.
@@ -160,8 +160,8 @@ pub enum Memlock {
     Enough { need: u64, limit: u64 },
 }
 
-/// On kernels that charge RLIMIT_MEMLOCK, makes sure `need` bytes fit:
-/// raises the limit to unlimited where CAP_SYS_RESOURCE allows, or the soft
+/// On kernels that charge `RLIMIT_MEMLOCK`, makes sure `need` bytes fit:
+/// raises the limit to unlimited where `CAP_SYS_RESOURCE` allows, or the soft
 /// limit up to the hard one, and otherwise refuses. The kernel counts what
 /// every process of this user has locked, so the check is necessary, not
 /// always sufficient: a later EPERM still names the need.

@@ -26,8 +26,8 @@ const CAP_SYS_ADMIN: u32 = 21;
 const CAP_BPF: u32 = 39;
 
 /// The capabilities absent from an effective set (`CapEff` of
-/// /proc/self/status): CAP_BPF (or CAP_SYS_ADMIN, which implies it) to create
-/// maps and load programs, and CAP_NET_ADMIN to load and attach cgroup
+/// /proc/self/status): `CAP_BPF` (or `CAP_SYS_ADMIN`, which implies it) to create
+/// maps and load programs, and `CAP_NET_ADMIN` to load and attach cgroup
 /// networking programs.
 pub fn missing_capabilities(effective: u64) -> Vec<&'static str> {
     let has = |cap: u32| effective & (1u64 << cap) != 0;
@@ -71,8 +71,8 @@ mod tests {
 
     #[test]
     fn names_what_is_missing() {
-        let root = 0x000001ff_ffffffff;
-        let docker_default = 0x00000000_a80425fb; // no SYS_ADMIN, NET_ADMIN, BPF
+        let root = 0x0000_01ff_ffff_ffff;
+        let docker_default = 0x0000_0000_a804_25fb; // no SYS_ADMIN, NET_ADMIN, BPF
         let bpf_agent = (1 << CAP_BPF) | (1 << CAP_NET_ADMIN);
         let cases: [(u64, &[&str]); 5] = [
             (root, &[]),

@@ -111,16 +111,16 @@ impl Reconciler {
         self.waiting = waiting;
         if self.applied.as_ref() != Some(&ids) {
             let count = ids.len();
-            let writing = Instant::now();
+            let map_update = Instant::now();
             handle.set_allowed(ids.clone()).await?;
             metrics
                 .map_update_seconds
-                .observe(writing.elapsed().as_secs_f64());
+                .observe(map_update.elapsed().as_secs_f64());
             self.applied = Some(ids);
             info!(
                 allowed = count,
                 waiting_for_cgroup = waiting,
-                took_us = started.elapsed().as_micros() as u64,
+                took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
                 "allow list updated"
             );
         }

@@ -86,7 +86,10 @@ impl Namer {
 
     pub fn workload(&self, cgroup_id: u64) -> Workload {
         let path = {
-            let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
+            let mut paths = self
+                .paths
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if paths.len() >= MAX_CACHED_PATHS {
                 paths.clear();
             }
@@ -174,7 +177,7 @@ pub enum PodNotice {
 }
 
 /// How long one (workload, destination, verdict) is logged once.
-pub const LOG_WINDOW: Duration = Duration::from_secs(60);
+pub const LOG_WINDOW: Duration = Duration::from_mins(1);
 /// Distinct keys tracked at most; past it, windows start over.
 const MAX_WINDOWS: usize = 10_000;
 
@@ -344,7 +347,7 @@ mod tests {
             0,
             ipv4_mapped([169, 254, 169, 254]),
             port,
-            PROTO_TCP as u8,
+            u8::try_from(PROTO_TCP).unwrap(),
             HOOK_CONNECT,
             verdict,
         )

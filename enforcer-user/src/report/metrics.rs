@@ -46,6 +46,11 @@ pub struct Metrics {
     pub last_sync_timestamp: Gauge,
 }
 
+/// A count as a gauge value (gauges are signed).
+pub fn gauge_count(count: usize) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
+}
+
 /// Buckets from 100 µs to about 1.6 s.
 fn latency_buckets() -> impl Iterator<Item = f64> {
     prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 15)
@@ -121,10 +126,10 @@ impl Metrics {
             let mut series = self
                 .attempt_series
                 .lock()
-                .unwrap_or_else(|e| e.into_inner());
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if !series.contains(&labels) && series.len() >= MAX_ATTEMPT_SERIES {
-                labels.namespace = OTHER.to_owned();
-                labels.pod = OTHER.to_owned();
+                OTHER.clone_into(&mut labels.namespace);
+                OTHER.clone_into(&mut labels.pod);
             }
             series.insert(labels.clone());
         }

@@ -187,52 +187,51 @@ fn describe(entry: &CgroupEntry) -> String {
 
 /// The human-readable form.
 pub fn render(status: &Status) -> String {
-    let mut out = String::new();
     let attached = status.programs.values().filter(|a| **a).count();
     let protected = status.protected_cgroup.as_ref().map_or_else(
         || format!("cgroup id {}", status.protected_cgroup_id),
         |p| p.display().to_string(),
     );
-    out += &format!("pins        {}\n", status.bpffs_dir.display());
-    out += &format!("generation  {}\n", status.generation);
-    out += &format!("mode        {}\n", status.mode);
-    out += &format!("protecting  {protected}\n");
-    out += &format!(
-        "programs    {attached} of {} attached ({})\n",
-        status.programs.len(),
-        status
-            .programs
-            .iter()
-            .map(|(name, on)| format!("{name}{}", if *on { "" } else { " MISSING" }))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    out += "rules\n";
-    for rule in &status.rules {
-        out += &format!("  {rule}\n");
-    }
-    out += &format!("allowed     {} cgroup(s)\n", status.allowed.len());
-    for entry in &status.allowed {
-        out += &format!("  {}\n", describe(entry));
-    }
-    out += "attempts    connect sendmsg  egress  cgroup\n";
-    for c in &status.counters {
-        out += &format!(
-            "  {:>15} {:>7} {:>7}  {}\n",
+    let programs: Vec<String> = status
+        .programs
+        .iter()
+        .map(|(name, on)| format!("{name}{}", if *on { "" } else { " MISSING" }))
+        .collect();
+    let mut lines = vec![
+        format!("pins        {}", status.bpffs_dir.display()),
+        format!("generation  {}", status.generation),
+        format!("mode        {}", status.mode),
+        format!("protecting  {protected}"),
+        format!(
+            "programs    {attached} of {} attached ({})",
+            status.programs.len(),
+            programs.join(", ")
+        ),
+        "rules".to_owned(),
+    ];
+    lines.extend(status.rules.iter().map(|rule| format!("  {rule}")));
+    lines.push(format!("allowed     {} cgroup(s)", status.allowed.len()));
+    lines.extend(status.allowed.iter().map(|e| format!("  {}", describe(e))));
+    lines.push("attempts    connect sendmsg  egress  cgroup".to_owned());
+    lines.extend(status.counters.iter().map(|c| {
+        format!(
+            "  {:>15} {:>7} {:>7}  {}",
             c.connect,
             c.sendmsg,
             c.egress,
             describe(&c.cgroup)
-        );
-    }
-    out += &format!("events dropped  {}\n", status.events_dropped);
+        )
+    }));
+    lines.push(format!("events dropped  {}", status.events_dropped));
     let unnamed_pods = status
         .allowed
         .iter()
         .chain(status.counters.iter().map(|c| &c.cgroup))
         .any(|e| e.pod_uid.is_some() && e.pod.is_none());
     if unnamed_pods && !status.daemon_reachable {
-        out += "(daemon not reachable: pods shown by UID)\n";
+        lines.push("(daemon not reachable: pods shown by UID)".to_owned());
     }
+    let mut out = lines.join("\n");
+    out.push('\n');
     out
 }
