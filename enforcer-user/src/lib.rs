@@ -8,7 +8,8 @@
 //!
 //! Dependencies point one way: the modes use [`app`], which uses
 //! [`report`], [`bpf`], [`host`] and [`config`]; [`config`] uses nothing of
-//! the crate (a unit test in this file checks the order).
+//! the crate. `tests/layering.rs` fails on a cycle or a module reaching
+//! into a mode.
 
 pub mod app;
 pub mod bpf;

@@ -10,6 +10,7 @@ use std::{
 
 use crate::{
     app::{Daemon, DaemonMode, Target},
+    bpf::owner::EnforcerError,
     config::{Settings, Standalone},
     host::cgroup::{CgroupDir, CgroupError},
 };
@@ -30,7 +31,7 @@ pub enum StandaloneError {
         source: CgroupError,
     },
     #[error(transparent)]
-    Enforcer(#[from] crate::bpf::owner::EnforcerError),
+    Enforcer(#[from] EnforcerError),
 }
 
 /// The allow file's entries: one cgroup directory a line, absolute or
@@ -101,14 +102,6 @@ impl DaemonMode for StandaloneMode {
             mount: cgroup_root.to_path_buf(),
         };
         Ok((mode, target))
-    }
-
-    async fn start(
-        &mut self,
-        _: &Settings<Standalone>,
-        _: &mut Daemon,
-    ) -> Result<(), StandaloneError> {
-        Ok(())
     }
 
     async fn next_change(&mut self) -> Result<Infallible, StandaloneError> {

@@ -100,10 +100,13 @@ pub trait DaemonMode: Sized {
     type Change;
     /// A checked reload, ready to apply.
     type Reload;
+    /// What only this mode can fail at.
     type Error: std::error::Error + Send + Sync + 'static;
 
     /// Files, besides the configuration file, whose change reloads.
-    fn watched_files(settings: &Self::Settings) -> Vec<PathBuf>;
+    fn watched_files(_settings: &Self::Settings) -> Vec<PathBuf> {
+        Vec::new()
+    }
 
     /// Decides what to protect, from settings already checked and the
     /// cgroup2 mount, before anything is loaded.
@@ -120,9 +123,11 @@ pub trait DaemonMode: Sized {
     /// Starts the mode's own tasks, once the programs enforce.
     fn start(
         &mut self,
-        settings: &Settings<Self::Settings>,
-        daemon: &mut Daemon,
-    ) -> impl Future<Output = Result<(), Self::Error>>;
+        _settings: &Settings<Self::Settings>,
+        _daemon: &mut Daemon,
+    ) -> impl Future<Output = Result<(), Self::Error>> {
+        async { Ok(()) }
+    }
 
     /// Waits for the next change from outside. Cancel-safe: the main loop
     /// drops it when something else happens first.

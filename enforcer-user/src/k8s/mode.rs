@@ -110,10 +110,6 @@ impl DaemonMode for KubernetesMode {
     type Reload = ();
     type Error = KubernetesError;
 
-    fn watched_files(_: &Kubernetes) -> Vec<PathBuf> {
-        Vec::new()
-    }
-
     /// Attach first: pods not known yet are blocked from the first instant.
     /// The pinned allow list (if any) stays until the first full list.
     fn prepare(
