@@ -10,12 +10,17 @@
 
 use enforcer_common::{AddrBytes, BlockCounters};
 
-/// Zero, as far as the optimizer knows any value.
+/// Zero, read at run time so the optimizer cannot fold it. A read-only
+/// global, not a local: a narrow store of a local can land on a stack slot
+/// that held a spilled pointer on another path, which kernels before 7.x
+/// refuse without CAP_PERFMON ("attempt to corrupt spilled pointer").
+#[unsafe(no_mangle)]
+static OPAQUE_ZERO: u32 = 0;
+
 #[inline(always)]
 fn opaque_zero() -> u32 {
-    let zero = 0u32;
-    // SAFETY: a read of a local.
-    unsafe { core::ptr::read_volatile(&zero) }
+    // SAFETY: a plain read of an immutable global.
+    unsafe { core::ptr::read_volatile(&OPAQUE_ZERO) }
 }
 
 /// `::ffff:a.b.c.d`, the trie form of an IPv4 address in network byte
