@@ -108,11 +108,17 @@ impl DestRule {
         false
     }
 
+    /// Whether some traffic is refused by this rule (it is no carve-out).
+    #[inline(always)]
+    pub fn may_deny(&self) -> bool {
+        self.action == ACTION_DENY
+    }
+
     /// Whether traffic of `protocol` (a `PROTO_*` class) to `port` is refused
     /// by this rule. What cannot be read is refused (fail closed).
     #[inline(always)]
     pub fn denies(&self, protocol: u32, port: PortInfo) -> bool {
-        if self.action != ACTION_DENY || self.protocols & protocol == 0 {
+        if !self.may_deny() || self.protocols & protocol == 0 {
             return false;
         }
         match (self.port_scope, port) {

@@ -35,12 +35,30 @@ struct Attempt {
     port: PortInfo,
 }
 
-/// Decides for a destination that has a rule: traffic the rule does not
-/// deny and allowed cgroups pass; the others are counted, reported and
-/// refused (or passed in audit mode).
+/// Decides for a destination that has a rule: carve-outs and allowed
+/// cgroups pass, then traffic the rule does not deny; the rest is counted,
+/// reported and refused (or passed in audit mode).
+///
+/// The cgroup walk comes before `attempt` reads the transport header: the
+/// verifier then walks the ancestor loop once per path into it rather than
+/// once per parse path, which kernels before 7.x, without CAP_PERFMON and
+/// so exploring speculative branches too, give up on ("the sequence of 8193
+/// jumps is too complex"). Allowed cgroups also skip the parse.
 #[inline(always)]
-fn judge(rule: &DestRule, attempt: &Attempt, subject: Subject, hook: Hook) -> i32 {
-    if !rule.denies(attempt.protocol, attempt.port) || maps::cgroup_is_allowed(&subject) {
+fn judge(
+    rule: &DestRule,
+    subject: Subject,
+    hook: Hook,
+    attempt: impl FnOnce() -> Result<Attempt, c_long>,
+) -> i32 {
+    if !rule.may_deny() || maps::cgroup_is_allowed(&subject) {
+        return ALLOW;
+    }
+    // A packet whose header cannot be read has no transport to deny.
+    let Ok(attempt) = attempt() else {
+        return ALLOW;
+    };
+    if !rule.denies(attempt.protocol, attempt.port) {
         return ALLOW;
     }
     let cgroup_id = subject.leaf_cgroup_id();
@@ -70,19 +88,15 @@ fn try_imds_guard_egress(ctx: &SkBuffContext) -> Result<i32, c_long> {
     let Some(rule) = maps::rule_for(&destination) else {
         return Ok(ALLOW);
     };
-    let header = packet::read_ip_header(ctx)?;
-    let (protocol, port) = packet::transport(ctx, &header);
-    let attempt = Attempt {
-        destination,
-        protocol,
-        port,
-    };
-    Ok(judge(
-        rule,
-        &attempt,
-        Subject::Skb(ctx.skb.skb),
-        Hook::Egress,
-    ))
+    Ok(judge(rule, Subject::Skb(ctx.skb.skb), Hook::Egress, || {
+        let header = packet::read_ip_header(ctx)?;
+        let (protocol, port) = packet::transport(ctx, &header);
+        Ok(Attempt {
+            destination,
+            protocol,
+            port,
+        })
+    }))
 }
 
 impl Attempt {
@@ -122,7 +136,7 @@ fn try_sock_addr(ctx: &SockAddrContext, ipv6: bool, hook: Hook) -> i32 {
     let attempt = Attempt::from_sock_addr(ctx, ipv6);
     match maps::rule_for(&attempt.destination) {
         None => ALLOW,
-        Some(rule) => judge(rule, &attempt, Subject::Current, hook),
+        Some(rule) => judge(rule, Subject::Current, hook, || Ok(attempt)),
     }
 }
 
