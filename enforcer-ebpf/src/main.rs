@@ -17,7 +17,7 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext},
 };
 use enforcer_common::{
-    AddrBytes, DestRule, PortInfo, ipv6_from_words,
+    AddrWords, DestRule, PortInfo,
     rule::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, protocol_class},
 };
 
@@ -30,7 +30,7 @@ const REFUSE: i32 = 0;
 
 /// What an attempt is: where to, which protocol class and port.
 struct Attempt {
-    destination: AddrBytes,
+    destination: AddrWords,
     protocol: u32,
     port: PortInfo,
 }
@@ -67,13 +67,7 @@ fn judge(
         PortInfo::Known(port) => port,
         PortInfo::NotApplicable | PortInfo::Unknown => 0,
     };
-    maps::send_event(
-        cgroup_id,
-        &attempt.destination,
-        port,
-        attempt.protocol,
-        hook,
-    );
+    maps::send_event(cgroup_id, attempt.destination, port, attempt.protocol, hook);
     if maps::audit_mode() { ALLOW } else { REFUSE }
 }
 
@@ -85,7 +79,7 @@ pub fn imds_guard_egress(ctx: SkBuffContext) -> i32 {
 
 fn try_imds_guard_egress(ctx: &SkBuffContext) -> Result<i32, c_long> {
     let destination = packet::read_destination(ctx)?;
-    let Some(rule) = maps::rule_for(&destination) else {
+    let Some(rule) = maps::rule_for(destination) else {
         return Ok(ALLOW);
     };
     Ok(judge(rule, Subject::Skb(ctx.skb.skb), Hook::Egress, || {
@@ -108,9 +102,9 @@ impl Attempt {
         let destination = if ipv6 {
             // `::ffff:a.b.c.d` already has the trie's IPv4-mapped form, so a
             // mapped destination meets the IPv4 rules with no extra step.
-            ipv6_from_words(addr.user_ip6)
+            AddrWords::from_user_ip6(addr.user_ip6)
         } else {
-            crate::stores::ipv4_mapped(addr.user_ip4.to_ne_bytes())
+            AddrWords::ipv4_mapped(addr.user_ip4.to_ne_bytes())
         };
         // user_port holds the port in network byte order in its low 16 bits.
         let port_number = u16::from_be(addr.user_port as u16);
@@ -134,7 +128,7 @@ impl Attempt {
 #[inline(always)]
 fn try_sock_addr(ctx: &SockAddrContext, ipv6: bool, hook: Hook) -> i32 {
     let attempt = Attempt::from_sock_addr(ctx, ipv6);
-    match maps::rule_for(&attempt.destination) {
+    match maps::rule_for(attempt.destination) {
         None => ALLOW,
         Some(rule) => judge(rule, Subject::Current, hook, || Ok(attempt)),
     }

@@ -7,8 +7,9 @@
 //! `Default`, a struct with two zero fields) into such a `memset`, so zeros
 //! stored next to each other here come from an opaque value it cannot fold.
 //! A unit test of the daemon fails on any `memset` call left in the object.
+//! Addresses avoid the problem as whole words (`enforcer_common::AddrWords`).
 
-use enforcer_common::{AddrBytes, BlockCounters};
+use enforcer_common::BlockCounters;
 
 /// Zero, read at run time so the optimizer cannot fold it. A read-only
 /// global, not a local: a narrow store of a local can land on a stack slot
@@ -21,21 +22,6 @@ static OPAQUE_ZERO: u32 = 0;
 fn opaque_zero() -> u32 {
     // SAFETY: a plain read of an immutable global.
     unsafe { core::ptr::read_volatile(&OPAQUE_ZERO) }
-}
-
-/// `::ffff:a.b.c.d`, the trie form of an IPv4 address in network byte
-/// order, as four word stores.
-#[inline(always)]
-pub fn ipv4_mapped(octets: [u8; 4]) -> AddrBytes {
-    let zero = opaque_zero();
-    let words = [
-        zero,
-        zero,
-        u32::from_ne_bytes([0, 0, 0xff, 0xff]),
-        u32::from_ne_bytes(octets),
-    ];
-    // SAFETY: both are 16 plain bytes; any bit pattern is valid for either.
-    unsafe { core::mem::transmute::<[u32; 4], AddrBytes>(words) }
 }
 
 /// Counters with one attempt counted in the field `pick` selects.
