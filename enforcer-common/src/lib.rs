@@ -85,9 +85,13 @@ pub const MAX_ALLOWED_CGROUPS: u32 = 65536;
 /// Capacity of the per-cgroup counters (least recently used entries go first).
 pub const MAX_COUNTED_CGROUPS: u32 = 16384;
 /// How many cgroup levels, from the root down, are checked against the allow
-/// map. kind's nested systemd layout puts a container at level 6 below the
-/// node's own cgroup, which may itself be a few levels deep on the host.
-pub const MAX_CGROUP_DEPTH: i32 = 32;
+/// map. A real node puts a pod's cgroup at level 3 or 4, kind's nested
+/// systemd layout at about 8 (6 below the node container's own cgroup).
+/// Deeper levels are never matched: their processes stay refused. Not more:
+/// without CAP_PERFMON, verifiers before 7.x explore each iteration's
+/// speculative branches too, and 32 levels exceeded their limit of 8192
+/// pending branches.
+pub const MAX_CGROUP_DEPTH: i32 = 16;
 
 /// Key data of the destination trie: an IPv6 address in network byte order.
 /// IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`), with 96 added to
@@ -100,27 +104,7 @@ pub const IPV4_MAPPED_PREFIX_BITS: u32 = 96;
 /// Builds the IPv4-mapped IPv6 form of an IPv4 address given in network byte order.
 #[inline(always)]
 pub const fn ipv4_mapped(octets: [u8; 4]) -> AddrBytes {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
-    ]
-}
-
-/// The trie form of an IPv6 address the kernel hands over as four 32-bit
-/// words in network byte order (`bpf_sock_addr.user_ip6`). Built as one
-/// array expression: zeroing a buffer first would be a `memset`, which the
-/// verifier refuses on the stack without `CAP_PERFMON`.
-#[inline(always)]
-pub const fn ipv6_from_words(words: [u32; 4]) -> AddrBytes {
-    let [a, b, c, d] = [
-        words[0].to_ne_bytes(),
-        words[1].to_ne_bytes(),
-        words[2].to_ne_bytes(),
-        words[3].to_ne_bytes(),
-    ];
-    [
-        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
-        d[3],
-    ]
+    AddrWords::ipv4_mapped(octets).bytes()
 }
 
 /// Bytes of the event ring buffer (a power of two, a multiple of the page size).
@@ -198,8 +182,106 @@ impl BlockEvent {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EventWindow {
     pub start_ns: u64,
-    pub sent: u32,
-    pub _pad: u32,
+    /// Whole word: a 32-bit count and its padding would be two stores
+    /// into one stack slot (see [`AddrWords`]).
+    pub sent: u64,
+}
+
+/// A trie-form address as two native-endian words holding its bytes in
+/// memory order (bytes 0..8 and 8..16). The programs carry addresses this
+/// way: built, compared and stored as whole 64-bit words, they never become
+/// byte or half-word stores into a stack slot, which verifiers before 7.x
+/// refuse to mix within one slot when the loader lacks CAP_PERFMON.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddrWords {
+    pub hi: u64,
+    pub lo: u64,
+}
+
+/// The IPv4-mapped prefix `::ffff:` as the low half of `AddrWords::lo`'s bytes.
+const MAPPED_MARK: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+impl AddrWords {
+    #[inline(always)]
+    pub const fn from_bytes(bytes: AddrBytes) -> AddrWords {
+        let [
+            b0,
+            b1,
+            b2,
+            b3,
+            b4,
+            b5,
+            b6,
+            b7,
+            b8,
+            b9,
+            b10,
+            b11,
+            b12,
+            b13,
+            b14,
+            b15,
+        ] = bytes;
+        AddrWords {
+            hi: u64::from_ne_bytes([b0, b1, b2, b3, b4, b5, b6, b7]),
+            lo: u64::from_ne_bytes([b8, b9, b10, b11, b12, b13, b14, b15]),
+        }
+    }
+
+    #[inline(always)]
+    pub const fn bytes(self) -> AddrBytes {
+        let [b0, b1, b2, b3, b4, b5, b6, b7] = self.hi.to_ne_bytes();
+        let [b8, b9, b10, b11, b12, b13, b14, b15] = self.lo.to_ne_bytes();
+        [
+            b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15,
+        ]
+    }
+
+    /// `::ffff:a.b.c.d` for an IPv4 address in network byte order.
+    #[inline(always)]
+    pub const fn ipv4_mapped(octets: [u8; 4]) -> AddrWords {
+        let [a, b, c, d] = octets;
+        AddrWords {
+            hi: 0,
+            lo: u64::from_ne_bytes([0, 0, 0xff, 0xff, a, b, c, d]),
+        }
+    }
+
+    /// An IPv6 address the kernel hands over as four 32-bit words in
+    /// network byte order (`bpf_sock_addr.user_ip6`).
+    #[inline(always)]
+    pub const fn from_user_ip6(words: [u32; 4]) -> AddrWords {
+        let [a0, a1, a2, a3] = words[0].to_ne_bytes();
+        let [b0, b1, b2, b3] = words[1].to_ne_bytes();
+        let [c0, c1, c2, c3] = words[2].to_ne_bytes();
+        let [d0, d1, d2, d3] = words[3].to_ne_bytes();
+        AddrWords {
+            hi: u64::from_ne_bytes([a0, a1, a2, a3, b0, b1, b2, b3]),
+            lo: u64::from_ne_bytes([c0, c1, c2, c3, d0, d1, d2, d3]),
+        }
+    }
+
+    /// Whether it is IPv4-mapped (`::ffff:a.b.c.d`).
+    #[inline(always)]
+    pub const fn is_ipv4_mapped(self) -> bool {
+        let [l0, l1, l2, l3, _, _, _, _] = self.lo.to_ne_bytes();
+        self.hi == 0 && u32::from_ne_bytes([l0, l1, l2, l3]) == MAPPED_MARK
+    }
+
+    /// The destination trie's key for this address (`prefix_len` then the
+    /// 16 bytes: 20 bytes), as three whole words; the last 4 bytes are zero
+    /// and beyond the key.
+    #[inline(always)]
+    pub const fn trie_key(self, prefix_len: u32) -> [u64; 3] {
+        let [p0, p1, p2, p3] = prefix_len.to_ne_bytes();
+        let [h0, h1, h2, h3, h4, h5, h6, h7] = self.hi.to_ne_bytes();
+        let [l0, l1, l2, l3, l4, l5, l6, l7] = self.lo.to_ne_bytes();
+        [
+            u64::from_ne_bytes([p0, p1, p2, p3, h0, h1, h2, h3]),
+            u64::from_ne_bytes([h4, h5, h6, h7, l0, l1, l2, l3]),
+            u64::from_ne_bytes([l4, l5, l6, l7, 0, 0, 0, 0]),
+        ]
+    }
 }
 
 /// Value of the allow map. The key alone is the information; the value keeps
@@ -237,7 +319,7 @@ assert_layout!(BlockEvent, 40, {
     cgroup_id: 0, timestamp_ns: 8, destination: 16, port: 32, protocol: 34,
     hook: 35, verdict: 36, _pad8: 37, _pad16: 38,
 });
-assert_layout!(EventWindow, 16, { start_ns: 0, sent: 8, _pad: 12 });
+assert_layout!(EventWindow, 16, { start_ns: 0, sent: 8 });
 assert_layout!(AllowEntry, 8, { generation: 0, _pad: 4 });
 assert_layout!(BlockCounters, 24, { connect: 0, sendmsg: 8, egress: 16 });
 assert_layout!(PortRange, 4, { first: 0, last: 2 });
@@ -267,16 +349,64 @@ mod tests {
             .map(|i| u32::from_ne_bytes([octets[i], octets[i + 1], octets[i + 2], octets[i + 3]]))
     }
 
+    fn addresses() -> Vec<AddrBytes> {
+        let v6 = |text: &str| {
+            text.parse::<std::net::Ipv6Addr>()
+                .expect("address")
+                .octets()
+        };
+        let v4 = |text: &str| {
+            text.parse::<std::net::Ipv4Addr>()
+                .expect("address")
+                .to_ipv6_mapped()
+                .octets()
+        };
+        vec![
+            v4("169.254.169.254"),
+            v4("0.0.0.0"),
+            v4("255.255.255.255"),
+            v4("198.18.0.2"),
+            v6("fd00:ec2::254"),
+            v6("::"),
+            v6("::1"),
+            v6("::fffe:a9fe:a9fe"),
+            v6("1::ffff:169.254.169.254"),
+            v6("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),
+        ]
+    }
+
     #[test]
-    fn ipv6_words_keep_network_byte_order() {
-        let metadata = std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254).octets();
-        assert_eq!(ipv6_from_words(user_ip6(metadata)), metadata);
-        let mapped = std::net::Ipv4Addr::new(169, 254, 169, 254)
-            .to_ipv6_mapped()
-            .octets();
+    fn words_and_bytes_are_the_same_address() {
+        for bytes in addresses() {
+            let words = AddrWords::from_bytes(bytes);
+            assert_eq!(words.bytes(), bytes);
+            assert_eq!(AddrWords::from_user_ip6(user_ip6(bytes)), words);
+            let mapped = bytes[..10].iter().all(|&b| b == 0) && bytes[10..12] == [0xff, 0xff];
+            assert_eq!(words.is_ipv4_mapped(), mapped, "{bytes:?}");
+            let bucket = if mapped {
+                (u32::from(bytes[12]) << 8) | u32::from(bytes[13])
+            } else {
+                IPV6_BUCKETS_START + ((u32::from(bytes[0]) << 8) | u32::from(bytes[1]))
+            };
+            assert_eq!(words.bucket(), bucket, "{bytes:?}");
+        }
+        let mapped = AddrWords::ipv4_mapped([169, 254, 169, 254]);
         assert_eq!(
-            ipv6_from_words(user_ip6(mapped)),
-            ipv4_mapped([169, 254, 169, 254])
+            mapped.bytes(),
+            std::net::Ipv4Addr::new(169, 254, 169, 254)
+                .to_ipv6_mapped()
+                .octets()
         );
+    }
+
+    #[test]
+    fn trie_keys_are_the_prefix_then_the_address() {
+        for bytes in addresses() {
+            let words = AddrWords::from_bytes(bytes).trie_key(128);
+            let key: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+            assert_eq!(key[..4], 128u32.to_ne_bytes());
+            assert_eq!(key[4..20], bytes);
+            assert_eq!(key[20..], [0; 4]);
+        }
     }
 }

@@ -9,6 +9,9 @@ pub struct Mount {
     pub fstype: String,
     /// Per-mount options (`rw` or `ro` first).
     pub options: String,
+    /// The optional fields: propagation (`shared:N`, `master:N`), which
+    /// containerd checks for HostToContainer mounts.
+    pub propagation: Vec<String>,
     /// Per-superblock options; for cgroup v1 they name the controllers.
     pub super_options: String,
 }
@@ -33,10 +36,12 @@ pub fn parse(mountinfo: &str) -> Vec<Mount> {
             let mut left = left.split_whitespace();
             let point = PathBuf::from(unescape_mountinfo(left.nth(4)?));
             let options = left.next()?.to_owned();
+            let propagation = left.map(str::to_owned).collect();
             Some(Mount {
                 point,
                 fstype,
                 options,
+                propagation,
                 super_options,
             })
         })
@@ -108,6 +113,14 @@ mod tests {
         for (text, want) in cases {
             assert_eq!(find_cgroup2_mount(text), want.map(PathBuf::from), "{text}");
         }
+    }
+
+    #[test]
+    fn propagation_fields_are_kept() {
+        let propagation: Vec<Vec<String>> =
+            parse(HYBRID).into_iter().map(|m| m.propagation).collect();
+        assert_eq!(propagation[1], ["shared:9"]);
+        assert_eq!(parse(IN_POD)[0].propagation, ["master:10"]);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! [`bucket`]; the daemon writes it with [`bucket_words`]. Both sides are
 //! here so they cannot disagree on what a bucket is.
 
-use crate::AddrBytes;
+use crate::{AddrBytes, AddrWords};
 
 /// Buckets of the destination pre-filter: one per value of the first 16
 /// bits of an IPv4 address, then one per value of the first 16 bits of an
@@ -15,32 +15,32 @@ pub const BUCKET_WORDS: u32 = BUCKET_COUNT / 64;
 /// First bucket of the IPv6 half.
 pub const IPV6_BUCKETS_START: u32 = 65536;
 
+impl AddrWords {
+    /// The pre-filter bucket: the first 16 bits of the IPv4 address, or of
+    /// the IPv6 address in the second half. The programs call this on the
+    /// words they carry; [`bucket`] is the same for the byte form.
+    #[inline(always)]
+    pub const fn bucket(self) -> u32 {
+        if self.is_ipv4_mapped() {
+            let [_, _, _, _, a, b, _, _] = self.lo.to_ne_bytes();
+            ((a as u32) << 8) | b as u32
+        } else {
+            let [a, b, _, _, _, _, _, _] = self.hi.to_ne_bytes();
+            IPV6_BUCKETS_START + (((a as u32) << 8) | b as u32)
+        }
+    }
+}
+
 /// Whether a trie-form address is IPv4-mapped (`::ffff:a.b.c.d`).
 #[inline(always)]
-pub fn is_ipv4_mapped(addr: &AddrBytes) -> bool {
-    addr[0]
-        | addr[1]
-        | addr[2]
-        | addr[3]
-        | addr[4]
-        | addr[5]
-        | addr[6]
-        | addr[7]
-        | addr[8]
-        | addr[9]
-        == 0
-        && addr[10] == 0xff
-        && addr[11] == 0xff
+pub const fn is_ipv4_mapped(addr: &AddrBytes) -> bool {
+    AddrWords::from_bytes(*addr).is_ipv4_mapped()
 }
 
 /// The pre-filter bucket of a trie-form address.
 #[inline(always)]
-pub fn bucket(addr: &AddrBytes) -> u32 {
-    if is_ipv4_mapped(addr) {
-        (u32::from(addr[12]) << 8) | u32::from(addr[13])
-    } else {
-        IPV6_BUCKETS_START + ((u32::from(addr[0]) << 8) | u32::from(addr[1]))
-    }
+pub const fn bucket(addr: &AddrBytes) -> u32 {
+    AddrWords::from_bytes(*addr).bucket()
 }
 
 /// The pre-filter's words for a set of deny rules given by their trie keys

@@ -90,30 +90,43 @@ impl DestRule {
         port_ranges: [PortRange { first: 0, last: 0 }; MAX_PORT_RANGES],
     };
 
-    /// Whether `port` falls in one of the listed ranges.
+    /// Whether `port` falls in range `I`, which is in use.
     #[inline(always)]
-    #[allow(clippy::cast_possible_truncation, reason = "i < MAX_PORT_RANGES")]
+    #[allow(clippy::cast_possible_truncation, reason = "I < MAX_PORT_RANGES = 8")]
+    fn slot_lists<const I: usize>(&self, port: u16) -> bool {
+        let range = self.port_ranges[I];
+        (I as u32) < self.port_range_count && port >= range.first && port <= range.last
+    }
+
+    /// Whether `port` falls in one of the listed ranges. Unrolled by hand,
+    /// each range at a constant offset: as a loop, the compiler steps a
+    /// pointer past the array's end, and without CAP_PERFMON the verifier
+    /// refuses map-value pointer arithmetic out of range even when nothing
+    /// is read there (kernels before 7.x).
+    #[inline(always)]
     fn lists_port(&self, port: u16) -> bool {
-        let mut i = 0;
-        // Bounded by the array length, so the verifier sees a finite loop.
-        while i < MAX_PORT_RANGES {
-            if i as u32 >= self.port_range_count {
-                return false;
-            }
-            let range = self.port_ranges[i];
-            if port >= range.first && port <= range.last {
-                return true;
-            }
-            i += 1;
-        }
-        false
+        const _: () = assert!(MAX_PORT_RANGES == 8, "lists_port checks exactly 8 slots");
+        self.slot_lists::<0>(port)
+            || self.slot_lists::<1>(port)
+            || self.slot_lists::<2>(port)
+            || self.slot_lists::<3>(port)
+            || self.slot_lists::<4>(port)
+            || self.slot_lists::<5>(port)
+            || self.slot_lists::<6>(port)
+            || self.slot_lists::<7>(port)
+    }
+
+    /// Whether some traffic is refused by this rule (it is no carve-out).
+    #[inline(always)]
+    pub fn may_deny(&self) -> bool {
+        self.action == ACTION_DENY
     }
 
     /// Whether traffic of `protocol` (a `PROTO_*` class) to `port` is refused
     /// by this rule. What cannot be read is refused (fail closed).
     #[inline(always)]
     pub fn denies(&self, protocol: u32, port: PortInfo) -> bool {
-        if self.action != ACTION_DENY || self.protocols & protocol == 0 {
+        if !self.may_deny() || self.protocols & protocol == 0 {
             return false;
         }
         match (self.port_scope, port) {

@@ -17,7 +17,7 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext},
 };
 use enforcer_common::{
-    AddrBytes, DestRule, PortInfo, ipv6_from_words,
+    AddrWords, DestRule, PortInfo,
     rule::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, protocol_class},
 };
 
@@ -30,17 +30,35 @@ const REFUSE: i32 = 0;
 
 /// What an attempt is: where to, which protocol class and port.
 struct Attempt {
-    destination: AddrBytes,
+    destination: AddrWords,
     protocol: u32,
     port: PortInfo,
 }
 
-/// Decides for a destination that has a rule: traffic the rule does not
-/// deny and allowed cgroups pass; the others are counted, reported and
-/// refused (or passed in audit mode).
+/// Decides for a destination that has a rule: carve-outs and allowed
+/// cgroups pass, then traffic the rule does not deny; the rest is counted,
+/// reported and refused (or passed in audit mode).
+///
+/// The cgroup walk comes before `attempt` reads the transport header: the
+/// verifier then walks the ancestor loop once per path into it rather than
+/// once per parse path, which kernels before 7.x, without CAP_PERFMON and
+/// so exploring speculative branches too, give up on ("the sequence of 8193
+/// jumps is too complex"). Allowed cgroups also skip the parse.
 #[inline(always)]
-fn judge(rule: &DestRule, attempt: &Attempt, subject: Subject, hook: Hook) -> i32 {
-    if !rule.denies(attempt.protocol, attempt.port) || maps::cgroup_is_allowed(&subject) {
+fn judge(
+    rule: &DestRule,
+    subject: Subject,
+    hook: Hook,
+    attempt: impl FnOnce() -> Result<Attempt, c_long>,
+) -> i32 {
+    if !rule.may_deny() || maps::cgroup_is_allowed(&subject) {
+        return ALLOW;
+    }
+    // A packet whose header cannot be read has no transport to deny.
+    let Ok(attempt) = attempt() else {
+        return ALLOW;
+    };
+    if !rule.denies(attempt.protocol, attempt.port) {
         return ALLOW;
     }
     let cgroup_id = subject.leaf_cgroup_id();
@@ -49,13 +67,7 @@ fn judge(rule: &DestRule, attempt: &Attempt, subject: Subject, hook: Hook) -> i3
         PortInfo::Known(port) => port,
         PortInfo::NotApplicable | PortInfo::Unknown => 0,
     };
-    maps::send_event(
-        cgroup_id,
-        &attempt.destination,
-        port,
-        attempt.protocol,
-        hook,
-    );
+    maps::send_event(cgroup_id, attempt.destination, port, attempt.protocol, hook);
     if maps::audit_mode() { ALLOW } else { REFUSE }
 }
 
@@ -67,22 +79,18 @@ pub fn imds_guard_egress(ctx: SkBuffContext) -> i32 {
 
 fn try_imds_guard_egress(ctx: &SkBuffContext) -> Result<i32, c_long> {
     let destination = packet::read_destination(ctx)?;
-    let Some(rule) = maps::rule_for(&destination) else {
+    let Some(rule) = maps::rule_for(destination) else {
         return Ok(ALLOW);
     };
-    let header = packet::read_ip_header(ctx)?;
-    let (protocol, port) = packet::transport(ctx, &header);
-    let attempt = Attempt {
-        destination,
-        protocol,
-        port,
-    };
-    Ok(judge(
-        rule,
-        &attempt,
-        Subject::Skb(ctx.skb.skb),
-        Hook::Egress,
-    ))
+    Ok(judge(rule, Subject::Skb(ctx.skb.skb), Hook::Egress, || {
+        let header = packet::read_ip_header(ctx)?;
+        let (protocol, port) = packet::transport(ctx, &header);
+        Ok(Attempt {
+            destination,
+            protocol,
+            port,
+        })
+    }))
 }
 
 impl Attempt {
@@ -94,9 +102,9 @@ impl Attempt {
         let destination = if ipv6 {
             // `::ffff:a.b.c.d` already has the trie's IPv4-mapped form, so a
             // mapped destination meets the IPv4 rules with no extra step.
-            ipv6_from_words(addr.user_ip6)
+            AddrWords::from_user_ip6(addr.user_ip6)
         } else {
-            crate::stores::ipv4_mapped(addr.user_ip4.to_ne_bytes())
+            AddrWords::ipv4_mapped(addr.user_ip4.to_ne_bytes())
         };
         // user_port holds the port in network byte order in its low 16 bits.
         let port_number = u16::from_be(addr.user_port as u16);
@@ -120,9 +128,9 @@ impl Attempt {
 #[inline(always)]
 fn try_sock_addr(ctx: &SockAddrContext, ipv6: bool, hook: Hook) -> i32 {
     let attempt = Attempt::from_sock_addr(ctx, ipv6);
-    match maps::rule_for(&attempt.destination) {
+    match maps::rule_for(attempt.destination) {
         None => ALLOW,
-        Some(rule) => judge(rule, &attempt, Subject::Current, hook),
+        Some(rule) => judge(rule, Subject::Current, hook, || Ok(attempt)),
     }
 }
 

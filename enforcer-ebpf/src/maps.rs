@@ -12,10 +12,10 @@ use aya_ebpf::{
     },
 };
 use enforcer_common::{
-    AddrBytes, AllowEntry, BUCKET_WORDS, BlockCounters, BlockEvent, DestRule, EVENT_RING_BYTES,
-    EVENTS_PER_CGROUP_PER_SECOND, EventWindow, HOOK_CONNECT, HOOK_EGRESS, HOOK_SENDMSG,
-    MAX_ALLOWED_CGROUPS, MAX_CGROUP_DEPTH, MAX_COUNTED_CGROUPS, MAX_DEST_RULES, MODE_AUDIT,
-    MODE_ENFORCE, VERDICT_AUDITED, VERDICT_REFUSED,
+    AddrBytes, AddrWords, AllowEntry, BUCKET_WORDS, BlockCounters, BlockEvent, DestRule,
+    EVENT_RING_BYTES, EVENTS_PER_CGROUP_PER_SECOND, EventWindow, HOOK_CONNECT, HOOK_EGRESS,
+    HOOK_SENDMSG, MAX_ALLOWED_CGROUPS, MAX_CGROUP_DEPTH, MAX_COUNTED_CGROUPS, MAX_DEST_RULES,
+    MODE_AUDIT, MODE_ENFORCE, VERDICT_AUDITED, VERDICT_REFUSED,
 };
 
 // The statics' names are the map names in `enforcer_common::names`.
@@ -68,14 +68,19 @@ pub fn audit_mode() -> bool {
 /// The rule of the longest prefix containing `destination`, if any. A
 /// destination in a bucket no deny rule touches has none that can refuse it.
 #[inline(always)]
-pub fn rule_for(destination: &AddrBytes) -> Option<&'static DestRule> {
-    let bucket = enforcer_common::bucket(destination);
+pub fn rule_for(destination: AddrWords) -> Option<&'static DestRule> {
+    let bucket = destination.bucket();
     // A missing word cannot happen (the array is fixed); treat it as set.
     let word = DEST_BUCKETS.get(bucket / 64).copied().unwrap_or(u64::MAX);
     if word & (1 << (bucket % 64)) == 0 {
         return None;
     }
-    DEST_RULES.get(Key::new(128, *destination))
+    // The key as three whole-word stores, not a packed struct filled piece
+    // by piece (see AddrWords).
+    let key = destination.trie_key(128);
+    // SAFETY: `Key<AddrBytes>` is packed, 20 bytes; the words hold exactly
+    // its bytes and 4 more.
+    DEST_RULES.get(unsafe { &*key.as_ptr().cast::<Key<AddrBytes>>() })
 }
 
 /// Which hook counted an attempt.
@@ -180,7 +185,7 @@ fn within_rate(cgroup_id: u64, now_ns: u64) -> bool {
             window.start_ns = now_ns;
             window.sent = 0;
         }
-        if window.sent >= EVENTS_PER_CGROUP_PER_SECOND {
+        if window.sent >= u64::from(EVENTS_PER_CGROUP_PER_SECOND) {
             return false;
         }
         window.sent += 1;
@@ -189,7 +194,6 @@ fn within_rate(cgroup_id: u64, now_ns: u64) -> bool {
     let first = EventWindow {
         start_ns: now_ns,
         sent: 1,
-        _pad: 0,
     };
     let _ = EVENT_WINDOWS.insert(cgroup_id, first, 0);
     true
@@ -206,7 +210,7 @@ fn count_dropped_event() {
 /// cgroup is over its rate or the ring is full: then it is only counted.
 /// Never waits: the packet path does not slow down when the daemon lags.
 #[inline(always)]
-pub fn send_event(cgroup_id: u64, destination: &AddrBytes, port: u16, protocol: u32, hook: Hook) {
+pub fn send_event(cgroup_id: u64, destination: AddrWords, port: u16, protocol: u32, hook: Hook) {
     // SAFETY: a helper without arguments.
     let now_ns = unsafe { bpf_ktime_get_ns() };
     if !within_rate(cgroup_id, now_ns) {
@@ -222,14 +226,24 @@ pub fn send_event(cgroup_id: u64, destination: &AddrBytes, port: u16, protocol: 
     } else {
         VERDICT_REFUSED
     };
-    entry.write(BlockEvent::new(
-        cgroup_id,
-        now_ns,
-        *destination,
-        port,
-        protocol as u8,
-        hook.code(),
-        verdict,
-    ));
+    let event = entry.as_mut_ptr();
+    // Field by field into the ring's memory: a whole event built on the
+    // stack first would be stored there in pieces of every width. Every
+    // byte is written, padding included, so nothing stale reaches the daemon.
+    // SAFETY: `event` is a reserved, 8-byte aligned BlockEvent; the two
+    // address words are its `destination` bytes, at an 8-byte offset.
+    unsafe {
+        (&raw mut (*event).cgroup_id).write(cgroup_id);
+        (&raw mut (*event).timestamp_ns).write(now_ns);
+        let words = (&raw mut (*event).destination).cast::<u64>();
+        words.write(destination.hi);
+        words.add(1).write(destination.lo);
+        (&raw mut (*event).port).write(port);
+        (&raw mut (*event).protocol).write(protocol as u8);
+        (&raw mut (*event).hook).write(hook.code());
+        (&raw mut (*event).verdict).write(verdict);
+        (&raw mut (*event)._pad8).write(0);
+        (&raw mut (*event)._pad16).write(0);
+    }
     entry.submit(0);
 }

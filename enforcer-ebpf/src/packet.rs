@@ -3,7 +3,7 @@
 
 use aya_ebpf::{cty::c_long, programs::SkBuffContext};
 use enforcer_common::{
-    AddrBytes, PortInfo,
+    AddrWords, PortInfo,
     rule::{PROTO_ANY, PROTO_ICMP, PROTO_TCP, PROTO_UDP, protocol_class},
 };
 
@@ -37,13 +37,16 @@ const IPV6_DESTINATION_AT: usize = 24;
 /// that `skb->protocol` names (never the socket's family: a v4-mapped IPv6
 /// socket sends IPv4 packets). Ordinary traffic reads nothing more.
 #[inline(always)]
-pub fn read_destination(ctx: &SkBuffContext) -> Result<AddrBytes, c_long> {
+pub fn read_destination(ctx: &SkBuffContext) -> Result<AddrWords, c_long> {
     let ethertype = u16::from_be(ctx.skb.protocol() as u16);
     match ethertype {
         ETH_P_IP => ctx
             .load::<[u8; 4]>(IPV4_DESTINATION_AT)
-            .map(crate::stores::ipv4_mapped),
-        ETH_P_IPV6 => ctx.load(IPV6_DESTINATION_AT),
+            .map(AddrWords::ipv4_mapped),
+        // Loaded as two words, the bytes in memory order: AddrWords' form.
+        ETH_P_IPV6 => ctx
+            .load::<[u64; 2]>(IPV6_DESTINATION_AT)
+            .map(|[hi, lo]| AddrWords { hi, lo }),
         _ => Err(0),
     }
 }

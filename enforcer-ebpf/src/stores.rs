@@ -7,30 +7,21 @@
 //! `Default`, a struct with two zero fields) into such a `memset`, so zeros
 //! stored next to each other here come from an opaque value it cannot fold.
 //! A unit test of the daemon fails on any `memset` call left in the object.
+//! Addresses avoid the problem as whole words (`enforcer_common::AddrWords`).
 
-use enforcer_common::{AddrBytes, BlockCounters};
+use enforcer_common::BlockCounters;
 
-/// Zero, as far as the optimizer knows any value.
+/// Zero, read at run time so the optimizer cannot fold it. A read-only
+/// global, not a local: a narrow store of a local can land on a stack slot
+/// that held a spilled pointer on another path, which kernels before 7.x
+/// refuse without CAP_PERFMON ("attempt to corrupt spilled pointer").
+#[unsafe(no_mangle)]
+static OPAQUE_ZERO: u32 = 0;
+
 #[inline(always)]
 fn opaque_zero() -> u32 {
-    let zero = 0u32;
-    // SAFETY: a read of a local.
-    unsafe { core::ptr::read_volatile(&zero) }
-}
-
-/// `::ffff:a.b.c.d`, the trie form of an IPv4 address in network byte
-/// order, as four word stores.
-#[inline(always)]
-pub fn ipv4_mapped(octets: [u8; 4]) -> AddrBytes {
-    let zero = opaque_zero();
-    let words = [
-        zero,
-        zero,
-        u32::from_ne_bytes([0, 0, 0xff, 0xff]),
-        u32::from_ne_bytes(octets),
-    ];
-    // SAFETY: both are 16 plain bytes; any bit pattern is valid for either.
-    unsafe { core::mem::transmute::<[u32; 4], AddrBytes>(words) }
+    // SAFETY: a plain read of an immutable global.
+    unsafe { core::ptr::read_volatile(&OPAQUE_ZERO) }
 }
 
 /// Counters with one attempt counted in the field `pick` selects.

@@ -11,6 +11,7 @@ pub mod cgroups;
 pub mod daemon;
 pub mod hostns;
 pub mod netns;
+pub mod oci;
 pub mod pins;
 pub mod privileges;
 pub mod probe;

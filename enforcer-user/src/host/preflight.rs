@@ -118,6 +118,7 @@ mod tests {
             point: point.into(),
             fstype: fstype.to_owned(),
             options: "rw".to_owned(),
+            propagation: Vec::new(),
             super_options: options.to_owned(),
         }
     }

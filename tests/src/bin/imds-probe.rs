@@ -8,6 +8,11 @@
 //! `serve --port P... --udp-addr A...` echoes TCP lines on every address of
 //! its namespace and UDP datagrams on the given ones, and prints `ready`
 //! once bound.
+//!
+//! `mkdir [--mounts-under PREFIX] [DIR...]` tries to make a directory in
+//! each DIR and in every mount point below PREFIX (it runs inside
+//! containers, to see what they may write), removes what it made, and
+//! prints `dir=D outcome=<written|refused> [errno=E]` for each.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -70,6 +75,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..]),
+        Some("mkdir") => make_dirs(&args[1..]),
         Some(action) => match parse_target(&args[1..]) {
             Ok(target) => client(action, &target),
             Err(msg) => usage(&msg),
@@ -81,6 +87,7 @@ fn main() -> ExitCode {
 fn usage(msg: &str) -> ExitCode {
     eprintln!(
         "imds-probe: {msg}\nusage: imds-probe serve --port P... --udp-addr A...\n       imds-probe \
+         mkdir [--mounts-under PREFIX] [DIR...]\n       imds-probe \
          <tcp|udp|udp-connected|ping|raw-udp|fragments|stream|loop> ADDR PORT \
          [--timeout-ms N] [--source IPV4] [--count N] [--interval-ms N] [--duration-ms N]"
     );
@@ -248,7 +255,10 @@ fn ipv4_header(
     offset_units: u16,
 ) -> Vec<u8> {
     let flags_offset = (u16::from(more_fragments) << 13) | offset_units;
-    let id = (std::process::id() as u16 | 1).to_be_bytes();
+    // Never 0 (the kernel would pick its own id for each fragment), and
+    // distinct for consecutive processes: a fragment left queued by the
+    // previous probe must not merge with ours (pids run in sequence in a VM).
+    let id = ((std::process::id() % 0xffff) as u16 + 1).to_be_bytes();
     let mut h = vec![0x45, 0, 0, 0, id[0], id[1]];
     h.extend_from_slice(&flags_offset.to_be_bytes());
     h.extend_from_slice(&[64, 17, 0, 0]); // TTL, UDP, checksum
@@ -369,6 +379,41 @@ fn stream(target: &Target) -> ExitCode {
         }
         let _ = std::io::stdout().flush();
         std::thread::sleep(Duration::from_millis(50));
+    }
+    ExitCode::SUCCESS
+}
+
+fn make_dirs(args: &[String]) -> ExitCode {
+    let mut dirs: Vec<std::path::PathBuf> = Vec::new();
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        if arg != "--mounts-under" {
+            dirs.push(arg.into());
+            continue;
+        }
+        let Some(prefix) = rest.next() else {
+            return usage("--mounts-under needs a value");
+        };
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for mount in enforcer_common::mountinfo::parse(&mountinfo) {
+            if mount.point.starts_with(prefix)
+                && mount.point.is_dir()
+                && !dirs.contains(&mount.point)
+            {
+                dirs.push(mount.point);
+            }
+        }
+    }
+    for dir in dirs {
+        let probe = dir.join(format!("imds-probe-{}", std::process::id()));
+        let outcome = match std::fs::create_dir(&probe) {
+            Ok(()) => {
+                let _ = std::fs::remove_dir(&probe);
+                "outcome=written".to_owned()
+            }
+            Err(err) => format!("outcome=refused errno={}", errno_name(&err)),
+        };
+        println!("dir={} {outcome}", dir.display());
     }
     ExitCode::SUCCESS
 }
