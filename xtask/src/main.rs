@@ -4,6 +4,7 @@ mod bench;
 mod demo;
 mod image;
 mod interrupt;
+mod kernels;
 mod kind;
 mod setup;
 mod test;
@@ -46,6 +47,9 @@ enum Task {
     KindE2e,
     /// The same checks on a single-node k3s cluster in a Vagrant VM.
     VagrantE2e,
+    /// Setup, then the traffic tests on Debian's kernels under qemu, as root
+    /// and with the DaemonSet's privileges (table in target/kernels/matrix.txt).
+    Kernels,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -64,6 +68,7 @@ fn main() -> anyhow::Result<()> {
         Task::Image => image::run(&root),
         Task::KindE2e => kind::run(&root),
         Task::VagrantE2e => vagrant::run(&root),
+        Task::Kernels => kernels::run(&root),
     }
 }
 

@@ -21,7 +21,11 @@ pub fn run(_root: &Path) -> anyhow::Result<()> {
     check_tool("ip", &["-V"], "iproute2")?;
     // The benchmark reads each program's run time and run count with it.
     check_tool("bpftool", &["version"], "bpftool")?;
+    // tests/tests/container.rs runs the daemon's container with both.
+    check_tool("crun", &["--version"], "crun")?;
+    check_tool("runc", &["--version"], "runc")?;
     ensure_kubernetes_validate()?;
+    kernel_matrix_tools()?;
     println!("setup: done");
     Ok(())
 }
@@ -37,14 +41,22 @@ pub fn toolchain() -> anyhow::Result<()> {
 
 /// Output of a command, or an error naming it.
 pub(crate) fn output(program: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(program)
-        .args(args)
+    output_of(Command::new(program).args(args))
+}
+
+/// Output of a prepared command (its directory set, say), or an error naming it.
+pub(crate) fn output_of(command: &mut Command) -> anyhow::Result<String> {
+    let shown = std::iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = command
         .output()
-        .with_context(|| format!("running `{program} {}`", args.join(" ")))?;
+        .with_context(|| format!("running `{shown}`"))?;
     if !out.status.success() {
         bail!(
-            "`{program} {}` failed: {}",
-            args.join(" "),
+            "`{shown}` failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
@@ -184,6 +196,17 @@ fn ensure_bpffs() -> anyhow::Result<()> {
     std::fs::create_dir_all("/sys/fs/bpf")?;
     output("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"])?;
     Ok(())
+}
+
+/// What `cargo xtask kernels` builds and boots guests with.
+fn kernel_matrix_tools() -> anyhow::Result<()> {
+    check_tool("qemu-system-x86_64", &["--version"], "qemu-system-x86")?;
+    check_tool("debootstrap", &["--version"], "debootstrap")?;
+    check_tool("cpio", &["--version"], "cpio")?;
+    // depmod: which modules the guest's need, and their index.
+    check_tool("depmod", &["--version"], "kmod")?;
+    // strip: the guest's binaries without their debug information.
+    check_tool("strip", &["--version"], "binutils")
 }
 
 /// kubernetes-validate (PyPI): tests/tests/manifests.rs checks the rendered

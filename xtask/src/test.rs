@@ -4,7 +4,7 @@ use std::{path::Path, time::Instant};
 
 use anyhow::bail;
 
-use crate::{build_binaries, cargo, in_ci, is_root, run_in, setup};
+use crate::{build_binaries, cargo, in_ci, is_root, kernels, run_in, setup};
 
 /// Formatting and clippy, in two passes: the workspace without the eBPF
 /// crate, then the eBPF crate alone for its own target (built together,
@@ -96,6 +96,8 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
             ("IMDS_GUARD_VARIANT_BIN_DIR", &variant_dir.to_string_lossy()),
         ],
     )?;
+    // The same traffic tests on the kernels nodes run, under qemu.
+    kernels::matrix(root)?;
     println!("test: everything passed in {:.0?}", started.elapsed());
     Ok(())
 }

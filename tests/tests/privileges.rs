@@ -1,0 +1,104 @@
+//! The daemon started with exactly the DaemonSet's privileges (CAP_BPF and
+//! CAP_NET_ADMIN, no_new_privs, a 64 KiB RLIMIT_MEMLOCK), whatever the test
+//! run's are: from kernel 5.11 it enforces. Before 5.11 the kernel charges
+//! BPF maps to RLIMIT_MEMLOCK, which the daemon cannot raise without
+//! CAP_SYS_RESOURCE: it must refuse to start, name the limit and its need,
+//! and leave no map or program behind, however often it is restarted (a
+//! crash-looping DaemonSet). The kernel-5.10 overlay is the documented answer
+//! there; `cargo xtask kernels` runs the traffic tests with it.
+//!
+//! One test in this file: it compares every BPF object the kernel holds, so
+//! nothing else may load in parallel (in the matrix's guests nothing does).
+
+use std::{collections::BTreeSet, time::Duration};
+
+use imds_guard_tests::{
+    Daemon, Outcome, addrs,
+    daemon::ENFORCING,
+    privileges::Privileges,
+    stage::{HTTP, Stage, World, case, eperm},
+};
+
+/// The first kernel that charges BPF maps to memory cgroups instead.
+const FIRST_MEMCG_KERNEL: (u32, u32) = (5, 11);
+
+/// Refused starts in a row, as a crash loop makes them.
+const REFUSED_STARTS: usize = 3;
+
+/// Under TCG (the kernel matrix) the verifier alone can take many seconds;
+/// a slow start is not what this test is about.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// (major, minor) of the running kernel.
+fn kernel_version() -> (u32, u32) {
+    let uname = nix::sys::utsname::uname().expect("uname");
+    let release = uname.release().to_string_lossy().into_owned();
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().expect("a kernel version number"));
+    let major = numbers.next().expect("major version");
+    let minor = numbers.next().expect("minor version");
+    (major, minor)
+}
+
+/// The ids of every BPF map and program loaded, kernel-wide.
+fn bpf_objects() -> (BTreeSet<u32>, BTreeSet<u32>) {
+    let maps = aya::maps::loaded_maps()
+        .map(|m| m.expect("listing BPF maps").id())
+        .collect();
+    let programs = aya::programs::loaded_programs()
+        .map(|p| p.expect("listing BPF programs").id())
+        .collect();
+    (maps, programs)
+}
+
+#[test]
+fn daemonset_privileges_enforce_or_refuse_naming_memlock_leaving_nothing() {
+    let stage = Stage::set_up();
+    let daemonset = Privileges::daemonset();
+    let kernel = kernel_version();
+    let args = stage.daemon_args(&["--allow", "{allowed}"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    if kernel >= FIRST_MEMCG_KERNEL {
+        let mut daemon = Daemon::spawn_with(&daemonset, &args).expect("spawn imds-guard");
+        if let Err(err) = daemon.wait_for_log(ENFORCING, START_TIMEOUT) {
+            panic!(
+                "with the DaemonSet's privileges on kernel {kernel:?} imds-guard must start: {err}"
+            );
+        }
+        let world = World { daemon, stage };
+        let tcp = case("tcp", addrs::METADATA_V4, HTTP);
+        assert_eq!(world.attempt(&world.blocked, &tcp).outcome, eperm());
+        assert_eq!(
+            world.attempt(&world.allowed, &tcp).outcome,
+            Outcome::Reached
+        );
+        return;
+    }
+    let before = bpf_objects();
+    for attempt in 1..=REFUSED_STARTS {
+        let mut daemon = Daemon::spawn_with(&daemonset, &args).expect("spawn imds-guard");
+        let status = daemon
+            .wait_exit(START_TIMEOUT)
+            .expect("a refused start ends");
+        let log = daemon.log();
+        assert!(
+            !status.success(),
+            "start {attempt} on kernel {kernel:?} must be refused:\n{log}"
+        );
+        assert!(
+            log.contains("RLIMIT_MEMLOCK") && log.contains("MiB"),
+            "start {attempt}: the error must name RLIMIT_MEMLOCK and the need in MiB:\n{log}"
+        );
+        assert_eq!(
+            bpf_objects(),
+            before,
+            "start {attempt} left BPF maps or programs behind:\n{log}"
+        );
+        assert!(
+            !stage.pins.path().exists(),
+            "start {attempt} left pins: {:?}",
+            stage.pins.generations()
+        );
+    }
+}
