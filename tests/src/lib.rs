@@ -15,6 +15,7 @@ pub mod oci;
 pub mod pins;
 pub mod privileges;
 pub mod probe;
+pub mod refusal;
 pub mod stage;
 
 use std::path::PathBuf;
