@@ -87,6 +87,13 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     let bin_dir = build_release(root)?;
     // SAFETY: still single-threaded; the harness reads this to find the binaries.
     unsafe { std::env::set_var("IMDS_GUARD_BIN_DIR", &bin_dir) };
+    // The daemons run as root here, not with the DaemonSet's grant: the
+    // per-program rows find the programs by name, and without CAP_PERFMON
+    // aya loads them nameless (its name probe is a tracepoint program).
+    if std::env::var_os("IMDS_GUARD_TEST_CAPS").is_none() {
+        // SAFETY: still single-threaded.
+        unsafe { std::env::set_var("IMDS_GUARD_TEST_CAPS", "all") };
+    }
     catch_interrupts()?;
 
     let started = Instant::now();
