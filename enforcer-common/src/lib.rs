@@ -284,14 +284,22 @@ impl AddrWords {
     }
 }
 
-/// Value of the allow map. The key alone is the information; the value keeps
-/// room for a generation number used when reconciling.
+/// Value of the allow map: what a cgroup's subtree may do with a denied
+/// destination. The nearest listed ancestor decides.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AllowEntry {
     pub generation: u32,
-    pub _pad: u32,
+    /// [`ACCESS_ALLOW`] or [`ACCESS_AUDIT`]. Zero is allow, so entries of
+    /// generations that predate audit entries read as they were written.
+    pub access: u32,
 }
+
+/// The cgroup reaches denied destinations unreported.
+pub const ACCESS_ALLOW: u32 = 0;
+/// The cgroup's attempts are reported as audited and let through, whatever
+/// the load-time mode (a namespace in audit mode).
+pub const ACCESS_AUDIT: u32 = 1;
 
 /// Attempts to reach a denied destination from one cgroup, by hook. In audit
 /// mode they count attempts that were let through.
@@ -320,7 +328,7 @@ assert_layout!(BlockEvent, 40, {
     hook: 35, verdict: 36, _pad8: 37, _pad16: 38,
 });
 assert_layout!(EventWindow, 16, { start_ns: 0, sent: 8 });
-assert_layout!(AllowEntry, 8, { generation: 0, _pad: 4 });
+assert_layout!(AllowEntry, 8, { generation: 0, access: 4 });
 assert_layout!(BlockCounters, 24, { connect: 0, sendmsg: 8, egress: 16 });
 assert_layout!(PortRange, 4, { first: 0, last: 2 });
 assert_layout!(DestRule, 48, {

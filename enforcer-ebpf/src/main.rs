@@ -17,7 +17,7 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext},
 };
 use enforcer_common::{
-    AddrWords, DestRule, PortInfo,
+    ACCESS_ALLOW, ACCESS_AUDIT, AddrWords, DestRule, PortInfo,
     rule::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, protocol_class},
 };
 
@@ -37,7 +37,8 @@ struct Attempt {
 
 /// Decides for a destination that has a rule: carve-outs and allowed
 /// cgroups pass, then traffic the rule does not deny; the rest is counted,
-/// reported and refused (or passed in audit mode).
+/// reported and refused (or passed in audit mode, or from a cgroup listed
+/// for audit).
 ///
 /// The cgroup walk comes before `attempt` reads the transport header: the
 /// verifier then walks the ancestor loop once per path into it rather than
@@ -51,7 +52,11 @@ fn judge(
     hook: Hook,
     attempt: impl FnOnce() -> Result<Attempt, c_long>,
 ) -> i32 {
-    if !rule.may_deny() || maps::cgroup_is_allowed(&subject) {
+    if !rule.may_deny() {
+        return ALLOW;
+    }
+    let access = maps::cgroup_access(&subject);
+    if access == ACCESS_ALLOW {
         return ALLOW;
     }
     // A packet whose header cannot be read has no transport to deny.
@@ -67,8 +72,16 @@ fn judge(
         PortInfo::Known(port) => port,
         PortInfo::NotApplicable | PortInfo::Unknown => 0,
     };
-    maps::send_event(cgroup_id, attempt.destination, port, attempt.protocol, hook);
-    if maps::audit_mode() { ALLOW } else { REFUSE }
+    let audited = maps::audit_mode() || access == ACCESS_AUDIT;
+    maps::send_event(
+        cgroup_id,
+        attempt.destination,
+        port,
+        attempt.protocol,
+        hook,
+        audited,
+    );
+    if audited { ALLOW } else { REFUSE }
 }
 
 #[cgroup_skb(egress)]

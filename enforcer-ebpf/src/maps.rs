@@ -142,23 +142,29 @@ impl Subject {
     }
 }
 
-/// Whether the subject's cgroup or one of its ancestors is allowlisted, so a
-/// pod's entry covers its containers.
+/// What the nearest listed ancestor of the subject's cgroup (itself
+/// included) may do, so a pod's entry covers its containers:
+/// [`enforcer_common::ACCESS_ALLOW`], [`enforcer_common::ACCESS_AUDIT`], or
+/// [`UNLISTED`].
 #[inline(always)]
-pub fn cgroup_is_allowed(subject: &Subject) -> bool {
+pub fn cgroup_access(subject: &Subject) -> u32 {
     let mut level = 0;
     while level < MAX_CGROUP_DEPTH {
         let id = subject.ancestor_cgroup_id(level);
         if id == 0 {
-            return false;
+            return UNLISTED;
         }
-        if ALLOWED_CGROUPS.get_ptr(id).is_some() {
-            return true;
+        if let Some(entry) = ALLOWED_CGROUPS.get_ptr(id) {
+            // SAFETY: a live map value.
+            return unsafe { (*entry).access };
         }
         level += 1;
     }
-    false
+    UNLISTED
 }
+
+/// No ancestor is listed: the load-time mode decides.
+pub const UNLISTED: u32 = u32::MAX;
 
 /// Counts one refused (or, in audit mode, audited) attempt from `cgroup_id`.
 #[inline(always)]
@@ -210,7 +216,14 @@ fn count_dropped_event() {
 /// cgroup is over its rate or the ring is full: then it is only counted.
 /// Never waits: the packet path does not slow down when the daemon lags.
 #[inline(always)]
-pub fn send_event(cgroup_id: u64, destination: AddrWords, port: u16, protocol: u32, hook: Hook) {
+pub fn send_event(
+    cgroup_id: u64,
+    destination: AddrWords,
+    port: u16,
+    protocol: u32,
+    hook: Hook,
+    audited: bool,
+) {
     // SAFETY: a helper without arguments.
     let now_ns = unsafe { bpf_ktime_get_ns() };
     if !within_rate(cgroup_id, now_ns) {
@@ -221,7 +234,7 @@ pub fn send_event(cgroup_id: u64, destination: AddrWords, port: u16, protocol: u
         count_dropped_event();
         return;
     };
-    let verdict = if audit_mode() {
+    let verdict = if audited {
         VERDICT_AUDITED
     } else {
         VERDICT_REFUSED

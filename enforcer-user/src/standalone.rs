@@ -10,7 +10,7 @@ use std::{
 
 use crate::{
     app::{Daemon, DaemonMode, Target},
-    bpf::owner::EnforcerError,
+    bpf::{maps, owner::EnforcerError},
     config::{Settings, Standalone},
     host::cgroup::{CgroupDir, CgroupError},
 };
@@ -96,7 +96,7 @@ impl DaemonMode for StandaloneMode {
     ) -> Result<(StandaloneMode, Target), StandaloneError> {
         let target = Target {
             cgroup: CgroupDir::open(&settings.mode.cgroup, cgroup_root)?,
-            allowed: Some(allowed_ids(&settings.mode, cgroup_root)?),
+            allowed: Some(maps::all_allowed(allowed_ids(&settings.mode, cgroup_root)?)),
         };
         let mode = StandaloneMode {
             mount: cgroup_root.to_path_buf(),
@@ -128,7 +128,10 @@ impl DaemonMode for StandaloneMode {
         daemon: &Daemon,
     ) -> Result<Option<usize>, StandaloneError> {
         let count = allowed.len();
-        daemon.handle.set_allowed(allowed).await?;
+        daemon
+            .handle
+            .set_allowed(maps::all_allowed(allowed))
+            .await?;
         Ok(Some(count))
     }
 }

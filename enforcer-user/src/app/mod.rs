@@ -5,7 +5,6 @@
 //! joins every task. A mode ([`DaemonMode`]) supplies only what differs.
 
 use std::{
-    collections::BTreeSet,
     future::Future,
     path::{Path, PathBuf},
     sync::Arc,
@@ -20,6 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     bpf::{
+        maps::{Access, CgroupAccess},
         owner::{Enforcer, EnforcerError, EnforcerHandle, StartSettings, Started},
         pins::PinRoot,
     },
@@ -70,9 +70,9 @@ pub enum AppError {
 pub struct Target {
     /// The cgroup whose subtree loses metadata access.
     pub cgroup: CgroupDir,
-    /// The cgroups to allow from the start; `None` keeps what the pinned
+    /// The cgroups listed from the start; `None` keeps what the pinned
     /// state holds (Kubernetes mode, until its first full list).
-    pub allowed: Option<BTreeSet<u64>>,
+    pub allowed: Option<CgroupAccess>,
 }
 
 /// What the shared reporting needs of a mode.
@@ -385,9 +385,15 @@ async fn refresh_metrics_once(health: &Health, metrics: &Metrics) {
         .set(metrics::gauge_count(health.programs_attached()));
     match health.handle.snapshot().await {
         Ok(snapshot) => {
+            let audited = snapshot
+                .allowed
+                .values()
+                .filter(|a| **a == Access::Audit)
+                .count();
             metrics
                 .allowlisted
-                .set(metrics::gauge_count(snapshot.allowed.len()));
+                .set(metrics::gauge_count(snapshot.allowed.len() - audited));
+            metrics.audited.set(metrics::gauge_count(audited));
             metrics.set_events_dropped(snapshot.events_dropped);
         }
         Err(err) => warn!("cannot read the enforcer's state: {err}"),

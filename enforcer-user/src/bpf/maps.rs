@@ -1,7 +1,7 @@
 //! Typed access to the maps, whether just loaded or opened from their pins.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     path::{Path, PathBuf},
 };
 
@@ -13,7 +13,8 @@ use aya::{
     },
 };
 use enforcer_common::{
-    AddrBytes, AllowEntry, BUCKET_WORDS, BlockCounters, BlockEvent, DestRule, names,
+    ACCESS_ALLOW, ACCESS_AUDIT, AddrBytes, AllowEntry, BUCKET_WORDS, BlockCounters, BlockEvent,
+    DestRule, names,
 };
 
 use super::BpfError;
@@ -121,7 +122,42 @@ impl DestRulesMap {
     }
 }
 
-/// The allowlisted cgroup ids.
+/// What a listed cgroup's subtree may do with a denied destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Access {
+    /// Reaches it, unreported.
+    Allow,
+    /// Reaches it, reported as audited (a namespace in audit mode).
+    Audit,
+}
+
+impl Access {
+    fn code(self) -> u32 {
+        match self {
+            Access::Allow => ACCESS_ALLOW,
+            Access::Audit => ACCESS_AUDIT,
+        }
+    }
+
+    /// `None` for a code no build writes; the kernel enforces on it.
+    fn from_code(code: u32) -> Option<Access> {
+        match code {
+            ACCESS_ALLOW => Some(Access::Allow),
+            ACCESS_AUDIT => Some(Access::Audit),
+            _ => None,
+        }
+    }
+}
+
+/// The listed cgroups, by id.
+pub type CgroupAccess = BTreeMap<u64, Access>;
+
+/// Every cgroup in `ids` allowed.
+pub fn all_allowed(ids: impl IntoIterator<Item = u64>) -> CgroupAccess {
+    ids.into_iter().map(|id| (id, Access::Allow)).collect()
+}
+
+/// The listed cgroups: allowed, or audited.
 pub struct AllowMap(HashMap<MapData, u64, AllowEntry>);
 
 impl AllowMap {
@@ -133,22 +169,35 @@ impl AllowMap {
         open_pinned(path, names::ALLOWED_CGROUPS).map(Self)
     }
 
-    pub fn ids(&self) -> Result<BTreeSet<u64>, BpfError> {
-        self.0
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(names::ALLOWED_CGROUPS))
+    /// The entries the map holds; one with a code no build writes is left
+    /// out, so [`AllowMap::sync`] rewrites it.
+    pub fn entries(&self) -> Result<CgroupAccess, BpfError> {
+        let mut entries = CgroupAccess::new();
+        for item in &self.0 {
+            let (id, entry) = item.map_err(map_err(names::ALLOWED_CGROUPS))?;
+            if let Some(access) = Access::from_code(entry.access) {
+                entries.insert(id, access);
+            }
+        }
+        Ok(entries)
     }
 
     /// Makes the map hold exactly `wanted`, by difference: entries that stay
-    /// are never removed, not even for an instant.
-    pub fn sync(&mut self, wanted: &BTreeSet<u64>) -> Result<(), BpfError> {
+    /// are never removed, not even for an instant, and a changed one is
+    /// overwritten in place.
+    pub fn sync(&mut self, wanted: &CgroupAccess) -> Result<(), BpfError> {
         let err = map_err(names::ALLOWED_CGROUPS);
-        let present = self.ids()?;
-        for id in wanted.difference(&present) {
-            self.0.insert(id, AllowEntry::default(), 0).map_err(&err)?;
+        let present = self.entries()?;
+        for (&id, &access) in wanted {
+            if present.get(&id) != Some(&access) {
+                let entry = AllowEntry {
+                    access: access.code(),
+                    ..AllowEntry::default()
+                };
+                self.0.insert(id, entry, 0).map_err(&err)?;
+            }
         }
-        for id in present.difference(wanted) {
+        for id in present.keys().filter(|id| !wanted.contains_key(id)) {
             self.0.remove(id).map_err(&err)?;
         }
         Ok(())

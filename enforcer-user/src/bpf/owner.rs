@@ -1,14 +1,14 @@
 //! The one task that owns the loaded programs and writes their maps. Other
 //! tasks send it requests through an [`EnforcerHandle`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use enforcer_common::{BlockCounters, names};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
     BpfError, loader,
-    maps::{AllowMap, CountersMap, DestRulesMap, DroppedEvents, EventRing},
+    maps::{AllowMap, CgroupAccess, CountersMap, DestRulesMap, DroppedEvents, EventRing},
     pins::{self, GenerationKey, PinError, PinRoot, StartPlan},
 };
 use crate::{
@@ -39,14 +39,14 @@ pub struct Enforcer {
 /// The enforcer's state, for metrics, health and status.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
-    pub allowed: BTreeSet<u64>,
+    pub allowed: CgroupAccess,
     pub counters: BTreeMap<u64, BlockCounters>,
     pub events_dropped: u64,
 }
 
 enum Request {
     SetAllowed {
-        ids: BTreeSet<u64>,
+        entries: CgroupAccess,
         reply: oneshot::Sender<Result<(), BpfError>>,
     },
     SetRules {
@@ -90,7 +90,7 @@ pub struct StartSettings<'a> {
     pub cgroup: &'a CgroupDir,
     /// The cgroups to allow, when known at start; `None` keeps what the
     /// pinned state had (Kubernetes mode, before the first list).
-    pub allowed: Option<&'a BTreeSet<u64>>,
+    pub allowed: Option<&'a CgroupAccess>,
 }
 
 impl Enforcer {
@@ -194,7 +194,7 @@ impl Enforcer {
         enforcer.rules.sync(settings.rules)?;
         if let Some(old) = carry_from {
             let old = Enforcer::open(pins, old)?;
-            enforcer.allowed.sync(&old.allowed.ids()?)?;
+            enforcer.allowed.sync(&old.allowed.entries()?)?;
             enforcer.counters.add(&old.counters.read()?)?;
         }
         if let Some(allowed) = settings.allowed {
@@ -212,7 +212,7 @@ impl Enforcer {
 
     fn snapshot(&self) -> Result<Snapshot, BpfError> {
         Ok(Snapshot {
-            allowed: self.allowed.ids()?,
+            allowed: self.allowed.entries()?,
             counters: self.counters.read()?,
             events_dropped: self.dropped.total()?,
         })
@@ -230,8 +230,8 @@ impl Enforcer {
         while let Some(request) = requests.recv().await {
             // A closed reply channel means the asker gave up; nothing to do.
             match request {
-                Request::SetAllowed { ids, reply } => {
-                    let _ = reply.send(self.allowed.sync(&ids));
+                Request::SetAllowed { entries, reply } => {
+                    let _ = reply.send(self.allowed.sync(&entries));
                 }
                 Request::SetRules { rules, reply } => {
                     let _ = reply.send(self.rules.sync(&rules));
@@ -262,9 +262,10 @@ impl EnforcerHandle {
         Ok(answer.await.map_err(|_| EnforcerError::Stopped)??)
     }
 
-    /// Makes the allow map hold exactly `ids`.
-    pub async fn set_allowed(&self, ids: BTreeSet<u64>) -> Result<(), EnforcerError> {
-        self.ask(|reply| Request::SetAllowed { ids, reply }).await
+    /// Makes the allow map hold exactly `entries`.
+    pub async fn set_allowed(&self, entries: CgroupAccess) -> Result<(), EnforcerError> {
+        self.ask(|reply| Request::SetAllowed { entries, reply })
+            .await
     }
 
     /// Makes the rule trie hold exactly `rules`.

@@ -14,12 +14,20 @@ pub struct LabelPolicy {
     pub namespace_allow_value: String,
     /// Namespaces permitted regardless of their labels.
     pub allow_namespaces: BTreeSet<String>,
+    /// Namespace label key whose value [`AUDIT_MODE_VALUE`] audits the
+    /// namespace's pods instead of refusing them.
+    pub mode_label_key: String,
 }
 
 pub const DEFAULT_LABEL_KEY: &str = "imds-guard.io/metadata-access";
 pub const DEFAULT_POD_ALLOW_VALUE: &str = "allow";
 pub const DEFAULT_NAMESPACE_ALLOW_VALUE: &str = "allow-pods";
 pub const DEFAULT_ALLOW_NAMESPACES: [&str; 1] = ["kube-system"];
+pub const DEFAULT_MODE_LABEL_KEY: &str = "imds-guard.io/mode";
+/// The value of the mode label that audits a namespace.
+pub const AUDIT_MODE_VALUE: &str = "audit";
+/// The node taint the daemon removes once it enforces.
+pub const DEFAULT_STARTUP_TAINT: &str = "imds-guard.io/not-ready";
 
 impl Default for LabelPolicy {
     fn default() -> Self {
@@ -31,6 +39,7 @@ impl Default for LabelPolicy {
                 .iter()
                 .map(|s| (*s).to_owned())
                 .collect(),
+            mode_label_key: DEFAULT_MODE_LABEL_KEY.to_owned(),
         }
     }
 }

@@ -187,6 +187,19 @@ pub struct KubernetesSection {
     /// Pod cgroup subtree, when not one of the known kubelet layouts.
     #[arg(long)]
     pub pod_cgroup: Option<PathBuf>,
+    /// Namespace label key whose value `audit` makes that namespace's pods
+    /// audited rather than refused (default imds-guard.io/mode).
+    #[arg(long)]
+    pub mode_label_key: Option<String>,
+    /// Kubeconfig file to reach the API server with (default: in-cluster,
+    /// or KUBECONFIG).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Key of the node taint the kubelet registers the node with and the
+    /// daemon removes once it enforces (default imds-guard.io/not-ready;
+    /// an empty value leaves taints alone).
+    #[arg(long)]
+    pub startup_taint: Option<String>,
 }
 
 /// Settings that stack: the top layer's value wins wherever it has one.
@@ -225,7 +238,8 @@ stack_fields!(Layer {
 } sections { standalone, kubernetes });
 stack_fields!(StandaloneSection { cgroup, allow, allow_file } sections {});
 stack_fields!(KubernetesSection {
-    node_name, allow_namespaces, label_key, pod_allow_value, namespace_allow_value, pod_cgroup
+    node_name, allow_namespaces, label_key, pod_allow_value, namespace_allow_value, pod_cgroup,
+    mode_label_key, kubeconfig, startup_taint
 } sections {});
 
 impl Layer {
@@ -471,6 +485,11 @@ pub struct Kubernetes {
     pub policy: LabelPolicy,
     /// The pod cgroup subtree, when not found by probing the known layouts.
     pub pod_cgroup: Option<PathBuf>,
+    /// `None`: in-cluster configuration, or KUBECONFIG.
+    pub kubeconfig: Option<PathBuf>,
+    /// The taint key to remove from this node once enforcing; `None` leaves
+    /// taints alone.
+    pub startup_taint: Option<String>,
 }
 
 impl ModeSettings for Kubernetes {
@@ -489,12 +508,25 @@ impl ModeSettings for Kubernetes {
         let namespace_allow_value = section
             .namespace_allow_value
             .unwrap_or_else(|| labels::DEFAULT_NAMESPACE_ALLOW_VALUE.to_owned());
-        if !labels::valid_label_key(&label_key) {
-            return Err(ConfigError::BadLabel {
-                field: "labelKey",
-                value: label_key,
-                what: "key",
-            });
+        let mode_label_key = section
+            .mode_label_key
+            .unwrap_or_else(|| labels::DEFAULT_MODE_LABEL_KEY.to_owned());
+        let startup_taint = section
+            .startup_taint
+            .unwrap_or_else(|| labels::DEFAULT_STARTUP_TAINT.to_owned());
+        for (field, key) in [
+            ("labelKey", &label_key),
+            ("modeLabelKey", &mode_label_key),
+            ("startupTaint", &startup_taint),
+        ] {
+            let may_be_empty = field == "startupTaint";
+            if !(labels::valid_label_key(key) || may_be_empty && key.is_empty()) {
+                return Err(ConfigError::BadLabel {
+                    field,
+                    value: key.clone(),
+                    what: "key",
+                });
+            }
         }
         for (field, value) in [
             ("podAllowValue", &pod_allow_value),
@@ -518,8 +550,11 @@ impl ModeSettings for Kubernetes {
                 pod_allow_value,
                 namespace_allow_value,
                 allow_namespaces: allow_namespaces.into_iter().collect(),
+                mode_label_key,
             },
             pod_cgroup: section.pod_cgroup,
+            kubeconfig: section.kubeconfig,
+            startup_taint: (!startup_taint.is_empty()).then_some(startup_taint),
         })
     }
 
@@ -527,6 +562,8 @@ impl ModeSettings for Kubernetes {
         [
             ("nodeName", new.node_name != self.node_name),
             ("podCgroup", new.pod_cgroup != self.pod_cgroup),
+            ("kubeconfig", new.kubeconfig != self.kubeconfig),
+            ("startupTaint", new.startup_taint != self.startup_taint),
         ]
         .into_iter()
         .filter_map(|(field, changed)| changed.then_some(field))

@@ -1,15 +1,22 @@
 //! `imds-guard run`: attach to this node's pod cgroup subtree at once (fail
-//! closed), then keep the allow map equal to the pods the policy allows, as
-//! the API server reports them.
+//! closed), then keep the allow map equal to the pods the policy lists, as
+//! the API server reports them, and take the startup taint off this node
+//! once that holds.
 
 use std::{
     path::{Path, PathBuf},
     sync::atomic::Ordering,
+    time::Duration,
 };
 
-use kube::Client;
-use tokio::sync::mpsc;
-use tracing::info;
+use futures::{FutureExt as _, future::BoxFuture};
+use k8s_openapi::api::core::v1::Node;
+use kube::{
+    Api, Client,
+    config::{KubeConfigOptions, Kubeconfig, KubeconfigError},
+};
+use tokio::{sync::mpsc, time::Instant};
+use tracing::{info, warn};
 
 use crate::{
     app::{Daemon, DaemonMode, Reporting, Target},
@@ -20,13 +27,19 @@ use crate::{
         preflight,
     },
     k8s::{
+        arrivals::{ArrivalsError, CgroupArrivals},
         layout::{PodLayout, RealDirs},
         notify,
+        reachability::Reachability,
         reconcile::Reconciler,
-        view::ClusterView,
-        watch::{self, Change, Update, WatchEnded, Watches},
+        taint,
+        view::{ClusterView, Touched},
+        watch::{Change, Update, WatchEnded, Watches},
     },
-    report::events::{PodNames, PodNotice},
+    report::{
+        events::{PodNames, PodNotice},
+        metrics::ErrorKind,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -39,8 +52,17 @@ pub enum KubernetesError {
     )]
     NoPodSubtree { root: PathBuf },
     #[error(transparent)]
+    Arrivals(#[from] ArrivalsError),
+    #[error(transparent)]
     Enforcer(#[from] EnforcerError),
+    #[error("cannot use the kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: PathBuf,
+        source: KubeconfigError,
+    },
     #[error("no Kubernetes client configuration (in-cluster or KUBECONFIG): {0}")]
+    NoClientConfig(#[source] kube::config::InferConfigError),
+    #[error("cannot make a Kubernetes client: {0}")]
     Client(#[source] kube::Error),
     #[error(transparent)]
     WatchEnded(#[from] WatchEnded),
@@ -48,11 +70,23 @@ pub enum KubernetesError {
 
 /// What comes from outside in Kubernetes mode.
 pub enum ClusterChange {
-    /// An event of the pod or namespace watch.
-    Watch(Update),
-    /// Time to look again for the cgroups of allowed pods that had none.
-    RetryCgroups,
+    /// Events of the pod or namespace watch.
+    Watch(Vec<Update>),
+    /// A directory appeared in the pod subtree.
+    CgroupsAppeared(std::io::Result<()>),
+    /// A deadline passed: what is due runs (a cgroup recheck or write
+    /// retry, the reachability probe, the taint removal).
+    Due,
+    /// The reachability probe answered (or not).
+    Probed(bool),
+    /// The startup taint removal ended.
+    TaintRemoved(Result<bool, kube::Error>),
 }
+
+/// How long the probe waits for the API server.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed taint removal.
+const TAINT_RETRY: Duration = Duration::from_secs(5);
 
 /// This node's pods, watched, and the allow list kept to the policy.
 pub struct KubernetesMode {
@@ -63,8 +97,17 @@ pub struct KubernetesMode {
     notices: mpsc::Sender<PodNotice>,
     /// Handed to the Event publisher at start.
     notice_queue: Option<mpsc::Receiver<PodNotice>>,
+    /// Read before anything is loaded, so a bad file refuses the start.
+    kubeconfig: Option<Kubeconfig>,
+    arrivals: CgroupArrivals,
     /// Opened at start.
+    client: Option<Client>,
     watches: Option<Watches>,
+    reachability: Reachability,
+    probe: Option<BoxFuture<'static, bool>>,
+    /// When to remove the startup taint (set at the first sync).
+    taint_due: Option<Instant>,
+    taint_removal: Option<BoxFuture<'static, Result<bool, kube::Error>>>,
     announced_sync: bool,
 }
 
@@ -74,20 +117,47 @@ fn unix_now() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
+/// A future in a slot, polled when there is one; emptied when it ends.
+async fn finish<T>(slot: &mut Option<BoxFuture<'static, T>>) -> T {
+    match slot.as_mut() {
+        Some(future) => {
+            let out = future.await;
+            *slot = None;
+            out
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 impl KubernetesMode {
-    /// Reconciles once both watches have listed everything (before, the
-    /// pinned allow list stays as it was).
-    async fn reconcile_when_synced(
+    /// Reconciles the pods `touched` once both watches have listed
+    /// everything (before, the pinned allow list stays as it was).
+    async fn reconcile(
         &mut self,
+        touched: &Touched,
         settings: &Settings<Kubernetes>,
         daemon: &Daemon,
     ) -> Result<(), KubernetesError> {
         if !self.watches.as_ref().is_some_and(Watches::synced) {
             return Ok(());
         }
+        // The first reconcile after the sync looks at every pod.
+        let touched = if self.announced_sync {
+            touched
+        } else {
+            &Touched::All
+        };
         self.reconciler
             .reconcile(
                 &self.view,
+                touched,
                 &settings.mode.policy,
                 &daemon.handle,
                 &daemon.metrics,
@@ -98,9 +168,104 @@ impl KubernetesMode {
             self.announced_sync = true;
             daemon.health.synced.store(true, Ordering::Relaxed);
             info!(pods = self.view.pod_count(), "synced with the API server");
+            if settings.mode.startup_taint.is_some() {
+                self.taint_due = Some(Instant::now());
+            }
         }
         Ok(())
     }
+
+    fn apply_update(&mut self, update: Update, daemon: &Daemon) -> Option<Touched> {
+        match update {
+            Update::Working(name) => {
+                self.reachability.working(name);
+                None
+            }
+            Update::Failed(name, failure) => {
+                daemon.metrics.count_error(ErrorKind::Watch);
+                self.reachability.failed(name, failure);
+                None
+            }
+            Update::Pod(change) => {
+                let touched = match change {
+                    Change::Apply(pod) => self.view.apply_pod(pod),
+                    Change::Delete(pod) => self.view.delete_pod(&pod.uid),
+                    Change::Replace(all) => self.view.replace_pods(all),
+                    Change::Nothing => return None,
+                };
+                self.pods.replace(self.view.names());
+                Some(touched)
+            }
+            Update::Namespace(change) => Some(match change {
+                Change::Apply((name, labels)) => self.view.apply_namespace(name, labels),
+                Change::Delete((name, _)) => self.view.delete_namespace(&name),
+                Change::Replace(all) => self.view.replace_namespaces(all),
+                Change::Nothing => return None,
+            }),
+        }
+    }
+
+    /// Starts the probe if reachability wants one now.
+    fn start_probe(&mut self, node: &str) {
+        let due = self
+            .reachability
+            .probe_at()
+            .is_some_and(|at| at <= Instant::now());
+        if let (true, None, Some(client)) = (due, &self.probe, &self.client) {
+            let nodes = Api::<Node>::all(client.clone());
+            let node = node.to_owned();
+            self.probe = Some(
+                async move {
+                    tokio::time::timeout(PROBE_TIMEOUT, nodes.get_metadata(&node))
+                        .await
+                        .is_ok_and(|answer| answer.is_ok())
+                }
+                .boxed(),
+            );
+        }
+    }
+
+    /// Starts the taint removal if it is due.
+    fn start_taint_removal(&mut self, settings: &Kubernetes) {
+        let due = self.taint_due.is_some_and(|at| at <= Instant::now());
+        if let (true, Some(client), Some(key)) = (due, &self.client, &settings.startup_taint) {
+            let (client, node, key) = (client.clone(), settings.node_name.clone(), key.clone());
+            self.taint_due = None;
+            self.taint_removal =
+                Some(async move { taint::remove(client, &node, &key).await }.boxed());
+        }
+    }
+}
+
+/// Reads the kubeconfig file, if one is set.
+fn read_kubeconfig(path: Option<&Path>) -> Result<Option<Kubeconfig>, KubernetesError> {
+    path.map(|path| {
+        Kubeconfig::read_from(path).map_err(|source| KubernetesError::Kubeconfig {
+            path: path.to_path_buf(),
+            source,
+        })
+    })
+    .transpose()
+}
+
+async fn client(
+    kubeconfig: Option<Kubeconfig>,
+    path: Option<&Path>,
+) -> Result<Client, KubernetesError> {
+    let config = match (kubeconfig, path) {
+        (Some(kubeconfig), Some(path)) => {
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .map_err(|source| KubernetesError::Kubeconfig {
+                    path: path.to_path_buf(),
+                    source,
+                })?
+        }
+        _ => kube::Config::infer()
+            .await
+            .map_err(KubernetesError::NoClientConfig)?,
+    };
+    Client::try_from(config).map_err(KubernetesError::Client)
 }
 
 impl DaemonMode for KubernetesMode {
@@ -117,6 +282,7 @@ impl DaemonMode for KubernetesMode {
         cgroup_root: &Path,
     ) -> Result<(KubernetesMode, Target), KubernetesError> {
         preflight::warn_writable_cgroup_mounts(cgroup_root);
+        let kubeconfig = read_kubeconfig(settings.mode.kubeconfig.as_deref())?;
         let layout = match &settings.mode.pod_cgroup {
             Some(base) if base.is_absolute() => PodLayout::at(base.clone()),
             Some(base) => PodLayout::at(cgroup_root.join(base)),
@@ -130,6 +296,7 @@ impl DaemonMode for KubernetesMode {
             cgroup: CgroupDir::open(&layout.base, cgroup_root)?,
             allowed: None,
         };
+        let arrivals = CgroupArrivals::watch(&layout)?;
         let (notices, notice_queue) = mpsc::channel(notify::QUEUE);
         let mode = KubernetesMode {
             reconciler: Reconciler::new(layout, notices.clone()),
@@ -137,7 +304,14 @@ impl DaemonMode for KubernetesMode {
             pods: PodNames::default(),
             notices,
             notice_queue: Some(notice_queue),
+            kubeconfig,
+            arrivals,
+            client: None,
             watches: None,
+            reachability: Reachability::default(),
+            probe: None,
+            taint_due: None,
+            taint_removal: None,
             announced_sync: false,
         };
         Ok((mode, target))
@@ -158,20 +332,15 @@ impl DaemonMode for KubernetesMode {
     ) -> Result<(), KubernetesError> {
         let node = &settings.mode.node_name;
         info!(%node, driver = ?self.reconciler.layout().driver, "watching this node's pods");
-        let client = Client::try_default()
-            .await
-            .map_err(KubernetesError::Client)?;
+        let client = client(self.kubeconfig.take(), settings.mode.kubeconfig.as_deref()).await?;
         if let Some(queue) = self.notice_queue.take() {
             daemon.spawn(
                 "Kubernetes Event publisher",
                 notify::publish(client.clone(), node.clone(), queue),
             );
         }
-        daemon.spawn(
-            "API server probe",
-            watch::probe_api(client.clone(), std::sync::Arc::clone(&daemon.health)),
-        );
-        self.watches = Some(Watches::open(client, node));
+        self.watches = Some(Watches::open(client.clone(), node));
+        self.client = Some(client);
         Ok(())
     }
 
@@ -180,12 +349,24 @@ impl DaemonMode for KubernetesMode {
             // Not started: nothing comes.
             return std::future::pending().await;
         };
-        let retry = self.reconciler.retry_after();
+        let probe_at = self
+            .reachability
+            .probe_at()
+            .filter(|_| self.probe.is_none());
+        let deadline = [
+            self.reconciler.retry_at().map(Instant::from_std),
+            probe_at,
+            self.taint_due,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         tokio::select! {
-            update = watches.next() => Ok(ClusterChange::Watch(update?)),
-            () = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some() => {
-                Ok(ClusterChange::RetryCgroups)
-            }
+            updates = watches.next() => Ok(ClusterChange::Watch(updates?)),
+            appeared = self.arrivals.next() => Ok(ClusterChange::CgroupsAppeared(appeared)),
+            () = sleep_until(deadline) => Ok(ClusterChange::Due),
+            reachable = finish(&mut self.probe) => Ok(ClusterChange::Probed(reachable)),
+            removed = finish(&mut self.taint_removal) => Ok(ClusterChange::TaintRemoved(removed)),
         }
     }
 
@@ -196,48 +377,74 @@ impl DaemonMode for KubernetesMode {
         daemon: &Daemon,
     ) -> Result<(), KubernetesError> {
         match change {
-            ClusterChange::Watch(update) => {
-                let reachable = !matches!(update, Update::Failed);
-                daemon
-                    .health
-                    .api_reachable
-                    .store(reachable, Ordering::Relaxed);
-                match update {
-                    Update::Pod(change) => {
-                        match change {
-                            Change::Apply(pod) => self.view.apply_pod(pod),
-                            Change::Delete(pod) => self.view.delete_pod(&pod.uid),
-                            Change::Replace(all) => self.view.replace_pods(all),
-                            Change::Nothing => {}
-                        }
-                        self.pods.replace(self.view.names());
-                    }
-                    Update::Namespace(change) => match change {
-                        Change::Apply((name, labels)) => self.view.apply_namespace(name, labels),
-                        Change::Delete((name, _)) => self.view.delete_namespace(&name),
-                        Change::Replace(all) => self.view.replace_namespaces(all),
-                        Change::Nothing => {}
-                    },
-                    Update::Failed => {}
+            ClusterChange::Watch(updates) => {
+                let mut touched = Vec::new();
+                for update in updates {
+                    touched.extend(self.apply_update(update, daemon));
+                }
+                for touched in touched {
+                    self.reconcile(&touched, settings, daemon).await?;
                 }
             }
-            ClusterChange::RetryCgroups => self.reconciler.back_off(),
+            ClusterChange::CgroupsAppeared(result) => {
+                if let Err(err) = result {
+                    warn!("the pod cgroup watch failed, falling back to polling: {err}");
+                }
+                self.reconciler
+                    .retry(&daemon.handle, &daemon.metrics)
+                    .await?;
+            }
+            ClusterChange::Due => {
+                let due = self
+                    .reconciler
+                    .retry_at()
+                    .is_some_and(|at| at <= std::time::Instant::now());
+                if due {
+                    self.reconciler
+                        .retry(&daemon.handle, &daemon.metrics)
+                        .await?;
+                }
+            }
+            ClusterChange::Probed(reachable) => self.reachability.probed(reachable),
+            ClusterChange::TaintRemoved(result) => {
+                let key = settings.mode.startup_taint.as_deref().unwrap_or_default();
+                match result {
+                    Ok(removed) => info!(
+                        taint = key,
+                        removed, "startup taint handled: pods may be scheduled here"
+                    ),
+                    Err(err) => {
+                        daemon.metrics.count_error(ErrorKind::Taint);
+                        warn!(
+                            taint = key,
+                            "cannot remove the startup taint, retrying: {err}"
+                        );
+                        self.taint_due = Some(Instant::now() + TAINT_RETRY);
+                    }
+                }
+            }
         }
-        self.reconcile_when_synced(settings, daemon).await
+        self.start_probe(&settings.mode.node_name);
+        self.start_taint_removal(&settings.mode);
+        daemon
+            .health
+            .api_reachable
+            .store(self.reachability.reachable(), Ordering::Relaxed);
+        Ok(())
     }
 
     fn plan_reload(&self, _: &Kubernetes) -> Result<(), KubernetesError> {
         Ok(())
     }
 
-    /// The label policy applies at once.
+    /// The label policy applies at once, to every pod.
     async fn apply_reload(
         &mut self,
         (): (),
         settings: &Settings<Kubernetes>,
         daemon: &Daemon,
     ) -> Result<Option<usize>, KubernetesError> {
-        self.reconcile_when_synced(settings, daemon).await?;
+        self.reconcile(&Touched::All, settings, daemon).await?;
         Ok(None)
     }
 }

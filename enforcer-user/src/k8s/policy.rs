@@ -5,7 +5,10 @@
 
 use std::collections::BTreeMap;
 
-use crate::config::labels::LabelPolicy;
+use crate::{
+    bpf::maps::Access,
+    config::labels::{AUDIT_MODE_VALUE, LabelPolicy},
+};
 
 /// What the policy says of one pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,6 +40,25 @@ impl LabelPolicy {
         } else {
             Verdict::LabelIgnored
         }
+    }
+}
+
+impl LabelPolicy {
+    /// What the allow map holds for a pod: allowed pods reach the metadata
+    /// API wherever they are; the others are audited in a namespace in
+    /// audit mode and refused elsewhere (no entry).
+    pub fn access(
+        &self,
+        verdict: Verdict,
+        namespace_labels: Option<&BTreeMap<String, String>>,
+    ) -> Option<Access> {
+        if verdict == Verdict::Allowed {
+            return Some(Access::Allow);
+        }
+        namespace_labels
+            .and_then(|labels| labels.get(&self.mode_label_key))
+            .is_some_and(|v| v == AUDIT_MODE_VALUE)
+            .then_some(Access::Audit)
     }
 }
 
@@ -86,6 +108,7 @@ mod tests {
             pod_allow_value: "true".to_owned(),
             namespace_allow_value: "permit".to_owned(),
             allow_namespaces: std::collections::BTreeSet::new(),
+            mode_label_key: "example.com/mode".to_owned(),
         };
         let pod = labels(&[("example.com/imds", "true")]);
         let ns = labels(&[("example.com/imds", "permit")]);
@@ -94,5 +117,28 @@ mod tests {
             Verdict::LabelIgnored
         );
         assert_eq!(policy.decide(&pod, "x", Some(&ns)), Verdict::Allowed);
+        let audited = labels(&[("example.com/mode", "audit")]);
+        assert_eq!(
+            policy.access(Verdict::Blocked, Some(&audited)),
+            Some(Access::Audit)
+        );
+    }
+
+    #[test]
+    fn audit_namespaces_audit_all_but_allowed_pods() {
+        let policy = LabelPolicy::default();
+        let audit = labels(&[("imds-guard.io/mode", "audit")]);
+        let enforce = labels(&[("imds-guard.io/mode", "enforce")]);
+        let cases = [
+            (Verdict::Allowed, Some(&audit), Some(Access::Allow)),
+            (Verdict::Allowed, None, Some(Access::Allow)),
+            (Verdict::Blocked, Some(&audit), Some(Access::Audit)),
+            (Verdict::LabelIgnored, Some(&audit), Some(Access::Audit)),
+            (Verdict::Blocked, Some(&enforce), None),
+            (Verdict::Blocked, None, None),
+        ];
+        for (i, (verdict, namespace, want)) in cases.into_iter().enumerate() {
+            assert_eq!(policy.access(verdict, namespace), want, "case {i}");
+        }
     }
 }

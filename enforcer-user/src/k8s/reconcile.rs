@@ -1,8 +1,10 @@
-//! Keeping the allow map equal to the cgroups of the pods the label policy
-//! allows, as the watches last reported them.
+//! Keeping the allow map equal to the cgroups of the pods the policy lists
+//! (allowed, or audited), as the watches last reported them. Each change
+//! re-decides only the pods it touched; a pod's cgroup id, once found, is
+//! kept until the pod goes.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     os::unix::fs::MetadataExt as _,
     time::{Duration, Instant},
 };
@@ -11,33 +13,51 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
-    bpf::owner::{EnforcerError, EnforcerHandle},
+    bpf::{
+        maps::{Access, CgroupAccess},
+        owner::{EnforcerError, EnforcerHandle},
+    },
     config::labels::LabelPolicy,
     k8s::{
-        layout::{PodLayout, RealDirs},
-        view::{ClusterView, PodEntry},
+        layout::{PodLayout, Qos, RealDirs},
+        view::{ClusterView, PodEntry, Touched},
     },
     report::{
         events::{PodNotice, PodRef},
-        metrics::Metrics,
+        metrics::{ErrorKind, Metrics},
     },
 };
 
-/// Pause before looking again for pod cgroups that do not exist yet: short
-/// at first (the kubelet creates them within milliseconds of the pod
-/// event), doubling to at most a second, so waiting is never busy.
-const FIRST_RETRY: Duration = Duration::from_millis(20);
-const MAX_RETRY: Duration = Duration::from_secs(1);
+/// Look again for missing pod cgroups at least this often: the cgroup
+/// watch wakes the reconciler as soon as one appears, this only covers a
+/// missed notification.
+const CGROUP_RECHECK: Duration = Duration::from_secs(1);
 
-/// Makes the allow map hold the cgroups of the pods the policy allows.
+/// Pause after a failed map write, doubling up to the maximum.
+const FIRST_WRITE_RETRY: Duration = Duration::from_millis(100);
+const MAX_WRITE_RETRY: Duration = Duration::from_secs(5);
+/// Consecutive failed map writes after which the daemon gives up (and the
+/// kubelet restarts it): about a minute of failures.
+const FATAL_WRITE_FAILURES: u32 = 16;
+
+/// A listed pod: what the map should hold for it, and its cgroup once found.
+struct Listed {
+    access: Access,
+    qos: Option<Qos>,
+    cgroup: Option<u64>,
+}
+
+/// Makes the allow map hold the cgroups of the pods the policy lists.
 pub struct Reconciler {
     layout: PodLayout,
-    applied: Option<BTreeSet<u64>>,
+    listed: BTreeMap<String, Listed>,
+    applied: Option<CgroupAccess>,
     /// Pods told about once: a label their namespace does not permit.
     warned: BTreeSet<String>,
-    /// Allowed pods whose cgroup did not exist at the last pass.
-    waiting: usize,
-    retry: Duration,
+    /// When to look again (missing cgroups, a failed write); a deadline, so
+    /// other wake-ups of the loop do not push it back.
+    retry_at: Option<Instant>,
+    write_failures: u32,
     notices: mpsc::Sender<PodNotice>,
 }
 
@@ -46,10 +66,11 @@ impl Reconciler {
     pub fn new(layout: PodLayout, notices: mpsc::Sender<PodNotice>) -> Reconciler {
         Reconciler {
             layout,
+            listed: BTreeMap::new(),
             applied: None,
             warned: BTreeSet::new(),
-            waiting: 0,
-            retry: FIRST_RETRY,
+            retry_at: None,
+            write_failures: 0,
             notices,
         }
     }
@@ -58,85 +79,161 @@ impl Reconciler {
         &self.layout
     }
 
-    /// How long to wait before looking again for the cgroups of allowed
-    /// pods that have none yet; `None` when no pod waits.
-    pub fn retry_after(&self) -> Option<Duration> {
-        (self.waiting > 0).then_some(self.retry)
+    /// When to call [`Reconciler::retry`]; `None` when nothing waits.
+    pub fn retry_at(&self) -> Option<Instant> {
+        self.retry_at
     }
 
-    /// Makes the allow map hold the cgroups of the pods `policy` allows in
-    /// `view`, telling pods whose label their namespace does not permit.
+    /// Whether a listed pod still has no cgroup.
+    fn waiting(&self) -> usize {
+        self.listed.values().filter(|l| l.cgroup.is_none()).count()
+    }
+
+    /// Re-decides the `touched` pods of `view`, then brings the map in line.
     pub async fn reconcile(
         &mut self,
         view: &ClusterView,
+        touched: &Touched,
         policy: &LabelPolicy,
         handle: &EnforcerHandle,
         metrics: &Metrics,
     ) -> Result<(), EnforcerError> {
         let started = Instant::now();
-        let (allowed, ignored) = view.judge(policy);
-        for uid in &ignored {
-            if self.warned.insert((*uid).to_owned())
-                && let Some(pod) = view.pod(uid)
-            {
-                warn!(
-                    namespace = %pod.namespace,
-                    pod = %pod.name,
-                    "pod asks for metadata access, but its namespace does not permit it: it stays blocked"
-                );
-                // A full queue means the API is behind: the log has it.
-                let _ = self.notices.try_send(PodNotice::LabelIgnored {
-                    pod: PodRef {
-                        namespace: pod.namespace.clone(),
-                        name: pod.name.clone(),
-                        uid: pod.uid.clone(),
-                    },
-                });
+        let uids: Vec<String> = match touched {
+            Touched::All => view
+                .uids()
+                .chain(self.listed.keys().map(String::as_str))
+                .map(str::to_owned)
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect(),
+            Touched::Pods(uids) => uids.iter().cloned().collect(),
+        };
+        for uid in uids {
+            if let Some(pod) = view.pod(&uid) {
+                self.decide(pod, view, policy);
+            } else {
+                self.listed.remove(&uid);
+                self.warned.remove(&uid);
             }
         }
-        self.warned.retain(|uid| ignored.contains(uid.as_str()));
-        let mut ids = BTreeSet::new();
-        let mut waiting = 0;
-        for pod in &allowed {
-            match self.pod_cgroup_id(pod) {
-                Some(id) => {
-                    ids.insert(id);
-                }
-                None => waiting += 1,
-            }
-        }
-        if waiting == 0 || waiting < self.waiting {
-            self.retry = FIRST_RETRY;
-        }
-        self.waiting = waiting;
-        if self.applied.as_ref() != Some(&ids) {
-            let count = ids.len();
-            let map_update = Instant::now();
-            handle.set_allowed(ids.clone()).await?;
-            metrics
-                .map_update_seconds
-                .observe(map_update.elapsed().as_secs_f64());
-            self.applied = Some(ids);
-            info!(
-                allowed = count,
-                waiting_for_cgroup = waiting,
-                took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-                "allow list updated"
-            );
-        }
+        self.sync(handle, metrics).await?;
         metrics
             .reconcile_seconds
             .observe(started.elapsed().as_secs_f64());
         Ok(())
     }
 
-    fn pod_cgroup_id(&self, pod: &PodEntry) -> Option<u64> {
-        let dir = self.layout.find_pod_dir(&pod.uid, pod.qos, &RealDirs)?;
-        std::fs::metadata(dir).ok().map(|m| m.ino())
+    /// Looks again for missing cgroups, or retries a failed write.
+    pub async fn retry(
+        &mut self,
+        handle: &EnforcerHandle,
+        metrics: &Metrics,
+    ) -> Result<(), EnforcerError> {
+        self.sync(handle, metrics).await
     }
 
-    /// Doubles the retry pause, up to the maximum.
-    pub fn back_off(&mut self) {
-        self.retry = (self.retry * 2).min(MAX_RETRY);
+    fn decide(&mut self, pod: &PodEntry, view: &ClusterView, policy: &LabelPolicy) {
+        let decision = view.decide(pod, policy);
+        if !decision.label_ignored {
+            self.warned.remove(&pod.uid);
+        } else if self.warned.insert(pod.uid.clone()) {
+            warn!(
+                namespace = %pod.namespace,
+                pod = %pod.name,
+                "pod asks for metadata access, but its namespace does not permit it: it stays blocked"
+            );
+            // A full queue means the API is behind: the log has it.
+            let _ = self.notices.try_send(PodNotice::LabelIgnored {
+                pod: PodRef {
+                    namespace: pod.namespace.clone(),
+                    name: pod.name.clone(),
+                    uid: pod.uid.clone(),
+                },
+            });
+        }
+        match decision.access {
+            Some(access) => {
+                let cgroup = self.listed.get(&pod.uid).and_then(|l| l.cgroup);
+                let listed = Listed {
+                    access,
+                    qos: pod.qos,
+                    cgroup,
+                };
+                self.listed.insert(pod.uid.clone(), listed);
+            }
+            None => {
+                self.listed.remove(&pod.uid);
+            }
+        }
+    }
+
+    fn find_missing_cgroups(&mut self) {
+        for (uid, listed) in &mut self.listed {
+            if listed.cgroup.is_none() {
+                listed.cgroup = self
+                    .layout
+                    .find_pod_dir(uid, listed.qos, &RealDirs)
+                    .and_then(|dir| std::fs::metadata(dir).ok())
+                    .map(|m| m.ino());
+            }
+        }
+    }
+
+    /// Writes the map if what it should hold changed. A failed write is
+    /// counted and retried with back-off; only a persistent failure is
+    /// returned.
+    async fn sync(
+        &mut self,
+        handle: &EnforcerHandle,
+        metrics: &Metrics,
+    ) -> Result<(), EnforcerError> {
+        self.find_missing_cgroups();
+        let wanted: CgroupAccess = self
+            .listed
+            .values()
+            .filter_map(|l| l.cgroup.map(|id| (id, l.access)))
+            .collect();
+        let waiting = self.waiting();
+        self.retry_at = (waiting > 0).then(|| Instant::now() + CGROUP_RECHECK);
+        if self.applied.as_ref() == Some(&wanted) {
+            return Ok(());
+        }
+        let map_update = Instant::now();
+        match handle.set_allowed(wanted.clone()).await {
+            Ok(()) => {
+                metrics
+                    .map_update_seconds
+                    .observe(map_update.elapsed().as_secs_f64());
+                self.write_failures = 0;
+                let audited = wanted.values().filter(|a| **a == Access::Audit).count();
+                info!(
+                    allowed = wanted.len() - audited,
+                    audited,
+                    waiting_for_cgroup = waiting,
+                    took_us = u64::try_from(map_update.elapsed().as_micros()).unwrap_or(u64::MAX),
+                    "allow list updated"
+                );
+                self.applied = Some(wanted);
+                Ok(())
+            }
+            Err(err) => {
+                metrics.count_error(ErrorKind::MapWrite);
+                self.write_failures += 1;
+                if self.write_failures >= FATAL_WRITE_FAILURES {
+                    return Err(err);
+                }
+                let pause = FIRST_WRITE_RETRY
+                    .saturating_mul(1 << (self.write_failures - 1).min(8))
+                    .min(MAX_WRITE_RETRY);
+                warn!(
+                    failures = self.write_failures,
+                    retry_in_ms = pause.as_millis(),
+                    "cannot write the allow list, retrying: {err}"
+                );
+                self.retry_at = Some(Instant::now() + pause);
+                Ok(())
+            }
+        }
     }
 }

@@ -4,8 +4,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::core::PartialObjectMeta;
 
 use crate::{
+    bpf::maps::Access,
     config::labels::LabelPolicy,
     k8s::{layout::Qos, policy::Verdict},
     report::events::PodIndex,
@@ -19,22 +21,27 @@ pub struct PodEntry {
     pub name: String,
     pub labels: BTreeMap<String, String>,
     pub qos: Option<Qos>,
+    /// In a terminal phase (Succeeded, Failed): its containers are gone, so
+    /// it is dropped as if deleted.
+    pub finished: bool,
 }
 
 impl PodEntry {
     /// `None` for a pod without a UID (never sent by a real API server).
     pub fn from_pod(pod: &Pod) -> Option<PodEntry> {
         let meta = &pod.metadata;
+        let status = pod.status.as_ref();
         Some(PodEntry {
             uid: meta.uid.clone()?,
             namespace: meta.namespace.clone().unwrap_or_default(),
             name: meta.name.clone().unwrap_or_default(),
             labels: meta.labels.clone().unwrap_or_default(),
-            qos: pod
-                .status
-                .as_ref()
+            qos: status
                 .and_then(|s| s.qos_class.as_deref())
                 .and_then(Qos::from_status),
+            finished: status
+                .and_then(|s| s.phase.as_deref())
+                .is_some_and(|phase| matches!(phase, "Succeeded" | "Failed")),
         })
     }
 }
@@ -42,10 +49,33 @@ impl PodEntry {
 /// A namespace's name and labels.
 pub type NamespaceEntry = (String, BTreeMap<String, String>);
 
-/// Name and labels of a namespace.
-pub fn namespace_entry(namespace: &Namespace) -> Option<NamespaceEntry> {
+/// Name and labels of a namespace, from its metadata alone.
+pub fn namespace_entry(namespace: &PartialObjectMeta<Namespace>) -> Option<NamespaceEntry> {
     let name = namespace.metadata.name.clone()?;
     Some((name, namespace.metadata.labels.clone().unwrap_or_default()))
+}
+
+/// The pods a change may have changed the decision for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Touched {
+    /// These pods, by UID.
+    Pods(BTreeSet<String>),
+    /// Every pod (a relist, a policy reload).
+    All,
+}
+
+impl Touched {
+    fn pod(uid: &str) -> Touched {
+        Touched::Pods(BTreeSet::from([uid.to_owned()]))
+    }
+}
+
+/// What the policy says of one pod: whether its label is ignored, and what
+/// the allow map should hold for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub label_ignored: bool,
+    pub access: Option<Access>,
 }
 
 #[derive(Debug, Default)]
@@ -55,30 +85,61 @@ pub struct ClusterView {
 }
 
 impl ClusterView {
-    pub fn apply_pod(&mut self, pod: PodEntry) {
-        self.pods.insert(pod.uid.clone(), pod);
+    /// A pod added or changed; a finished one is dropped.
+    pub fn apply_pod(&mut self, pod: PodEntry) -> Touched {
+        let touched = Touched::pod(&pod.uid);
+        if pod.finished {
+            self.pods.remove(&pod.uid);
+        } else {
+            self.pods.insert(pod.uid.clone(), pod);
+        }
+        touched
     }
 
-    pub fn delete_pod(&mut self, uid: &str) {
+    pub fn delete_pod(&mut self, uid: &str) -> Touched {
         self.pods.remove(uid);
+        Touched::pod(uid)
     }
 
     /// After a full (re)list: exactly these pods, so pods deleted while the
     /// watch was away disappear.
-    pub fn replace_pods(&mut self, pods: Vec<PodEntry>) {
-        self.pods = pods.into_iter().map(|p| (p.uid.clone(), p)).collect();
+    pub fn replace_pods(&mut self, pods: Vec<PodEntry>) -> Touched {
+        self.pods = pods
+            .into_iter()
+            .filter(|p| !p.finished)
+            .map(|p| (p.uid.clone(), p))
+            .collect();
+        Touched::All
     }
 
-    pub fn apply_namespace(&mut self, name: String, labels: BTreeMap<String, String>) {
+    /// The pods of `name`: their namespace's labels changed.
+    fn pods_in(&self, name: &str) -> Touched {
+        Touched::Pods(
+            self.pods
+                .values()
+                .filter(|p| p.namespace == name)
+                .map(|p| p.uid.clone())
+                .collect(),
+        )
+    }
+
+    pub fn apply_namespace(&mut self, name: String, labels: BTreeMap<String, String>) -> Touched {
+        if self.namespaces.get(&name) == Some(&labels) {
+            return Touched::Pods(BTreeSet::new());
+        }
+        let touched = self.pods_in(&name);
         self.namespaces.insert(name, labels);
+        touched
     }
 
-    pub fn delete_namespace(&mut self, name: &str) {
+    pub fn delete_namespace(&mut self, name: &str) -> Touched {
         self.namespaces.remove(name);
+        self.pods_in(name)
     }
 
-    pub fn replace_namespaces(&mut self, namespaces: Vec<NamespaceEntry>) {
+    pub fn replace_namespaces(&mut self, namespaces: Vec<NamespaceEntry>) -> Touched {
         self.namespaces = namespaces.into_iter().collect();
+        Touched::All
     }
 
     pub fn pod_count(&self) -> usize {
@@ -97,24 +158,18 @@ impl ClusterView {
         self.pods.get(uid)
     }
 
-    /// The pods the policy allows, and the UIDs of those whose label it ignores.
-    pub fn judge(&self, policy: &LabelPolicy) -> (Vec<&PodEntry>, BTreeSet<&str>) {
-        let mut allowed = Vec::new();
-        let mut ignored = BTreeSet::new();
-        for pod in self.pods.values() {
-            match policy.decide(
-                &pod.labels,
-                &pod.namespace,
-                self.namespaces.get(&pod.namespace),
-            ) {
-                Verdict::Allowed => allowed.push(pod),
-                Verdict::LabelIgnored => {
-                    ignored.insert(pod.uid.as_str());
-                }
-                Verdict::Blocked => {}
-            }
+    pub fn uids(&self) -> impl Iterator<Item = &str> {
+        self.pods.keys().map(String::as_str)
+    }
+
+    /// The policy's decision for a pod the view holds.
+    pub fn decide(&self, pod: &PodEntry, policy: &LabelPolicy) -> Decision {
+        let namespace = self.namespaces.get(&pod.namespace);
+        let verdict = policy.decide(&pod.labels, &pod.namespace, namespace);
+        Decision {
+            label_ignored: verdict == Verdict::LabelIgnored,
+            access: policy.access(verdict, namespace),
         }
-        (allowed, ignored)
     }
 }
 
@@ -136,35 +191,82 @@ mod tests {
             name: format!("pod-{uid}"),
             labels,
             qos: Some(Qos::Burstable),
+            finished: false,
         }
     }
 
+    /// Every pod's decision, by UID.
+    fn decisions(view: &ClusterView, policy: &LabelPolicy) -> Vec<(String, Decision)> {
+        view.uids()
+            .filter_map(|uid| view.pod(uid))
+            .map(|pod| (pod.uid.clone(), view.decide(pod, policy)))
+            .collect()
+    }
+
+    const ALLOWED: Decision = Decision {
+        label_ignored: false,
+        access: Some(Access::Allow),
+    };
+    const IGNORED: Decision = Decision {
+        label_ignored: true,
+        access: None,
+    };
+    const BLOCKED: Decision = Decision {
+        label_ignored: false,
+        access: None,
+    };
+
     #[test]
-    fn namespace_changes_re_evaluate_their_pods() {
+    fn namespace_changes_touch_their_pods_only() {
         let policy = LabelPolicy::default();
         let mut view = ClusterView::default();
         view.apply_pod(pod("a", "team", true));
         view.apply_pod(pod("b", "team", false));
         view.apply_pod(pod("c", "kube-system", true));
-        let uids = |view: &ClusterView| -> (Vec<String>, Vec<String>) {
-            let (allowed, ignored) = view.judge(&policy);
-            (
-                allowed.iter().map(|p| p.uid.clone()).collect(),
-                ignored.iter().map(|s| (*s).to_owned()).collect(),
-            )
-        };
-        assert_eq!(uids(&view), (vec!["c".to_owned()], vec!["a".to_owned()]));
+        let id = |uid: &str| uid.to_owned();
+        assert_eq!(
+            decisions(&view, &policy),
+            vec![(id("a"), IGNORED), (id("b"), BLOCKED), (id("c"), ALLOWED)]
+        );
         let opt_in = BTreeMap::from([(
             "imds-guard.io/metadata-access".to_owned(),
             "allow-pods".to_owned(),
         )]);
-        view.apply_namespace("team".to_owned(), opt_in);
-        assert_eq!(uids(&view), (vec!["a".to_owned(), "c".to_owned()], vec![]));
-        view.delete_namespace("team");
-        assert_eq!(uids(&view), (vec!["c".to_owned()], vec!["a".to_owned()]));
-        // A relist without "c" drops it.
-        view.replace_pods(vec![pod("a", "team", true)]);
-        assert_eq!(uids(&view), (vec![], vec!["a".to_owned()]));
+        let touched = view.apply_namespace("team".to_owned(), opt_in.clone());
+        assert_eq!(touched, Touched::Pods(BTreeSet::from([id("a"), id("b")])));
+        // The same labels again change nothing.
+        assert_eq!(
+            view.apply_namespace("team".to_owned(), opt_in),
+            Touched::Pods(BTreeSet::new())
+        );
+        assert_eq!(decisions(&view, &policy)[0], (id("a"), ALLOWED));
+        let audit = BTreeMap::from([("imds-guard.io/mode".to_owned(), "audit".to_owned())]);
+        view.apply_namespace("team".to_owned(), audit);
+        let audited = Decision {
+            label_ignored: true,
+            access: Some(Access::Audit),
+        };
+        assert_eq!(decisions(&view, &policy)[0], (id("a"), audited));
+        assert_eq!(
+            view.delete_namespace("team"),
+            Touched::Pods(BTreeSet::from([id("a"), id("b")]))
+        );
+        assert_eq!(decisions(&view, &policy)[0], (id("a"), IGNORED));
+        // A relist without "c" drops it; a finished pod is dropped too.
+        let mut done = pod("d", "kube-system", true);
+        done.finished = true;
+        assert_eq!(
+            view.replace_pods(vec![pod("a", "team", true), done.clone()]),
+            Touched::All
+        );
+        assert_eq!(decisions(&view, &policy), vec![(id("a"), IGNORED)]);
+        view.apply_pod(pod("d", "kube-system", true));
+        assert_eq!(view.pod_count(), 2);
+        assert_eq!(
+            view.apply_pod(done),
+            Touched::Pods(BTreeSet::from([id("d")]))
+        );
+        assert_eq!(view.pod_count(), 1);
     }
 
     #[test]
@@ -176,7 +278,7 @@ mod tests {
                 "managedFields": [{"manager": "kubectl"}]
             },
             "spec": {"nodeName": "node-1", "hostNetwork": true, "containers": []},
-            "status": {"qosClass": "BestEffort"}
+            "status": {"qosClass": "BestEffort", "phase": "Running"}
         }))
         .expect("pod json");
         let entry = PodEntry::from_pod(&pod).expect("entry");
@@ -184,6 +286,19 @@ mod tests {
         assert_eq!(entry.namespace, "shop");
         assert_eq!(entry.qos, Some(Qos::BestEffort));
         assert_eq!(entry.labels.len(), 1);
+        assert!(!entry.finished);
+        for (phase, finished) in [("Pending", false), ("Succeeded", true), ("Failed", true)] {
+            let pod: Pod = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "job", "uid": "u-2"},
+                "status": {"phase": phase}
+            }))
+            .expect("pod json");
+            assert_eq!(
+                PodEntry::from_pod(&pod).expect("entry").finished,
+                finished,
+                "{phase}"
+            );
+        }
         let no_uid: Pod = serde_json::from_value(serde_json::json!({"metadata": {"name": "x"}}))
             .expect("pod json");
         assert_eq!(PodEntry::from_pod(&no_uid), None);

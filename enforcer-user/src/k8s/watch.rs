@@ -1,25 +1,23 @@
-//! This node's pods and the cluster's namespaces as the API server reports
-//! them: two watches, each fed into a list that a full (re)list replaces
-//! whole, and a probe of the API server's reachability for readiness.
+//! This node's pods and the cluster's namespaces (their metadata only) as
+//! the API server reports them: two watches, each fed into a list that a
+//! full (re)list replaces whole. Lists are served from the API server's
+//! watch cache (`resourceVersion=0`), and a failed request is retried after
+//! a pause spread wide enough that a restarted API server is not met by
+//! every node at once.
 
-use std::{
-    sync::{Arc, atomic::Ordering},
-    time::Duration,
-};
+use std::time::Duration;
 
 use futures::{Stream, StreamExt as _, stream::BoxStream};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{
     Api, Client,
-    api::ListParams,
-    runtime::{WatchStreamExt as _, watcher},
+    core::PartialObjectMeta,
+    runtime::{WatchStreamExt as _, utils::Backoff, watcher},
 };
+use rand::Rng as _;
 use tracing::warn;
 
-use crate::{
-    k8s::view::{NamespaceEntry, PodEntry, namespace_entry},
-    report::http::Health,
-};
+use crate::k8s::view::{NamespaceEntry, PodEntry, namespace_entry};
 
 /// A watch ended; the watcher retries on its own, with backoff, and never
 /// ends, so this is a bug to surface.
@@ -80,21 +78,45 @@ impl<T> Relist<T> {
     }
 }
 
-/// Waits for the next event of a watch; `None` for a failed request.
-async fn next_event<K>(
-    stream: &mut (impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Unpin),
-    what: &'static str,
-) -> Result<Option<watcher::Event<K>>, WatchEnded> {
-    match stream.next().await {
-        Some(Ok(event)) => Ok(Some(event)),
-        Some(Err(err)) => {
-            warn!(
-                watch = what,
-                "API server watch failed, retrying with backoff: {err}"
-            );
-            Ok(None)
+/// Which watch an update comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum WatchName {
+    Pods,
+    Namespaces,
+}
+
+impl WatchName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WatchName::Pods => "pods",
+            WatchName::Namespaces => "namespaces",
         }
-        None => Err(WatchEnded(what)),
+    }
+}
+
+/// Why a watch request failed, as far as readiness cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The API server was not reached, or did not answer.
+    Unreachable,
+    /// The API server answered with an error status (403, 410, ...): only
+    /// a working request of that watch clears it.
+    Refused,
+}
+
+impl Failure {
+    fn of(err: &watcher::Error) -> Failure {
+        let kube_error = match err {
+            watcher::Error::InitialListFailed(e)
+            | watcher::Error::WatchStartFailed(e)
+            | watcher::Error::WatchFailed(e) => e,
+            watcher::Error::WatchError(_) => return Failure::Refused,
+            watcher::Error::NoResourceVersion => return Failure::Unreachable,
+        };
+        match kube_error {
+            kube::Error::Api(_) => Failure::Refused,
+            _ => Failure::Unreachable,
+        }
     }
 }
 
@@ -102,16 +124,73 @@ async fn next_event<K>(
 pub enum Update {
     Pod(Change<PodEntry>),
     Namespace(Change<NamespaceEntry>),
-    /// A watch request failed; the watcher retries with backoff.
-    Failed,
+    /// A request of the watch worked (an event came).
+    Working(WatchName),
+    /// A watch request failed; the watcher retries after a pause.
+    Failed(WatchName, Failure),
+}
+
+/// Waits for the next event of a watch; `Err` for a failed request.
+async fn next_event<K>(
+    stream: &mut (impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Unpin),
+    name: WatchName,
+) -> Result<Result<watcher::Event<K>, Failure>, WatchEnded> {
+    match stream.next().await {
+        Some(Ok(event)) => Ok(Ok(event)),
+        Some(Err(err)) => {
+            warn!(
+                watch = name.as_str(),
+                "API server watch failed, retrying after a pause: {err}"
+            );
+            Ok(Err(Failure::of(&err)))
+        }
+        None => Err(WatchEnded(name.as_str())),
+    }
+}
+
+/// Pauses between failed watch requests. The first is drawn at random from
+/// the whole of [`FIRST_PAUSE_SPREAD`], so the nodes whose watches broke at
+/// the same instant (an API server restart) come back spread over it: a
+/// few percent of the fleet per second rather than all of it at once.
+/// Later ones double from two seconds up to a minute, each ±50 %.
+#[derive(Default)]
+pub struct SpreadBackoff {
+    failures: u32,
+}
+
+/// Over this span the first retries of a fleet are spread.
+pub const FIRST_PAUSE_SPREAD: Duration = Duration::from_secs(30);
+const SECOND_PAUSE: Duration = Duration::from_secs(2);
+const MAX_PAUSE: Duration = Duration::from_mins(1);
+
+impl Iterator for SpreadBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let mut rng = rand::rng();
+        let pause = if self.failures == 0 {
+            FIRST_PAUSE_SPREAD.mul_f64(rng.random::<f64>())
+        } else {
+            let doubled = SECOND_PAUSE.saturating_mul(1 << (self.failures - 1).min(6));
+            doubled.min(MAX_PAUSE).mul_f64(rng.random_range(0.5..1.5))
+        };
+        self.failures = self.failures.saturating_add(1);
+        Some(pause)
+    }
+}
+
+impl Backoff for SpreadBackoff {
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
 }
 
 type EventStream<K> = BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
 
-/// The watches of this node's pods and of every namespace.
+/// The watches of this node's pods and of every namespace's metadata.
 pub struct Watches {
     pods: EventStream<Pod>,
-    namespaces: EventStream<Namespace>,
+    namespaces: EventStream<PartialObjectMeta<Namespace>>,
     pod_list: Relist<PodEntry>,
     namespace_list: Relist<NamespaceEntry>,
 }
@@ -121,13 +200,19 @@ impl Watches {
         let node_field = format!("spec.nodeName={node_name}");
         let pods = watcher(
             Api::<Pod>::all(client.clone()),
-            watcher::Config::default().fields(&node_field),
+            watcher::Config::default()
+                .fields(&node_field)
+                .any_semantic(),
         )
-        .default_backoff()
+        .backoff(SpreadBackoff::default())
         .boxed();
-        let namespaces = watcher(Api::<Namespace>::all(client), watcher::Config::default())
-            .default_backoff()
-            .boxed();
+        // Metadata only: labels are all the policy reads of a namespace.
+        let namespaces = watcher(
+            Api::<PartialObjectMeta<Namespace>>::all(client),
+            watcher::Config::default().any_semantic(),
+        )
+        .backoff(SpreadBackoff::default())
+        .boxed();
         Watches {
             pods,
             namespaces,
@@ -137,15 +222,21 @@ impl Watches {
     }
 
     /// The next event of either watch. Cancel-safe.
-    pub async fn next(&mut self) -> Result<Update, WatchEnded> {
-        tokio::select! {
-            event = next_event(&mut self.pods, "pods") => Ok(event?.map_or(Update::Failed, |e| {
-                Update::Pod(self.pod_list.feed(e, PodEntry::from_pod))
-            })),
-            event = next_event(&mut self.namespaces, "namespaces") => Ok(event?.map_or(Update::Failed, |e| {
-                Update::Namespace(self.namespace_list.feed(e, namespace_entry))
-            })),
-        }
+    pub async fn next(&mut self) -> Result<Vec<Update>, WatchEnded> {
+        let (name, change) = tokio::select! {
+            event = next_event(&mut self.pods, WatchName::Pods) => (
+                WatchName::Pods,
+                event?.map(|e| Update::Pod(self.pod_list.feed(e, PodEntry::from_pod))),
+            ),
+            event = next_event(&mut self.namespaces, WatchName::Namespaces) => (
+                WatchName::Namespaces,
+                event?.map(|e| Update::Namespace(self.namespace_list.feed(e, namespace_entry))),
+            ),
+        };
+        Ok(match change {
+            Ok(update) => vec![Update::Working(name), update],
+            Err(failure) => vec![Update::Failed(name, failure)],
+        })
     }
 
     /// Both watches have listed everything at least once.
@@ -154,19 +245,37 @@ impl Watches {
     }
 }
 
-/// How often the API server's reachability is checked for readiness.
-const API_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Keeps `api_reachable` true while the API server answers. Quiet watches
-/// yield no events (kube keeps bookmarks to itself), so readiness cannot
-/// learn of a recovery from them alone.
-pub async fn probe_api(client: Client, health: Arc<Health>) {
-    let namespaces = Api::<Namespace>::all(client);
-    let one = ListParams::default().limit(1);
-    let mut tick = tokio::time::interval(API_PROBE_INTERVAL);
-    loop {
-        tick.tick().await;
-        let reachable = namespaces.list(&one).await.is_ok();
-        health.api_reachable.store(reachable, Ordering::Relaxed);
+    #[test]
+    fn first_pauses_spread_over_the_window_later_ones_double() {
+        let firsts: Vec<Duration> = (0..2000)
+            .map(|_| SpreadBackoff::default().next().expect("pause"))
+            .collect();
+        assert!(firsts.iter().all(|p| *p < FIRST_PAUSE_SPREAD));
+        // Every sixth of the window gets a share: the fleet is spread.
+        let sixth = FIRST_PAUSE_SPREAD / 6;
+        for slot in 0..6 {
+            let count = firsts
+                .iter()
+                .filter(|p| **p >= sixth * slot && **p < sixth * (slot + 1))
+                .count();
+            assert!((200..500).contains(&count), "slot {slot}: {count}");
+        }
+        let mut backoff = SpreadBackoff::default();
+        backoff.next();
+        let later: Vec<Duration> = backoff.by_ref().take(8).collect();
+        let bounds = [2, 4, 8, 16, 32, 60, 60, 60];
+        for (pause, bound) in later.iter().zip(bounds) {
+            let bound = Duration::from_secs(bound);
+            assert!(
+                *pause >= bound / 2 && *pause <= bound.mul_f64(1.5),
+                "{pause:?} vs {bound:?}"
+            );
+        }
+        backoff.reset();
+        assert!(backoff.next().expect("pause") < FIRST_PAUSE_SPREAD);
     }
 }

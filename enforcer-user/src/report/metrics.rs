@@ -31,12 +31,40 @@ pub struct AttemptLabels {
     pub verdict: String,
 }
 
+/// What failed, for `imds_guard_errors_total{kind}`: failures the daemon
+/// retries rather than stops at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Writing the allow map.
+    MapWrite,
+    /// A watch request to the API server.
+    Watch,
+    /// Removing the startup taint from this node.
+    Taint,
+}
+
+impl ErrorKind {
+    fn label(self) -> &'static str {
+        match self {
+            ErrorKind::MapWrite => "map_write",
+            ErrorKind::Watch => "watch",
+            ErrorKind::Taint => "taint",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    kind: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     attempts: Family<AttemptLabels, Counter>,
     /// The label sets `attempts` holds, to bound them.
     attempt_series: Mutex<HashSet<AttemptLabels>>,
     pub allowlisted: Gauge,
+    pub audited: Gauge,
     pub rules: Gauge,
     pub programs_attached: Gauge,
     events_dropped: Counter,
@@ -44,6 +72,7 @@ pub struct Metrics {
     pub reconcile_seconds: Histogram,
     pub map_update_seconds: Histogram,
     pub last_sync_timestamp: Gauge,
+    errors: Family<ErrorLabels, Counter>,
 }
 
 /// A count as a gauge value (gauges are signed).
@@ -70,6 +99,7 @@ impl Metrics {
             attempts: Family::default(),
             attempt_series: Mutex::new(HashSet::new()),
             allowlisted: Gauge::default(),
+            audited: Gauge::default(),
             rules: Gauge::default(),
             programs_attached: Gauge::default(),
             events_dropped: Counter::default(),
@@ -77,6 +107,7 @@ impl Metrics {
             reconcile_seconds: Histogram::new(latency_buckets()),
             map_update_seconds: Histogram::new(latency_buckets()),
             last_sync_timestamp: Gauge::default(),
+            errors: Family::default(),
         };
         registry.register(
             "attempts",
@@ -85,8 +116,18 @@ impl Metrics {
         );
         registry.register(
             "allowlisted_cgroups",
-            "Cgroups in the allow map",
+            "Cgroups in the allow map that reach denied destinations",
             metrics.allowlisted.clone(),
+        );
+        registry.register(
+            "audited_cgroups",
+            "Cgroups in the allow map whose attempts are audited (namespaces in audit mode)",
+            metrics.audited.clone(),
+        );
+        registry.register(
+            "errors",
+            "Failures the daemon retries, by kind (map_write, watch, taint)",
+            metrics.errors.clone(),
         );
         registry.register("rules", "Destination rules loaded", metrics.rules.clone());
         registry.register(
@@ -134,6 +175,12 @@ impl Metrics {
             series.insert(labels.clone());
         }
         self.attempts.get_or_create(&labels).inc();
+    }
+
+    pub fn count_error(&self, kind: ErrorKind) {
+        self.errors
+            .get_or_create(&ErrorLabels { kind: kind.label() })
+            .inc();
     }
 
     /// Brings the dropped-events counter up to the kernel's total.

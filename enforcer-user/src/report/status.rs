@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::{
     bpf::{
         BpfError,
-        maps::{AllowMap, CountersMap, DestRulesMap, DroppedEvents},
+        maps::{Access, AllowMap, CountersMap, DestRulesMap, DroppedEvents},
         pins::{self, PinError, PinRoot},
     },
     config::rules::Rule,
@@ -45,6 +45,8 @@ pub struct Status {
     pub programs: BTreeMap<&'static str, bool>,
     pub rules: Vec<String>,
     pub allowed: Vec<CgroupEntry>,
+    /// Listed cgroups whose attempts are audited (a namespace in audit mode).
+    pub audited: Vec<CgroupEntry>,
     pub counters: Vec<CounterEntry>,
     pub events_dropped: u64,
     /// Whether pod names came from a running daemon.
@@ -141,11 +143,14 @@ pub fn read(
         .map(|rule| (rule.prefix.prefix_len(), rule.to_string()))
         .collect();
     rules.sort();
-    let allowed = AllowMap::from_pin(&pin(names::ALLOWED_CGROUPS))?
-        .ids()?
+    let (allowed, audited): (Vec<_>, Vec<_>) = AllowMap::from_pin(&pin(names::ALLOWED_CGROUPS))?
+        .entries()?
         .into_iter()
-        .map(|id| namer.entry(id))
-        .collect();
+        .partition(|(_, access)| *access == Access::Allow);
+    let entries = |listed: Vec<(u64, Access)>| -> Vec<CgroupEntry> {
+        listed.into_iter().map(|(id, _)| namer.entry(id)).collect()
+    };
+    let (allowed, audited) = (entries(allowed), entries(audited));
     let counters = CountersMap::from_pin(&pin(names::BLOCK_COUNTERS))?
         .read()?
         .into_iter()
@@ -166,6 +171,7 @@ pub fn read(
         programs: root.attached_programs(&generation),
         rules: rules.into_iter().map(|(_, r)| r).collect(),
         allowed,
+        audited,
         counters,
         events_dropped: DroppedEvents::from_pin(&pin(names::EVENTS_DROPPED))?.total()?,
         daemon_reachable: namer.pods.is_some(),
@@ -212,6 +218,10 @@ pub fn render(status: &Status) -> String {
     lines.extend(status.rules.iter().map(|rule| format!("  {rule}")));
     lines.push(format!("allowed     {} cgroup(s)", status.allowed.len()));
     lines.extend(status.allowed.iter().map(|e| format!("  {}", describe(e))));
+    if !status.audited.is_empty() {
+        lines.push(format!("audited     {} cgroup(s)", status.audited.len()));
+        lines.extend(status.audited.iter().map(|e| format!("  {}", describe(e))));
+    }
     lines.push("attempts    connect sendmsg  egress  cgroup".to_owned());
     lines.extend(status.counters.iter().map(|c| {
         format!(
@@ -226,6 +236,7 @@ pub fn render(status: &Status) -> String {
     let unnamed_pods = status
         .allowed
         .iter()
+        .chain(&status.audited)
         .chain(status.counters.iter().map(|c| &c.cgroup))
         .any(|e| e.pod_uid.is_some() && e.pod.is_none());
     if unnamed_pods && !status.daemon_reachable {
