@@ -6,7 +6,6 @@
 //! Every resource is an RAII guard: namespaces, cgroups and processes are
 //! removed when the guard drops, also when a test panics.
 
-pub mod apiserver;
 pub mod cgroups;
 pub mod daemon;
 pub mod hostns;
@@ -22,6 +21,8 @@ use std::path::PathBuf;
 
 pub use cgroups::TestCgroup;
 pub use daemon::Daemon;
+/// The test Kubernetes API server, a crate of its own (`tests/apiserver`).
+pub use imds_guard_test_apiserver as apiserver;
 pub use netns::{Sandbox, addrs};
 pub use pins::PinDir;
 pub use probe::{LoopProbe, Outcome, Probe, ProbeResult, Server, StreamProbe, Tally};
