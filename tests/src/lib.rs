@@ -20,7 +20,7 @@ pub mod stage;
 use std::path::PathBuf;
 
 pub use cgroups::TestCgroup;
-pub use daemon::Daemon;
+pub use daemon::{Daemon, DaemonBuilder};
 /// The test Kubernetes API server, a crate of its own (`tests/apiserver`).
 pub use imds_guard_test_apiserver as apiserver;
 pub use netns::{Sandbox, addrs};

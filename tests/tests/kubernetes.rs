@@ -146,14 +146,10 @@ impl Node {
     }
 
     fn launch(root: &TestCgroup, pins: &PinDir, kubeconfig: &std::path::Path) -> Daemon {
-        let mut daemon = Daemon::start_kubernetes(
-            NODE,
-            root.path(),
-            pins.path(),
-            kubeconfig,
-            &["--http-listen", "127.0.0.1:0"],
-        )
-        .expect("imds-guard run starts");
+        let mut daemon = Daemon::kubernetes(NODE, root.path(), pins.path(), kubeconfig)
+            .args(["--http-listen", "127.0.0.1:0"])
+            .start()
+            .expect("imds-guard run starts");
         daemon
             .wait_for_log("synced with the API server", Duration::from_secs(10))
             .expect("first sync");

@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use imds_guard_tests::{
-    Daemon, Outcome, addrs,
+    Outcome, addrs,
     daemon::ENFORCING,
     privileges::Privileges,
     refusal::refused_start,
@@ -47,10 +47,12 @@ fn daemonset_privileges_enforce_or_refuse_naming_memlock_leaving_nothing() {
     let stage = Stage::set_up();
     let daemonset = Privileges::daemonset();
     let kernel = kernel_version();
-    let args = stage.daemon_args(&["--allow", "{allowed}"]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     if kernel >= FIRST_MEMCG_KERNEL {
-        let mut daemon = Daemon::spawn_with(&daemonset, &args).expect("spawn imds-guard");
+        let mut daemon = stage
+            .daemon(&["--allow", "{allowed}"])
+            .privileges(&daemonset)
+            .spawn()
+            .expect("spawn imds-guard");
         if let Err(err) = daemon.wait_for_log(ENFORCING, START_TIMEOUT) {
             panic!(
                 "with the DaemonSet's privileges on kernel {kernel:?} imds-guard must start: {err}"

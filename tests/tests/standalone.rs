@@ -313,9 +313,10 @@ fn bad_input_is_a_clear_error_before_anything_is_attached() {
         ),
     ];
     for (args, want) in cases {
-        let mut full = vec!["standalone", "--bpffs-dir", &pins];
-        full.extend_from_slice(args);
-        let mut daemon = Daemon::spawn(&full).expect("spawn");
+        let mut daemon = Daemon::command(["standalone", "--bpffs-dir", &pins])
+            .args(args)
+            .spawn()
+            .expect("spawn");
         let status = daemon.wait_exit(Duration::from_secs(10)).expect("exits");
         assert!(!status.success(), "{args:?} should fail");
         let log = daemon.log();
