@@ -261,8 +261,7 @@ impl Daemon {
     pub fn count_log(&self, needle: &str) -> usize {
         self.log
             .lock()
-            .map(|l| l.iter().filter(|line| line.contains(needle)).count())
-            .unwrap_or(0)
+            .map_or(0, |l| l.iter().filter(|line| line.contains(needle)).count())
     }
 
     /// Waits until the log has a line containing `needle`; fails if the
@@ -302,7 +301,7 @@ impl Daemon {
     }
 
     pub fn signal(&self, signal: Signal) -> Result<()> {
-        nix::sys::signal::kill(Pid::from_raw(self.child.id() as i32), signal)
+        nix::sys::signal::kill(Pid::from_raw(self.child.id().cast_signed()), signal)
             .map_err(|e| SandboxError::Process(format!("signalling imds-guard: {e}")))
     }
 

@@ -26,18 +26,18 @@ use crate::{Result, SandboxError, netns::Netns};
 /// released the target directory's lock by the time it runs tests, and the
 /// build takes it, so this waits for any other build of the same directory.
 pub fn binary(name: &str) -> Result<PathBuf> {
-    let path = match std::env::var_os("IMDS_GUARD_BIN_DIR") {
-        Some(dir) => PathBuf::from(dir).join(name),
-        None => {
-            static BUILT: OnceLock<Result<BTreeMap<String, PathBuf>, String>> = OnceLock::new();
-            let built = BUILT
-                .get_or_init(build_binaries)
-                .as_ref()
-                .map_err(|e| SandboxError::Process(e.clone()))?;
-            built.get(name).cloned().ok_or_else(|| {
-                SandboxError::Process(format!("cargo built no binary named {name}"))
-            })?
-        }
+    let path = if let Some(dir) = std::env::var_os("IMDS_GUARD_BIN_DIR") {
+        PathBuf::from(dir).join(name)
+    } else {
+        static BUILT: OnceLock<Result<BTreeMap<String, PathBuf>, String>> = OnceLock::new();
+        let built = BUILT
+            .get_or_init(build_binaries)
+            .as_ref()
+            .map_err(|e| SandboxError::Process(e.clone()))?;
+        built
+            .get(name)
+            .cloned()
+            .ok_or_else(|| SandboxError::Process(format!("cargo built no binary named {name}")))?
     };
     if path.is_file() {
         Ok(path)
@@ -149,7 +149,7 @@ pub fn spawn_in(command: &mut Command, netns: &Netns, cgroup: Option<&Path>) -> 
         })
         .transpose()?;
     let ns_fd = ns.as_raw_fd();
-    let procs_fd = procs.as_ref().map(|f| f.as_raw_fd());
+    let procs_fd = procs.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
     // SAFETY: between fork and exec only async-signal-safe calls are made
     // (write, setns) on descriptors opened before the fork.
     unsafe {
@@ -166,9 +166,9 @@ pub fn spawn_in(command: &mut Command, netns: &Netns, cgroup: Option<&Path>) -> 
             Ok(())
         });
     }
-    command
-        .spawn()
-        .map_err(|e| SandboxError::Process(format!("spawning {:?}: {e}", command.get_program())))
+    command.spawn().map_err(|e| {
+        SandboxError::Process(format!("spawning {}: {e}", command.get_program().display()))
+    })
 }
 
 /// What one probe attempt ended with.
@@ -226,13 +226,14 @@ pub struct Probe<'a> {
     pub cgroup: Option<&'a Path>,
 }
 
-impl Probe<'_> {
-    fn command(&self, action: &str, addr: IpAddr, port: u16) -> Result<Command> {
-        let mut command = Command::new(binary("imds-probe")?);
-        command.args([action, &addr.to_string(), &port.to_string()]);
-        Ok(command)
-    }
+/// `imds-probe ACTION ADDR PORT`.
+fn probe_command(action: &str, addr: IpAddr, port: u16) -> Result<Command> {
+    let mut command = Command::new(binary("imds-probe")?);
+    command.args([action, &addr.to_string(), &port.to_string()]);
+    Ok(command)
+}
 
+impl Probe<'_> {
     /// Makes one attempt (`tcp`, `udp`, `udp-connected`, `ping`, `raw-udp`,
     /// `fragments`) and returns what happened.
     pub fn attempt(
@@ -242,7 +243,7 @@ impl Probe<'_> {
         port: u16,
         extra: &[&str],
     ) -> Result<ProbeResult> {
-        let mut command = self.command(action, addr, port)?;
+        let mut command = probe_command(action, addr, port)?;
         command
             .args(extra)
             .stdout(Stdio::piped())
@@ -293,7 +294,7 @@ impl Probe<'_> {
         duration: Duration,
         extra: &[&str],
     ) -> Result<LoopProbe> {
-        let mut command = self.command("loop", addr, port)?;
+        let mut command = probe_command("loop", addr, port)?;
         command
             .args([
                 "--interval-ms",
@@ -312,7 +313,7 @@ impl Probe<'_> {
     /// Starts a long-lived TCP exchange (`stream`); its lines arrive on the
     /// returned channel.
     pub fn stream(&self, addr: IpAddr, port: u16, count: u32) -> Result<StreamProbe> {
-        let mut command = self.command("stream", addr, port)?;
+        let mut command = probe_command("stream", addr, port)?;
         command
             .args(["--count", &count.to_string()])
             .stdout(Stdio::piped());

@@ -14,7 +14,7 @@ const CGROUP_SKB: u32 = 8;
 const CGROUP_SOCK_ADDR: u32 = 18;
 
 /// Under TCG (the kernel matrix) the verifier alone can take many seconds.
-const REFUSAL_TIMEOUT: Duration = Duration::from_secs(60);
+const REFUSAL_TIMEOUT: Duration = Duration::from_mins(1);
 
 /// Our maps (by name; the kernel keeps 15 characters) and the cgroup
 /// network programs (by type: without CAP_PERFMON aya's probe for program

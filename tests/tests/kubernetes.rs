@@ -335,7 +335,7 @@ fn memory_with_250_pods_on_the_node() {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS");
-    eprintln!("daemon resident memory with 250 pods: {} KiB", rss_kib);
+    eprintln!("daemon resident memory with 250 pods: {rss_kib} KiB");
     // SIGTERM ends the daemon promptly, watches and all.
     let mut node = node;
     let stopping = Instant::now();

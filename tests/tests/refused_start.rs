@@ -1,5 +1,5 @@
 //! A start that fails part-way leaves nothing behind (see
-//! imds_guard_tests::refusal), and says why.
+//! `imds_guard_tests::refusal`), and says why.
 //!
 //! One test in this file: it counts BPF objects kernel-wide, so nothing
 //! else of ours may load in parallel.

@@ -1,6 +1,9 @@
 //! The real `imds-guard standalone` daemon, real sockets, real kernel:
 //! clients in cgroups of ours, inside a sandbox namespace with no route out,
 //! try to reach our own fake metadata server.
+// Metrics are f64 in the exposition format; the counters compared here
+// hold whole numbers, which compare exactly.
+#![allow(clippy::float_cmp)]
 
 use std::{net::IpAddr, time::Duration};
 

@@ -229,6 +229,7 @@ where
 }
 
 #[test]
+#[allow(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 fn lists_pods_by_node_and_label_selectors() {
     let server = start();
     server
@@ -526,7 +527,7 @@ fn pod_leaving_the_label_selector_arrives_as_deleted() {
 
 #[test]
 fn bookmarks_carry_the_newest_version_and_watches_time_out() {
-    let server = FakeApiServer::start_with(ApiServerOptions {
+    let server = FakeApiServer::start_with(&ApiServerOptions {
         bookmark_interval: Duration::from_millis(100),
         ..ApiServerOptions::default()
     })
@@ -1086,6 +1087,7 @@ fn refusal<T: Debug>(result: kube::Result<T>) -> (u16, String) {
 }
 
 #[test]
+#[allow(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 fn event_writes_follow_the_api_server_rules() {
     let server = start();
     block_on(async {
