@@ -1,8 +1,9 @@
 //! The real `imds-guard` binary under test, stopped on drop.
 
 use std::{
+    ffi::{OsStr, OsString},
     io::{BufRead as _, BufReader},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -18,93 +19,70 @@ pub const ENFORCING: &str = "imds-guard is enforcing";
 /// Runs a short `imds-guard` command (`status`, `uninstall`) to the end and
 /// returns its standard output; a failure carries its log.
 pub fn run_to_end(args: &[&str]) -> Result<String> {
-    let mut command = Command::new(binary("imds-guard")?);
-    Privileges::from_env()?.apply(&mut command);
-    let output = command
-        .args(args)
-        .output()
-        .map_err(|e| SandboxError::Process(format!("running imds-guard {args:?}: {e}")))?;
-    if !output.status.success() {
-        return Err(SandboxError::Process(format!(
-            "imds-guard {args:?} failed ({}):\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        )));
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    Daemon::command(args).run_to_end()
 }
 
-pub struct Daemon {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
+/// How to start one `imds-guard`: which build, its arguments and extra
+/// environment, and the privileges it runs with (by default the test run's,
+/// the DaemonSet's unless `IMDS_GUARD_TEST_CAPS` says otherwise: see
+/// [`crate::privileges`]). Made by [`Daemon::command`],
+/// [`Daemon::standalone`] or [`Daemon::kubernetes`].
+#[must_use]
+pub struct DaemonBuilder {
+    /// Another build of the daemon; `None` is the workspace's own.
+    binary: Option<PathBuf>,
+    args: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
+    privileges: Option<Privileges>,
 }
 
-impl Daemon {
-    /// Starts `imds-guard ARGS` without waiting for anything.
-    pub fn spawn(args: &[&str]) -> Result<Daemon> {
-        Daemon::spawn_binary(&binary("imds-guard")?, args)
+impl DaemonBuilder {
+    /// Appends arguments.
+    pub fn args<S: AsRef<OsStr>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.args
+            .extend(args.into_iter().map(|arg| arg.as_ref().to_owned()));
+        self
     }
 
-    /// Starts another build of the daemon (`binary ARGS`), without waiting.
-    pub fn spawn_binary(binary: &Path, args: &[&str]) -> Result<Daemon> {
+    /// Runs another build of the daemon (an upgrade's other side).
+    pub fn binary(mut self, binary: &Path) -> Self {
+        self.binary = Some(binary.to_owned());
+        self
+    }
+
+    /// Sets a variable in the daemon's environment.
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        self.env
+            .push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+        self
+    }
+
+    /// Runs it with these privileges instead of the test run's.
+    pub fn privileges(mut self, privileges: &Privileges) -> Self {
+        self.privileges = Some(privileges.clone());
+        self
+    }
+
+    /// The command, with its privileges applied.
+    fn command(self) -> Result<Command> {
+        let binary = match self.binary {
+            Some(binary) => binary,
+            None => binary("imds-guard")?,
+        };
+        let privileges = match self.privileges {
+            Some(privileges) => privileges,
+            None => Privileges::from_env()?,
+        };
         let mut command = Command::new(binary);
-        command.args(args);
-        Daemon::launch(command)
-    }
-
-    /// Starts `imds-guard ARGS` with these privileges instead of the test
-    /// run's, without waiting.
-    pub fn spawn_with(privileges: &Privileges, args: &[&str]) -> Result<Daemon> {
-        let mut command = Command::new(binary("imds-guard")?);
-        command.args(args);
-        Daemon::launch_with(command, privileges)
-    }
-
-    /// Starts `imds-guard run` for `node` on a fake node's cgroup `root`,
-    /// pinning under `pins` and talking to the API server `kubeconfig`
-    /// names, with `extra` arguments; waits until it says it is enforcing.
-    pub fn start_kubernetes(
-        node: &str,
-        root: &Path,
-        pins: &Path,
-        kubeconfig: &Path,
-        extra: &[&str],
-    ) -> Result<Daemon> {
-        let root = root.display().to_string();
-        let pins = pins.display().to_string();
-        let kubeconfig = kubeconfig.display().to_string();
-        let mut args = vec![
-            "run",
-            "--node-name",
-            node,
-            "--cgroup-root",
-            &root,
-            "--bpffs-dir",
-            &pins,
-        ];
-        args.extend_from_slice(extra);
-        Daemon::start_with_env(&args, &[("KUBECONFIG", &kubeconfig)])
-    }
-
-    /// Starts `imds-guard ARGS` with extra environment (e.g. KUBECONFIG) and
-    /// waits until it says it is enforcing.
-    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<Daemon> {
-        let mut command = Command::new(binary("imds-guard")?);
-        command.args(args).envs(env.iter().copied());
-        let mut daemon = Daemon::launch(command)?;
-        daemon.wait_for_log(ENFORCING, Duration::from_secs(20))?;
-        Ok(daemon)
-    }
-
-    /// Every daemon runs with the test run's privileges (by default the
-    /// DaemonSet's: see [`crate::privileges`]).
-    fn launch(command: Command) -> Result<Daemon> {
-        Daemon::launch_with(command, &Privileges::from_env()?)
-    }
-
-    fn launch_with(mut command: Command, privileges: &Privileges) -> Result<Daemon> {
+        command.args(&self.args).envs(self.env);
         privileges.apply(&mut command);
-        let mut child = command
+        Ok(command)
+    }
+
+    /// Starts the daemon without waiting for anything.
+    pub fn spawn(self) -> Result<Daemon> {
+        let mut child = self
+            .command()?
             .env("IMDS_GUARD_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -129,16 +107,77 @@ impl Daemon {
         Ok(Daemon { child, log })
     }
 
-    /// Starts `imds-guard ARGS` and waits until it says it is enforcing.
-    pub fn start(args: &[&str]) -> Result<Daemon> {
-        Daemon::start_binary(&binary("imds-guard")?, args)
+    /// Starts the daemon and waits until it says it is enforcing.
+    pub fn start(self) -> Result<Daemon> {
+        let mut daemon = self.spawn()?;
+        daemon.wait_for_log(ENFORCING, START_TIMEOUT)?;
+        Ok(daemon)
     }
 
-    /// Starts `binary ARGS` and waits until it says it is enforcing.
-    pub fn start_binary(binary: &Path, args: &[&str]) -> Result<Daemon> {
-        let mut daemon = Daemon::spawn_binary(binary, args)?;
-        daemon.wait_for_log(ENFORCING, Duration::from_secs(20))?;
-        Ok(daemon)
+    /// Runs a short command to the end and returns its standard output; a
+    /// failure carries its log.
+    pub fn run_to_end(self) -> Result<String> {
+        let args = self.args.clone();
+        let output = self
+            .command()?
+            .output()
+            .map_err(|e| SandboxError::Process(format!("running imds-guard {args:?}: {e}")))?;
+        if !output.status.success() {
+            return Err(SandboxError::Process(format!(
+                "imds-guard {args:?} failed ({}):\n{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            )));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+}
+
+/// How long a start may take to reach [`ENFORCING`].
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub struct Daemon {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    /// `imds-guard ARGS`.
+    pub fn command<S: AsRef<OsStr>>(args: impl IntoIterator<Item = S>) -> DaemonBuilder {
+        DaemonBuilder {
+            binary: None,
+            args: Vec::new(),
+            env: Vec::new(),
+            privileges: None,
+        }
+        .args(args)
+    }
+
+    /// `imds-guard standalone` protecting `cgroup`, pinning under `pins`;
+    /// more arguments follow with [`DaemonBuilder::args`].
+    pub fn standalone(cgroup: &Path, pins: &Path) -> DaemonBuilder {
+        Daemon::command(["standalone"])
+            .args([OsStr::new("--cgroup"), cgroup.as_os_str()])
+            .args([OsStr::new("--bpffs-dir"), pins.as_os_str()])
+    }
+
+    /// `imds-guard run` for `node` on a fake node's cgroup `root`, pinning
+    /// under `pins` and talking to the API server `kubeconfig` names.
+    pub fn kubernetes(node: &str, root: &Path, pins: &Path, kubeconfig: &Path) -> DaemonBuilder {
+        Daemon::command(["run", "--node-name", node])
+            .args([OsStr::new("--cgroup-root"), root.as_os_str()])
+            .args([OsStr::new("--bpffs-dir"), pins.as_os_str()])
+            .env("KUBECONFIG", kubeconfig)
+    }
+
+    /// `imds-guard ARGS`, started without waiting for anything.
+    pub fn spawn(args: &[&str]) -> Result<Daemon> {
+        Daemon::command(args).spawn()
+    }
+
+    /// `imds-guard ARGS`, started and enforcing.
+    pub fn start(args: &[&str]) -> Result<Daemon> {
+        Daemon::command(args).start()
     }
 
     pub fn pid(&self) -> u32 {
@@ -222,8 +261,7 @@ impl Daemon {
     pub fn count_log(&self, needle: &str) -> usize {
         self.log
             .lock()
-            .map(|l| l.iter().filter(|line| line.contains(needle)).count())
-            .unwrap_or(0)
+            .map_or(0, |l| l.iter().filter(|line| line.contains(needle)).count())
     }
 
     /// Waits until the log has a line containing `needle`; fails if the
@@ -263,7 +301,7 @@ impl Daemon {
     }
 
     pub fn signal(&self, signal: Signal) -> Result<()> {
-        nix::sys::signal::kill(Pid::from_raw(self.child.id() as i32), signal)
+        nix::sys::signal::kill(Pid::from_raw(self.child.id().cast_signed()), signal)
             .map_err(|e| SandboxError::Process(format!("signalling imds-guard: {e}")))
     }
 

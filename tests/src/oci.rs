@@ -4,7 +4,7 @@
 //! built binary, and crun or runc to run it.
 //!
 //! The generator follows containerd v2.3.4's CRI plugin
-//! (internal/cri/server/container_create*.go, internal/cri/opts,
+//! (`internal/cri/server/container_create*.go`, internal/cri/opts,
 //! pkg/oci/spec.go) and the kubelet's conversions it relies on (masked
 //! paths, mount propagation, recursive read-only mounts, CPU shares and
 //! quota). A security context, volume or namespace setting it does not
@@ -12,7 +12,7 @@
 //! the bundle or fail. Left out, as the daemon reads none of them in these
 //! tests: the kubelet's own files (/etc/hosts, /etc/hostname,
 //! /etc/resolv.conf, /dev/termination-log), the service account token
-//! volume, the KUBERNETES_SERVICE_* variables, the pause container (its
+//! volume, the `KUBERNETES_SERVICE_*` variables, the pause container (its
 //! namespaces are new for the pod either way), probes and the OOM score.
 
 pub mod bundle;
@@ -35,7 +35,7 @@ pub use runtime::{Container, Runtime, RuntimeFeatures};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
-    /// containerd's own refusal (internal/cri/opts/spec_linux_opts.go).
+    /// containerd's own refusal (`internal/cri/opts/spec_linux_opts.go`).
     #[error("path {path:?} is mounted on {mount_point:?} but it is not a {wanted} mount")]
     Propagation {
         path: PathBuf,

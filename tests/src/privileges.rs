@@ -1,6 +1,6 @@
 //! The privileges the daemon under test runs with. By default exactly what
 //! `deploy/base/daemonset.yaml` grants: uid 0 with only CAP_BPF and
-//! CAP_NET_ADMIN (bounding set), no_new_privs, and a 64 KiB RLIMIT_MEMLOCK
+//! CAP_NET_ADMIN (bounding set), `no_new_privs`, and a 64 KiB `RLIMIT_MEMLOCK`
 //! (what a container runtime without a memlock setting hands out). A test
 //! that passes this way proves the shipped grant is enough; full root
 //! proves only that root is.
@@ -18,7 +18,7 @@ use crate::{Result, SandboxError};
 /// that the manifest says the same).
 pub const DAEMONSET_CAPABILITIES: [&str; 2] = ["BPF", "NET_ADMIN"];
 
-/// RLIMIT_MEMLOCK under a container runtime that sets none: the kernel's
+/// `RLIMIT_MEMLOCK` under a container runtime that sets none: the kernel's
 /// default of 64 KiB (systemd before 253 hands out the same).
 pub const DEFAULT_MEMLOCK_BYTES: u64 = 64 * 1024;
 
@@ -34,7 +34,7 @@ const CAPABILITY_NUMBERS: [(&str, u32); 8] = [
     ("BPF", 39),
 ];
 
-/// The highest capability number kernels of the matrix know (CAP_CHECKPOINT_RESTORE).
+/// The highest capability number kernels of the matrix know (`CAP_CHECKPOINT_RESTORE`).
 const LAST_CAPABILITY: u32 = 40;
 
 /// How the daemon is started.
@@ -42,7 +42,7 @@ const LAST_CAPABILITY: u32 = 40;
 pub struct Privileges {
     /// `None`: every capability root has. `Some`: only these numbers.
     pub capabilities: Option<Vec<u32>>,
-    /// RLIMIT_MEMLOCK (soft and hard); `None` leaves it as inherited.
+    /// `RLIMIT_MEMLOCK` (soft and hard); `None` leaves it as inherited.
     pub memlock_bytes: Option<u64>,
     /// `bpf()` calls a seccomp filter refuses with EPERM, as a runtime's
     /// profile would.
@@ -119,7 +119,7 @@ impl Privileges {
 
     /// Makes `command` exec with these privileges: the memlock limit, the
     /// capability bounding set (a uid-0 exec gets exactly the bounding set),
-    /// and no_new_privs, as the DaemonSet's allowPrivilegeEscalation: false.
+    /// and `no_new_privs`, as the DaemonSet's allowPrivilegeEscalation: false.
     pub fn apply(&self, command: &mut std::process::Command) {
         let capabilities = self.capabilities.clone();
         let memlock = self.memlock_bytes;
@@ -142,6 +142,10 @@ impl Privileges {
                     check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
                 }
                 if let Some(filter) = &filter {
+                    #[allow(
+                        clippy::cast_possible_truncation,
+                        reason = "a filter of a few dozen instructions, the kernel takes 4096"
+                    )]
                     let program = libc::sock_fprog {
                         len: filter.len() as u16,
                         filter: filter.as_ptr().cast_mut(),
@@ -149,7 +153,7 @@ impl Privileges {
                     check(libc::prctl(
                         libc::PR_SET_SECCOMP,
                         libc::SECCOMP_MODE_FILTER,
-                        &program as *const libc::sock_fprog,
+                        &raw const program,
                     ))?;
                 }
                 Ok(())
@@ -182,7 +186,13 @@ fn drop_bounding_set_except(keep: &[u32]) -> std::io::Result<()> {
 
 /// A classic-BPF seccomp program: `bpf(cmd, ...)` with `cmd` in `refused`
 /// (every `cmd` when `None`) fails with EPERM, everything else is allowed
-/// (x86_64 only; any other architecture is killed, as runtimes' profiles do).
+/// (`x86_64` only; any other architecture is killed, as runtimes' profiles do).
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "libc's classic BPF opcodes are u32 but fit sock_filter's u16; EPERM and the \
+              syscall number are small positives"
+)]
 fn bpf_command_filter(refused: Option<&[u32]>) -> Vec<libc::sock_filter> {
     const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
     // Offsets in `struct seccomp_data`.
@@ -231,7 +241,7 @@ fn set_memlock(bytes: u64) -> std::io::Result<()> {
         rlim_max: bytes,
     };
     // SAFETY: a plain system call on a valid struct.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) } != 0 {
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const limit) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())

@@ -9,39 +9,124 @@ use std::{
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::mpsc,
+    sync::{OnceLock, mpsc},
     time::Duration,
 };
 
 use crate::{Result, SandboxError, netns::Netns};
 
-/// Where the workspace's binaries are: `IMDS_GUARD_BIN_DIR`, or next to the
-/// running executable (test binaries live one level down, in `deps/`).
+/// A workspace binary (`imds-guard`, `imds-probe`, `imds-bench-traffic`):
+/// from `IMDS_GUARD_BIN_DIR` when it is set (`cargo xtask test`, demo and
+/// bench build them first; the kernel matrix's guests have no cargo), else
+/// as cargo builds it now, once per test process. Cargo's fingerprints, not
+/// file times, decide what is out of date (the daemon embeds the eBPF
+/// object its build script compiles, and features and variants count too),
+/// so a plain `cargo test` never runs a stale `target/debug/imds-guard`; a
+/// build with nothing to do takes a fraction of a second. Cargo has
+/// released the target directory's lock by the time it runs tests, and the
+/// build takes it, so this waits for any other build of the same directory.
 pub fn binary(name: &str) -> Result<PathBuf> {
-    let dir = match std::env::var_os("IMDS_GUARD_BIN_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        None => {
-            let exe = std::env::current_exe().map_err(|source| SandboxError::Io {
-                what: "locating",
-                path: "current executable".into(),
-                source,
-            })?;
-            let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
-            if dir.ends_with("deps") {
-                dir.parent().map(Path::to_path_buf).unwrap_or_default()
-            } else {
-                dir
-            }
-        }
+    let path = if let Some(dir) = std::env::var_os("IMDS_GUARD_BIN_DIR") {
+        PathBuf::from(dir).join(name)
+    } else {
+        static BUILT: OnceLock<Result<BTreeMap<String, PathBuf>, String>> = OnceLock::new();
+        let built = BUILT
+            .get_or_init(build_binaries)
+            .as_ref()
+            .map_err(|e| SandboxError::Process(e.clone()))?;
+        built
+            .get(name)
+            .cloned()
+            .ok_or_else(|| SandboxError::Process(format!("cargo built no binary named {name}")))?
     };
-    let path = dir.join(name);
     if path.is_file() {
         Ok(path)
     } else {
         Err(SandboxError::Process(format!(
-            "{} not found: build the workspace first (cargo xtask test does) or set IMDS_GUARD_BIN_DIR",
+            "{} not found: IMDS_GUARD_BIN_DIR names a directory without it \
+             (`cargo build -p enforcer-user -p imds-guard-tests --bins` fills one)",
             path.display()
         )))
+    }
+}
+
+/// Builds the daemon and the sandbox's binaries with the cargo and the
+/// profile this test binary was built with; returns them by name.
+fn build_binaries() -> Result<BTreeMap<String, PathBuf>, String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let mut command = Command::new(cargo);
+    command
+        .args([
+            "build",
+            "--message-format=json-render-diagnostics",
+            "--profile",
+        ])
+        .arg(own_profile())
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .args(["-p", "enforcer-user", "-p", "imds-guard-tests", "--bins"])
+        // Cargo's progress and errors go where the test's output goes.
+        .stderr(Stdio::inherit());
+    // What cargo sets for the running test crate is no setting of the
+    // user's: build scripts that watch such a variable (ring's watches
+    // CARGO_PKG_NAME) would rerun, here and again in the next `cargo test`.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_BIN_EXE_")
+            || CRATE_ENV.contains(&key.as_ref())
+        {
+            command.env_remove(key.as_ref());
+        }
+    }
+    let described = format!("{command:?}");
+    let output = command
+        .output()
+        .map_err(|e| format!("running {described}: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "{described} failed ({}): see its errors above",
+            output.status
+        ));
+    }
+    // One JSON message a line; an executable artifact names its file.
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|message| {
+            let name = message.pointer("/target/name")?.as_str()?.to_owned();
+            let executable = message.get("executable")?.as_str()?;
+            Some((name, PathBuf::from(executable)))
+        })
+        .collect())
+}
+
+/// The variables besides `CARGO_PKG_*` and `CARGO_BIN_EXE_*` that cargo
+/// sets for a crate it runs (its reference, "Environment variables Cargo
+/// sets for crates").
+const CRATE_ENV: [&str; 8] = [
+    "CARGO_MANIFEST_DIR",
+    "CARGO_MANIFEST_PATH",
+    "CARGO_MANIFEST_LINKS",
+    "CARGO_CRATE_NAME",
+    "CARGO_BIN_NAME",
+    "CARGO_PRIMARY_PACKAGE",
+    "CARGO_TARGET_TMPDIR",
+    "OUT_DIR",
+];
+
+/// The cargo profile of the running executable, from the directory it is
+/// in (`<target>/<profile dir>/deps/`; `debug` is the `dev` profile's).
+fn own_profile() -> String {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().unwrap_or_else(|| Path::new(""));
+    if dir.ends_with("deps") {
+        dir = dir.parent().unwrap_or(dir);
+    }
+    match dir.file_name().and_then(|name| name.to_str()) {
+        None | Some("debug") => "dev".to_owned(),
+        Some(profile) => profile.to_owned(),
     }
 }
 
@@ -64,7 +149,7 @@ pub fn spawn_in(command: &mut Command, netns: &Netns, cgroup: Option<&Path>) -> 
         })
         .transpose()?;
     let ns_fd = ns.as_raw_fd();
-    let procs_fd = procs.as_ref().map(|f| f.as_raw_fd());
+    let procs_fd = procs.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
     // SAFETY: between fork and exec only async-signal-safe calls are made
     // (write, setns) on descriptors opened before the fork.
     unsafe {
@@ -81,9 +166,9 @@ pub fn spawn_in(command: &mut Command, netns: &Netns, cgroup: Option<&Path>) -> 
             Ok(())
         });
     }
-    command
-        .spawn()
-        .map_err(|e| SandboxError::Process(format!("spawning {:?}: {e}", command.get_program())))
+    command.spawn().map_err(|e| {
+        SandboxError::Process(format!("spawning {}: {e}", command.get_program().display()))
+    })
 }
 
 /// What one probe attempt ended with.
@@ -141,13 +226,14 @@ pub struct Probe<'a> {
     pub cgroup: Option<&'a Path>,
 }
 
-impl Probe<'_> {
-    fn command(&self, action: &str, addr: IpAddr, port: u16) -> Result<Command> {
-        let mut command = Command::new(binary("imds-probe")?);
-        command.args([action, &addr.to_string(), &port.to_string()]);
-        Ok(command)
-    }
+/// `imds-probe ACTION ADDR PORT`.
+fn probe_command(action: &str, addr: IpAddr, port: u16) -> Result<Command> {
+    let mut command = Command::new(binary("imds-probe")?);
+    command.args([action, &addr.to_string(), &port.to_string()]);
+    Ok(command)
+}
 
+impl Probe<'_> {
     /// Makes one attempt (`tcp`, `udp`, `udp-connected`, `ping`, `raw-udp`,
     /// `fragments`) and returns what happened.
     pub fn attempt(
@@ -157,7 +243,7 @@ impl Probe<'_> {
         port: u16,
         extra: &[&str],
     ) -> Result<ProbeResult> {
-        let mut command = self.command(action, addr, port)?;
+        let mut command = probe_command(action, addr, port)?;
         command
             .args(extra)
             .stdout(Stdio::piped())
@@ -208,7 +294,7 @@ impl Probe<'_> {
         duration: Duration,
         extra: &[&str],
     ) -> Result<LoopProbe> {
-        let mut command = self.command("loop", addr, port)?;
+        let mut command = probe_command("loop", addr, port)?;
         command
             .args([
                 "--interval-ms",
@@ -227,7 +313,7 @@ impl Probe<'_> {
     /// Starts a long-lived TCP exchange (`stream`); its lines arrive on the
     /// returned channel.
     pub fn stream(&self, addr: IpAddr, port: u16, count: u32) -> Result<StreamProbe> {
-        let mut command = self.command("stream", addr, port)?;
+        let mut command = probe_command("stream", addr, port)?;
         command
             .args(["--count", &count.to_string()])
             .stdout(Stdio::piped());

@@ -7,14 +7,14 @@ use std::time::Duration;
 
 use enforcer_common::names;
 
-use crate::{Daemon, privileges::Privileges, stage::Stage};
+use crate::{privileges::Privileges, stage::Stage};
 
 /// `enum bpf_prog_type` values of our programs.
 const CGROUP_SKB: u32 = 8;
 const CGROUP_SOCK_ADDR: u32 = 18;
 
 /// Under TCG (the kernel matrix) the verifier alone can take many seconds.
-const REFUSAL_TIMEOUT: Duration = Duration::from_secs(60);
+const REFUSAL_TIMEOUT: Duration = Duration::from_mins(1);
 
 /// Our maps (by name; the kernel keeps 15 characters) and the cgroup
 /// network programs (by type: without CAP_PERFMON aya's probe for program
@@ -40,9 +40,11 @@ pub fn ours_loaded() -> (usize, usize) {
 /// log, for the caller to check the reason.
 pub fn refused_start(stage: &Stage, privileges: &Privileges, attempt: usize) -> String {
     let before = ours_loaded();
-    let args = stage.daemon_args(&["--allow", "{allowed}"]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut daemon = Daemon::spawn_with(privileges, &args).expect("spawn imds-guard");
+    let mut daemon = stage
+        .daemon(&["--allow", "{allowed}"])
+        .privileges(privileges)
+        .spawn()
+        .expect("spawn imds-guard");
     let status = daemon
         .wait_exit(REFUSAL_TIMEOUT)
         .expect("a refused start ends");

@@ -8,7 +8,8 @@ use std::{
 };
 
 use crate::{
-    Daemon, Outcome, PinDir, Probe, ProbeResult, Sandbox, Server, TestCgroup, addrs, require_root,
+    Daemon, DaemonBuilder, Outcome, PinDir, Probe, ProbeResult, Sandbox, Server, TestCgroup, addrs,
+    require_root,
 };
 
 /// The sandbox, our fake server and the test cgroups: dropped after the
@@ -59,21 +60,13 @@ impl Stage {
         }
     }
 
-    /// `standalone --cgroup <guarded>` followed by `args`, where `{allowed}`
-    /// stands for the allowed cgroup's path.
-    pub fn daemon_args(&self, args: &[&str]) -> Vec<String> {
-        let mut full = vec![
-            "standalone".to_owned(),
-            "--cgroup".to_owned(),
-            self.guarded.display().to_string(),
-            "--bpffs-dir".to_owned(),
-            self.pins.path().display().to_string(),
-        ];
-        full.extend(
-            args.iter()
-                .map(|a| a.replace("{allowed}", &self.allowed.display().to_string())),
-        );
-        full
+    /// `imds-guard standalone` on this stage (protecting `guarded`,
+    /// pinning under `pins`) followed by `args`, where `{allowed}` stands
+    /// for the allowed cgroup's path.
+    pub fn daemon(&self, args: &[&str]) -> DaemonBuilder {
+        let allowed = self.allowed.display().to_string();
+        Daemon::standalone(&self.guarded, self.pins.path())
+            .args(args.iter().map(|arg| arg.replace("{allowed}", &allowed)))
     }
 
     pub fn probe<'a>(&'a self, cgroup: &'a Path) -> Probe<'a> {
@@ -112,9 +105,7 @@ impl std::ops::Deref for World {
 impl World {
     pub fn new(args: &[&str]) -> World {
         let stage = Stage::set_up();
-        let args = stage.daemon_args(args);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let daemon = Daemon::start(&args).expect("imds-guard starts");
+        let daemon = stage.daemon(args).start().expect("imds-guard starts");
         World { daemon, stage }
     }
 
@@ -146,12 +137,11 @@ impl World {
     /// Starts the daemon again on the same stage (after it was stopped or
     /// killed), from `binary` or the workspace's own.
     pub fn restart(&mut self, binary: Option<&Path>, args: &[&str]) {
-        let args = self.stage.daemon_args(args);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.daemon = match binary {
-            Some(binary) => Daemon::start_binary(binary, &args),
-            None => Daemon::start(&args),
-        }
-        .expect("imds-guard starts again");
+        let daemon = self.stage.daemon(args);
+        let daemon = match binary {
+            Some(binary) => daemon.binary(binary),
+            None => daemon,
+        };
+        self.daemon = daemon.start().expect("imds-guard starts again");
     }
 }

@@ -1,6 +1,6 @@
 //! The daemon as the DaemonSet runs it: under crun and runc, from a bundle
-//! generated from the rendered manifest itself (imds_guard_tests::oci), so
-//! with its capabilities, user, no_new_privs, read-only root, mounts and
+//! generated from the rendered manifest itself (`imds_guard_tests::oci`), so
+//! with its capabilities, user, `no_new_privs`, read-only root, mounts and
 //! their propagation, namespaces, containerd's seccomp profile for those
 //! capabilities and its memlock limit. Traffic comes from the sandbox's
 //! namespaces and cgroups, never from the container or the host.
@@ -106,8 +106,10 @@ fn proc_status(pid: u32, field: &str) -> String {
     status
         .lines()
         .find_map(|l| l.strip_prefix(field))
-        .map(|v| v.trim().to_owned())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .map_or_else(
+            || panic!("no {field} in /proc/{pid}/status"),
+            |v| v.trim().to_owned(),
+        )
 }
 
 /// The CFS quota (µs per 100 ms) and memory limit of `pid`'s cgroup, from
@@ -189,6 +191,7 @@ const SYSTEMD_NODE: &str = "\
 
 /// Generation alone, against manifest text and a described node: no root.
 #[test]
+#[allow(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 fn the_bundle_is_the_manifests_container() {
     let manifest = base();
     let node = Node::from_parts(SYSTEMD_NODE, "6.18.0", false);
@@ -414,8 +417,13 @@ fn enforces_answers_status_and_survives_sigkill(runtime: Runtime) {
                 .cpu
                 .as_ref()
                 .and_then(|c| c.quota)
-                .expect("CPU limit") as u64,
-            resources.memory.as_ref().expect("memory limit").limit as u64
+                .and_then(|quota| u64::try_from(quota).ok())
+                .expect("a CPU limit"),
+            resources
+                .memory
+                .as_ref()
+                .and_then(|memory| u64::try_from(memory.limit).ok())
+                .expect("a memory limit")
         ),
         "the manifest's CPU and memory limits hold"
     );
@@ -472,7 +480,7 @@ fn enforces_answers_status_and_survives_sigkill(runtime: Runtime) {
         Outcome::Reached,
         "after SIGKILL: {allowed:?}"
     );
-    assert_eq!(generations(&pins).len(), 1, "{pins:?}");
+    assert_eq!(generations(&pins).len(), 1, "{}", pins.display());
     let status = status_from_second_container(&pod, &manifest, None);
     let programs = status["programs"].as_object().expect("programs");
     assert!(
@@ -753,8 +761,7 @@ fn the_base_cgroup_mount_is_recursive_only_where_the_runtime_can(runtime: Runtim
         lines
             .iter()
             .find(|(d, _)| d == dir)
-            .map(|(_, o)| o.clone())
-            .unwrap_or_else(|| panic!("{dir} not tried: {lines:?}"))
+            .map_or_else(|| panic!("{dir} not tried: {lines:?}"), |(_, o)| o.clone())
     };
     assert_eq!(outcome(&root), EROFS, "{lines:?}");
     assert_eq!(outcome(&guarded), "outcome=written", "{lines:?}");

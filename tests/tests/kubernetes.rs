@@ -10,10 +10,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use enforcer_user::k8s::notify::{
+    ACTION_IGNORE_LABEL, ACTION_REFUSE, CONTROLLER, REASON_BLOCKED, REASON_LABEL_IGNORED,
+};
+use imds_guard_test_apiserver::FakeApiServer;
 use imds_guard_tests::{
-    Daemon, Outcome, PinDir, Probe, Sandbox, Server, TestCgroup, addrs,
-    apiserver::FakeApiServer,
-    require_root,
+    Daemon, Outcome, PinDir, Probe, Sandbox, Server, TestCgroup, addrs, require_root,
     stage::{HTTP, eperm},
 };
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -144,14 +146,10 @@ impl Node {
     }
 
     fn launch(root: &TestCgroup, pins: &PinDir, kubeconfig: &std::path::Path) -> Daemon {
-        let mut daemon = Daemon::start_kubernetes(
-            NODE,
-            root.path(),
-            pins.path(),
-            kubeconfig,
-            &["--http-listen", "127.0.0.1:0"],
-        )
-        .expect("imds-guard run starts");
+        let mut daemon = Daemon::kubernetes(NODE, root.path(), pins.path(), kubeconfig)
+            .args(["--http-listen", "127.0.0.1:0"])
+            .start()
+            .expect("imds-guard run starts");
         daemon
             .wait_for_log("synced with the API server", Duration::from_secs(10))
             .expect("first sync");
@@ -337,7 +335,7 @@ fn memory_with_250_pods_on_the_node() {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS");
-    eprintln!("daemon resident memory with 250 pods: {} KiB", rss_kib);
+    eprintln!("daemon resident memory with 250 pods: {rss_kib} KiB");
     // SIGTERM ends the daemon promptly, watches and all.
     let mut node = node;
     let stopping = Instant::now();
@@ -377,7 +375,7 @@ fn an_attempt_is_one_log_record_and_one_event_on_the_pod() {
             .events()
             .expect("events")
             .into_iter()
-            .filter(|e| e.reason.as_deref() == Some("MetadataAccessBlocked"))
+            .filter(|e| e.reason.as_deref() == Some(REASON_BLOCKED))
             .collect()
     };
     wait_until("the Event", Duration::from_secs(5), || {
@@ -393,6 +391,22 @@ fn an_attempt_is_one_log_record_and_one_event_on_the_pod() {
     assert!(records[0].contains("container=\"web\""), "{}", records[0]);
     let events = blocked_events(&node);
     assert_eq!(events.len(), 1, "{events:?}");
+    // What the daemon sends, not what a hand-made Event would say.
+    assert_eq!(
+        (
+            events[0].type_.as_deref(),
+            events[0].action.as_deref(),
+            events[0].reporting_controller.as_deref(),
+            events[0].reporting_instance.as_deref(),
+        ),
+        (
+            Some("Warning"),
+            Some(ACTION_REFUSE),
+            Some(CONTROLLER),
+            Some(NODE)
+        ),
+        "{events:?}"
+    );
     let regarding = events[0].regarding.as_ref().expect("regarding");
     assert_eq!(regarding.kind.as_deref(), Some("Pod"));
     assert_eq!(regarding.namespace.as_deref(), Some("team"));
@@ -409,7 +423,9 @@ fn an_attempt_is_one_log_record_and_one_event_on_the_pod() {
     // The labelled pod in a namespace that does not permit it gets told.
     wait_until("the LabelIgnored Event", Duration::from_secs(5), || {
         node.api.events().expect("events").iter().any(|e| {
-            e.reason.as_deref() == Some("MetadataAccessLabelIgnored")
+            e.reason.as_deref() == Some(REASON_LABEL_IGNORED)
+                && e.action.as_deref() == Some(ACTION_IGNORE_LABEL)
+                && e.type_.as_deref() == Some("Warning")
                 && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("asks")
         })
     });

@@ -218,6 +218,7 @@ fn nothing_is_privileged_or_shares_host_namespaces() {
 }
 
 #[test]
+#[allow(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 fn daemonset_has_what_the_daemon_needs_and_no_more() {
     let docs = base();
     let daemonset = find(&docs, "DaemonSet", "imds-guard");
@@ -406,9 +407,9 @@ fn split_host_path(daemonset: &Value, name: &str) -> (String, Value) {
 
 #[test]
 fn overlays_change_only_what_they_say() {
+    const CAPABILITIES: &str = "/spec/template/spec/containers/0/securityContext/capabilities/add";
     let base_docs = base();
     let base = daemonset(&base_docs);
-    const CAPABILITIES: &str = "/spec/template/spec/containers/0/securityContext/capabilities/add";
 
     let kernel_docs = render("deploy/overlays/kernel-5.10").1;
     let kernel = daemonset(&kernel_docs);

@@ -232,11 +232,10 @@ fn reference(rules: &RuleSet, p: &Packet) -> u32 {
         ranges.iter().any(|r| (r.first..=r.last).contains(&port))
     };
     let denied = match (&rule.ports, port) {
-        (Ports::All, _) | (_, Port::Unknown) => true,
+        (Ports::All, _) | (_, Port::Unknown) | (Ports::Except(_), Port::NotApplicable) => true,
         (Ports::Only(ranges), Port::Known(x)) => listed(ranges, x),
         (Ports::Only(_), Port::NotApplicable) => false,
         (Ports::Except(ranges), Port::Known(x)) => !listed(ranges, x),
-        (Ports::Except(_), Port::NotApplicable) => true,
     };
     if denied { DROP } else { PASS }
 }
@@ -302,6 +301,7 @@ fn md6() -> Ipv6Addr {
 }
 
 #[test]
+#[allow(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 fn crafted_packets_get_the_verdicts_the_rules_call_for() {
     let rules = rules();
     let mut loaded = load(&rules);
@@ -342,7 +342,7 @@ fn crafted_packets_get_the_verdicts_the_rules_call_for() {
         (
             "ipv6 later fragment, port-free rule",
             with(fragment(Packet::new(md6(), UDP, 53), 3), &|p| {
-                p.extensions = vec![44]
+                p.extensions = vec![44];
             }),
             DROP,
         ),
@@ -547,6 +547,7 @@ fn an_allowlisted_cgroup_or_ancestor_passes_denied_packets() {
 
 #[test]
 fn random_packets_match_the_reference() {
+    const PACKETS: usize = 20_000;
     let rules = rules();
     let mut loaded = load(&rules);
     let seed: u64 = std::env::var("IMDS_GUARD_SEED")
@@ -585,7 +586,6 @@ fn random_packets_match_the_reference() {
     let protocols = [TCP, UDP, ICMP, ICMPV6, SCTP, GRE];
     let ports = [53, 80, 443, 8000, 8100, 8101, 32526, 32527];
     let mut drops = 0;
-    const PACKETS: usize = 20_000;
     for i in 0..PACKETS {
         let v4 = rng.random_bool(0.5);
         let dst: IpAddr = if v4 {

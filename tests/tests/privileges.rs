@@ -1,7 +1,7 @@
 //! The daemon started with exactly the DaemonSet's privileges (CAP_BPF and
-//! CAP_NET_ADMIN, no_new_privs, a 64 KiB RLIMIT_MEMLOCK), whatever the test
+//! CAP_NET_ADMIN, `no_new_privs`, a 64 KiB `RLIMIT_MEMLOCK`), whatever the test
 //! run's are: from kernel 5.11 it enforces. Before 5.11 the kernel charges
-//! BPF maps to RLIMIT_MEMLOCK, which the daemon cannot raise without
+//! BPF maps to `RLIMIT_MEMLOCK`, which the daemon cannot raise without
 //! CAP_SYS_RESOURCE: it must refuse to start, name the limit and its need,
 //! and leave no map or program behind, however often it is restarted (a
 //! crash-looping DaemonSet). The kernel-5.10 overlay is the documented answer
@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use imds_guard_tests::{
-    Daemon, Outcome, addrs,
+    Outcome, addrs,
     daemon::ENFORCING,
     privileges::Privileges,
     refusal::refused_start,
@@ -28,7 +28,7 @@ const REFUSED_STARTS: usize = 3;
 
 /// Under TCG (the kernel matrix) the verifier alone can take many seconds;
 /// a slow start is not what this test is about.
-const START_TIMEOUT: Duration = Duration::from_secs(60);
+const START_TIMEOUT: Duration = Duration::from_mins(1);
 
 /// (major, minor) of the running kernel.
 fn kernel_version() -> (u32, u32) {
@@ -47,10 +47,12 @@ fn daemonset_privileges_enforce_or_refuse_naming_memlock_leaving_nothing() {
     let stage = Stage::set_up();
     let daemonset = Privileges::daemonset();
     let kernel = kernel_version();
-    let args = stage.daemon_args(&["--allow", "{allowed}"]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     if kernel >= FIRST_MEMCG_KERNEL {
-        let mut daemon = Daemon::spawn_with(&daemonset, &args).expect("spawn imds-guard");
+        let mut daemon = stage
+            .daemon(&["--allow", "{allowed}"])
+            .privileges(&daemonset)
+            .spawn()
+            .expect("spawn imds-guard");
         if let Err(err) = daemon.wait_for_log(ENFORCING, START_TIMEOUT) {
             panic!(
                 "with the DaemonSet's privileges on kernel {kernel:?} imds-guard must start: {err}"

@@ -1,11 +1,10 @@
 //! A start that fails part-way leaves nothing behind (see
-//! imds_guard_tests::refusal), and says why.
+//! `imds_guard_tests::refusal`), and says why.
 //!
 //! One test in this file: it counts BPF objects kernel-wide, so nothing
 //! else of ours may load in parallel.
 
 use imds_guard_tests::{
-    Daemon,
     privileges::{BPF_LINK_CREATE, BPF_PROG_ATTACH, BpfFilter, Privileges},
     refusal::{ours_loaded, refused_start},
     stage::Stage,
@@ -47,9 +46,10 @@ fn refused_starts_leave_no_maps_programs_or_pins_behind() {
 
     // The same privileges without the filter start, and then the objects
     // are there: the count can see them.
-    let args = stage.daemon_args(&[]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let _daemon = Daemon::start(&args).expect("starts without the filter");
+    let _daemon = stage
+        .daemon(&[])
+        .start()
+        .expect("starts without the filter");
     let (maps, programs) = ours_loaded();
     assert!(
         maps >= before.0 + 7 && programs >= before.1 + 5,

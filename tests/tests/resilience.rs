@@ -139,9 +139,7 @@ fn bad_configurations_change_nothing_and_good_ones_apply() {
     config
         .write("mode: enforce\npresets: [gcp]\ndeny: [\"169.254.169.254/40\"]\n")
         .expect("write config");
-    let stage_args = world.daemon_args(&args);
-    let stage_args: Vec<&str> = stage_args.iter().map(String::as_str).collect();
-    let mut refused = Daemon::spawn(&stage_args).expect("spawn");
+    let mut refused = world.daemon(&args).spawn().expect("spawn");
     let status = refused.wait_exit(Duration::from_secs(10)).expect("exits");
     assert!(!status.success());
     assert!(
@@ -197,16 +195,9 @@ fn uninstall_removes_everything_of_ours_and_nothing_else() {
     let mut world = World::default_allow();
     // A second installation, protecting another cgroup with its own pins.
     let other_pins = PinDir::new("other");
-    let outside = world.outside.display().to_string();
-    let other_root = other_pins.path().display().to_string();
-    let mut other = Daemon::start(&[
-        "standalone",
-        "--cgroup",
-        &outside,
-        "--bpffs-dir",
-        &other_root,
-    ])
-    .expect("second installation");
+    let mut other = Daemon::standalone(&world.outside, other_pins.path())
+        .start()
+        .expect("second installation");
     other.stop().expect("SIGTERM");
     // Something not ours, inside our pin directory.
     let foreign = world.pins.path().join("not-ours");

@@ -1,6 +1,9 @@
 //! The real `imds-guard standalone` daemon, real sockets, real kernel:
 //! clients in cgroups of ours, inside a sandbox namespace with no route out,
 //! try to reach our own fake metadata server.
+// Metrics are f64 in the exposition format; the counters compared here
+// hold whole numbers, which compare exactly.
+#![allow(clippy::float_cmp)]
 
 use std::{net::IpAddr, time::Duration};
 
@@ -313,9 +316,10 @@ fn bad_input_is_a_clear_error_before_anything_is_attached() {
         ),
     ];
     for (args, want) in cases {
-        let mut full = vec!["standalone", "--bpffs-dir", &pins];
-        full.extend_from_slice(args);
-        let mut daemon = Daemon::spawn(&full).expect("spawn");
+        let mut daemon = Daemon::command(["standalone", "--bpffs-dir", &pins])
+            .args(args)
+            .spawn()
+            .expect("spawn");
         let status = daemon.wait_exit(Duration::from_secs(10)).expect("exits");
         assert!(!status.success(), "{args:?} should fail");
         let log = daemon.log();

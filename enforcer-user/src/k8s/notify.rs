@@ -18,11 +18,21 @@ pub const REASON_BLOCKED: &str = "MetadataAccessBlocked";
 pub const REASON_AUDITED: &str = "MetadataAccessAudited";
 pub const REASON_LABEL_IGNORED: &str = "MetadataAccessLabelIgnored";
 
+/// What imds-guard did, the Events' `action`: refused the attempt, let it
+/// through in audit mode, ignored the pod's label.
+pub const ACTION_REFUSE: &str = "Refuse";
+pub const ACTION_AUDIT: &str = "Audit";
+pub const ACTION_IGNORE_LABEL: &str = "IgnoreLabel";
+
+/// The Events' reporting controller.
+pub const CONTROLLER: &str = "imds-guard";
+
 /// Notices waiting for the API server at most; past it they are dropped
 /// (the log and the metrics still have them).
 pub const QUEUE: usize = 256;
 
-fn reference(pod: &PodRef) -> ObjectReference {
+/// The pod an Event is about, as the Events' `regarding`.
+pub fn reference(pod: &PodRef) -> ObjectReference {
     ObjectReference {
         api_version: Some("v1".to_owned()),
         kind: Some("Pod".to_owned()),
@@ -47,7 +57,7 @@ pub fn event_for(notice: &PodNotice) -> (Event, &PodRef) {
                 note: Some(format!(
                     "imds-guard refused an attempt to reach the metadata address {destination}"
                 )),
-                action: "Refuse".to_owned(),
+                action: ACTION_REFUSE.to_owned(),
                 secondary: None,
             },
             pod,
@@ -63,7 +73,7 @@ pub fn event_for(notice: &PodNotice) -> (Event, &PodRef) {
                 note: Some(format!(
                     "audit mode: imds-guard let through an attempt to reach the metadata address {destination}"
                 )),
-                action: "Audit".to_owned(),
+                action: ACTION_AUDIT.to_owned(),
                 secondary: None,
             },
             pod,
@@ -76,7 +86,7 @@ pub fn event_for(notice: &PodNotice) -> (Event, &PodRef) {
                     "the pod asks for metadata access, but namespace {} does not permit it: it stays blocked",
                     pod.namespace
                 )),
-                action: "IgnoreLabel".to_owned(),
+                action: ACTION_IGNORE_LABEL.to_owned(),
                 secondary: None,
             },
             pod,
@@ -84,18 +94,29 @@ pub fn event_for(notice: &PodNotice) -> (Event, &PodRef) {
     }
 }
 
-/// Publishes notices as Events, reported by `imds-guard` on `node`.
-pub async fn publish(client: Client, node: String, mut notices: mpsc::Receiver<PodNotice>) {
-    let recorder = Recorder::new(
+/// The recorder that publishes the Events, reported by imds-guard on `node`.
+pub fn recorder(client: Client, node: String) -> Recorder {
+    Recorder::new(
         client,
         Reporter {
-            controller: "imds-guard".to_owned(),
+            controller: CONTROLLER.to_owned(),
             instance: Some(node),
         },
-    );
+    )
+}
+
+/// Publishes the Event for one notice.
+pub async fn send(recorder: &Recorder, notice: &PodNotice) -> Result<(), kube::Error> {
+    let (event, pod) = event_for(notice);
+    recorder.publish(&event, &reference(pod)).await
+}
+
+/// Publishes notices as Events, reported by imds-guard on `node`.
+pub async fn publish(client: Client, node: String, mut notices: mpsc::Receiver<PodNotice>) {
+    let recorder = recorder(client, node);
     while let Some(notice) = notices.recv().await {
-        let (event, pod) = event_for(&notice);
-        if let Err(err) = recorder.publish(&event, &reference(pod)).await {
+        if let Err(err) = send(&recorder, &notice).await {
+            let pod = notice.pod();
             warn!(namespace = %pod.namespace, pod = %pod.name, "cannot publish a Kubernetes Event: {err}");
         }
     }

@@ -176,6 +176,15 @@ pub enum PodNotice {
     LabelIgnored { pod: PodRef },
 }
 
+impl PodNotice {
+    /// The pod the notice is about.
+    pub fn pod(&self) -> &PodRef {
+        match self {
+            PodNotice::Attempt { pod, .. } | PodNotice::LabelIgnored { pod } => pod,
+        }
+    }
+}
+
 /// How long one (workload, destination, verdict) is logged once.
 pub const LOG_WINDOW: Duration = Duration::from_mins(1);
 /// Distinct keys tracked at most; past it, windows start over.

@@ -33,7 +33,7 @@ use imds_guard_tests::hostns::in_host_netns;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 /// Every run ends by itself: no subcommand may ask for more than this.
-const MAX_SECONDS: u64 = 3600;
+const MAX_SECONDS: u32 = 3600;
 const MAX_COUNT: u32 = 1_000_000;
 /// Bulk writes, and the sink's reads, go in chunks of this size.
 const CHUNK: usize = 128 * 1024;
@@ -67,18 +67,15 @@ impl Options {
             let [flag, value] = pair else {
                 return Err(format!("{} needs a value", pair[0]));
             };
-            let number = |max: u64| match value.parse::<u64>() {
-                Ok(n) if n <= max => Ok(n),
-                _ => Err(format!("{flag} takes a number up to {max}, not {value}")),
-            };
             match flag.as_str() {
                 "--seconds" => options.seconds = seconds(value)?,
-                "--count" => options.count = number(MAX_COUNT.into())? as u32,
+                "--count" => options.count = number(flag, value, MAX_COUNT)?,
                 "--timeout-ms" => {
-                    options.timeout = Duration::from_millis(number(MAX_SECONDS * 1000)?)
+                    let most = u64::from(MAX_SECONDS) * 1000;
+                    options.timeout = Duration::from_millis(number(flag, value, most)?);
                 }
-                "--port" => options.port = Some(number(u16::MAX.into())? as u16),
-                "--accept-port" => options.accept_port = Some(number(u16::MAX.into())? as u16),
+                "--port" => options.port = Some(number(flag, value, u16::MAX)?),
+                "--accept-port" => options.accept_port = Some(number(flag, value, u16::MAX)?),
                 other => return Err(format!("unknown option {other}")),
             }
         }
@@ -86,10 +83,21 @@ impl Options {
     }
 }
 
+/// The value of `flag`, a number up to `max`.
+fn number<T>(flag: &str, value: &str, max: T) -> Result<T, String>
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
+{
+    match value.parse::<T>() {
+        Ok(n) if n <= max => Ok(n),
+        _ => Err(format!("{flag} takes a number up to {max}, not {value}")),
+    }
+}
+
 /// A duration in seconds, fractions allowed, above zero and at most [`MAX_SECONDS`].
 fn seconds(text: &str) -> Result<Duration, String> {
     match text.parse::<f64>() {
-        Ok(s) if s > 0.0 && s <= MAX_SECONDS as f64 => Ok(Duration::from_secs_f64(s)),
+        Ok(s) if s > 0.0 && s <= f64::from(MAX_SECONDS) => Ok(Duration::from_secs_f64(s)),
         _ => Err(format!(
             "--seconds takes a number of seconds up to {MAX_SECONDS}, not {text}"
         )),
@@ -129,7 +137,7 @@ fn client(command: &str, args: &[String]) -> Result<String, String> {
     let io = |err: std::io::Error| format!("{command} {addr}: {err}");
     match command {
         "bulk" => bulk(addr, &options).map_err(io),
-        "connect-rate" => connect_rate(addr, &options).map_err(io),
+        "connect-rate" => Ok(connect_rate(addr, &options)),
         "udp-rate" => udp_rate(addr, &options).map_err(io),
         "ping-rate" => ping_rate(addr, &options).map_err(io),
         "blocked-connect" => blocked_connect(addr, &options).map_err(io),
@@ -142,9 +150,18 @@ fn parse_ip(text: &str) -> Result<IpAddr, String> {
 }
 
 fn errno_name(err: &std::io::Error) -> String {
-    err.raw_os_error()
-        .map(|code| format!("{:?}", nix::errno::Errno::from_raw(code)))
-        .unwrap_or_else(|| err.kind().to_string().replace(' ', "_"))
+    err.raw_os_error().map_or_else(
+        || err.kind().to_string().replace(' ', "_"),
+        |code| format!("{:?}", nix::errno::Errno::from_raw(code)),
+    )
+}
+
+#[allow(
+    clippy::cast_precision_loss,
+    reason = "the counts of one run stay far below 2^52"
+)]
+fn per_second(count: u64, seconds: f64) -> f64 {
+    count as f64 / seconds
 }
 
 /// Counts of a rate loop: calls that succeeded, calls that failed, and the
@@ -182,7 +199,7 @@ impl Tally {
             "{ok_name}={} failed={}{first_error} seconds={seconds:.3} per_s={:.1}",
             self.ok,
             self.failed,
-            self.ok as f64 / seconds
+            per_second(self.ok, seconds)
         )
     }
 }
@@ -214,13 +231,13 @@ fn bulk(addr: SocketAddr, options: &Options) -> std::io::Result<String> {
     let seconds = started.elapsed().as_secs_f64();
     Ok(format!(
         "bytes={bytes} seconds={seconds:.3} per_s={:.1}",
-        bytes as f64 / seconds
+        per_second(bytes, seconds)
     ))
 }
 
-/// One TCP connect, bounded by `timeout` (SO_SNDTIMEO bounds a blocking
+/// One TCP connect, bounded by `timeout` (`SO_SNDTIMEO` bounds a blocking
 /// connect; it then fails with EINPROGRESS). The socket closes with a reset
-/// (linger 0), so thousands of connects leave no TIME_WAIT behind to run
+/// (linger 0), so thousands of connects leave no `TIME_WAIT` behind to run
 /// out of ports. Returns how the connect call ended and how long it took.
 fn connect_once(
     addr: SocketAddr,
@@ -235,11 +252,11 @@ fn connect_once(
     Ok((result, started.elapsed()))
 }
 
-fn connect_rate(addr: SocketAddr, options: &Options) -> std::io::Result<String> {
+fn connect_rate(addr: SocketAddr, options: &Options) -> String {
     let (tally, elapsed) = for_duration(options.seconds, || {
         connect_once(addr, options.timeout).and_then(|(result, _)| result)
     });
-    Ok(tally.render("connects", elapsed))
+    tally.render("connects", elapsed)
 }
 
 fn unspecified_for(addr: SocketAddr) -> SocketAddr {

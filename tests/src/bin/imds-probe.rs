@@ -55,9 +55,10 @@ impl Outcome {
 }
 
 fn errno_name(err: &std::io::Error) -> String {
-    err.raw_os_error()
-        .map(|code| format!("{:?}", nix::errno::Errno::from_raw(code)))
-        .unwrap_or_else(|| "none".to_owned())
+    err.raw_os_error().map_or_else(
+        || "none".to_owned(),
+        |code| format!("{:?}", nix::errno::Errno::from_raw(code)),
+    )
 }
 
 struct Target {
@@ -246,7 +247,7 @@ fn ping(target: &Target) -> Outcome {
     }
 }
 
-/// Builds an IPv4 header for a raw IP_HDRINCL socket. The kernel fills the
+/// Builds an IPv4 header for a raw `IP_HDRINCL` socket. The kernel fills the
 /// checksum and the total length; the id is ours, so fragments reassemble.
 fn ipv4_header(
     source: Ipv4Addr,
@@ -267,7 +268,7 @@ fn ipv4_header(
     h
 }
 
-/// Sends a UDP datagram by hand through a raw socket with IP_HDRINCL, whole
+/// Sends a UDP datagram by hand through a raw socket with `IP_HDRINCL`, whole
 /// or as two fragments, and waits for the echo on an ordinary UDP socket
 /// bound to the source port we wrote.
 fn raw_udp(target: &Target, fragmented: bool) -> (Outcome, String) {
@@ -299,7 +300,11 @@ fn raw_udp(target: &Target, fragmented: bool) -> (Outcome, String) {
     let mut udp = Vec::new();
     udp.extend_from_slice(&source_port.to_be_bytes());
     udp.extend_from_slice(&dest.port().to_be_bytes());
-    udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    // The length covers the 8-byte header too.
+    let Ok(length) = u16::try_from(8 + payload.len()) else {
+        return (Outcome::Error("payload too long".to_owned()), String::new());
+    };
+    udp.extend_from_slice(&length.to_be_bytes());
     udp.extend_from_slice(&[0, 0]); // no checksum (allowed over IPv4)
     udp.extend_from_slice(payload);
     let packets: Vec<Vec<u8>> = if fragmented {

@@ -1,7 +1,7 @@
 //! One container of the DaemonSet's pod as an OCI bundle, generated the way
 //! the kubelet and containerd v2.3.4 would on this node: the image's
 //! entrypoint with the container's args, its environment, the capabilities
-//! containerd computes from add and drop, its user, no_new_privs from
+//! containerd computes from add and drop, its user, `no_new_privs` from
 //! allowPrivilegeEscalation, the read-only root, each volumeMount as a bind
 //! mount with its propagation and read-only mode, containerd's default
 //! mounts, masked and read-only paths, namespaces and seccomp profile, and
@@ -50,7 +50,7 @@ const RUNTIME_DEFAULT_CAPABILITIES: [&str; 14] = [
 ];
 
 /// Every capability, in number order (linux/capability.h, through
-/// CAP_CHECKPOINT_RESTORE): what `add: [ALL]` grants.
+/// `CAP_CHECKPOINT_RESTORE`): what `add: [ALL]` grants.
 const ALL_CAPABILITIES: [&str; 41] = [
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
@@ -123,7 +123,7 @@ const READONLY_PATHS: [&str; 5] = [
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The kubelet's CFS period (100 ms) and its floors for shares and quota
-/// (pkg/kubelet/cm/helpers_linux.go).
+/// (`pkg/kubelet/cm/helpers_linux.go`).
 const CPU_PERIOD_US: u64 = 100_000;
 const MIN_SHARES: u64 = 2;
 const MIN_QUOTA_US: i64 = 1_000;
@@ -244,7 +244,7 @@ fn check_modelled(pod: &PodSpec, security: &Security) -> Result<()> {
         return unsupported("supplementalGroups or fsGroup");
     }
     match security.apparmor_type().as_deref() {
-        None | Some("RuntimeDefault") | Some("Unconfined") => {}
+        None | Some("RuntimeDefault" | "Unconfined") => {}
         Some(other) => return unsupported(&format!("appArmorProfile type {other}")),
     }
     Ok(())
@@ -368,7 +368,12 @@ fn quantity(text: &str, milli: bool) -> Result<i64> {
         _ => return Err(bad()),
     };
     let value = number * factor * if milli { 1000.0 } else { 1.0 };
-    Ok(value.ceil() as i64)
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "a saturating cast, and a pod's quantities are far from i64::MAX"
+    )]
+    let value = value.ceil() as i64;
+    Ok(value)
 }
 
 /// The kubelet's conversion of requests and limits (CPU shares from the
@@ -392,8 +397,8 @@ fn resources(container: &Container) -> Result<Resources> {
         None => cpu_limit,
     };
     let cpu = Cpu {
-        shares: cpu_request.map(|m| ((m.max(0) as u64) * 1024 / 1000).max(MIN_SHARES)),
-        quota: cpu_limit.map(|m| (m * CPU_PERIOD_US as i64 / 1000).max(MIN_QUOTA_US)),
+        shares: cpu_request.map(|m| (m.max(0).cast_unsigned() * 1024 / 1000).max(MIN_SHARES)),
+        quota: cpu_limit.map(|m| (m * CPU_PERIOD_US.cast_signed() / 1000).max(MIN_QUOTA_US)),
         period: cpu_limit.map(|_| CPU_PERIOD_US),
     };
     let memory = limits
@@ -568,7 +573,7 @@ fn config_map_volume(
         ));
     }
     let config_map = manifest.config_map(&source.name)?;
-    let mode = source.default_mode.unwrap_or(0o644) as u32;
+    let mode = source.default_mode.unwrap_or(0o644).cast_unsigned();
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(io_error("removing", dir))?;
     }
@@ -683,6 +688,10 @@ fn volume_mount(
 /// The OCI configuration of the DaemonSet's container on `node` under a
 /// runtime with `features`; configMap volumes are written below
 /// `volumes_dir`.
+#[allow(
+    clippy::too_many_lines,
+    reason = "the spec section by section, in the order containerd builds it"
+)]
 pub fn generate(
     manifest: &Manifest,
     node: &Node,

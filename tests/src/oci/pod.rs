@@ -131,7 +131,7 @@ impl Pod {
         let mut bundle = self.bundle(manifest, &self.settings(tag))?;
         let mut args = manifest.container()?.args.clone().unwrap_or_default();
         match args.first_mut() {
-            Some(first) if first == "run" => *first = "standalone".to_owned(),
+            Some(first) if first == "run" => "standalone".clone_into(first),
             _ => {
                 return Err(BundleError::Unsupported(format!(
                     "container args not starting with `run`: {args:?}"

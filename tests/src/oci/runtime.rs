@@ -20,11 +20,11 @@ pub enum Runtime {
 /// What containerd learns from a runtime's `features` command.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RuntimeFeatures {
-    /// Recursive read-only bind mounts (`rro`, with mount_setattr(2)).
+    /// Recursive read-only bind mounts (`rro`, with `mount_setattr(2)`).
     pub recursive_read_only: bool,
 }
 
-/// mount_setattr(2), which `rro` needs, came in Linux 5.12.
+/// `mount_setattr(2)`, which `rro` needs, came in Linux 5.12.
 const MOUNT_SETATTR: (u32, u32) = (5, 12);
 
 const UNIFIED_CONTROLLERS: &str = "/sys/fs/cgroup/unified/cgroup.controllers";
@@ -48,7 +48,7 @@ impl Runtime {
     }
 
     /// What containerd's introspection finds: `rro` among the mount options
-    /// `<runtime> features` lists, on a kernel with mount_setattr. A runtime
+    /// `<runtime> features` lists, on a kernel with `mount_setattr`. A runtime
     /// without the command (crun 1.8) reports no features.
     pub fn features(self, node: &Node) -> RuntimeFeatures {
         let listed = self

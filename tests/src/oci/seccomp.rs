@@ -1,6 +1,6 @@
 //! The runtime's default seccomp profile (`seccompProfile: RuntimeDefault`)
 //! as containerd builds it: containerd v2.3.4,
-//! contrib/seccomp/seccomp_default.go (`DefaultProfile`), for x86_64. The
+//! `contrib/seccomp/seccomp_default.go` (`DefaultProfile`), for `x86_64`. The
 //! same rules in the same order: one list allowed to everyone, argument
 //! rules for socket(2) and personality(2), the calls newer kernels made
 //! safe, the architecture's own, those allowed by each capability in the
@@ -78,7 +78,7 @@ const ALWAYS: &[&str] = &[
 /// Allowed from Linux 4.8 on, where ptrace can no longer get round seccomp.
 const FROM_LINUX_4_8: &[&str] = &["process_vm_readv", "process_vm_writev", "ptrace"];
 
-/// x86_64's own.
+/// `x86_64`'s own.
 const X86_64: &[&str] = &["arch_prctl", "modify_ldt"];
 
 /// What each capability in the bounding set adds.
@@ -120,7 +120,7 @@ const BY_CAPABILITY: &[(&str, &[&str])] = &[
     ("CAP_PERFMON", &["perf_event_open"]),
 ];
 
-/// socket(2) for every address family but AF_ALG (38) and AF_VSOCK (40):
+/// socket(2) for every address family but `AF_ALG` (38) and `AF_VSOCK` (40):
 /// three single-condition rules, since runc ORs repeated conditions on one
 /// argument.
 const SOCKET_FAMILIES: [(u64, &str); 3] = [
@@ -129,11 +129,11 @@ const SOCKET_FAMILIES: [(u64, &str); 3] = [
     (40, "SCMP_CMP_GT"),
 ];
 
-/// personality(2) with these personas only (PER_LINUX, UNAME26,
-/// PER_LINUX32, both, and the query).
+/// personality(2) with these personas only (`PER_LINUX`, UNAME26,
+/// `PER_LINUX32`, both, and the query).
 const PERSONAS: [u64; 5] = [0x0, 0x0008, 0x20000, 0x20008, 0xffff_ffff];
 
-/// CLONE_NEWNS | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET | NEWCGROUP:
+/// `CLONE_NEWNS` | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET | NEWCGROUP:
 /// without CAP_SYS_ADMIN, clone(2) may set none of them.
 const NAMESPACE_FLAGS: u64 =
     0x0002_0000 | 0x0400_0000 | 0x0800_0000 | 0x1000_0000 | 0x2000_0000 | 0x4000_0000 | 0x0200_0000;

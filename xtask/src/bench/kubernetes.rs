@@ -117,7 +117,7 @@ fn measure(
     kubeconfig: &Path,
 ) -> anyhow::Result<Vec<Row>> {
     let spawned = Instant::now();
-    let mut daemon = Daemon::start_kubernetes(NODE, root, pins.path(), kubeconfig, &[])?;
+    let mut daemon = Daemon::kubernetes(NODE, root, pins.path(), kubeconfig).start()?;
     let to_enforcing = spawned.elapsed();
     daemon.wait_for_log("synced with the API server", Duration::from_secs(20))?;
     let to_ready = spawned.elapsed();

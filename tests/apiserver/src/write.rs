@@ -1,7 +1,7 @@
 //! CREATE and PATCH, as far as kube's event `Recorder` uses them: it POSTs
 //! a new event under a name of its own (`<object>.<nanoseconds>`), and for
-//! each repeat PATCHes that event with a JSON merge patch holding the whole
-//! event, now with a `series`.
+//! each repeat sends a PATCH of that event: a JSON merge patch holding the
+//! whole event, now with a `series`.
 
 use http_body_util::BodyExt as _;
 use hyper::{Request, Response, StatusCode, body::Incoming, header};

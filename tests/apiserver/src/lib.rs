@@ -169,10 +169,10 @@ pub struct FakeApiServer {
 impl FakeApiServer {
     /// Starts listening with the default options.
     pub fn start() -> Result<FakeApiServer> {
-        FakeApiServer::start_with(ApiServerOptions::default())
+        FakeApiServer::start_with(&ApiServerOptions::default())
     }
 
-    pub fn start_with(options: ApiServerOptions) -> Result<FakeApiServer> {
+    pub fn start_with(options: &ApiServerOptions) -> Result<FakeApiServer> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("fake-apiserver")

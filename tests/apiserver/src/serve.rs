@@ -373,13 +373,12 @@ fn list(
 fn list_version(query: &Query, current: u64) -> Result<u64, Failure> {
     let requested = requested_version(query.resource_version.as_deref(), current)?;
     match query.resource_version_match.as_deref() {
-        None => Ok(current),
         Some(_) if query.resource_version.as_deref().unwrap_or("").is_empty() => {
             Err(Failure::bad_request(
                 "resourceVersionMatch is forbidden unless resourceVersion is provided",
             ))
         }
-        Some("NotOlderThan") => Ok(current),
+        None | Some("NotOlderThan") => Ok(current),
         Some("Exact") => requested.ok_or_else(|| {
             Failure::bad_request(
                 "resourceVersionMatch \"Exact\" is forbidden for resourceVersion \"0\"",

@@ -26,7 +26,7 @@ use super::{
 
 /// How long a watch lasts when the client gives no `timeoutSeconds`: the
 /// real server's `--min-request-timeout` default.
-const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(1800);
+const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_mins(30);
 
 /// The annotation on the bookmark that ends the initial events of a
 /// `sendInitialEvents=true` watch.

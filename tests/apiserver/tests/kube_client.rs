@@ -9,8 +9,15 @@ use std::{
     time::{Duration, Instant},
 };
 
+use enforcer_user::{
+    k8s::notify::{
+        self, ACTION_AUDIT, ACTION_IGNORE_LABEL, ACTION_REFUSE, CONTROLLER, REASON_AUDITED,
+        REASON_BLOCKED, REASON_LABEL_IGNORED,
+    },
+    report::events::{PodNotice, PodRef},
+};
 use futures::StreamExt as _;
-use imds_guard_tests::apiserver::{ApiServerOptions, FakeApiServer, ResourceKind, Verb};
+use imds_guard_test_apiserver::{ApiServerOptions, FakeApiServer, ResourceKind, Verb};
 use k8s_openapi::{
     api::{
         core::v1::{Namespace, ObjectReference, Pod, PodSpec},
@@ -20,14 +27,10 @@ use k8s_openapi::{
     jiff::Timestamp,
 };
 use kube::{
-    Api, Client, Config, Resource as _, ResourceExt,
+    Api, Client, Config, ResourceExt,
     api::{ListParams, Patch, PatchParams, PostParams, VersionMatch, WatchEvent, WatchParams},
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{
-        WatchStreamExt as _,
-        events::{self, EventType, Recorder, Reporter},
-        watcher,
-    },
+    runtime::{WatchStreamExt as _, events::Recorder, watcher},
 };
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -226,6 +229,7 @@ where
 }
 
 #[test]
+#[allow(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 fn lists_pods_by_node_and_label_selectors() {
     let server = start();
     server
@@ -523,7 +527,7 @@ fn pod_leaving_the_label_selector_arrives_as_deleted() {
 
 #[test]
 fn bookmarks_carry_the_newest_version_and_watches_time_out() {
-    let server = FakeApiServer::start_with(ApiServerOptions {
+    let server = FakeApiServer::start_with(&ApiServerOptions {
         bookmark_interval: Duration::from_millis(100),
         ..ApiServerOptions::default()
     })
@@ -755,10 +759,9 @@ fn kubeconfig_file_works_through_the_kubeconfig_env_var() {
     server
         .apply_pod(pod("default", "from-env", Some("node-a"), &[]))
         .expect("pod");
-    let path = std::env::temp_dir().join(format!(
-        "{}.kubeconfig",
-        imds_guard_tests::unique_name("apiserver")
-    ));
+    // Unique to this process: test binaries may run side by side.
+    let path =
+        std::env::temp_dir().join(format!("fake-apiserver-{}.kubeconfig", std::process::id()));
     server.write_kubeconfig(&path).expect("write kubeconfig");
     // KUBECONFIG is process-wide, so the client runs in a child test process.
     let output = std::process::Command::new(std::env::current_exe().expect("test binary"))
@@ -797,35 +800,44 @@ fn kubeconfig_child() {
     assert_eq!(names, [expected]);
 }
 
-/// What the daemon reports, as (type, reason, action).
-type Access = (EventType, &'static str, &'static str);
-const BLOCKED: Access = (EventType::Warning, "MetadataAccessBlocked", "Block");
-const AUDITED: Access = (EventType::Normal, "MetadataAccessAudited", "Audit");
-const LABEL_IGNORED: Access = (
-    EventType::Warning,
-    "MetadataAccessLabelIgnored",
-    "IgnoreLabel",
-);
+/// The node the daemon's recorder reports from.
+const NODE: &str = "node-a";
 
-fn access_event((type_, reason, action): Access, note: &str) -> events::Event {
-    events::Event {
-        type_,
-        reason: reason.to_owned(),
-        note: Some(note.to_owned()),
-        action: action.to_owned(),
-        secondary: None,
+/// The daemon's own recorder, as it publishes its Events.
+async fn daemon_recorder(server: &FakeApiServer) -> Recorder {
+    notify::recorder(client(server).await, NODE.to_owned())
+}
+
+fn pod_ref(pod: &Pod) -> PodRef {
+    PodRef {
+        namespace: pod.namespace().unwrap_or_default(),
+        name: pod.name_any(),
+        uid: pod.uid().expect("a stored pod has a uid"),
     }
 }
 
-fn recorder(client: Client) -> Recorder {
-    // An explicit instance: `Reporter::from("...")` would use the hostname.
-    Recorder::new(
-        client,
-        Reporter {
-            controller: "imds-guard".to_owned(),
-            instance: Some("node-a".to_owned()),
-        },
-    )
+/// What the daemon tells `pod` about an attempt to reach `destination`.
+fn attempt(pod: &Pod, destination: &str, audited: bool) -> PodNotice {
+    PodNotice::Attempt {
+        pod: pod_ref(pod),
+        destination: destination.to_owned(),
+        audited,
+    }
+}
+
+/// The note of the Event the daemon sends for `notice`.
+fn note(notice: &PodNotice) -> String {
+    notify::event_for(notice)
+        .0
+        .note
+        .expect("the daemon's Events have a note")
+}
+
+/// Publishes the daemon's Event for `notice`, as the daemon does.
+async fn send(recorder: &Recorder, notice: &PodNotice) {
+    notify::send(recorder, notice)
+        .await
+        .unwrap_or_else(|e| panic!("publishing {notice:?}: {e}"));
 }
 
 fn stored_events(server: &FakeApiServer) -> Vec<K8sEvent> {
@@ -836,14 +848,9 @@ fn stored_events(server: &FakeApiServer) -> Vec<K8sEvent> {
 fn recorder_publishes_an_event_regarding_the_pod() {
     let server = start();
     let pod = add_pod(&server, "web-1");
+    let notice = attempt(&pod, "169.254.169.254:80", false);
     block_on(async {
-        recorder(client(&server).await)
-            .publish(
-                &access_event(BLOCKED, "blocked 169.254.169.254:80"),
-                &pod.object_ref(&()),
-            )
-            .await
-            .expect("publish");
+        send(&daemon_recorder(&server).await, &notice).await;
     });
 
     let events = stored_events(&server);
@@ -868,12 +875,16 @@ fn recorder_publishes_an_event_regarding_the_pod() {
             pod.uid()
         )
     );
-    assert_eq!(event.reason.as_deref(), Some("MetadataAccessBlocked"));
-    assert_eq!(event.action.as_deref(), Some("Block"));
-    assert_eq!(event.note.as_deref(), Some("blocked 169.254.169.254:80"));
+    assert_eq!(event.reason.as_deref(), Some(REASON_BLOCKED));
+    assert_eq!(event.action.as_deref(), Some(ACTION_REFUSE));
+    assert_eq!(event.note.as_deref(), Some(note(&notice).as_str()));
+    assert!(
+        note(&notice).contains("169.254.169.254:80"),
+        "the note names the destination: {event:?}"
+    );
     assert_eq!(event.type_.as_deref(), Some("Warning"));
-    assert_eq!(event.reporting_controller.as_deref(), Some("imds-guard"));
-    assert_eq!(event.reporting_instance.as_deref(), Some("node-a"));
+    assert_eq!(event.reporting_controller.as_deref(), Some(CONTROLLER));
+    assert_eq!(event.reporting_instance.as_deref(), Some(NODE));
     assert!(event.event_time.is_some());
     assert_eq!(event.series, None, "a first occurrence has no series");
     assert_eq!(event.related, None);
@@ -912,14 +923,13 @@ fn repeats_of_an_event_become_one_event_with_a_series() {
     const PUBLISHED: i32 = 10;
     let server = start();
     let pod = add_pod(&server, "web-1");
-    let reference = pod.object_ref(&());
-    let event = access_event(BLOCKED, "blocked 169.254.169.254:80");
+    let notice = attempt(&pod, "169.254.169.254:80", false);
     let first = block_on(async {
-        let recorder = recorder(client(&server).await);
-        recorder.publish(&event, &reference).await.expect("publish");
+        let recorder = daemon_recorder(&server).await;
+        send(&recorder, &notice).await;
         let first = stored_events(&server);
         for _ in 1..PUBLISHED {
-            recorder.publish(&event, &reference).await.expect("repeat");
+            send(&recorder, &notice).await;
         }
         first
     });
@@ -964,43 +974,49 @@ fn repeats_of_an_event_become_one_event_with_a_series() {
 
 #[test]
 fn reasons_and_pods_make_distinct_events_but_notes_and_pod_changes_do_not() {
+    const METADATA: &str = "169.254.169.254:80";
     let server = start();
     let web_1 = add_pod(&server, "web-1");
     let web_2 = add_pod(&server, "web-2");
-    block_on(async {
-        let recorder = recorder(client(&server).await);
-        let publish = async |access: Access, note: &str, pod: &Pod| {
-            recorder
-                .publish(&access_event(access, note), &pod.object_ref(&()))
-                .await
-                .expect("publish");
-        };
-        publish(BLOCKED, "first", &web_1).await;
-        publish(AUDITED, "audited", &web_1).await;
-        publish(LABEL_IGNORED, "ignored", &web_1).await;
-        // The note is not part of the Recorder's key: this is a repeat,
-        // patched with the cached event, so its note stays "first".
-        publish(BLOCKED, "second", &web_1).await;
-        publish(BLOCKED, "other pod", &web_2).await;
-        // `object_ref` carries no resourceVersion, so the pod after a change
-        // is the same key: another repeat.
+    let first = attempt(&web_1, METADATA, false);
+    let audited = attempt(&web_1, METADATA, true);
+    let ignored = PodNotice::LabelIgnored {
+        pod: pod_ref(&web_1),
+    };
+    let other_pod = attempt(&web_2, METADATA, false);
+    let recreated = block_on(async {
+        let recorder = daemon_recorder(&server).await;
+        send(&recorder, &first).await;
+        send(&recorder, &audited).await;
+        send(&recorder, &ignored).await;
+        // The note is not part of the Recorder's key: another destination
+        // is a repeat, patched with the cached event, so its note stays the
+        // first one's.
+        send(&recorder, &attempt(&web_1, "[fd00:ec2::254]:80", false)).await;
+        send(&recorder, &other_pod).await;
+        // The daemon's reference carries no resourceVersion, so the pod
+        // after a change is the same key: another repeat.
         let changed = server
             .apply_pod(relabel(web_1, "app", "web"))
             .expect("relabel web-1");
-        publish(BLOCKED, "after a change", &changed).await;
+        send(&recorder, &attempt(&changed, METADATA, false)).await;
         // It carries the uid, so a pod recreated under the same name is a
         // new key: a new event.
         server.delete_pod("apps", "web-1").expect("delete web-1");
         let recreated = add_pod(&server, "web-1");
         assert_ne!(recreated.uid(), changed.uid());
-        publish(BLOCKED, "recreated", &recreated).await;
+        let recreated = attempt(&recreated, "169.254.170.2:80", false);
+        send(&recorder, &recreated).await;
+        recreated
     });
 
+    let describe = |name: &str, reason: &str, type_: &str, action: &str, note: &str, count| {
+        format!("{name} {reason} {type_} {action} {note:?} count={count:?}")
+    };
     let mut described: Vec<String> = stored_events(&server)
         .iter()
         .map(|event| {
-            format!(
-                "{} {} {} {:?} count={:?}",
+            describe(
                 event
                     .regarding
                     .as_ref()
@@ -1008,22 +1024,58 @@ fn reasons_and_pods_make_distinct_events_but_notes_and_pod_changes_do_not() {
                     .unwrap_or_default(),
                 event.reason.as_deref().unwrap_or_default(),
                 event.type_.as_deref().unwrap_or_default(),
+                event.action.as_deref().unwrap_or_default(),
                 event.note.as_deref().unwrap_or_default(),
                 event.series.as_ref().map(|series| series.count),
             )
         })
         .collect();
     described.sort();
-    assert_eq!(
-        described,
-        [
-            r#"web-1 MetadataAccessAudited Normal "audited" count=None"#,
-            r#"web-1 MetadataAccessBlocked Warning "first" count=Some(3)"#,
-            r#"web-1 MetadataAccessBlocked Warning "recreated" count=None"#,
-            r#"web-1 MetadataAccessLabelIgnored Warning "ignored" count=None"#,
-            r#"web-2 MetadataAccessBlocked Warning "other pod" count=None"#,
-        ]
-    );
+    let (blocked, warning) = (REASON_BLOCKED, "Warning");
+    let mut expected = [
+        describe(
+            "web-1",
+            REASON_AUDITED,
+            warning,
+            ACTION_AUDIT,
+            &note(&audited),
+            None,
+        ),
+        describe(
+            "web-1",
+            blocked,
+            warning,
+            ACTION_REFUSE,
+            &note(&first),
+            Some(3),
+        ),
+        describe(
+            "web-1",
+            blocked,
+            warning,
+            ACTION_REFUSE,
+            &note(&recreated),
+            None,
+        ),
+        describe(
+            "web-1",
+            REASON_LABEL_IGNORED,
+            warning,
+            ACTION_IGNORE_LABEL,
+            &note(&ignored),
+            None,
+        ),
+        describe(
+            "web-2",
+            blocked,
+            warning,
+            ACTION_REFUSE,
+            &note(&other_pod),
+            None,
+        ),
+    ];
+    expected.sort();
+    assert_eq!(described, expected);
     assert_eq!(server.request_count(Verb::Create, ResourceKind::Events), 5);
     assert_eq!(server.request_count(Verb::Patch, ResourceKind::Events), 2);
 }
@@ -1035,6 +1087,7 @@ fn refusal<T: Debug>(result: kube::Result<T>) -> (u16, String) {
 }
 
 #[test]
+#[allow(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 fn event_writes_follow_the_api_server_rules() {
     let server = start();
     block_on(async {
@@ -1045,7 +1098,7 @@ fn event_writes_follow_the_api_server_rules() {
                 name: Some("web-1.1".to_owned()),
                 ..ObjectMeta::default()
             },
-            reason: Some("MetadataAccessBlocked".to_owned()),
+            reason: Some(REASON_BLOCKED.to_owned()),
             note: Some("blocked".to_owned()),
             regarding: Some(ObjectReference {
                 kind: Some("Pod".to_owned()),
