@@ -3,14 +3,16 @@
 //! the allow file are reloaded on SIGHUP and when their contents change.
 
 use std::{
-    collections::BTreeSet,
     convert::Infallible,
     path::{Path, PathBuf},
 };
 
 use crate::{
     app::{Daemon, DaemonMode, Target},
-    bpf::{maps, owner::EnforcerError},
+    bpf::{
+        maps::{Access, CgroupAccess},
+        owner::EnforcerError,
+    },
     config::{Settings, Standalone},
     host::cgroup::{CgroupDir, CgroupError},
 };
@@ -47,12 +49,16 @@ pub fn parse_allow_file(text: &str) -> Vec<(usize, PathBuf)> {
         .collect()
 }
 
-/// The cgroup ids to allow: every `allow` directory and every allow-file
-/// entry. Any bad entry fails the whole set, so a typo never changes the map.
-fn allowed_ids(settings: &Standalone, mount: &Path) -> Result<BTreeSet<u64>, StandaloneError> {
-    let mut ids = BTreeSet::new();
+/// The cgroups to list: every `allow` directory and allow-file entry
+/// allowed, every `audit` directory audited (unless also allowed). Any bad
+/// entry fails the whole set, so a typo never changes the map.
+fn listed_cgroups(settings: &Standalone, mount: &Path) -> Result<CgroupAccess, StandaloneError> {
+    let mut listed = CgroupAccess::new();
+    for dir in &settings.audit {
+        listed.insert(CgroupDir::open(dir, mount)?.id(), Access::Audit);
+    }
     for dir in &settings.allow {
-        ids.insert(CgroupDir::open(dir, mount)?.id());
+        listed.insert(CgroupDir::open(dir, mount)?.id(), Access::Allow);
     }
     if let Some(path) = &settings.allow_file {
         let text = std::fs::read_to_string(path).map_err(|source| StandaloneError::AllowFile {
@@ -66,10 +72,10 @@ fn allowed_ids(settings: &Standalone, mount: &Path) -> Result<BTreeSet<u64>, Sta
                     line,
                     source,
                 })?;
-            ids.insert(cgroup.id());
+            listed.insert(cgroup.id(), Access::Allow);
         }
     }
-    Ok(ids)
+    Ok(listed)
 }
 
 /// The fixed subtree and allow list of a plain host.
@@ -83,7 +89,7 @@ impl DaemonMode for StandaloneMode {
     /// Nothing changes from outside but the files.
     type Change = Infallible;
     /// The new allow list.
-    type Reload = BTreeSet<u64>;
+    type Reload = CgroupAccess;
     type Error = StandaloneError;
 
     fn watched_files(settings: &Standalone) -> Vec<PathBuf> {
@@ -96,7 +102,7 @@ impl DaemonMode for StandaloneMode {
     ) -> Result<(StandaloneMode, Target), StandaloneError> {
         let target = Target {
             cgroup: CgroupDir::open(&settings.mode.cgroup, cgroup_root)?,
-            allowed: Some(maps::all_allowed(allowed_ids(&settings.mode, cgroup_root)?)),
+            allowed: Some(listed_cgroups(&settings.mode, cgroup_root)?),
         };
         let mode = StandaloneMode {
             mount: cgroup_root.to_path_buf(),
@@ -117,21 +123,18 @@ impl DaemonMode for StandaloneMode {
         match change {}
     }
 
-    fn plan_reload(&self, new: &Standalone) -> Result<BTreeSet<u64>, StandaloneError> {
-        allowed_ids(new, &self.mount)
+    fn plan_reload(&self, new: &Standalone) -> Result<CgroupAccess, StandaloneError> {
+        listed_cgroups(new, &self.mount)
     }
 
     async fn apply_reload(
         &mut self,
-        allowed: BTreeSet<u64>,
+        allowed: CgroupAccess,
         _: &Settings<Standalone>,
         daemon: &Daemon,
     ) -> Result<Option<usize>, StandaloneError> {
         let count = allowed.len();
-        daemon
-            .handle
-            .set_allowed(maps::all_allowed(allowed))
-            .await?;
+        daemon.handle.set_allowed(allowed).await?;
         Ok(Some(count))
     }
 }

@@ -15,7 +15,7 @@ use aya::{
 use enforcer_user::{
     bpf::{
         loader,
-        maps::{AllowMap, DestRulesMap},
+        maps::{Access, AllowMap, DestRulesMap},
     },
     config::{
         Mode,
@@ -535,13 +535,25 @@ fn an_allowlisted_cgroup_or_ancestor_passes_denied_packets() {
     let denied = Packet::new(md(), TCP, 80);
     assert_eq!(loaded.verdict(&denied), DROP);
     let own = own_cgroup_id();
-    loaded.allow.sync(&[own].into()).expect("allow own cgroup");
+    loaded
+        .allow
+        .sync(&[(own, Access::Allow)].into())
+        .expect("allow own cgroup");
     assert_eq!(loaded.verdict(&denied), PASS);
     // An entry for some other cgroup does not help.
     loaded
         .allow
-        .sync(&[own + 1_000_000].into())
+        .sync(&[(own + 1_000_000, Access::Allow)].into())
         .expect("allow another");
+    assert_eq!(loaded.verdict(&denied), DROP);
+    // An audit entry lets the packet through in an enforcing build (and
+    // counts it, as an audited attempt).
+    loaded
+        .allow
+        .sync(&[(own, Access::Audit)].into())
+        .expect("audit own cgroup");
+    assert_eq!(loaded.verdict(&denied), PASS);
+    loaded.allow.sync(&[].into()).expect("empty");
     assert_eq!(loaded.verdict(&denied), DROP);
 }
 

@@ -152,11 +152,6 @@ impl Access {
 /// The listed cgroups, by id.
 pub type CgroupAccess = BTreeMap<u64, Access>;
 
-/// Every cgroup in `ids` allowed.
-pub fn all_allowed(ids: impl IntoIterator<Item = u64>) -> CgroupAccess {
-    ids.into_iter().map(|id| (id, Access::Allow)).collect()
-}
-
 /// The listed cgroups: allowed, or audited.
 pub struct AllowMap(HashMap<MapData, u64, AllowEntry>);
 

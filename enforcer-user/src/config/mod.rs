@@ -158,6 +158,10 @@ pub struct StandaloneSection {
     /// File listing allowlisted cgroup directories, one a line; reloaded like the config.
     #[arg(long, env = "IMDS_GUARD_ALLOW_FILE")]
     pub allow_file: Option<PathBuf>,
+    /// Cgroup directory whose attempts, with its subtree's, are reported as
+    /// audited and let through while the rest enforces (allow wins). Repeatable.
+    #[arg(long)]
+    pub audit: Option<Vec<PathBuf>>,
 }
 
 /// `kubernetes:` in the file, or the `run` command's flags.
@@ -236,7 +240,7 @@ macro_rules! stack_fields {
 stack_fields!(Layer {
     mode, presets, deny, pass, limits, bpffs_dir, cgroup_root, http_listen
 } sections { standalone, kubernetes });
-stack_fields!(StandaloneSection { cgroup, allow, allow_file } sections {});
+stack_fields!(StandaloneSection { cgroup, allow, allow_file, audit } sections {});
 stack_fields!(KubernetesSection {
     node_name, allow_namespaces, label_key, pod_allow_value, namespace_allow_value, pod_cgroup,
     mode_label_key, kubeconfig, startup_taint
@@ -450,6 +454,7 @@ pub struct Standalone {
     pub cgroup: PathBuf,
     pub allow: Vec<PathBuf>,
     pub allow_file: Option<PathBuf>,
+    pub audit: Vec<PathBuf>,
 }
 
 impl ModeSettings for Standalone {
@@ -459,6 +464,7 @@ impl ModeSettings for Standalone {
             cgroup: section.cgroup.ok_or(ConfigError::NoCgroup)?,
             allow: section.allow.unwrap_or_default(),
             allow_file: section.allow_file,
+            audit: section.audit.unwrap_or_default(),
         })
     }
 
