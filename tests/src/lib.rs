@@ -16,6 +16,7 @@ pub mod hostns;
 pub mod netns;
 pub mod oci;
 pub mod pins;
+pub mod pods;
 pub mod privileges;
 pub mod probe;
 pub mod refusal;

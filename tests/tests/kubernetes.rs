@@ -4,94 +4,31 @@
 //! in the sandbox. Every expectation is checked by traffic.
 
 use std::{
-    collections::BTreeMap,
     net::IpAddr,
     path::PathBuf,
     time::{Duration, Instant},
 };
 
-use enforcer_user::k8s::notify::{
-    ACTION_IGNORE_LABEL, ACTION_REFUSE, CONTROLLER, REASON_BLOCKED, REASON_LABEL_IGNORED,
+use enforcer_user::k8s::{
+    notify::{
+        ACTION_IGNORE_LABEL, ACTION_REFUSE, CONTROLLER, REASON_BLOCKED, REASON_LABEL_IGNORED,
+    },
+    reachability::PROBE_INTERVAL,
+    watch::FIRST_PAUSE_SPREAD,
 };
 use imds_guard_test_apiserver::FakeApiServer;
 use imds_guard_tests::{
-    Daemon, Outcome, PinDir, Probe, Sandbox, Server, TestCgroup, addrs, require_root,
+    Daemon, Outcome, PinDir, Probe, Sandbox, Server, TestCgroup, addrs,
+    pods::{self, Driver, TestPod, namespace},
+    require_root,
     stage::{HTTP, eperm},
 };
-use k8s_openapi::api::core::v1::{Namespace, Pod};
 
 const NODE: &str = "node-1";
-const LABEL: &str = "imds-guard.io/metadata-access";
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Driver {
-    Systemd,
-    Cgroupfs,
-}
-
-/// One pod: its API object's fields and its container cgroup.
-struct TestPod {
-    name: &'static str,
-    namespace: &'static str,
-    uid: String,
-    host_network: bool,
-}
-
-impl TestPod {
-    fn new(index: u32, name: &'static str, namespace: &'static str) -> TestPod {
-        TestPod {
-            name,
-            namespace,
-            uid: format!("{index:08x}-aaaa-4bbb-8ccc-{:012x}", std::process::id()),
-            host_network: false,
-        }
-    }
-
-    fn object(&self, allow_label: bool) -> Pod {
-        let mut labels = BTreeMap::from([("app".to_owned(), self.name.to_owned())]);
-        if allow_label {
-            labels.insert(LABEL.to_owned(), "allow".to_owned());
-        }
-        serde_json::from_value(serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {
-                "name": self.name, "namespace": self.namespace, "uid": self.uid,
-                "labels": labels,
-            },
-            "spec": {
-                "nodeName": NODE,
-                "hostNetwork": self.host_network,
-                "containers": [{"name": "main", "image": "example"}],
-            },
-            "status": {"qosClass": "Burstable", "phase": "Running"},
-        }))
-        .expect("pod object")
-    }
-
-    /// The container cgroup the kubelet would make, relative to the root.
-    fn container_dir(&self, driver: Driver) -> String {
-        match driver {
-            Driver::Systemd => format!(
-                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{}.scope",
-                self.uid.replace('-', "_"),
-                self.name
-            ),
-            Driver::Cgroupfs => format!("kubepods/burstable/pod{}/{}", self.uid, self.name),
-        }
-    }
-}
-
-fn namespace(name: &str, allow_pods: bool) -> Namespace {
-    let mut labels = BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), name.to_owned())]);
-    if allow_pods {
-        labels.insert(LABEL.to_owned(), "allow-pods".to_owned());
-    }
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Namespace",
-        "metadata": {"name": name, "uid": format!("ns-{name}"), "labels": labels},
-    }))
-    .expect("namespace object")
+/// A pod on this file's node.
+fn test_pod(index: u32, name: &str, namespace: &str) -> TestPod {
+    TestPod::on(NODE, index, name, namespace)
 }
 
 /// The sandbox, a fake node's cgroup tree, the API server and the daemon.
@@ -113,12 +50,9 @@ impl Node {
         let server = Server::start(&sandbox.server, &[HTTP]).expect("fake metadata server");
         let mut root = TestCgroup::new("node").expect("cgroup root");
         // The kubelet makes the base before any pod runs.
-        let base = match driver {
-            Driver::Systemd => "kubepods.slice",
-            Driver::Cgroupfs => "kubepods",
-        };
-        root.child(base).expect("pod base");
+        root.child(driver.base()).expect("pod base");
         let api = FakeApiServer::start().expect("API server");
+        api.apply_node(pods::node(NODE, &[])).expect("node");
         for ns in ["kube-system", "team"] {
             api.apply_namespace(namespace(ns, false))
                 .expect("namespace");
@@ -173,6 +107,17 @@ impl Node {
 
     /// Waits until `pod`'s attempts end with `want`; returns how long it took.
     fn eventually(&self, pod: &TestPod, want: &Outcome) -> Duration {
+        self.eventually_within(pod, want, Duration::from_secs(5))
+    }
+
+    /// Waits, after the API server came back, for a change made there: the
+    /// daemon's watches come back after a pause spread over
+    /// `FIRST_PAUSE_SPREAD` (then a relist, if their position expired).
+    fn after_api_restart(&self, pod: &TestPod, want: &Outcome) -> Duration {
+        self.eventually_within(pod, want, FIRST_PAUSE_SPREAD + Duration::from_secs(10))
+    }
+
+    fn eventually_within(&self, pod: &TestPod, want: &Outcome, limit: Duration) -> Duration {
         let started = Instant::now();
         loop {
             let got = self.attempt(pod);
@@ -180,7 +125,7 @@ impl Node {
                 return started.elapsed();
             }
             assert!(
-                started.elapsed() < Duration::from_secs(5),
+                started.elapsed() < limit,
                 "{}/{}: still {got:?}, want {want:?}\n{}",
                 pod.namespace,
                 pod.name,
@@ -203,10 +148,10 @@ fn reached() -> Outcome {
 
 #[test]
 fn labels_and_namespace_permission_decide_access_systemd_layout() {
-    let agent = TestPod::new(1, "agent", "kube-system");
-    let plain = TestPod::new(2, "plain", "kube-system");
-    let asks = TestPod::new(3, "asks", "team");
-    let mut host = TestPod::new(4, "host", "kube-system");
+    let agent = test_pod(1, "agent", "kube-system");
+    let plain = test_pod(2, "plain", "kube-system");
+    let asks = test_pod(3, "asks", "team");
+    let mut host = test_pod(4, "host", "kube-system");
     host.host_network = true;
     let pods = [
         (&agent, true),
@@ -265,9 +210,9 @@ fn labels_and_namespace_permission_decide_access_systemd_layout() {
 
 #[test]
 fn late_cgroups_api_restarts_and_relists_converge_cgroupfs_layout() {
-    let early = TestPod::new(11, "early", "kube-system");
-    let late = TestPod::new(12, "late", "kube-system");
-    let stale = TestPod::new(13, "stale", "kube-system");
+    let early = test_pod(11, "early", "kube-system");
+    let late = test_pod(12, "late", "kube-system");
+    let stale = test_pod(13, "stale", "kube-system");
     let mut node = Node::start(Driver::Cgroupfs, &[(&early, true), (&stale, true)], true);
     assert_eq!(node.attempt(&early), reached());
     assert_eq!(node.attempt(&stale), reached());
@@ -293,7 +238,7 @@ fn late_cgroups_api_restarts_and_relists_converge_cgroupfs_layout() {
     node.api
         .apply_pod(early.object(false))
         .expect("relabel after restart");
-    node.eventually(&early, &eperm());
+    node.after_api_restart(&early, &eperm());
 
     // A forced relist: the stale pod is deleted while the daemon cannot see
     // the event (history compacted, so its watch position expires).
@@ -303,7 +248,7 @@ fn late_cgroups_api_restarts_and_relists_converge_cgroupfs_layout() {
         .expect("delete while away");
     node.api.compact();
     node.api.restart().expect("restart API server");
-    node.eventually(&stale, &eperm());
+    node.after_api_restart(&stale, &eperm());
     assert_eq!(node.attempt(&late), reached());
 
     // A restart of the daemon in the middle keeps everything (pinned).
@@ -316,9 +261,7 @@ fn late_cgroups_api_restarts_and_relists_converge_cgroupfs_layout() {
 
 #[test]
 fn memory_with_250_pods_on_the_node() {
-    let pods: Vec<TestPod> = (0..250)
-        .map(|i| TestPod::new(1000 + i, "p", "team"))
-        .collect();
+    let pods: Vec<TestPod> = (0..250).map(|i| test_pod(1000 + i, "p", "team")).collect();
     let named: Vec<(&TestPod, bool)> = pods.iter().map(|p| (p, false)).collect();
     // Distinct names: the store keys pods by namespace and name.
     let node = Node::start(Driver::Systemd, &[], false);
@@ -360,8 +303,8 @@ fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
 
 #[test]
 fn an_attempt_is_one_log_record_and_one_event_on_the_pod() {
-    let web = TestPod::new(21, "web", "team");
-    let asks = TestPod::new(22, "asks", "team");
+    let web = test_pod(21, "web", "team");
+    let asks = test_pod(22, "asks", "team");
     let mut node = Node::start(Driver::Systemd, &[(&web, false), (&asks, true)], true);
     for _ in 0..3 {
         assert_eq!(node.attempt(&web), eperm());
@@ -437,16 +380,19 @@ fn an_attempt_is_one_log_record_and_one_event_on_the_pod() {
     });
     assert_eq!(node.daemon.http_get("/healthz").expect("healthz").0, 200);
     node.api.restart().expect("restart API server");
-    // The watch retries with kube's default backoff (0.8 s, doubling).
-    wait_until("readyz to recover", Duration::from_secs(20), || {
+    // The watches retry after a pause spread over FIRST_PAUSE_SPREAD; a
+    // watch that resumes without relisting says nothing, so the daemon
+    // learns it from its probe, PROBE_INTERVAL after the failure at most.
+    let recovery = FIRST_PAUSE_SPREAD.max(PROBE_INTERVAL) + Duration::from_secs(10);
+    wait_until("readyz to recover", recovery, || {
         node.daemon.http_get("/readyz").is_ok_and(|r| r.0 == 200)
     });
 }
 
 #[test]
 fn restarts_during_relists_never_open_a_window() {
-    let agent = TestPod::new(31, "agent", "kube-system");
-    let app = TestPod::new(32, "app", "team");
+    let agent = test_pod(31, "agent", "kube-system");
+    let app = test_pod(32, "app", "team");
     let mut node = Node::start(Driver::Cgroupfs, &[(&agent, true), (&app, false)], true);
     let metadata = IpAddr::V4(addrs::METADATA_V4);
     let loop_in = |node: &Node, pod: &TestPod| {

@@ -5,10 +5,17 @@
 // hold whole numbers, which compare exactly.
 #![allow(clippy::float_cmp)]
 
-use std::{net::IpAddr, time::Duration};
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
 
 use imds_guard_tests::{
-    Daemon, Outcome, TempFile, addrs,
+    Daemon, Outcome, ProbeResult, TempFile, TestCgroup, addrs,
+    daemon::run_to_end,
+    probe::spawn_in,
     stage::{Case, DNS, HTTP, Stage, World, case, eperm},
 };
 use nix::sys::signal::Signal;

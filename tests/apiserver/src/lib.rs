@@ -1,8 +1,9 @@
 //! A Kubernetes API server for tests, speaking the real protocol as kube-rs
 //! uses it: LIST and WATCH of core v1 `pods` and `namespaces` over plain
 //! HTTP on loopback, with selectors, pagination, resourceVersion semantics,
-//! bookmarks and 410 Gone; and CREATE and JSON merge PATCH of
-//! `events.k8s.io/v1` events, which is all kube's event `Recorder` does.
+//! bookmarks, watch timeouts and 410 Gone; GET and JSON PATCH of `nodes`
+//! (the daemon's probe and startup taint); and CREATE and JSON merge PATCH
+//! of `events.k8s.io/v1` events, which is all kube's event `Recorder` does.
 //! Tests drive it from Rust: they write pods and namespaces, compact its
 //! history, stop and restart it on the same port, and read the stored events
 //! and what clients asked for.
@@ -11,10 +12,10 @@
 //! and a daemon in another process can talk to it alike; dropping it stops
 //! it. It binds loopback only.
 //!
-//! Not served: single-object GETs and other resources (404), other verbs
-//! (405; see `ResourceKind::verbs`), patch types other than JSON merge
-//! (415), generateName and resourceVersion preconditions on writes (the
-//! Recorder uses neither). A new resource is one more route in
+//! Not served: single-object GETs but of nodes, and other resources (404),
+//! other verbs (405; see `ResourceKind::verbs`), patch types other than
+//! JSON merge and JSON patch (415), generateName and resourceVersion
+//! preconditions on writes (the Recorder uses neither). A new resource is one more route in
 //! `serve::Target::parse`.
 
 mod selector;
@@ -31,7 +32,7 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Namespace, Pod},
+    core::v1::{Namespace, Node, Pod},
     events::v1::Event,
 };
 use serde::{Serialize, de::DeserializeOwned};
@@ -81,6 +82,10 @@ pub struct ApiServerOptions {
     /// How many changes the server remembers for watches and paged lists
     /// to resume from; older positions get 410 Gone.
     pub history_limit: usize,
+    /// The longest a watch lasts, whatever `timeoutSeconds` asks: the real
+    /// server ends watches after `--min-request-timeout` (30 to 60 min);
+    /// tests shorten it to see renewals.
+    pub max_watch_timeout: Option<Duration>,
 }
 
 impl Default for ApiServerOptions {
@@ -88,6 +93,7 @@ impl Default for ApiServerOptions {
         ApiServerOptions {
             bookmark_interval: Duration::from_secs(1),
             history_limit: 1000,
+            max_watch_timeout: None,
         }
     }
 }
@@ -95,6 +101,8 @@ impl Default for ApiServerOptions {
 /// What a request did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verb {
+    /// GET of one object.
+    Get,
     List,
     Watch,
     /// POST to a collection.
@@ -115,6 +123,8 @@ pub struct ApiRequest {
     pub name: Option<String>,
     /// The query parameters, decoded, in the order sent.
     pub query: Vec<(String, String)>,
+    /// When it arrived.
+    pub at: std::time::Instant,
 }
 
 impl ApiRequest {
@@ -135,7 +145,12 @@ struct Shared {
     requests: Mutex<Vec<ApiRequest>>,
     open_watches: AtomicUsize,
     bookmark_interval: Duration,
+    max_watch_timeout: Option<Duration>,
+    /// Called with the node's name before a node PATCH is applied.
+    node_patch_hook: Mutex<Option<NodePatchHook>>,
 }
+
+type NodePatchHook = Box<dyn Fn(&str) + Send>;
 
 /// A lock that survives a panic elsewhere: the state it guards stays
 /// consistent between statements, and tests should see the panic that
@@ -187,6 +202,8 @@ impl FakeApiServer {
                 requests: Mutex::new(Vec::new()),
                 open_watches: AtomicUsize::new(0),
                 bookmark_interval: options.bookmark_interval,
+                max_watch_timeout: options.max_watch_timeout,
+                node_patch_hook: Mutex::new(None),
             }),
             address: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             listening: None,
@@ -251,6 +268,33 @@ preferences: {{}}
     /// Creates or replaces a namespace and returns it as stored.
     pub fn apply_namespace(&self, namespace: Namespace) -> Result<Namespace> {
         self.apply(ResourceKind::Namespaces, namespace)
+    }
+
+    /// Creates or replaces a node and returns it as stored.
+    pub fn apply_node(&self, node: Node) -> Result<Node> {
+        self.apply(ResourceKind::Nodes, node)
+    }
+
+    /// A node as stored now.
+    pub fn node(&self, name: &str) -> Result<Node> {
+        let key = ObjectKey {
+            namespace: String::new(),
+            name: name.to_owned(),
+        };
+        let stored = lock(&self.shared.store)
+            .get(ResourceKind::Nodes, &key)
+            .map(|node| Value::clone(node))
+            .ok_or_else(|| ApiServerError::NotFound {
+                kind: ResourceKind::Nodes.kind(),
+                name: name.to_owned(),
+            })?;
+        decode(ResourceKind::Nodes, stored)
+    }
+
+    /// Runs `hook` with the node's name on every node PATCH, before it is
+    /// applied: a test looks at the world as it is when the patch arrives.
+    pub fn on_node_patch(&self, hook: impl Fn(&str) + Send + 'static) {
+        *lock(&self.shared.node_patch_hook) = Some(Box::new(hook));
     }
 
     /// Deletes a pod at once (as after its grace period), returning it as

@@ -90,11 +90,29 @@ async fn route(
         query: form_urlencoded::parse(raw_query.as_bytes())
             .into_owned()
             .collect(),
+        at: std::time::Instant::now(),
     });
     // For writes, cluster-scoped objects have the empty namespace, as in
     // `ObjectKey`; a patch always has a name (see `Target::verb`).
     match verb {
         Verb::List | Verb::Watch => read(shared, target.resource, target.namespace, &query),
+        Verb::Get => {
+            let key = ObjectKey {
+                namespace: target.namespace.unwrap_or_default(),
+                name: target.name.unwrap_or_default(),
+            };
+            let object = lock(&shared.store)
+                .get(target.resource, &key)
+                .map(|object| Value::clone(object))
+                .ok_or_else(|| {
+                    Failure::not_found(format!(
+                        "{} {:?} not found",
+                        target.resource.plural(),
+                        key.name
+                    ))
+                })?;
+            Ok(json_response(StatusCode::OK, full(&object)))
+        }
         Verb::Create => {
             let namespace = target.namespace.unwrap_or_default();
             write::create(shared, target.resource, &namespace, request).await
@@ -154,6 +172,7 @@ impl Target {
         let (resource, namespace, name) = match (group, rest) {
             ("", ["pods"]) => (ResourceKind::Pods, None, None),
             ("", ["namespaces"]) => (ResourceKind::Namespaces, None, None),
+            ("", ["nodes", name]) => (ResourceKind::Nodes, None, Some(*name)),
             ("", ["namespaces", namespace, "pods"]) => (ResourceKind::Pods, Some(*namespace), None),
             ("events.k8s.io", ["namespaces", namespace, "events"]) => {
                 (ResourceKind::Events, Some(*namespace), None)
@@ -175,6 +194,7 @@ impl Target {
         let verb = match (method, &self.name) {
             (&Method::GET, None) if watch => Verb::Watch,
             (&Method::GET, None) => Verb::List,
+            (&Method::GET, Some(_)) => Verb::Get,
             (&Method::POST, None) => Verb::Create,
             (&Method::PATCH, Some(_)) => Verb::Patch,
             _ => return None,

@@ -12,7 +12,7 @@ use std::{
 use k8s_openapi::{
     Resource as _,
     api::{
-        core::v1::{Namespace, Pod},
+        core::v1::{Namespace, Node, Pod},
         events::v1::Event,
     },
     apimachinery::pkg::apis::meta::v1::Time,
@@ -27,6 +27,9 @@ use super::Verb;
 pub enum ResourceKind {
     Pods,
     Namespaces,
+    /// Nodes: read one (GET) and JSON-patched, as the daemon does with its
+    /// own node's startup taint.
+    Nodes,
     /// `events.k8s.io/v1` events, as kube's event `Recorder` writes them.
     Events,
 }
@@ -37,6 +40,7 @@ impl ResourceKind {
         match self {
             ResourceKind::Pods => Pod::KIND,
             ResourceKind::Namespaces => Namespace::KIND,
+            ResourceKind::Nodes => Node::KIND,
             ResourceKind::Events => Event::KIND,
         }
     }
@@ -46,6 +50,7 @@ impl ResourceKind {
         match self {
             ResourceKind::Pods => Pod::URL_PATH_SEGMENT,
             ResourceKind::Namespaces => Namespace::URL_PATH_SEGMENT,
+            ResourceKind::Nodes => Node::URL_PATH_SEGMENT,
             ResourceKind::Events => Event::URL_PATH_SEGMENT,
         }
     }
@@ -54,6 +59,7 @@ impl ResourceKind {
         match self {
             ResourceKind::Pods => Pod::API_VERSION,
             ResourceKind::Namespaces => Namespace::API_VERSION,
+            ResourceKind::Nodes => Node::API_VERSION,
             ResourceKind::Events => Event::API_VERSION,
         }
     }
@@ -63,11 +69,12 @@ impl ResourceKind {
     }
 
     /// What clients may do with this resource here: the daemon reads pods
-    /// and namespaces, and its event `Recorder` only creates and patches
-    /// events. Anything else is a 405.
+    /// and namespaces, gets and patches its node, and its event `Recorder`
+    /// only creates and patches events. Anything else is a 405.
     pub(crate) fn verbs(self) -> &'static [Verb] {
         match self {
             ResourceKind::Pods | ResourceKind::Namespaces => &[Verb::List, Verb::Watch],
+            ResourceKind::Nodes => &[Verb::Get, Verb::Patch],
             ResourceKind::Events => &[Verb::Create, Verb::Patch],
         }
     }
@@ -90,7 +97,7 @@ impl ResourceKind {
             ],
             ResourceKind::Namespaces => &["metadata.name", "metadata.namespace", "status.phase"],
             // Never listed: see `verbs`.
-            ResourceKind::Events => &[],
+            ResourceKind::Nodes | ResourceKind::Events => &[],
         }
     }
 }

@@ -94,9 +94,12 @@ pub(crate) fn start(
     };
     drop(store);
 
-    let timeout = query
+    let asked = query
         .timeout_seconds
         .map_or(DEFAULT_WATCH_TIMEOUT, Duration::from_secs);
+    let timeout = shared
+        .max_watch_timeout
+        .map_or(asked, |limit| asked.min(limit));
     let session = WatchSession {
         shared: Arc::clone(shared),
         resource,

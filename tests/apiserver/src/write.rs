@@ -1,7 +1,8 @@
 //! CREATE and PATCH, as far as kube's event `Recorder` uses them: it POSTs
 //! a new event under a name of its own (`<object>.<nanoseconds>`), and for
 //! each repeat sends a PATCH of that event: a JSON merge patch holding the
-//! whole event, now with a `series`.
+//! whole event, now with a `series`. The daemon JSON-patches its node (RFC
+//! 6902: a `test` of the taint's key, then its `remove`).
 
 use http_body_util::BodyExt as _;
 use hyper::{Request, Response, StatusCode, body::Incoming, header};
@@ -13,8 +14,9 @@ use super::{
     store::{ObjectKey, ResourceKind, metadata_mut},
 };
 
-/// The one patch type served: what kube's `Patch::Merge` sends.
+/// The patch types served: what kube's `Patch::Merge` and `Patch::Json` send.
 const MERGE_PATCH: &str = "application/merge-patch+json";
+const JSON_PATCH: &str = "application/json-patch+json";
 
 /// POST to a collection: stores a new object, 409 if its name is taken.
 pub(crate) async fn create(
@@ -40,8 +42,9 @@ pub(crate) async fn create(
 }
 
 /// PATCH of one object with a JSON merge patch (RFC 7386: objects merge
-/// key by key, `null` removes, anything else replaces): 404 if it is not
-/// stored, 415 for other patch types.
+/// key by key, `null` removes, anything else replaces) or a JSON patch
+/// (RFC 6902; a failed operation, such as a `test`, is a 422 and changes
+/// nothing): 404 if it is not stored, 415 for other patch types.
 pub(crate) async fn patch(
     shared: &Shared,
     resource: ResourceKind,
@@ -54,18 +57,24 @@ pub(crate) async fn patch(
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.split(';').next())
         .map(str::trim)
-        .unwrap_or_default();
-    if content_type != MERGE_PATCH {
+        .unwrap_or_default()
+        .to_owned();
+    if content_type != MERGE_PATCH && content_type != JSON_PATCH {
         return Err(Failure {
             code: StatusCode::UNSUPPORTED_MEDIA_TYPE,
             reason: "UnsupportedMediaType",
             message: format!(
                 "the body of the request was in an unknown format - accepted media types \
-                 include: {MERGE_PATCH} (got {content_type:?})"
+                 include: {MERGE_PATCH}, {JSON_PATCH} (got {content_type:?})"
             ),
         });
     }
     let patch = json_body(request).await?;
+    if resource == ResourceKind::Nodes
+        && let Some(hook) = lock(&shared.node_patch_hook).as_ref()
+    {
+        hook(&key.name);
+    }
     let mut store = lock(&shared.store);
     let mut object = store
         .get(resource, &key)
@@ -73,7 +82,17 @@ pub(crate) async fn patch(
         .ok_or_else(|| {
             Failure::not_found(format!("{} {:?} not found", resource.plural(), key.name))
         })?;
-    json_patch::merge(&mut object, &patch);
+    if content_type == MERGE_PATCH {
+        json_patch::merge(&mut object, &patch);
+    } else {
+        let operations: json_patch::Patch = serde_json::from_value(patch)
+            .map_err(|e| Failure::bad_request(format!("not a JSON patch: {e}")))?;
+        json_patch::patch(&mut object, &operations).map_err(|e| Failure {
+            code: StatusCode::UNPROCESSABLE_ENTITY,
+            reason: "Invalid",
+            message: format!("the JSON patch does not apply: {e}"),
+        })?;
+    }
     locate(&mut object, &key.namespace, Some(&key.name))?;
     let patched = store
         .apply(resource, object)
