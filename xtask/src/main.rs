@@ -8,6 +8,7 @@ mod kernels;
 mod kind;
 mod setup;
 mod test;
+mod toolchain;
 mod vagrant;
 
 use std::{
@@ -27,9 +28,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Make this machine ready: nightly rust-src, bpf-linker, bpffs (idempotent).
+    /// Make this machine ready: the pinned nightly, bpf-linker, bpffs, test tools (idempotent).
     Setup,
-    /// Only the build toolchain (nightly rust-src, bpf-linker): what the image build runs.
+    /// Only the build toolchain (the pinned nightly, bpf-linker): what the image build runs.
     SetupToolchain,
     /// Setup, then build the daemon in release mode.
     Build,
@@ -64,7 +65,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test => test::run(&root),
         Task::Demo => demo::run(&root),
         Task::Bench => bench::run(&root),
-        Task::SetupToolchain => setup::toolchain(),
+        Task::SetupToolchain => toolchain::ensure(),
         Task::Image => image::run(&root),
         Task::KindE2e => kind::run(&root),
         Task::VagrantE2e => vagrant::run(&root),

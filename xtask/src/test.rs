@@ -4,7 +4,7 @@ use std::{path::Path, time::Instant};
 
 use anyhow::bail;
 
-use crate::{build_binaries, cargo, in_ci, is_root, kernels, run_in, setup};
+use crate::{build_binaries, cargo, in_ci, is_root, kernels, run_in, setup, toolchain::Pin};
 
 /// Formatting and clippy, in two passes: the workspace without the eBPF
 /// crate, then the eBPF crate alone for its own target (built together,
@@ -24,12 +24,13 @@ pub fn lint(root: &Path) -> anyhow::Result<()> {
             "warnings",
         ],
     )?;
+    let nightly = Pin::get()?.channel;
     run_in(
         root,
         "rustup",
         &[
             "run",
-            "nightly",
+            &nightly,
             "cargo",
             "clippy",
             "-p",
