@@ -30,7 +30,7 @@ use imds_guard_tests::{
 use crate::{
     build_release,
     interrupt::{catch_interrupts, interrupted},
-    is_root, setup,
+    is_root, setup, target_dir,
 };
 
 /// Rounds of "without" and "with" per ratio figure: many short ones, since
@@ -120,7 +120,7 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     println!();
     println!("targets missed: {missed}");
 
-    let out_dir = root.join("target/bench");
+    let out_dir = target_dir(root)?.join("bench");
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let json_path = out_dir.join("bench.json");
     let report = Json::object([

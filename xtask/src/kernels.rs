@@ -1,8 +1,8 @@
 //! `cargo xtask kernels`: the standalone traffic tests on the Debian kernels
 //! nodes run, each booted under qemu (TCG: KVM here runs only special
 //! guests) with no network device at all, as root and with the DaemonSet's
-//! privileges. One line per kernel and privileges; target/kernels/matrix.txt
-//! keeps the table.
+//! privileges. One line per kernel and privileges; kernels/matrix.txt in the
+//! target directory keeps the table.
 //!
 //! Everything downloaded or built is cached under the target directory:
 //! the kernel packages by version, the guest's root filesystem and each
@@ -24,7 +24,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use self::{
-    build::{guest_files, target_dir},
+    build::guest_files,
     report::{Row, render, rows_of, summary},
 };
 
@@ -32,6 +32,7 @@ use crate::{
     interrupt::{catch_interrupts, interrupted},
     is_root, setup,
     setup::output,
+    target_dir,
 };
 
 /// A Debian package, pinned so the matrix is reproducible: a new upload is

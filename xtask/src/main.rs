@@ -13,7 +13,7 @@ mod vagrant;
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, bail};
@@ -49,7 +49,7 @@ enum Task {
     /// The same checks on a single-node k3s cluster in a Vagrant VM.
     VagrantE2e,
     /// Setup, then the traffic tests on Debian's kernels under qemu, as root
-    /// and with the DaemonSet's privileges (table in target/kernels/matrix.txt).
+    /// and with the DaemonSet's privileges (table in kernels/matrix.txt of the target directory).
     Kernels,
 }
 
@@ -96,11 +96,31 @@ fn build_binaries(root: &Path, release: bool) -> anyhow::Result<PathBuf> {
     }
     args.extend(["-p", "enforcer-user", "-p", "imds-guard-tests", "--bins"]);
     cargo(root, &args)?;
-    Ok(root.join(if release {
-        "target/release"
-    } else {
-        "target/debug"
-    }))
+    Ok(target_dir(root)?.join(if release { "release" } else { "debug" }))
+}
+
+/// The target directory cargo uses (CARGO_TARGET_DIR respected).
+fn target_dir(root: &Path) -> anyhow::Result<PathBuf> {
+    let metadata = cargo_stdout(root, &["metadata", "--format-version", "1", "--no-deps"])?;
+    let metadata: serde_json::Value = serde_json::from_str(&metadata)?;
+    metadata["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .context("cargo metadata names no target_directory")
+}
+
+/// Runs cargo in the workspace: its standard output (its messages show).
+fn cargo_stdout(root: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("cargo")
+        .args(args)
+        .current_dir(root)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo")?;
+    if !out.status.success() {
+        bail!("`cargo {}` failed ({})", args.join(" "), out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Runs `cargo ARGS` in the workspace, failing on a non-zero exit.

@@ -4,7 +4,9 @@ use std::{path::Path, time::Instant};
 
 use anyhow::bail;
 
-use crate::{build_binaries, cargo, in_ci, is_root, kernels, run_in, setup, toolchain::Pin};
+use crate::{
+    build_binaries, cargo, in_ci, is_root, kernels, run_in, setup, target_dir, toolchain::Pin,
+};
 
 /// Formatting and clippy, in two passes: the workspace without the eBPF
 /// crate, then the eBPF crate alone for its own target (built together,
@@ -77,7 +79,7 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     // second build whose eBPF object differs, for the upgrade tests (in a
     // target directory of its own, so neither build invalidates the other).
     let bin_dir = build_binaries(root, false)?;
-    let variant_target = root.join("target/variant");
+    let variant_target = target_dir(root)?.join("variant");
     run_in(
         root,
         "cargo",

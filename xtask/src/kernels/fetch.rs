@@ -1,6 +1,6 @@
 //! The pinned kernel packages, fetched with apt from this machine's Debian
-//! mirror through a private apt configuration under target/ (the machine's
-//! own lists and state stay untouched). apt checks every file against the
+//! mirror through a private apt configuration under the target directory
+//! (the machine's own lists and state stay untouched). apt checks every file against the
 //! suites' signed indexes (debian-archive-keyring); the cache is keyed by
 //! version and checked against the pinned SHA256 before use.
 
@@ -147,7 +147,7 @@ impl<'a> Fetcher<'a> {
     }
 }
 
-/// apt with its own sources, lists and state under target/.
+/// apt with its own sources, lists and state under the target directory.
 struct Apt {
     options: Vec<String>,
 }
