@@ -1,0 +1,175 @@
+//! `cargo xtask bench`: what imds-guard costs. Each cost is a ratio
+//! against the same traffic without imds-guard, measured side by side in
+//! the same run, round after round, between the sandbox's network
+//! namespaces over the veth pair. The traffic comes from a cgroup under the
+//! protected one that is not allowlisted, so it runs under enforcement.
+//! Only the blocked-connect figure targets the metadata address: our own
+//! fake one, inside the sandbox.
+//!
+//! `stage` sets up and turns enforcement on and off; `traffic`,
+//! `programs`, `daemon` and `kubernetes` measure; `report` prints and
+//! writes what they found.
+
+mod daemon;
+mod kubernetes;
+mod programs;
+mod report;
+mod stage;
+mod traffic;
+
+use std::{path::Path, time::Instant};
+
+use anyhow::{Context as _, bail};
+use imds_guard_tests::addrs;
+
+use self::{
+    report::{Machine, Report, Row, load_average, table},
+    stage::{ACCEPT_PORT, BenchStage, SCALE, SINK_PORT},
+    traffic::{Unit, ratio_figure},
+};
+use crate::{build_release, interrupt::catch_interrupts, is_root, setup, target_dir};
+
+/// Rounds of "without" and "with" per ratio figure: many short ones, since
+/// other work on a small machine comes in bursts, and a burst then spoils
+/// one round's ratio instead of moving the median.
+const ROUNDS: usize = 10;
+const BULK_SECONDS: &str = "1.5";
+const RATE_SECONDS: &str = "1";
+
+pub fn run(root: &Path) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!(
+            "the benchmark needs root: it creates network namespaces, cgroups and BPF programs \
+             (run `sudo cargo xtask bench`)"
+        );
+    }
+    setup::run(root)?;
+    let bin_dir = build_release(root)?;
+    // SAFETY: still single-threaded; the harness reads this to find the binaries.
+    unsafe { std::env::set_var("IMDS_GUARD_BIN_DIR", &bin_dir) };
+    // The daemons run as root here, as in the README's runs, not with the
+    // DaemonSet's grant: with it aya loads the programs nameless (its name
+    // probe needs CAP_PERFMON), which the kernel's own listings then show.
+    if std::env::var_os("IMDS_GUARD_TEST_CAPS").is_none() {
+        // SAFETY: still single-threaded.
+        unsafe { std::env::set_var("IMDS_GUARD_TEST_CAPS", "all") };
+    }
+    catch_interrupts()?;
+
+    let started = Instant::now();
+    let machine = Machine::now()?;
+    let stage = BenchStage::new()?;
+    let rows = measure(&stage)?;
+    drop(stage);
+    let wall = started.elapsed();
+    let load_after = load_average();
+
+    println!();
+    println!(
+        "imds-guard benchmark, {}: {} cores, kernel {}, load average {} before, {load_after} after; \
+         {ROUNDS} rounds; {:.0} s",
+        machine.date,
+        machine.cores,
+        machine.kernel,
+        machine.load_before,
+        wall.as_secs_f64()
+    );
+    println!();
+    print!("{}", table(&rows));
+    let missed = rows.iter().filter(|r| r.met == Some(false)).count();
+    println!();
+    println!("targets missed: {missed}");
+
+    let out_dir = target_dir(root)?.join("bench");
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let json_path = out_dir.join("bench.json");
+    Report {
+        date: &machine.date,
+        cores: machine.cores,
+        kernel: &machine.kernel,
+        load_average_before: &machine.load_before,
+        load_average_after: &load_after,
+        rounds: ROUNDS,
+        wall_seconds: wall.as_secs_f64(),
+        rows: &rows,
+    }
+    .write(&json_path)?;
+    println!("raw numbers: {}", json_path.display());
+    Ok(())
+}
+
+/// Every figure, in order.
+fn measure(stage: &BenchStage) -> anyhow::Result<Vec<Row>> {
+    let default = BenchStage::default_rules();
+    let scale = stage.scale_rules();
+    let server = addrs::SERVER_V4.to_string();
+    let bulk = ["bulk", &server, SINK_PORT, "--seconds", BULK_SECONDS];
+    let connects = [
+        "connect-rate",
+        &server,
+        ACCEPT_PORT,
+        "--seconds",
+        RATE_SECONDS,
+    ];
+    let datagrams = ["udp-rate", &server, SINK_PORT, "--seconds", RATE_SECONDS];
+    let connects_name = "TCP connect-and-close rate";
+    let datagrams_name = "UDP sendto rate, 16-byte datagrams";
+
+    let mut rows = vec![
+        ratio_figure(
+            stage,
+            &default,
+            "1 TCP bulk throughput, client to server",
+            Unit::Bytes,
+            &bulk,
+            0.99,
+        )?,
+        ratio_figure(
+            stage,
+            &default,
+            &format!("2 {connects_name}"),
+            Unit::Calls,
+            &connects,
+            0.97,
+        )?,
+        ratio_figure(
+            stage,
+            &default,
+            &format!("3 {datagrams_name}"),
+            Unit::Calls,
+            &datagrams,
+            0.97,
+        )?,
+    ];
+    rows.extend(programs::figures(stage, &default, "4")?);
+    rows.extend(traffic::blocked_connect_figures(stage, &default)?);
+    rows.push(ratio_figure(
+        stage,
+        &scale,
+        &format!("6 {connects_name}, {SCALE}"),
+        Unit::Calls,
+        &connects,
+        0.97,
+    )?);
+    rows.push(ratio_figure(
+        stage,
+        &scale,
+        &format!("6 {datagrams_name}, {SCALE}"),
+        Unit::Calls,
+        &datagrams,
+        0.97,
+    )?);
+    rows.extend(programs::figures(stage, &scale, "6 at scale:")?);
+    for rules in [&default, &scale] {
+        rows.push(daemon::memory_figure(stage, rules)?);
+    }
+    rows.extend(kubernetes::figures()?);
+    for rules in [&default, &scale] {
+        rows.push(daemon::start_figure(stage, rules)?);
+    }
+    Ok(rows)
+}
+
+fn progress(what: &str) {
+    println!("bench: {what}");
+}
