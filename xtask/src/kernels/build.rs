@@ -1,12 +1,12 @@
 //! Building what the guests run, and finding it through cargo's JSON
-//! messages (the target directory may be anywhere: CARGO_TARGET_DIR).
+//! messages (the target directory may be anywhere: `CARGO_TARGET_DIR`).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 
 use super::{GUEST_BIN_DIR, GUEST_TEST_DIR, TEST_TARGETS};
-use crate::cargo_stdout;
+use crate::{WORKSPACE, cargo_stdout};
 
 /// Builds what the guest runs: (path here, path in the guest).
 pub fn guest_files(root: &Path) -> anyhow::Result<Vec<(PathBuf, String)>> {
@@ -30,14 +30,9 @@ pub fn guest_files(root: &Path) -> anyhow::Result<Vec<(PathBuf, String)>> {
         .collect();
     // Resolved as `cargo xtask test` builds the workspace's tests, so CI
     // reuses what the host's tests built.
-    let mut args = vec![
-        "test",
-        "--no-run",
-        "--workspace",
-        "--exclude",
-        "enforcer-ebpf",
-        "--message-format=json-render-diagnostics",
-    ];
+    let mut args = vec!["test", "--no-run"];
+    args.extend(WORKSPACE);
+    args.push("--message-format=json-render-diagnostics");
     for target in TEST_TARGETS {
         args.extend(["--test", target]);
     }
