@@ -113,8 +113,8 @@ const GUEST_TEST_DIR: &str = "/opt/imds-guard/tests";
 /// A guest takes about a minute and a half under TCG (boot, two or three
 /// test executables, power-off); this leaves room for a slow machine, not
 /// for a hang.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(10 * 60);
-/// The first kernel that charges BPF maps to memory cgroups, not RLIMIT_MEMLOCK.
+const BOOT_TIMEOUT: Duration = Duration::from_mins(10);
+/// The first kernel that charges BPF maps to memory cgroups, not `RLIMIT_MEMLOCK`.
 const FIRST_MEMCG_KERNEL: (u32, u32) = (5, 11);
 
 /// What the daemon under test may do (tests/src/privileges.rs).
@@ -135,7 +135,7 @@ impl Grant {
         }
     }
 
-    /// IMDS_GUARD_TEST_CAPS for the harness; none means the DaemonSet's.
+    /// `IMDS_GUARD_TEST_CAPS` for the harness; none means the DaemonSet's.
     fn caps_env(self) -> Option<&'static str> {
         match self {
             Grant::Root => Some("all"),
@@ -162,7 +162,7 @@ const TEST_TARGETS: [&str; 2] = ["standalone", "privileges"];
 
 /// What a kernel runs: the traffic tests as root and with the DaemonSet's
 /// privileges, which kernels before 5.11 refuse (maps are charged to the
-/// 64 KiB RLIMIT_MEMLOCK): there the refusal is checked and the traffic
+/// 64 KiB `RLIMIT_MEMLOCK`): there the refusal is checked and the traffic
 /// tests run with the documented overlay instead.
 fn plan(version: &str) -> anyhow::Result<Vec<Run>> {
     let root = Run {
@@ -305,12 +305,12 @@ pub fn matrix(root: &Path) -> anyhow::Result<()> {
     let mut guests = Vec::new();
     for kernel in &KERNELS {
         interrupted()?;
-        let prepared = match rootfs::cached_kernel(&dirs, kernel, &GUEST_MODULES) {
-            Some(prepared) => prepared,
-            None => {
-                let debs = fetcher.debs(kernel)?;
-                rootfs::prepare_kernel(&dirs, kernel, &debs, &GUEST_MODULES)?
-            }
+        let cached = rootfs::cached_kernel(&dirs, kernel, &GUEST_MODULES);
+        let prepared = if let Some(prepared) = cached {
+            prepared
+        } else {
+            let debs = fetcher.debs(kernel)?;
+            rootfs::prepare_kernel(&dirs, kernel, &debs, &GUEST_MODULES)?
         };
         let runs = plan(kernel.version)?;
         let init = rootfs::pack(&dirs, &format!("init-{}", kernel.version), |stage| {

@@ -208,7 +208,7 @@ fn bpf_linker_works(pin: &Pin) -> bool {
 }
 
 /// bpf-linker built against the nightly's own LLVM: the default features
-/// want a system LLVM this machine lacks, so we point LLVM_PREFIX at a
+/// want a system LLVM this machine lacks, so we point `LLVM_PREFIX` at a
 /// directory of links to the nightly's library. The directory stays: the
 /// linker finds the library through it at run time.
 fn ensure_bpf_linker(pin: &Pin) -> anyhow::Result<()> {

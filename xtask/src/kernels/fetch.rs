@@ -4,7 +4,10 @@
 //! suites' signed indexes (debian-archive-keyring); the cache is keyed by
 //! version and checked against the pinned SHA256 before use.
 
-use std::path::{Path, PathBuf};
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, bail};
 
@@ -168,10 +171,13 @@ impl Apt {
                 suites.push(kernel.suite);
             }
         }
-        let sources: String = suites
-            .iter()
-            .map(|suite| format!("deb [arch=amd64 signed-by={KEYRING}] {mirror} {suite} main\n"))
-            .collect();
+        let sources = suites.iter().fold(String::new(), |mut sources, suite| {
+            let _ = writeln!(
+                sources,
+                "deb [arch=amd64 signed-by={KEYRING}] {mirror} {suite} main"
+            );
+            sources
+        });
         let source_list = dir.join("sources.list");
         std::fs::write(&source_list, sources)?;
         let status = dir.join("status");
