@@ -5,15 +5,14 @@
 
 use std::{
     fmt::Write as _,
-    io::{BufRead as _, BufReader},
     net::Ipv4Addr,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, ensure};
 use imds_guard_tests::{
-    Daemon, TempFile, TestCgroup,
+    Daemon, Server, TempFile, TestCgroup,
     daemon::run_to_end,
     netns::Netns,
     probe::{binary, spawn_in},
@@ -44,7 +43,7 @@ const DETACH_TIMEOUT: Duration = Duration::from_secs(5);
 /// one, not allowlisted); its `allowed` one plays the metadata agent.
 /// Fields drop in order: the sink before the stage's namespaces.
 pub struct BenchStage {
-    _sink: Sink,
+    _sink: Server,
     allow_file: TempFile,
     _allowlisted: TestCgroup,
     pub stage: Stage,
@@ -60,7 +59,7 @@ impl BenchStage {
     pub fn new() -> anyhow::Result<BenchStage> {
         progress("building the sandbox and the traffic sink");
         let stage = Stage::new("bench")?;
-        let sink = Sink::start(&stage.sandbox.server)?;
+        let sink = start_sink(&stage.sandbox.server)?;
         make_dropping(&stage.sandbox.client)?;
         progress(&format!(
             "making {SCALE_ALLOW_ENTRIES} empty cgroups for the large allow list"
@@ -203,37 +202,12 @@ fn make_dropping(client: &Netns) -> anyhow::Result<()> {
 }
 
 /// `imds-bench-traffic sink` in the server namespace, killed on drop.
-struct Sink {
-    child: Child,
-}
-
-impl Sink {
-    fn start(server: &Netns) -> anyhow::Result<Sink> {
-        let mut command = Command::new(binary("imds-bench-traffic")?);
-        command
-            .args(["sink", "--port", SINK_PORT, "--accept-port", ACCEPT_PORT])
-            .args(["--seconds", SINK_LIFETIME_SECONDS])
-            .stdout(Stdio::piped());
-        let mut child = spawn_in(&mut command, server, None)?;
-        let stdout = child.stdout.take().context("the sink has no stdout")?;
-        let sink = Sink { child };
-        let mut first = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut first)
-            .context("reading from the sink")?;
-        ensure!(
-            first.trim() == "ready",
-            "the traffic sink did not start: {first:?}"
-        );
-        Ok(sink)
-    }
-}
-
-impl Drop for Sink {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn start_sink(server: &Netns) -> anyhow::Result<Server> {
+    let mut command = Command::new(binary("imds-bench-traffic")?);
+    command
+        .args(["sink", "--port", SINK_PORT, "--accept-port", ACCEPT_PORT])
+        .args(["--seconds", SINK_LIFETIME_SECONDS]);
+    Ok(Server::spawn(&mut command, server)?)
 }
 
 /// The `key=value` fields of the line a traffic client printed.
