@@ -131,3 +131,23 @@ fn unprivileged(root: &Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_without_root_names_every_file_it_skips_and_only_those() {
+        let root = crate::workspace_root().unwrap();
+        let skipped = needing_root(&root).unwrap();
+        for name in UNPRIVILEGED_TEST_FILES {
+            let file = format!("tests/tests/{name}.rs");
+            assert!(root.join(&file).is_file(), "{file} is gone");
+            assert!(!skipped.contains(&file), "{file} is run, not skipped");
+        }
+        for needs_root in ["standalone", "packet_verdicts", "container"] {
+            let file = format!("tests/tests/{needs_root}.rs");
+            assert!(skipped.contains(&file), "{file} not named in {skipped:?}");
+        }
+    }
+}
