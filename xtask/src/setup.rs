@@ -11,6 +11,7 @@ use crate::{is_root, toolchain};
 pub fn run(_root: &Path) -> anyhow::Result<()> {
     println!("setup: checking this machine");
     toolchain::ensure()?;
+    toolchain::ensure_clippy()?;
     ensure_bpffs()?;
     check_tool("ip", &["-V"], "iproute2")?;
     // tests/tests/container.rs runs the daemon's container with both.

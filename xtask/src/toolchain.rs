@@ -100,7 +100,7 @@ fn check(pin: &Pin, toolchain: &str, found: &Found) -> anyhow::Result<()> {
 pub fn ensure() -> anyhow::Result<()> {
     let pin = Pin::get()?;
     ensure_nightly(&pin)?;
-    ensure_rust_src(&pin)?;
+    ensure_component(&pin, "rust-src", "to build core for the BPF target")?;
     ensure_bpf_linker(&pin)
 }
 
@@ -147,28 +147,31 @@ fn ensure_nightly(pin: &Pin) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ensure_rust_src(pin: &Pin) -> anyhow::Result<()> {
-    let installed = output(
-        "rustup",
-        &[
-            "component",
-            "list",
-            "--toolchain",
-            &pin.channel,
-            "--installed",
-        ],
-    )?;
-    if installed.lines().any(|l| l.starts_with("rust-src")) {
-        println!("  ok: {} rust-src", pin.channel);
+/// The pinned nightly's clippy, which `cargo xtask lint` runs on the eBPF
+/// crate (the image build does not need it).
+pub fn ensure_clippy() -> anyhow::Result<()> {
+    ensure_component(&Pin::get()?, "clippy", "to lint the eBPF crate")
+}
+
+fn ensure_component(pin: &Pin, component: &str, why: &str) -> anyhow::Result<()> {
+    let listed = [
+        "component",
+        "list",
+        "--toolchain",
+        &pin.channel,
+        "--installed",
+    ];
+    if output("rustup", &listed)?
+        .lines()
+        .any(|l| l.starts_with(component))
+    {
+        println!("  ok: {} {component}", pin.channel);
         return Ok(());
     }
-    println!(
-        "  installing: {} rust-src (to build core for the BPF target)",
-        pin.channel
-    );
+    println!("  installing: {} {component} ({why})", pin.channel);
     output(
         "rustup",
-        &["component", "add", "rust-src", "--toolchain", &pin.channel],
+        &["component", "add", component, "--toolchain", &pin.channel],
     )?;
     Ok(())
 }
