@@ -7,13 +7,12 @@
 ARG RUST_VERSION=1.95
 FROM docker.io/library/rust:${RUST_VERSION}-bookworm AS build
 WORKDIR /src
-# The eBPF programs are built with the nightly (aya-build runs `cargo
-# +nightly`), which the rust image does not carry.
-RUN rustup toolchain install nightly --profile minimal
 COPY . .
-# The project's own setup of the build toolchain: the nightly's rust-src and
-# bpf-linker built against the nightly's LLVM. Only that part: a build
-# container can neither mount bpffs nor needs the test tools.
+# The project's own setup of the build toolchain: the nightly pinned in
+# enforcer-ebpf/nightly.toml (which aya-build runs; the rust image carries
+# none) with its rust-src, checked against the pin, and bpf-linker built
+# against that nightly's LLVM. Only that part: a build container can
+# neither mount bpffs nor needs the test tools.
 RUN cargo --locked xtask setup-toolchain
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \

@@ -1,8 +1,8 @@
 use anyhow::{Context as _, anyhow};
 use aya_build::{Package, Toolchain};
 
-/// Builds the eBPF programs with the nightly toolchain and bpf-linker; the
-/// object lands in `OUT_DIR`, where the loader includes it.
+/// Builds the eBPF programs with the pinned nightly toolchain and
+/// bpf-linker; the object lands in `OUT_DIR`, where the loader includes it.
 fn main() -> anyhow::Result<()> {
     // Selects the second build the upgrade tests need (see the eBPF crate).
     println!("cargo:rerun-if-env-changed=IMDS_GUARD_EBPF_VARIANT");
@@ -11,6 +11,12 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow!("{manifest_dir} has no parent"))?
         .join("enforcer-ebpf");
+    let pin = ebpf_dir.join("nightly.toml");
+    println!("cargo:rerun-if-changed={}", pin.display());
+    let pin =
+        std::fs::read_to_string(&pin).with_context(|| format!("reading {}", pin.display()))?;
+    let channel =
+        pinned_channel(&pin).ok_or_else(|| anyhow!("no `channel = \"...\"` in nightly.toml"))?;
     let ebpf_dir = ebpf_dir
         .to_str()
         .ok_or_else(|| anyhow!("non-UTF-8 path {}", ebpf_dir.display()))?;
@@ -20,6 +26,14 @@ fn main() -> anyhow::Result<()> {
             root_dir: ebpf_dir,
             ..Default::default()
         }],
-        Toolchain::default(),
+        Toolchain::Custom(channel),
     )
+}
+
+/// The `channel = "..."` line of enforcer-ebpf/nightly.toml (xtask reads
+/// the rest of it).
+fn pinned_channel(pin: &str) -> Option<&str> {
+    pin.lines()
+        .find_map(|line| line.strip_prefix("channel = \""))
+        .and_then(|rest| rest.strip_suffix('"'))
 }

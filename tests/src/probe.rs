@@ -415,8 +415,14 @@ impl Server {
         for addr in crate::addrs::server_addrs() {
             command.args(["--udp-addr", &addr.to_string()]);
         }
+        Server::spawn(&mut command, netns)
+    }
+
+    /// Spawns `command`, a server of ours that prints `ready` once it
+    /// listens, in `netns`, and waits for that line.
+    pub fn spawn(command: &mut Command, netns: &Netns) -> Result<Server> {
         command.stdout(Stdio::piped());
-        let mut child = spawn_in(&mut command, netns, None)?;
+        let mut child = spawn_in(command, netns, None)?;
         let stdout = child
             .stdout
             .take()
@@ -426,7 +432,13 @@ impl Server {
         let server = Server { child };
         if first.trim() != "ready" {
             return Err(SandboxError::Process(format!(
-                "imds-probe serve did not start: {first:?}"
+                "{} {} did not start: {first:?}",
+                command.get_program().to_string_lossy(),
+                command
+                    .get_args()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string_lossy()
             )));
         }
         Ok(server)

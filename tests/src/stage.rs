@@ -36,19 +36,24 @@ pub const DNS: u16 = 53;
 impl Stage {
     pub fn set_up() -> Stage {
         require_root();
-        let sandbox = Sandbox::new().expect("sandbox");
-        let server = Server::start(&sandbox.server, &[HTTP, DNS]).expect("fake metadata server");
-        let mut cgroups = TestCgroup::new("standalone").expect("test cgroup");
-        let mut make = |p: &str| cgroups.child(p).expect("cgroup");
+        Stage::new("standalone").expect("the stage: sandbox, fake metadata server, cgroups")
+    }
+
+    /// The stage, its cgroups and pins named after `tag`, or what could not
+    /// be set up (for the benchmark, which reports rather than panics).
+    pub fn new(tag: &str) -> crate::Result<Stage> {
+        let sandbox = Sandbox::new()?;
+        let server = Server::start(&sandbox.server, &[HTTP, DNS])?;
+        let mut cgroups = TestCgroup::new(tag)?;
         let (guarded, allowed, allowed_child, blocked, outside) = (
-            make("guarded"),
-            make("guarded/allowed"),
-            make("guarded/allowed/job"),
-            make("guarded/blocked"),
-            make("outside"),
+            cgroups.child("guarded")?,
+            cgroups.child("guarded/allowed")?,
+            cgroups.child("guarded/allowed/job")?,
+            cgroups.child("guarded/blocked")?,
+            cgroups.child("outside")?,
         );
-        Stage {
-            pins: PinDir::new("standalone"),
+        Ok(Stage {
+            pins: PinDir::new(tag),
             _server: server,
             _cgroups: cgroups,
             sandbox,
@@ -57,7 +62,7 @@ impl Stage {
             allowed_child,
             blocked,
             outside,
-        }
+        })
     }
 
     /// `imds-guard standalone` on this stage (protecting `guarded`,

@@ -112,6 +112,47 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     println!();
     println!("  {:<15} {:<35} {:<32} result", "client", "attempt", "to");
 
+    let (app_reached_metadata, agent_missed) = try_every_attempt(&sandbox, &app, &agent)?;
+    // Events reach the daemon within milliseconds; give the last ones a moment.
+    std::thread::sleep(Duration::from_millis(300));
+    println!();
+    println!("  what the daemon logged (once per workload, destination and verdict a minute):");
+    for line in daemon
+        .log()
+        .lines()
+        .filter(|l| l.contains("attempt to reach a metadata address"))
+    {
+        println!("    {line}");
+    }
+    println!();
+    println!("  imds-guard status --bpffs-dir {pins_arg}");
+    for line in run_to_end(&["status", "--bpffs-dir", &pins_arg])?.lines() {
+        println!("    {line}");
+    }
+    daemon.stop()?;
+    println!();
+    if app_reached_metadata > 0 || agent_missed > 0 {
+        bail!(
+            "unexpected: app reached the metadata server {app_reached_metadata} time(s), \
+             the allowlisted agent failed {agent_missed} time(s)"
+        );
+    }
+    println!(
+        "  result: app never reached the metadata server; the allowlisted metadata-agent always did;"
+    );
+    println!("          DNS on the metadata address and ordinary traffic worked for both.");
+    println!("  cleaning up the sandbox, cgroups and daemon");
+    Ok(())
+}
+
+/// Every attempt from both cgroups, each printed with its outcome; returns
+/// how often `app` reached the metadata server and how often the
+/// allowlisted agent failed.
+fn try_every_attempt(
+    sandbox: &Sandbox,
+    app: &Path,
+    agent: &Path,
+) -> anyhow::Result<(usize, usize)> {
     let mut app_reached_metadata = 0;
     let mut agent_missed = 0;
     for attempt in attempts() {
@@ -148,34 +189,5 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
             }
         }
     }
-    // Events reach the daemon within milliseconds; give the last ones a moment.
-    std::thread::sleep(Duration::from_millis(300));
-    println!();
-    println!("  what the daemon logged (once per workload, destination and verdict a minute):");
-    for line in daemon
-        .log()
-        .lines()
-        .filter(|l| l.contains("attempt to reach a metadata address"))
-    {
-        println!("    {line}");
-    }
-    println!();
-    println!("  imds-guard status --bpffs-dir {pins_arg}");
-    for line in run_to_end(&["status", "--bpffs-dir", &pins_arg])?.lines() {
-        println!("    {line}");
-    }
-    daemon.stop()?;
-    println!();
-    if app_reached_metadata > 0 || agent_missed > 0 {
-        bail!(
-            "unexpected: app reached the metadata server {app_reached_metadata} time(s), \
-             the allowlisted agent failed {agent_missed} time(s)"
-        );
-    }
-    println!(
-        "  result: app never reached the metadata server; the allowlisted metadata-agent always did;"
-    );
-    println!("          DNS on the metadata address and ordinary traffic worked for both.");
-    println!("  cleaning up the sandbox, cgroups and daemon");
-    Ok(())
+    Ok((app_reached_metadata, agent_missed))
 }

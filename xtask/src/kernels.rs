@@ -1,8 +1,8 @@
 //! `cargo xtask kernels`: the standalone traffic tests on the Debian kernels
 //! nodes run, each booted under qemu (TCG: KVM here runs only special
 //! guests) with no network device at all, as root and with the DaemonSet's
-//! privileges. One line per kernel and privileges; target/kernels/matrix.txt
-//! keeps the table.
+//! privileges. One line per kernel and privileges; kernels/matrix.txt in the
+//! target directory keeps the table.
 //!
 //! Everything downloaded or built is cached under the target directory:
 //! the kernel packages by version, the guest's root filesystem and each
@@ -24,7 +24,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use self::{
-    build::{guest_files, target_dir},
+    build::guest_files,
     report::{Row, render, rows_of, summary},
 };
 
@@ -32,6 +32,7 @@ use crate::{
     interrupt::{catch_interrupts, interrupted},
     is_root, setup,
     setup::output,
+    target_dir,
 };
 
 /// A Debian package, pinned so the matrix is reproducible: a new upload is
@@ -112,8 +113,8 @@ const GUEST_TEST_DIR: &str = "/opt/imds-guard/tests";
 /// A guest takes about a minute and a half under TCG (boot, two or three
 /// test executables, power-off); this leaves room for a slow machine, not
 /// for a hang.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(10 * 60);
-/// The first kernel that charges BPF maps to memory cgroups, not RLIMIT_MEMLOCK.
+const BOOT_TIMEOUT: Duration = Duration::from_mins(10);
+/// The first kernel that charges BPF maps to memory cgroups, not `RLIMIT_MEMLOCK`.
 const FIRST_MEMCG_KERNEL: (u32, u32) = (5, 11);
 
 /// What the daemon under test may do (tests/src/privileges.rs).
@@ -134,7 +135,7 @@ impl Grant {
         }
     }
 
-    /// IMDS_GUARD_TEST_CAPS for the harness; none means the DaemonSet's.
+    /// `IMDS_GUARD_TEST_CAPS` for the harness; none means the DaemonSet's.
     fn caps_env(self) -> Option<&'static str> {
         match self {
             Grant::Root => Some("all"),
@@ -161,7 +162,7 @@ const TEST_TARGETS: [&str; 2] = ["standalone", "privileges"];
 
 /// What a kernel runs: the traffic tests as root and with the DaemonSet's
 /// privileges, which kernels before 5.11 refuse (maps are charged to the
-/// 64 KiB RLIMIT_MEMLOCK): there the refusal is checked and the traffic
+/// 64 KiB `RLIMIT_MEMLOCK`): there the refusal is checked and the traffic
 /// tests run with the documented overlay instead.
 fn plan(version: &str) -> anyhow::Result<Vec<Run>> {
     let root = Run {
@@ -304,12 +305,12 @@ pub fn matrix(root: &Path) -> anyhow::Result<()> {
     let mut guests = Vec::new();
     for kernel in &KERNELS {
         interrupted()?;
-        let prepared = match rootfs::cached_kernel(&dirs, kernel, &GUEST_MODULES) {
-            Some(prepared) => prepared,
-            None => {
-                let debs = fetcher.debs(kernel)?;
-                rootfs::prepare_kernel(&dirs, kernel, &debs, &GUEST_MODULES)?
-            }
+        let cached = rootfs::cached_kernel(&dirs, kernel, &GUEST_MODULES);
+        let prepared = if let Some(prepared) = cached {
+            prepared
+        } else {
+            let debs = fetcher.debs(kernel)?;
+            rootfs::prepare_kernel(&dirs, kernel, &debs, &GUEST_MODULES)?
         };
         let runs = plan(kernel.version)?;
         let init = rootfs::pack(&dirs, &format!("init-{}", kernel.version), |stage| {

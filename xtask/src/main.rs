@@ -1,6 +1,8 @@
 //! `cargo xtask <task>`: everything the README promises, from a fresh clone.
 
+#[cfg(feature = "sandbox")]
 mod bench;
+#[cfg(feature = "sandbox")]
 mod demo;
 mod image;
 mod interrupt;
@@ -8,11 +10,12 @@ mod kernels;
 mod kind;
 mod setup;
 mod test;
+mod toolchain;
 mod vagrant;
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, bail};
@@ -27,9 +30,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Make this machine ready: nightly rust-src, bpf-linker, bpffs (idempotent).
+    /// Make this machine ready: the pinned nightly, bpf-linker, bpffs, test tools (idempotent).
     Setup,
-    /// Only the build toolchain (nightly rust-src, bpf-linker): what the image build runs.
+    /// Only the build toolchain (the pinned nightly, bpf-linker): what the image build runs.
     SetupToolchain,
     /// Setup, then build the daemon in release mode.
     Build,
@@ -48,7 +51,7 @@ enum Task {
     /// The same checks on a single-node k3s cluster in a Vagrant VM.
     VagrantE2e,
     /// Setup, then the traffic tests on Debian's kernels under qemu, as root
-    /// and with the DaemonSet's privileges (table in target/kernels/matrix.txt).
+    /// and with the DaemonSet's privileges (table in kernels/matrix.txt of the target directory).
     Kernels,
 }
 
@@ -62,15 +65,52 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Lint => test::lint(&root),
         Task::Test => test::run(&root),
+        #[cfg(feature = "sandbox")]
         Task::Demo => demo::run(&root),
+        #[cfg(feature = "sandbox")]
         Task::Bench => bench::run(&root),
-        Task::SetupToolchain => setup::toolchain(),
+        #[cfg(not(feature = "sandbox"))]
+        Task::Demo | Task::Bench => with_sandbox(&root),
+        Task::SetupToolchain => toolchain::ensure(),
         Task::Image => image::run(&root),
         Task::KindE2e => kind::run(&root),
         Task::VagrantE2e => vagrant::run(&root),
         Task::Kernels => kernels::run(&root),
     }
 }
+
+/// The tasks that run the sandbox need the test harness, which a build of
+/// xtask for the other tasks leaves out: this runs the same command line
+/// again through a build of xtask with the `sandbox` feature.
+#[cfg(not(feature = "sandbox"))]
+fn with_sandbox(root: &Path) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    let err = Command::new("cargo")
+        .args([
+            "run",
+            "--quiet",
+            "--package",
+            "xtask",
+            "--features",
+            "sandbox",
+            "--",
+        ])
+        .args(std::env::args_os().skip(1))
+        .current_dir(root)
+        .exec();
+    Err(err).context("running xtask again with the sandbox feature")
+}
+
+/// `cargo` arguments that select the workspace's own crates, the sandbox
+/// tasks included, for clippy and the tests; the eBPF crate builds for its
+/// own target (lint does it apart).
+const WORKSPACE: [&str; 5] = [
+    "--workspace",
+    "--exclude",
+    "enforcer-ebpf",
+    "--features",
+    "xtask/sandbox",
+];
 
 /// The workspace root: xtask's manifest directory's parent.
 fn workspace_root() -> anyhow::Result<PathBuf> {
@@ -95,11 +135,31 @@ fn build_binaries(root: &Path, release: bool) -> anyhow::Result<PathBuf> {
     }
     args.extend(["-p", "enforcer-user", "-p", "imds-guard-tests", "--bins"]);
     cargo(root, &args)?;
-    Ok(root.join(if release {
-        "target/release"
-    } else {
-        "target/debug"
-    }))
+    Ok(target_dir(root)?.join(if release { "release" } else { "debug" }))
+}
+
+/// The target directory cargo uses (`CARGO_TARGET_DIR` respected).
+fn target_dir(root: &Path) -> anyhow::Result<PathBuf> {
+    let metadata = cargo_stdout(root, &["metadata", "--format-version", "1", "--no-deps"])?;
+    let metadata: serde_json::Value = serde_json::from_str(&metadata)?;
+    metadata["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .context("cargo metadata names no target_directory")
+}
+
+/// Runs cargo in the workspace: its standard output (its messages show).
+fn cargo_stdout(root: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("cargo")
+        .args(args)
+        .current_dir(root)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo")?;
+    if !out.status.success() {
+        bail!("`cargo {}` failed ({})", args.join(" "), out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Runs `cargo ARGS` in the workspace, failing on a non-zero exit.

@@ -2,25 +2,18 @@
 //! imds-guard. Every step checks first and says what it did, so a second run
 //! changes nothing and takes seconds.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
 
-use crate::is_root;
-
-/// The bpf-linker release that builds against the nightly's LLVM here.
-const BPF_LINKER_VERSION: &str = "0.13.0";
+use crate::{is_root, toolchain};
 
 pub fn run(_root: &Path) -> anyhow::Result<()> {
     println!("setup: checking this machine");
-    toolchain()?;
+    toolchain::ensure()?;
+    toolchain::ensure_clippy()?;
     ensure_bpffs()?;
     check_tool("ip", &["-V"], "iproute2")?;
-    // The benchmark reads each program's run time and run count with it.
-    check_tool("bpftool", &["version"], "bpftool")?;
     // tests/tests/container.rs runs the daemon's container with both.
     check_tool("crun", &["--version"], "crun")?;
     check_tool("runc", &["--version"], "runc")?;
@@ -28,15 +21,6 @@ pub fn run(_root: &Path) -> anyhow::Result<()> {
     kernel_matrix_tools()?;
     println!("setup: done");
     Ok(())
-}
-
-/// What building imds-guard needs, and nothing more: the nightly's rust-src
-/// and bpf-linker. The container image build runs only this: it can neither
-/// mount bpffs nor needs the test tools.
-pub fn toolchain() -> anyhow::Result<()> {
-    check_nightly()?;
-    ensure_rust_src()?;
-    ensure_bpf_linker()
 }
 
 /// Output of a command, or an error naming it.
@@ -61,120 +45,6 @@ pub(crate) fn output_of(command: &mut Command) -> anyhow::Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn check_nightly() -> anyhow::Result<()> {
-    output("rustup", &["run", "nightly", "rustc", "--version"]).context(
-        "the nightly toolchain is needed to build the eBPF programs: \
-         `rustup toolchain install nightly`",
-    )?;
-    println!("  ok: nightly toolchain");
-    Ok(())
-}
-
-fn ensure_rust_src() -> anyhow::Result<()> {
-    let installed = output(
-        "rustup",
-        &["component", "list", "--toolchain", "nightly", "--installed"],
-    )?;
-    if installed.lines().any(|l| l.starts_with("rust-src")) {
-        println!("  ok: nightly rust-src");
-        return Ok(());
-    }
-    println!("  installing: nightly rust-src (to build core for the BPF target)");
-    output(
-        "rustup",
-        &["component", "add", "rust-src", "--toolchain", "nightly"],
-    )?;
-    Ok(())
-}
-
-/// The LLVM major version of the nightly compiler (`LLVM version: 22.1.4`).
-fn nightly_llvm_major() -> anyhow::Result<String> {
-    let verbose = output("rustup", &["run", "nightly", "rustc", "-vV"])?;
-    verbose
-        .lines()
-        .find_map(|l| l.strip_prefix("LLVM version: "))
-        .and_then(|v| v.split('.').next())
-        .map(str::to_owned)
-        .context("`rustc +nightly -vV` names no LLVM version")
-}
-
-/// The nightly's own `libLLVM.so.<ver>-rust-<ver>`.
-fn nightly_libllvm() -> anyhow::Result<PathBuf> {
-    let sysroot = output("rustup", &["run", "nightly", "rustc", "--print", "sysroot"])?;
-    let lib = Path::new(sysroot.trim()).join("lib");
-    let entries = std::fs::read_dir(&lib).with_context(|| format!("reading {}", lib.display()))?;
-    entries
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("libLLVM.so.") && n.contains("-rust-"))
-        })
-        .with_context(|| format!("no libLLVM.so.*-rust-* in {}", lib.display()))
-}
-
-fn cargo_home() -> anyhow::Result<PathBuf> {
-    if let Some(home) = std::env::var_os("CARGO_HOME") {
-        return Ok(PathBuf::from(home));
-    }
-    let home = std::env::var_os("HOME").context("neither CARGO_HOME nor HOME is set")?;
-    Ok(PathBuf::from(home).join(".cargo"))
-}
-
-/// Whether a working bpf-linker of our version is on PATH. A binary whose
-/// LLVM library has gone (it is found through a run path) does not start.
-fn bpf_linker_works() -> bool {
-    output("bpf-linker", &["--version"])
-        .is_ok_and(|v| v.trim() == format!("bpf-linker {BPF_LINKER_VERSION}"))
-}
-
-/// bpf-linker built against the nightly's own LLVM: the default features
-/// want a system LLVM this machine lacks, so we point LLVM_PREFIX at a
-/// directory of links to the nightly's library. The directory stays: the
-/// linker finds the library through it at run time.
-fn ensure_bpf_linker() -> anyhow::Result<()> {
-    if bpf_linker_works() {
-        println!("  ok: bpf-linker {BPF_LINKER_VERSION}");
-        return Ok(());
-    }
-    let major = nightly_llvm_major()?;
-    let libllvm = nightly_libllvm()?;
-    let prefix = cargo_home()?.join(format!("imds-guard/llvm-{major}"));
-    let lib = prefix.join("lib");
-    std::fs::create_dir_all(&lib).with_context(|| format!("creating {}", lib.display()))?;
-    let file_name = libllvm.file_name().context("libLLVM has no file name")?;
-    for link in [lib.join("libLLVM.so"), lib.join(file_name)] {
-        // Replace stale links from an older nightly.
-        let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(&libllvm, &link)
-            .with_context(|| format!("linking {}", link.display()))?;
-    }
-    println!(
-        "  installing: bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {major} (about a minute)"
-    );
-    let status = Command::new("cargo")
-        .args([
-            "install",
-            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
-            "--locked",
-            "--force",
-            "--no-default-features",
-            "--features",
-            &format!("llvm-{major}"),
-        ])
-        .env("LLVM_PREFIX", &prefix)
-        .status()
-        .context("running cargo install bpf-linker")?;
-    if !status.success() || !bpf_linker_works() {
-        bail!(
-            "installing bpf-linker failed ({status}); is {} on PATH?",
-            cargo_home()?.join("bin").display()
-        );
-    }
-    Ok(())
 }
 
 /// bpffs at /sys/fs/bpf, where pins live; mounted when missing (root only).

@@ -2,34 +2,35 @@
 
 use std::{path::Path, time::Instant};
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 
-use crate::{build_binaries, cargo, in_ci, is_root, kernels, run_in, setup};
+use crate::{
+    WORKSPACE, build_binaries, cargo, in_ci, is_root, kernels, run_in, setup, target_dir,
+    toolchain::Pin,
+};
+
+/// The end-to-end test files (tests/tests/<name>.rs) that need no root:
+/// they render and read the manifests, or talk to the test API server on
+/// loopback. Every other file there needs root (network namespaces,
+/// cgroups, BPF) and is named when a run without root skips it.
+const UNPRIVILEGED_TEST_FILES: [&str; 2] = ["apiserver", "manifests"];
 
 /// Formatting and clippy, in two passes: the workspace without the eBPF
 /// crate, then the eBPF crate alone for its own target (built together,
 /// feature unification would give it std and two panic handlers).
 pub fn lint(root: &Path) -> anyhow::Result<()> {
     cargo(root, &["fmt", "--all", "--check"])?;
-    cargo(
-        root,
-        &[
-            "clippy",
-            "--workspace",
-            "--exclude",
-            "enforcer-ebpf",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ],
-    )?;
+    let mut clippy = vec!["clippy"];
+    clippy.extend(WORKSPACE);
+    clippy.extend(["--all-targets", "--", "-D", "warnings"]);
+    cargo(root, &clippy)?;
+    let nightly = Pin::get()?.channel;
     run_in(
         root,
         "rustup",
         &[
             "run",
-            "nightly",
+            &nightly,
             "cargo",
             "clippy",
             "-p",
@@ -53,30 +54,18 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     lint(root)?;
     if !is_root() {
         if in_ci() {
-            bail!("CI=true but not root: the kernel tests need root and may not be skipped");
+            bail!(
+                "CI=true but not root: {} need root and may not be skipped",
+                needing_root(root)?.join(", ")
+            );
         }
-        println!(
-            "NOT ROOT: running only the tests that need no privilege; \
-             the kernel and sandbox tests (package imds-guard-tests) did not run"
-        );
-        cargo(
-            root,
-            &[
-                "test",
-                "--workspace",
-                "--exclude",
-                "enforcer-ebpf",
-                "--exclude",
-                "imds-guard-tests",
-            ],
-        )?;
-        return Ok(());
+        return unprivileged(root);
     }
     // The end-to-end tests run the real binaries: build them first, and a
     // second build whose eBPF object differs, for the upgrade tests (in a
     // target directory of its own, so neither build invalidates the other).
     let bin_dir = build_binaries(root, false)?;
-    let variant_target = root.join("target/variant");
+    let variant_target = target_dir(root)?.join("variant");
     run_in(
         root,
         "cargo",
@@ -90,7 +79,7 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     run_in(
         root,
         "cargo",
-        &["test", "--workspace", "--exclude", "enforcer-ebpf"],
+        &[["test"].as_slice(), &WORKSPACE].concat(),
         &[
             ("IMDS_GUARD_BIN_DIR", &bin_dir.to_string_lossy()),
             ("IMDS_GUARD_VARIANT_BIN_DIR", &variant_dir.to_string_lossy()),
@@ -100,4 +89,65 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     kernels::matrix(root)?;
     println!("test: everything passed in {:.0?}", started.elapsed());
     Ok(())
+}
+
+/// The test files of tests/tests that need root, by path.
+fn needing_root(root: &Path) -> anyhow::Result<Vec<String>> {
+    let dir = root.join("tests/tests");
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .flatten()
+        .filter_map(|entry| entry.file_name().into_string().ok())
+        .filter_map(|name| name.strip_suffix(".rs").map(str::to_owned))
+        .filter(|name| !UNPRIVILEGED_TEST_FILES.contains(&name.as_str()))
+        .map(|name| format!("tests/tests/{name}.rs"))
+        .collect();
+    files.sort();
+    files.push("the kernel matrix (cargo xtask kernels)".to_owned());
+    Ok(files)
+}
+
+/// Without root: every crate's unit tests and the end-to-end files that
+/// need no privilege; says exactly which files it skipped.
+fn unprivileged(root: &Path) -> anyhow::Result<()> {
+    let mut others = vec!["test"];
+    others.extend(WORKSPACE);
+    others.extend(["--exclude", "imds-guard-tests"]);
+    cargo(root, &others)?;
+    let mut harness = vec!["test", "-p", "imds-guard-tests", "--lib", "--bins"];
+    for name in UNPRIVILEGED_TEST_FILES {
+        harness.extend(["--test", name]);
+    }
+    cargo(root, &harness)?;
+    println!(
+        "NOT ROOT: ran the unit tests and {}; skipped, since they need root \
+         (network namespaces, cgroups, BPF):",
+        UNPRIVILEGED_TEST_FILES
+            .map(|name| format!("tests/tests/{name}.rs"))
+            .join(", ")
+    );
+    for skipped in needing_root(root)? {
+        println!("  {skipped}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_without_root_names_every_file_it_skips_and_only_those() {
+        let root = crate::workspace_root().unwrap();
+        let skipped = needing_root(&root).unwrap();
+        for name in UNPRIVILEGED_TEST_FILES {
+            let file = format!("tests/tests/{name}.rs");
+            assert!(root.join(&file).is_file(), "{file} is gone");
+            assert!(!skipped.contains(&file), "{file} is run, not skipped");
+        }
+        for needs_root in ["standalone", "packet_verdicts", "container"] {
+            let file = format!("tests/tests/{needs_root}.rs");
+            assert!(skipped.contains(&file), "{file} not named in {skipped:?}");
+        }
+    }
 }

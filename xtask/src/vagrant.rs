@@ -5,7 +5,10 @@
 //!
 //! The fake metadata server binds 169.254.169.254 on the VM's own loopback.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::Context as _;
 
@@ -13,7 +16,7 @@ use crate::{
     image,
     kind::checks::{self, Cluster},
     run_in,
-    setup::output,
+    setup::{output, output_of},
 };
 
 /// Set to 1 to keep the VM after the run (to look around with `vagrant ssh`).
@@ -35,7 +38,7 @@ fn remote_command(program: &str, args: &[&str]) -> String {
         .join(" ")
 }
 
-/// The VM, destroyed when dropped (unless IMDS_GUARD_E2E_KEEP=1), so a
+/// The VM, destroyed when dropped (unless `IMDS_GUARD_E2E_KEEP=1`), so a
 /// failed check still tears it down.
 struct Vm {
     root: PathBuf,
@@ -59,7 +62,11 @@ impl Vm {
 
     /// Runs a shell command line in the VM: its standard output.
     fn ssh(&self, command_line: &str) -> anyhow::Result<String> {
-        output("vagrant", &["ssh", "-c", command_line])
+        output_of(
+            Command::new("vagrant")
+                .args(["ssh", "-c", command_line])
+                .current_dir(&self.root),
+        )
     }
 
     /// Builds the image in the VM and hands it to k3s.

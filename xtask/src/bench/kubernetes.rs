@@ -10,7 +10,11 @@ use anyhow::{Context as _, ensure};
 use imds_guard_tests::{Daemon, PinDir, TestCgroup, apiserver::FakeApiServer};
 use k8s_openapi::api::core::v1::Pod;
 
-use super::{Json, Row, Target, progress, quantile, rss_kib};
+use super::{
+    daemon::rss_kib,
+    progress,
+    report::{Row, Target, quantile},
+};
 use crate::interrupt::interrupted;
 
 const NODE: &str = "bench-node";
@@ -19,6 +23,8 @@ const LABEL: &str = "imds-guard.io/metadata-access";
 const RESIDENT_PODS: usize = 250;
 /// Label changes timed for propagation.
 const CHANGES: usize = 100;
+/// What the daemon logs, with its own timestamp, when the allow map changed.
+const UPDATED: &str = "allow list updated";
 /// Pods created and deleted through the node while memory is watched.
 const CHURN_PODS: usize = 5000;
 
@@ -52,22 +58,26 @@ fn pod_cgroup(index: usize) -> String {
 fn log_time(line: &str) -> Option<f64> {
     let stamp = line.split_whitespace().next()?.strip_suffix('Z')?;
     let (date, time) = stamp.split_once('T')?;
-    let mut ymd = date.split('-').map(|p| p.parse::<i64>());
-    let (y, m, d) = (ymd.next()?.ok()?, ymd.next()?.ok()?, ymd.next()?.ok()?);
-    let mut hms = time.split(':');
-    let (h, min) = (
-        hms.next()?.parse::<f64>().ok()?,
-        hms.next()?.parse::<f64>().ok()?,
+    let mut civil = date.split('-').map(str::parse::<i32>);
+    let (year, month, day) = (
+        civil.next()?.ok()?,
+        civil.next()?.ok()?,
+        civil.next()?.ok()?,
     );
-    let s = hms.next()?.parse::<f64>().ok()?;
+    let mut clock = time.split(':');
+    let (hours, minutes) = (
+        clock.next()?.parse::<f64>().ok()?,
+        clock.next()?.parse::<f64>().ok()?,
+    );
+    let seconds = clock.next()?.parse::<f64>().ok()?;
     // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(days as f64 * 86_400.0 + h * 3600.0 + min * 60.0 + s)
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let day_of_year = (153 * (month + if month > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    Some(f64::from(days) * 86_400.0 + hours * 3600.0 + minutes * 60.0 + seconds)
 }
 
 fn unix_now() -> f64 {
@@ -126,7 +136,6 @@ fn measure(
 
     // Each change flips one resident pod's label; the daemon logs the allow
     // list update with its own timestamp.
-    const UPDATED: &str = "allow list updated";
     let mut updates = daemon.count_log(UPDATED);
     let mut latencies_ms = Vec::with_capacity(CHANGES);
     for change in 0..CHANGES {
@@ -178,9 +187,7 @@ fn measure(
             "7 Kubernetes: label change to allow map updated, p50",
             format!("{p50:.1} ms"),
         )
-        .raw(Json::List(
-            latencies_ms.iter().map(|v| Json::Number(*v)).collect(),
-        )),
+        .raw(&latencies_ms)?,
         Row::new(
             "7 Kubernetes: label change to allow map updated, p99",
             format!("{p99:.1} ms"),

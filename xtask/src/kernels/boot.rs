@@ -3,6 +3,7 @@
 
 use std::{
     collections::BTreeMap,
+    fmt::Write as _,
     path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -70,10 +71,11 @@ run() {{
             .map(|caps| format!(" IMDS_GUARD_TEST_CAPS={caps}"))
             .unwrap_or_default();
         for test in run.tests {
-            script.push_str(&format!("run {} {test}{env}\n", run.id));
+            let _ = writeln!(script, "run {} {test}{env}", run.id);
         }
     }
-    script.push_str(&format!(
+    let _ = write!(
+        script,
         r#"if [ $failed -ne 0 ]; then
     echo "{MARKER} kernel log follows"
     dmesg
@@ -82,7 +84,7 @@ echo "{MARKER} done"
 echo o > /proc/sysrq-trigger
 sleep 60
 "#
-    ));
+    );
     script
 }
 
@@ -184,13 +186,13 @@ pub fn parse_console(text: &str) -> Console {
             ["guest", release, cgroup] => {
                 console.guest = Some(((*release).to_owned(), (*cgroup).to_owned()));
             }
-            ["begin", run, test] => {
-                let key = ((*run).to_owned(), (*test).to_owned());
+            ["begin", run_id, test_name] => {
+                let key = ((*run_id).to_owned(), (*test_name).to_owned());
                 console.outcomes.insert(key.clone(), TestOutcome::default());
                 current = Some(key);
             }
-            ["end", run, test, rest @ ..] => {
-                let key = ((*run).to_owned(), (*test).to_owned());
+            ["end", run_id, test_name, rest @ ..] => {
+                let key = ((*run_id).to_owned(), (*test_name).to_owned());
                 let field = |name: &str| rest.iter().find_map(|w| w.strip_prefix(name));
                 let outcome = console.outcomes.entry(key).or_default();
                 outcome.exit = field("exit=").and_then(|v| v.parse().ok());

@@ -1,24 +1,12 @@
 //! Building what the guests run, and finding it through cargo's JSON
-//! messages (the target directory may be anywhere: CARGO_TARGET_DIR).
+//! messages (the target directory may be anywhere: `CARGO_TARGET_DIR`).
 
-use std::{
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
-};
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
 use super::{GUEST_BIN_DIR, GUEST_TEST_DIR, TEST_TARGETS};
-
-/// The target directory cargo uses (CARGO_TARGET_DIR respected).
-pub fn target_dir(root: &Path) -> anyhow::Result<PathBuf> {
-    let metadata = cargo_stdout(root, &["metadata", "--format-version", "1", "--no-deps"])?;
-    let metadata: serde_json::Value = serde_json::from_str(&metadata)?;
-    metadata["target_directory"]
-        .as_str()
-        .map(PathBuf::from)
-        .context("cargo metadata names no target_directory")
-}
+use crate::{WORKSPACE, cargo_stdout};
 
 /// Builds what the guest runs: (path here, path in the guest).
 pub fn guest_files(root: &Path) -> anyhow::Result<Vec<(PathBuf, String)>> {
@@ -42,14 +30,9 @@ pub fn guest_files(root: &Path) -> anyhow::Result<Vec<(PathBuf, String)>> {
         .collect();
     // Resolved as `cargo xtask test` builds the workspace's tests, so CI
     // reuses what the host's tests built.
-    let mut args = vec![
-        "test",
-        "--no-run",
-        "--workspace",
-        "--exclude",
-        "enforcer-ebpf",
-        "--message-format=json-render-diagnostics",
-    ];
+    let mut args = vec!["test", "--no-run"];
+    args.extend(WORKSPACE);
+    args.push("--message-format=json-render-diagnostics");
     for target in TEST_TARGETS {
         args.extend(["--test", target]);
     }
@@ -61,20 +44,6 @@ pub fn guest_files(root: &Path) -> anyhow::Result<Vec<(PathBuf, String)>> {
             .map(|(path, name)| (path, format!("{GUEST_TEST_DIR}/{name}"))),
     );
     Ok(files)
-}
-
-/// Runs cargo in the workspace: its standard output (its messages show).
-fn cargo_stdout(root: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("cargo")
-        .args(args)
-        .current_dir(root)
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running cargo")?;
-    if !out.status.success() {
-        bail!("`cargo {}` failed ({})", args.join(" "), out.status);
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The executables of `kind` targets named `names`, in that order, from

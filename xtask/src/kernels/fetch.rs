@@ -1,10 +1,13 @@
 //! The pinned kernel packages, fetched with apt from this machine's Debian
-//! mirror through a private apt configuration under target/ (the machine's
-//! own lists and state stay untouched). apt checks every file against the
+//! mirror through a private apt configuration under the target directory
+//! (the machine's own lists and state stay untouched). apt checks every file against the
 //! suites' signed indexes (debian-archive-keyring); the cache is keyed by
 //! version and checked against the pinned SHA256 before use.
 
-use std::path::{Path, PathBuf};
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, bail};
 
@@ -147,7 +150,7 @@ impl<'a> Fetcher<'a> {
     }
 }
 
-/// apt with its own sources, lists and state under target/.
+/// apt with its own sources, lists and state under the target directory.
 struct Apt {
     options: Vec<String>,
 }
@@ -168,10 +171,13 @@ impl Apt {
                 suites.push(kernel.suite);
             }
         }
-        let sources: String = suites
-            .iter()
-            .map(|suite| format!("deb [arch=amd64 signed-by={KEYRING}] {mirror} {suite} main\n"))
-            .collect();
+        let sources = suites.iter().fold(String::new(), |mut sources, suite| {
+            let _ = writeln!(
+                sources,
+                "deb [arch=amd64 signed-by={KEYRING}] {mirror} {suite} main"
+            );
+            sources
+        });
         let source_list = dir.join("sources.list");
         std::fs::write(&source_list, sources)?;
         let status = dir.join("status");

@@ -147,7 +147,7 @@ mod tests {
                       @@imds-guard-matrix end root standalone exit=0 seconds=41\n\
                       @@imds-guard-matrix begin daemonset privileges\n"
                 .to_owned(),
-            elapsed: Duration::from_secs(900),
+            elapsed: Duration::from_mins(15),
             timed_out: true,
         };
         let rows = rows_of(&KERNELS[1], &runs, &boot);

@@ -32,7 +32,7 @@ pub trait Cluster {
 pub enum Probe {
     /// The fake server answered.
     Reached,
-    /// connect() failed with EPERM (imds-guard's refusal), after `seconds`.
+    /// `connect()` failed with EPERM (imds-guard's refusal), after `seconds`.
     Refused { seconds: Option<f64> },
     /// Anything else: a timeout, another error, another server.
     Other,
@@ -46,7 +46,7 @@ const PROBE_SCRIPT: &str = "curl -v -sS --max-time 2 -w '\\ntime_total=%{time_to
 /// A refusal slower than this is not imds-guard's immediate EPERM.
 const FAST_REFUSAL_SECONDS: f64 = 0.5;
 
-/// Reads the output of PROBE_SCRIPT.
+/// Reads the output of `PROBE_SCRIPT`.
 pub fn parse_probe(output: &str) -> Probe {
     let value = |key: &str| {
         output
@@ -327,7 +327,7 @@ mod tests {
     use super::*;
 
     /// curl 7.88 refused by imds-guard (standalone mode, this project's
-    /// daemon), as PROBE_SCRIPT prints it.
+    /// daemon), as `PROBE_SCRIPT` prints it.
     const REFUSED: &str = "*   Trying 169.254.169.254:80...
 * Immediate connect fail for 169.254.169.254: Operation not permitted
 * Failed to connect to 169.254.169.254 port 80 after 0 ms: Couldn't connect to server
@@ -355,7 +355,7 @@ exit=7
         assert_eq!(
             parse_probe(REFUSED),
             Probe::Refused {
-                seconds: Some(0.000162)
+                seconds: Some(0.000_162)
             }
         );
         let reached =

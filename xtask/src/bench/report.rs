@@ -1,0 +1,259 @@
+//! What the benchmark reports: its rows with their targets, the table
+//! printed at the end, the machine it ran on, and `bench.json` (serde).
+
+use std::{fmt, path::Path};
+
+use anyhow::Context as _;
+use serde::{Serialize, Serializer};
+
+/// What a figure must reach.
+#[derive(Clone, Copy, Debug)]
+pub enum Target {
+    None,
+    AtLeast(f64),
+    Below(f64, &'static str),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::None => write!(f, "-"),
+            Target::AtLeast(min) => write!(f, "≥ {min}"),
+            Target::Below(max, unit) => write!(f, "< {max} {unit}"),
+        }
+    }
+}
+
+impl Target {
+    fn met(self, value: f64) -> Option<bool> {
+        match self {
+            Target::None => None,
+            Target::AtLeast(min) => Some(value >= min),
+            Target::Below(max, _) => Some(value < max),
+        }
+    }
+}
+
+/// In bench.json as the table shows it (`≥ 0.99`, `< 50 ns`).
+fn as_text<S: Serializer>(target: &Target, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(target)
+}
+
+/// One line of the report; `raw` holds the numbers behind it.
+#[derive(Debug, Serialize)]
+pub struct Row {
+    figure: String,
+    without: String,
+    with: String,
+    result: String,
+    #[serde(serialize_with = "as_text")]
+    target: Target,
+    pub met: Option<bool>,
+    raw: serde_json::Value,
+}
+
+impl Row {
+    pub fn new(figure: impl Into<String>, result: impl Into<String>) -> Row {
+        Row {
+            figure: figure.into(),
+            without: "-".to_owned(),
+            with: "-".to_owned(),
+            result: result.into(),
+            target: Target::None,
+            met: None,
+            raw: serde_json::Value::Null,
+        }
+    }
+
+    pub fn sides(self, without: String, with: String) -> Row {
+        Row {
+            without,
+            with,
+            ..self
+        }
+    }
+
+    pub fn target(self, target: Target, value: f64) -> Row {
+        Row {
+            target,
+            met: target.met(value),
+            ..self
+        }
+    }
+
+    /// The numbers behind the row, for bench.json.
+    pub fn raw(self, raw: impl Serialize) -> anyhow::Result<Row> {
+        Ok(Row {
+            raw: serde_json::to_value(raw)?,
+            ..self
+        })
+    }
+
+    fn met_text(&self) -> &'static str {
+        match self.met {
+            None => "-",
+            Some(true) => "yes",
+            Some(false) => "NO",
+        }
+    }
+
+    fn cells(&self) -> [String; 6] {
+        [
+            self.figure.clone(),
+            self.without.clone(),
+            self.with.clone(),
+            self.result.clone(),
+            self.target.to_string(),
+            self.met_text().to_owned(),
+        ]
+    }
+}
+
+/// The rows as aligned columns, with a header.
+pub fn table(rows: &[Row]) -> String {
+    let header = ["figure", "without", "with", "result", "target", "met"].map(str::to_owned);
+    let lines: Vec<[String; 6]> = std::iter::once(header)
+        .chain(rows.iter().map(Row::cells))
+        .collect();
+    let mut widths = [0usize; 6];
+    for cells in &lines {
+        for (width, cell) in widths.iter_mut().zip(cells) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut text = String::new();
+    for cells in &lines {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        text.push_str(padded.join("  ").trim_end());
+        text.push('\n');
+    }
+    text
+}
+
+/// When and where the run happened.
+pub struct Machine {
+    pub date: String,
+    pub cores: usize,
+    pub kernel: String,
+    pub load_before: String,
+}
+
+impl Machine {
+    pub fn now() -> anyhow::Result<Machine> {
+        Ok(Machine {
+            date: imds_guard_tests::run("date", &["-u", "+%Y-%m-%d %H:%M UTC"])?
+                .trim()
+                .to_owned(),
+            cores: std::thread::available_parallelism().map_or(0, usize::from),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")?
+                .trim()
+                .to_owned(),
+            load_before: load_average(),
+        })
+    }
+}
+
+/// The 1, 5 and 15 minute load averages: other work on the machine
+/// weighs on every figure.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg").map_or_else(
+        |_| "unknown".to_owned(),
+        |text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        },
+    )
+}
+
+/// bench.json: the run and every row.
+#[derive(Serialize)]
+pub struct Report<'a> {
+    pub date: &'a str,
+    pub cores: usize,
+    pub kernel: &'a str,
+    pub load_average_before: &'a str,
+    pub load_average_after: &'a str,
+    pub rounds: usize,
+    pub wall_seconds: f64,
+    pub rows: &'a [Row],
+}
+
+impl Report<'_> {
+    pub fn write(&self, path: &Path) -> anyhow::Result<()> {
+        let mut text = serde_json::to_string(self)?;
+        text.push('\n');
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+/// The `q` quantile (0.5 is the median), interpolated between the two
+/// nearest values; NaN for no values.
+pub fn quantile(values: &[f64], q: f64) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let Some(last) = sorted.len().checked_sub(1) else {
+        return f64::NAN;
+    };
+    #[expect(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "a sample count far below 2^52; the floor of a position in 0..=last"
+    )]
+    let (position, below) = {
+        let position = q * last as f64;
+        (position, position.floor() as usize)
+    };
+    let above = (below + 1).min(last);
+    let fraction = position - position.floor();
+    sorted[below] * (1.0 - fraction) + sorted[above] * fraction
+}
+
+pub fn median(values: &[f64]) -> f64 {
+    quantile(values, 0.5)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_interpolate() {
+        assert!((median(&[3.0, 1.0, 2.0]) - 2.0).abs() < 1e-9);
+        assert!((median(&[1.0, 2.0, 3.0, 4.0]) - 2.5).abs() < 1e-9);
+        assert!((quantile(&[0.0, 10.0], 0.25) - 2.5).abs() < 1e-9);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn rows_read_as_the_table_and_the_json_show_them() {
+        let rows = [
+            Row::new("1 a figure", "0.950")
+                .sides("10/s".to_owned(), "9/s".to_owned())
+                .target(Target::AtLeast(0.97), 0.95)
+                .raw(serde_json::json!({"ratio": 0.95, "nan": f64::NAN}))
+                .unwrap(),
+            Row::new("2 another", "1.0 µs").target(Target::Below(50.0, "µs"), 1.0),
+        ];
+        assert_eq!(
+            table(&rows),
+            "figure      without  with  result  target   met\n\
+             1 a figure  10/s     9/s   0.950   ≥ 0.97   NO\n\
+             2 another   -        -     1.0 µs  < 50 µs  yes\n"
+        );
+        let json = serde_json::to_value(&rows[0]).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "figure": "1 a figure", "without": "10/s", "with": "9/s", "result": "0.950",
+                "target": "≥ 0.97", "met": false, "raw": {"ratio": 0.95, "nan": null},
+            })
+        );
+    }
+}

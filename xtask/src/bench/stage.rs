@@ -1,0 +1,268 @@
+//! The benchmark's stage: the harness's own (sandbox, fake metadata
+//! server, cgroups, pins) plus a traffic sink, a destination that silently
+//! drops, and a large allow list; and the one way to turn enforcement on
+//! and off.
+
+use std::{
+    fmt::Write as _,
+    net::Ipv4Addr,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, ensure};
+use imds_guard_tests::{
+    Daemon, Server, TempFile, TestCgroup,
+    daemon::run_to_end,
+    netns::Netns,
+    probe::{binary, spawn_in},
+    stage::Stage,
+};
+
+use super::{programs, progress};
+use crate::interrupt::interrupted;
+
+/// The sink reads and discards TCP and UDP on this port...
+pub const SINK_PORT: &str = "5001";
+/// ...and accepts and closes TCP connections on this one.
+pub const ACCEPT_PORT: &str = "5002";
+/// Longer than any run: the sink is killed when the benchmark ends, and
+/// this only bounds it should that fail.
+const SINK_LIFETIME_SECONDS: &str = "1800";
+const SCALE_DENY_RULES: usize = 1000;
+const SCALE_ALLOW_ENTRIES: usize = 10_000;
+pub const SCALE: &str = "1,000 deny rules + 10,000 allow entries";
+/// An address on the veth's subnet that the client's neighbour table maps
+/// to a MAC address nobody has: frames to it leave and vanish, as behind a
+/// firewall that drops.
+pub const DROPPING_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 99);
+const NOWHERE_MAC: &str = "02:00:00:00:00:99";
+const DETACH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The traffic runs in the stage's `blocked` cgroup (under the protected
+/// one, not allowlisted); its `allowed` one plays the metadata agent.
+/// Fields drop in order: the sink before the stage's namespaces.
+pub struct BenchStage {
+    _sink: Server,
+    allow_file: TempFile,
+    _allowlisted: TestCgroup,
+    pub stage: Stage,
+}
+
+/// What the daemon enforces: its arguments after `--cgroup DIR`.
+pub struct Rules {
+    pub name: &'static str,
+    args: Vec<String>,
+}
+
+impl BenchStage {
+    pub fn new() -> anyhow::Result<BenchStage> {
+        progress("building the sandbox and the traffic sink");
+        let stage = Stage::new("bench")?;
+        let sink = start_sink(&stage.sandbox.server)?;
+        make_dropping(&stage.sandbox.client)?;
+        progress(&format!(
+            "making {SCALE_ALLOW_ENTRIES} empty cgroups for the large allow list"
+        ));
+        let mut allowlisted = TestCgroup::new("bench-allow")?;
+        let mut allow_list = String::new();
+        for entry in 0..SCALE_ALLOW_ENTRIES {
+            if entry % 1000 == 0 {
+                interrupted()?;
+            }
+            let dir = allowlisted.child(&format!("{entry:05}"))?;
+            writeln!(allow_list, "{}", dir.display())?;
+        }
+        Ok(BenchStage {
+            _sink: sink,
+            allow_file: TempFile::new("bench-allow", &allow_list)?,
+            _allowlisted: allowlisted,
+            stage,
+        })
+    }
+
+    pub fn default_rules() -> Rules {
+        Rules {
+            name: "default rules",
+            args: vec!["--allow".to_owned(), "{allowed}".to_owned()],
+        }
+    }
+
+    /// Many deny rules (plus the two defaults, which `--deny` replaces) and
+    /// a long allow list.
+    pub fn scale_rules(&self) -> Rules {
+        let defaults = ["169.254.169.254/32 except-ports=53", "fd00:ec2::254/128"];
+        let many = (0..SCALE_DENY_RULES).map(|n| format!("169.254.{}.{}/32", n / 250, n % 250 + 1));
+        let mut args = vec![
+            "--allow".to_owned(),
+            "{allowed}".to_owned(),
+            "--allow-file".to_owned(),
+            self.allow_file.arg(),
+        ];
+        for rule in defaults.into_iter().map(str::to_owned).chain(many) {
+            args.extend(["--deny".to_owned(), rule]);
+        }
+        Rules { name: SCALE, args }
+    }
+
+    pub fn daemon_args(&self, rules: &Rules) -> Vec<String> {
+        let args: Vec<&str> = rules.args.iter().map(String::as_str).collect();
+        self.stage.daemon_args(&args)
+    }
+
+    /// Runs `imds-bench-traffic ARGS` in the client namespace and the
+    /// traffic cgroup, and returns the fields of the line it printed.
+    pub fn traffic(&self, args: &[&str]) -> anyhow::Result<Fields> {
+        interrupted()?;
+        let mut command = Command::new(binary("imds-bench-traffic")?);
+        command
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let output = spawn_in(
+            &mut command,
+            &self.stage.sandbox.client,
+            Some(&self.stage.blocked),
+        )?
+        .wait_with_output()
+        .context("waiting for imds-bench-traffic")?;
+        interrupted()?;
+        ensure!(
+            output.status.success(),
+            "`imds-bench-traffic {}` failed ({}): {}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        Fields::parse(&String::from_utf8_lossy(&output.stdout))
+    }
+
+    /// Turns enforcement on for the guarded subtree: a daemon started on an
+    /// empty pin directory loads and attaches its programs. This and
+    /// [`BenchStage::enforcement_off`] are the only places that know how.
+    pub fn enforcement_on(&self, rules: &Rules) -> anyhow::Result<Daemon> {
+        let args = self.daemon_args(rules);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Ok(Daemon::start(&args)?)
+    }
+
+    /// Turns enforcement off: a stopped daemon leaves its programs pinned and
+    /// attached, and only `imds-guard uninstall` detaches them. Checked, since
+    /// a "without" measured with the programs still attached would be a lie:
+    /// the programs the pinned links held must be gone from the kernel (the
+    /// kernel frees them from a work queue once the last pin is gone, so the
+    /// check waits for that, up to [`DETACH_TIMEOUT`]).
+    pub fn enforcement_off(&self, mut daemon: Daemon) -> anyhow::Result<()> {
+        let pinned = programs::pinned(self.stage.pins.path())?;
+        let status = daemon.stop()?;
+        ensure!(
+            status.success(),
+            "imds-guard exited with {status}:\n{}",
+            daemon.log()
+        );
+        let pins = self.stage.pins.path().display().to_string();
+        run_to_end(&["uninstall", "--bpffs-dir", &pins])?;
+        let deadline = Instant::now() + DETACH_TIMEOUT;
+        loop {
+            let left = programs::still_loaded(&pinned);
+            if left.is_empty() {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "imds-guard programs are still loaded {DETACH_TIMEOUT:?} after uninstall: {left:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Gives [`DROPPING_V4`] a neighbour entry with a MAC address nobody has,
+/// on whichever device the client routes it through.
+fn make_dropping(client: &Netns) -> anyhow::Result<()> {
+    let dropping = DROPPING_V4.to_string();
+    let route = client.ip(&["route", "get", &dropping])?;
+    let device = route
+        .split_whitespace()
+        .skip_while(|token| *token != "dev")
+        .nth(1)
+        .with_context(|| format!("no device in the route to {dropping}: {route}"))?;
+    client.ip(&[
+        "neigh",
+        "replace",
+        &dropping,
+        "lladdr",
+        NOWHERE_MAC,
+        "dev",
+        device,
+        "nud",
+        "permanent",
+    ])?;
+    Ok(())
+}
+
+/// `imds-bench-traffic sink` in the server namespace, killed on drop.
+fn start_sink(server: &Netns) -> anyhow::Result<Server> {
+    let mut command = Command::new(binary("imds-bench-traffic")?);
+    command
+        .args(["sink", "--port", SINK_PORT, "--accept-port", ACCEPT_PORT])
+        .args(["--seconds", SINK_LIFETIME_SECONDS]);
+    Ok(Server::spawn(&mut command, server)?)
+}
+
+/// The `key=value` fields of the line a traffic client printed.
+pub struct Fields {
+    pub line: String,
+    values: std::collections::BTreeMap<String, String>,
+}
+
+impl Fields {
+    fn parse(stdout: &str) -> anyhow::Result<Fields> {
+        let line = stdout
+            .lines()
+            .last()
+            .context("imds-bench-traffic printed nothing")?;
+        let values = line
+            .split_whitespace()
+            .filter_map(|field| field.split_once('='))
+            .map(|(key, value)| (key.to_owned(), value.to_owned()))
+            .collect();
+        Ok(Fields {
+            line: line.to_owned(),
+            values,
+        })
+    }
+
+    pub fn number(&self, key: &str) -> anyhow::Result<f64> {
+        self.values
+            .get(key)
+            .and_then(|value| value.parse().ok())
+            .with_context(|| format!("no number {key} in {:?}", self.line))
+    }
+
+    /// A field that counts something.
+    pub fn count(&self, key: &str) -> anyhow::Result<u64> {
+        self.values
+            .get(key)
+            .and_then(|value| value.parse().ok())
+            .with_context(|| format!("no count {key} in {:?}", self.line))
+    }
+
+    pub fn text(&self, key: &str) -> Option<&str> {
+        self.values.get(key).map(String::as_str)
+    }
+
+    /// The fields for bench.json: numbers as numbers, the rest as text.
+    pub fn to_json(&self) -> serde_json::Value {
+        self.values
+            .iter()
+            .map(|(key, value)| {
+                let value = value
+                    .parse::<f64>()
+                    .map_or_else(|_| value.clone().into(), serde_json::Value::from);
+                (key.clone(), value)
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
+}
