@@ -26,8 +26,33 @@ fn main() -> anyhow::Result<()> {
             root_dir: ebpf_dir,
             ..Default::default()
         }],
-        Toolchain::Custom(channel),
+        Toolchain::Custom(toolchain(channel, &pin)),
     )
+}
+
+/// The pinned channel if rustup has it, else the plain `nightly` when it
+/// is the pinned compiler (`cargo xtask setup` chooses the same way and
+/// checks the choice; a wrong compiler fails there, with both named).
+fn toolchain<'a>(channel: &'a str, pin: &str) -> &'a str {
+    let rustc_version = |toolchain: &str| {
+        std::process::Command::new("rustup")
+            .args(["run", toolchain, "rustc", "-V"])
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    if rustc_version(channel).is_some() {
+        return channel;
+    }
+    let pinned = pin
+        .lines()
+        .find_map(|line| line.strip_prefix("rustc = \""))
+        .and_then(|rest| rest.strip_suffix('"'));
+    match (pinned, rustc_version("nightly")) {
+        (Some(pinned), Some(found)) if found == format!("rustc {pinned}") => "nightly",
+        _ => channel,
+    }
 }
 
 /// The `channel = "..."` line of enforcer-ebpf/nightly.toml (xtask reads

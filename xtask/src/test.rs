@@ -6,7 +6,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     WORKSPACE, build_binaries, cargo, in_ci, is_root, kernels, run_in, setup, target_dir,
-    toolchain::Pin,
+    toolchain::{self, Pin},
 };
 
 /// The end-to-end test files (tests/tests/<name>.rs) that need no root:
@@ -24,7 +24,7 @@ pub fn lint(root: &Path) -> anyhow::Result<()> {
     clippy.extend(WORKSPACE);
     clippy.extend(["--all-targets", "--", "-D", "warnings"]);
     cargo(root, &clippy)?;
-    let nightly = Pin::get()?.channel;
+    let nightly = toolchain::resolve(&Pin::get()?)?;
     run_in(
         root,
         "rustup",

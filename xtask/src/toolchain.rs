@@ -1,6 +1,7 @@
 //! The build toolchain: the nightly pinned in enforcer-ebpf/nightly.toml
-//! (installed when missing, then checked against the pin), its rust-src,
-//! and bpf-linker built against its own LLVM.
+//! (the preinstalled `nightly` when it is that compiler, else installed),
+//! checked against the pin, its rust-src, and bpf-linker built against its
+//! own LLVM.
 
 use std::{
     path::{Path, PathBuf},
@@ -99,9 +100,9 @@ fn check(pin: &Pin, toolchain: &str, found: &Found) -> anyhow::Result<()> {
 /// this: it can neither mount bpffs nor needs the test tools.
 pub fn ensure() -> anyhow::Result<()> {
     let pin = Pin::get()?;
-    ensure_nightly(&pin)?;
-    ensure_component(&pin, "rust-src", "to build core for the BPF target")?;
-    ensure_bpf_linker(&pin)
+    let toolchain = ensure_nightly(&pin)?;
+    ensure_component(&toolchain, "rust-src", "to build core for the BPF target")?;
+    ensure_bpf_linker(&pin, &toolchain)
 }
 
 fn installed(channel: &str) -> anyhow::Result<bool> {
@@ -113,8 +114,28 @@ fn installed(channel: &str) -> anyhow::Result<bool> {
     }))
 }
 
-fn ensure_nightly(pin: &Pin) -> anyhow::Result<()> {
-    if !installed(&pin.channel)? {
+/// The toolchain that builds the eBPF crate: the pinned channel if it is
+/// installed, else the plain `nightly` if it is exactly the pinned compiler
+/// (a machine whose preinstalled nightly is the verified one needs no
+/// download), else the pinned channel, installed now. enforcer-user's
+/// build script chooses the same way.
+pub fn resolve(pin: &Pin) -> anyhow::Result<String> {
+    if installed(&pin.channel)? {
+        return Ok(pin.channel.clone());
+    }
+    if Found::of(FLOATING).is_ok_and(|found| check(pin, FLOATING, &found).is_ok()) {
+        return Ok(FLOATING.to_owned());
+    }
+    Ok(pin.channel.clone())
+}
+
+/// What rustup calls the newest nightly installed.
+const FLOATING: &str = "nightly";
+
+/// Makes sure the resolved toolchain is there and is the pinned compiler.
+fn ensure_nightly(pin: &Pin) -> anyhow::Result<String> {
+    let toolchain = resolve(pin)?;
+    if toolchain == pin.channel && !installed(&pin.channel)? {
         println!("  installing: {} (the pinned nightly)", pin.channel);
         let installed = output(
             "rustup",
@@ -130,7 +151,7 @@ fn ensure_nightly(pin: &Pin) -> anyhow::Result<()> {
         );
         if let Err(err) = installed {
             // Say what the floating nightly is, which is what people have.
-            let floating = Found::of("nightly").map_or_else(
+            let floating = Found::of(FLOATING).map_or_else(
                 |_| "no `nightly` toolchain either".to_owned(),
                 |f| format!("`nightly` is rustc {} with LLVM {}", f.rustc, f.llvm_major),
             );
@@ -142,46 +163,38 @@ fn ensure_nightly(pin: &Pin) -> anyhow::Result<()> {
             );
         }
     }
-    check(pin, &pin.channel, &Found::of(&pin.channel)?)?;
-    println!("  ok: {} (rustc {})", pin.channel, pin.rustc);
-    Ok(())
+    check(pin, &toolchain, &Found::of(&toolchain)?)?;
+    println!("  ok: {toolchain} (rustc {})", pin.rustc);
+    Ok(toolchain)
 }
 
 /// The pinned nightly's clippy, which `cargo xtask lint` runs on the eBPF
 /// crate (the image build does not need it).
 pub fn ensure_clippy() -> anyhow::Result<()> {
-    ensure_component(&Pin::get()?, "clippy", "to lint the eBPF crate")
+    let toolchain = resolve(&Pin::get()?)?;
+    ensure_component(&toolchain, "clippy", "to lint the eBPF crate")
 }
 
-fn ensure_component(pin: &Pin, component: &str, why: &str) -> anyhow::Result<()> {
-    let listed = [
-        "component",
-        "list",
-        "--toolchain",
-        &pin.channel,
-        "--installed",
-    ];
+fn ensure_component(toolchain: &str, component: &str, why: &str) -> anyhow::Result<()> {
+    let listed = ["component", "list", "--toolchain", toolchain, "--installed"];
     if output("rustup", &listed)?
         .lines()
         .any(|l| l.starts_with(component))
     {
-        println!("  ok: {} {component}", pin.channel);
+        println!("  ok: {toolchain} {component}");
         return Ok(());
     }
-    println!("  installing: {} {component} ({why})", pin.channel);
+    println!("  installing: {toolchain} {component} ({why})");
     output(
         "rustup",
-        &["component", "add", component, "--toolchain", &pin.channel],
+        &["component", "add", component, "--toolchain", toolchain],
     )?;
     Ok(())
 }
 
 /// The nightly's own `libLLVM.so.<ver>-rust-<ver>`.
-fn nightly_libllvm(pin: &Pin) -> anyhow::Result<PathBuf> {
-    let sysroot = output(
-        "rustup",
-        &["run", &pin.channel, "rustc", "--print", "sysroot"],
-    )?;
+fn nightly_libllvm(toolchain: &str) -> anyhow::Result<PathBuf> {
+    let sysroot = output("rustup", &["run", toolchain, "rustc", "--print", "sysroot"])?;
     let lib = Path::new(sysroot.trim()).join("lib");
     let entries = std::fs::read_dir(&lib).with_context(|| format!("reading {}", lib.display()))?;
     entries
@@ -214,14 +227,14 @@ fn bpf_linker_works(pin: &Pin) -> bool {
 /// want a system LLVM this machine lacks, so we point `LLVM_PREFIX` at a
 /// directory of links to the nightly's library. The directory stays: the
 /// linker finds the library through it at run time.
-fn ensure_bpf_linker(pin: &Pin) -> anyhow::Result<()> {
+fn ensure_bpf_linker(pin: &Pin, toolchain: &str) -> anyhow::Result<()> {
     let version = &pin.bpf_linker;
     if bpf_linker_works(pin) {
         println!("  ok: bpf-linker {version}");
         return Ok(());
     }
     let major = &pin.llvm_major;
-    let libllvm = nightly_libllvm(pin)?;
+    let libllvm = nightly_libllvm(toolchain)?;
     let prefix = cargo_home()?.join(format!("imds-guard/llvm-{major}"));
     let lib = prefix.join("lib");
     std::fs::create_dir_all(&lib).with_context(|| format!("creating {}", lib.display()))?;

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
-use imds_guard_tests::{Daemon, daemon::ENFORCING};
+use imds_guard_tests::daemon::ENFORCING;
 use serde::Serialize;
 
 use super::{
@@ -65,13 +65,11 @@ pub fn start_figure(stage: &BenchStage, rules: &Rules) -> anyhow::Result<Row> {
         "8 daemon start to enforcing, {STARTS} starts ({})",
         rules.name
     ));
-    let args = stage.daemon_args(rules);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut starts_ms = Vec::new();
     for _ in 0..STARTS {
         interrupted()?;
         let started = Instant::now();
-        let daemon = Daemon::spawn(&args)?;
+        let daemon = stage.daemon(rules).spawn()?;
         // Polled finely here: `Daemon::start` polls every 10 ms.
         while daemon.count_log(ENFORCING) == 0 {
             ensure!(

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, ensure};
 use imds_guard_tests::{
-    Daemon, Server, TempFile, TestCgroup,
+    Daemon, DaemonBuilder, Server, TempFile, TestCgroup,
     daemon::run_to_end,
     netns::Netns,
     probe::{binary, spawn_in},
@@ -105,9 +105,10 @@ impl BenchStage {
         Rules { name: SCALE, args }
     }
 
-    pub fn daemon_args(&self, rules: &Rules) -> Vec<String> {
+    /// The daemon with these rules, to start.
+    pub fn daemon(&self, rules: &Rules) -> DaemonBuilder {
         let args: Vec<&str> = rules.args.iter().map(String::as_str).collect();
-        self.stage.daemon_args(&args)
+        self.stage.daemon(&args)
     }
 
     /// Runs `imds-bench-traffic ARGS` in the client namespace and the
@@ -141,9 +142,7 @@ impl BenchStage {
     /// empty pin directory loads and attaches its programs. This and
     /// [`BenchStage::enforcement_off`] are the only places that know how.
     pub fn enforcement_on(&self, rules: &Rules) -> anyhow::Result<Daemon> {
-        let args = self.daemon_args(rules);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Ok(Daemon::start(&args)?)
+        Ok(self.daemon(rules).start()?)
     }
 
     /// Turns enforcement off: a stopped daemon leaves its programs pinned and
