@@ -96,7 +96,7 @@ impl DaemonMode for StandaloneMode {
         settings.allow_file.iter().cloned().collect()
     }
 
-    fn prepare(
+    async fn prepare(
         settings: &Settings<Standalone>,
         cgroup_root: &Path,
     ) -> Result<(StandaloneMode, Target), StandaloneError> {

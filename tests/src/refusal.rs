@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use enforcer_common::names;
 
-use crate::{privileges::Privileges, stage::Stage};
+use crate::{DaemonBuilder, privileges::Privileges, stage::Stage};
 
 /// `enum bpf_prog_type` values of our programs.
 const CGROUP_SKB: u32 = 8;
@@ -39,12 +39,18 @@ pub fn ours_loaded() -> (usize, usize) {
 /// non-zero, and checks that it left no BPF object and no pin; returns its
 /// log, for the caller to check the reason.
 pub fn refused_start(stage: &Stage, privileges: &Privileges, attempt: usize) -> String {
-    let before = ours_loaded();
-    let mut daemon = stage
+    let daemon = stage
         .daemon(&["--allow", "{allowed}"])
-        .privileges(privileges)
-        .spawn()
-        .expect("spawn imds-guard");
+        .privileges(privileges);
+    refused(stage, daemon, attempt)
+}
+
+/// Starts `daemon` (pinning under `stage`'s pins), expects it to exit
+/// non-zero, and checks that it left no BPF object and no pin; returns its
+/// log.
+pub fn refused(stage: &Stage, daemon: DaemonBuilder, attempt: usize) -> String {
+    let before = ours_loaded();
+    let mut daemon = daemon.spawn().expect("spawn imds-guard");
     let status = daemon
         .wait_exit(REFUSAL_TIMEOUT)
         .expect("a refused start ends");

@@ -11,7 +11,8 @@ use std::{
 
 use enforcer_user::k8s::{
     notify::{
-        ACTION_IGNORE_LABEL, ACTION_REFUSE, CONTROLLER, REASON_BLOCKED, REASON_LABEL_IGNORED,
+        ACTION_AUDIT, ACTION_IGNORE_LABEL, ACTION_REFUSE, CONTROLLER, REASON_AUDITED,
+        REASON_BLOCKED, REASON_LABEL_IGNORED,
     },
     reachability::PROBE_INTERVAL,
     watch::FIRST_PAUSE_SPREAD,
@@ -428,4 +429,138 @@ fn restarts_during_relists_never_open_a_window() {
     assert!(blocked.refused > 100, "{blocked:?}");
     assert_eq!(allowed.reached, allowed.attempts(), "{allowed:?}");
     assert!(allowed.reached > 100, "{allowed:?}");
+}
+
+/// An allowed pod's first request for credentials must work however late
+/// the kubelet makes its cgroup after the pod event: on a quiet node the
+/// cgroup watch lists it at once, at any delay (the old retry timer could
+/// starve at its one-second cap).
+#[test]
+fn allowed_pods_get_access_as_soon_as_their_cgroup_appears() {
+    let delays = [0, 500, 2000, 10_000].map(Duration::from_millis);
+    let pods: Vec<TestPod> = (0u32..)
+        .zip(delays)
+        .map(|(i, _)| test_pod(61 + i, &format!("late-{i}"), "kube-system"))
+        .collect();
+    let mut node = Node::start(Driver::Systemd, &[], false);
+    let events = Instant::now();
+    for pod in &pods {
+        node.api.apply_pod(pod.object(true)).expect("pod");
+    }
+    let mut created: Vec<Option<Instant>> = vec![None; pods.len()];
+    let mut reached_at: Vec<Option<Instant>> = vec![None; pods.len()];
+    while reached_at.iter().any(Option::is_none) {
+        assert!(
+            events.elapsed() < Duration::from_secs(20),
+            "not all pods reached the metadata server: {reached_at:?}\n{}",
+            node.daemon.log()
+        );
+        for (i, pod) in pods.iter().enumerate() {
+            if created[i].is_none() && events.elapsed() >= delays[i] {
+                node.root
+                    .child(&pod.container_dir(Driver::Systemd))
+                    .expect("pod cgroup");
+                created[i] = Some(Instant::now());
+            }
+            if created[i].is_some() && reached_at[i].is_none() && node.attempt(pod) == reached() {
+                reached_at[i] = Some(Instant::now());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut latencies = Vec::new();
+    for i in 0..pods.len() {
+        let (Some(created), Some(reached)) = (created[i], reached_at[i]) else {
+            unreachable!("every pod reached");
+        };
+        let latency = reached - created;
+        eprintln!(
+            "cgroup {:?} after its pod event: access {latency:?} after the cgroup",
+            delays[i]
+        );
+        // The bench judges the 100 ms target; here a second is the bound
+        // that any retry timer would miss.
+        assert!(
+            latency < Duration::from_secs(1),
+            "{:?}: {latency:?}",
+            delays[i]
+        );
+        latencies.push(reached);
+    }
+    assert!(
+        latencies.windows(2).all(|w| w[0] <= w[1]),
+        "access in the order the cgroups appeared"
+    );
+    assert!(
+        node.daemon
+            .log()
+            .lines()
+            .filter(|l| l.contains("allow list updated"))
+            .count()
+            >= pods.len(),
+        "one update per pod at least:\n{}",
+        node.daemon.log()
+    );
+    node.daemon.stop().expect("stop");
+}
+
+/// A namespace labelled imds-guard.io/mode=audit is audited while the rest
+/// of the node enforces; allowed pods stay allowed; taking the label off
+/// enforces there too.
+#[test]
+fn a_namespace_in_audit_mode_is_audited_while_the_rest_enforces() {
+    let app = test_pod(71, "app", "rollout");
+    let agent = test_pod(72, "agent", "rollout");
+    let other = test_pod(73, "other", "team");
+    let mut node = Node::start(Driver::Cgroupfs, &[(&other, false)], true);
+    let audited_namespace = || {
+        pods::namespace_with(
+            "rollout",
+            &[
+                (pods::ACCESS_LABEL, "allow-pods"),
+                (pods::MODE_LABEL, "audit"),
+            ],
+        )
+    };
+    node.api
+        .apply_namespace(audited_namespace())
+        .expect("namespace");
+    for (pod, allow) in [(&app, false), (&agent, true)] {
+        node.api.apply_pod(pod.object(allow)).expect("pod");
+        node.root
+            .child(&pod.container_dir(Driver::Cgroupfs))
+            .expect("pod cgroup");
+    }
+    node.eventually(&app, &reached());
+    assert_eq!(node.attempt(&agent), reached());
+    assert_eq!(node.attempt(&other), eperm());
+    let audited = "imds_guard_attempts_total{namespace=\"rollout\",pod=\"app\",destination=\"169.254.169.254:80\",verdict=\"audited\"}";
+    node.daemon
+        .metric_reaching(audited, 1.0)
+        .expect("the audited attempt is counted");
+    wait_until("the audit Event", Duration::from_secs(5), || {
+        node.api.events().expect("events").iter().any(|e| {
+            e.reason.as_deref() == Some(REASON_AUDITED)
+                && e.action.as_deref() == Some(ACTION_AUDIT)
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("app")
+        })
+    });
+    let events = node.api.events().expect("events");
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("agent")),
+        "the allowed pod is not reported: {events:?}"
+    );
+    node.daemon
+        .metric_reaching("imds_guard_audited_cgroups", 1.0)
+        .expect("the audited pod's cgroup is in the map");
+    // Off audit: the namespace enforces now; its allowed pod keeps access.
+    node.api
+        .apply_namespace(pods::namespace("rollout", true))
+        .expect("namespace");
+    let took = node.eventually(&app, &eperm());
+    eprintln!("audit label removed -> refused after {took:?}");
+    assert_eq!(node.attempt(&agent), reached());
+    node.daemon.stop().expect("stop");
 }

@@ -4,9 +4,12 @@
 //! One test in this file: it counts BPF objects kernel-wide, so nothing
 //! else of ours may load in parallel.
 
+use std::{ffi::OsStr, path::Path};
+
 use imds_guard_tests::{
+    Daemon, TempFile, TestCgroup,
     privileges::{BPF_LINK_CREATE, BPF_PROG_ATTACH, BpfFilter, Privileges},
-    refusal::{ours_loaded, refused_start},
+    refusal::{ours_loaded, refused, refused_start},
     stage::Stage,
 };
 
@@ -43,6 +46,27 @@ fn refused_starts_leave_no_maps_programs_or_pins_behind() {
         !log.contains("needs root"),
         "no hint about what is not missing:\n{log}"
     );
+
+    // `run` makes its API client before it loads anything: a kubeconfig
+    // that cannot be read, parsed or used (no current context) refuses the
+    // start, naming the file. The fake node has a pod subtree, so nothing
+    // else stands in the way.
+    let mut node = TestCgroup::new("node").expect("node cgroup root");
+    node.child("kubepods.slice").expect("pod subtree");
+    let unparsable = TempFile::new("kubeconfig", "clusters: [unclosed\n").expect("kubeconfig");
+    let unusable = TempFile::new("kubeconfig", "{}\n").expect("kubeconfig");
+    let kubeconfigs = [
+        Path::new("/nonexistent/imds-guard/kubeconfig"),
+        unparsable.path(),
+        unusable.path(),
+    ];
+    for (attempt, kubeconfig) in (5..).zip(kubeconfigs) {
+        let daemon = Daemon::kubernetes("node-1", node.path(), stage.pins.path(), kubeconfig)
+            .args([OsStr::new("--kubeconfig"), kubeconfig.as_os_str()]);
+        let log = refused(&stage, daemon, attempt);
+        let named = format!("kubeconfig {}", kubeconfig.display());
+        assert!(log.contains(&named), "the error names {named:?}:\n{log}");
+    }
 
     // The same privileges without the filter start, and then the objects
     // are there: the count can see them.

@@ -13,7 +13,7 @@ use std::{
 };
 
 use imds_guard_tests::{
-    Daemon, Outcome, ProbeResult, TempFile, TestCgroup, addrs,
+    Daemon, Outcome, TempFile, TestCgroup, addrs,
     daemon::run_to_end,
     probe::spawn_in,
     stage::{Case, DNS, HTTP, Stage, World, case, eperm},
@@ -150,26 +150,16 @@ fn blocked_attempts_are_logged_once_and_counted() {
         let result = world.attempt(&world.blocked, &case("tcp", addrs::METADATA_V4, HTTP));
         assert_eq!(result.outcome, eperm());
     }
-    let needle = format!("cgroup={}", world.blocked.display());
-    world
-        .daemon
-        .wait_for_log(&needle, Duration::from_secs(5))
-        .expect("report of the blocked cgroup");
-    let series = "imds_guard_attempts_total{namespace=\"\",pod=\"\",destination=\"169.254.169.254:80\",verdict=\"refused\"}";
-    assert_eq!(
-        world.daemon.metric_reaching(series, 5.0).expect("metrics"),
-        5.0
-    );
-    let log = world.daemon.log();
-    let lines: Vec<&str> = log.lines().filter(|l| l.contains(&needle)).collect();
-    assert_eq!(lines.len(), 1, "five attempts, one log record:\n{log}");
+    let blocked = world.blocked.clone();
+    let report = report_of(&mut world.daemon, &blocked);
+    assert_eq!(attempts(&mut world.daemon, "refused", 5.0), 5.0);
     for field in [
         "destination=169.254.169.254:80",
         "protocol=\"tcp\"",
         "hook=\"connect\"",
         "verdict=\"refused\"",
     ] {
-        assert!(lines[0].contains(field), "{field}: {}", lines[0]);
+        assert!(report.contains(field), "{field}: {report}");
     }
 }
 
@@ -238,19 +228,103 @@ fn audit_mode_lets_traffic_through_and_counts_it() {
     ]);
     let result = world.attempt(&world.blocked, &case("tcp", addrs::METADATA_V4, HTTP));
     assert_eq!(result.outcome, Outcome::Reached, "{result:?}");
-    let needle = format!("cgroup={}", world.blocked.display());
-    world
-        .daemon
-        .wait_for_log(&needle, Duration::from_secs(5))
-        .expect("audit report");
-    let log = world.daemon.log();
-    let lines: Vec<&str> = log.lines().filter(|l| l.contains(&needle)).collect();
-    assert_eq!(lines.len(), 1, "{log}");
-    assert!(lines[0].contains("verdict=\"audited\""), "{}", lines[0]);
+    let blocked = world.blocked.clone();
+    let report = report_of(&mut world.daemon, &blocked);
+    assert!(report.contains("verdict=\"audited\""), "{report}");
     // The connect and the connection's packets are all counted.
-    let series = "imds_guard_attempts_total{namespace=\"\",pod=\"\",destination=\"169.254.169.254:80\",verdict=\"audited\"}";
-    let audited = world.daemon.metric_reaching(series, 2.0).expect("metrics");
+    let audited = attempts(&mut world.daemon, "audited", 2.0);
     assert!(audited >= 2.0, "{audited}");
+}
+
+#[test]
+fn an_audited_cgroup_reaches_the_server_and_is_reported_until_its_entry_is_removed() {
+    let stage = Stage::set_up();
+    let mut tree = TestCgroup::new("audit").expect("test cgroup");
+    let mut make = |p: &str| tree.child(p).expect("cgroup");
+    let (allowed, audited, audited_job, plain) = (
+        make("allowed"),
+        make("audited"),
+        make("audited/job"),
+        make("plain"),
+    );
+    // Audit entries come from the file, so that a reload can take them away.
+    let audit_config =
+        |dirs: &[&PathBuf]| serde_json::json!({ "standalone": { "audit": dirs } }).to_string();
+    let config = TempFile::new("config", &audit_config(&[&audited])).expect("config file");
+    let allowed_arg = allowed.display().to_string();
+    let mut daemon = Daemon::standalone(tree.path(), stage.pins.path())
+        .args(["--config", &config.arg(), "--allow", &allowed_arg])
+        .args(["--http-listen", "127.0.0.1:0"])
+        .start()
+        .expect("imds-guard starts");
+
+    // The allowed cgroup goes first: a report of it would precede the others.
+    expect_tcp(&stage, &allowed, &Outcome::Reached);
+    // The grandchild's nearest listed ancestor is the audited cgroup.
+    expect_tcp(&stage, &audited, &Outcome::Reached);
+    expect_tcp(&stage, &audited_job, &Outcome::Reached);
+    expect_tcp(&stage, &plain, &eperm());
+    for (cgroup, verdict) in [
+        (&audited, "audited"),
+        (&audited_job, "audited"),
+        (&plain, "refused"),
+    ] {
+        let report = report_of(&mut daemon, cgroup);
+        assert!(
+            report.contains(&format!("verdict=\"{verdict}\"")),
+            "{verdict}: {report}"
+        );
+    }
+    assert_eq!(
+        daemon.count_log(&report_needle(&allowed)),
+        0,
+        "{}",
+        daemon.log()
+    );
+    // One connect each from the audited two, and their packets.
+    let audited_count = attempts(&mut daemon, "audited", 2.0);
+    assert!(audited_count >= 2.0, "{audited_count}");
+    assert_eq!(attempts(&mut daemon, "refused", 1.0), 1.0);
+    assert_listed(&stage, &allowed, &audited);
+
+    config.write(&audit_config(&[])).expect("write");
+    daemon.signal(Signal::SIGHUP).expect("SIGHUP");
+    daemon
+        .wait_for_log("configuration reloaded", Duration::from_secs(5))
+        .expect("reload");
+    for cgroup in [&audited, &audited_job, &plain] {
+        expect_tcp(&stage, cgroup, &eperm());
+    }
+    expect_tcp(&stage, &allowed, &Outcome::Reached);
+    // The plain cgroup's first refusal and these three.
+    assert_eq!(attempts(&mut daemon, "refused", 4.0), 4.0);
+    let status = status_text(&stage);
+    assert!(!status.contains("audited "), "{status}");
+}
+
+#[test]
+fn the_audit_flag_covers_a_subtree_and_allow_wins_over_it() {
+    let stage = Stage::set_up();
+    let blocked = stage.blocked.display().to_string();
+    let mut daemon = stage
+        .daemon(&["--allow", "{allowed}", "--audit", "{allowed}"])
+        .args(["--audit", &blocked])
+        .start()
+        .expect("imds-guard starts");
+    expect_tcp(&stage, &stage.allowed, &Outcome::Reached);
+    expect_tcp(&stage, &stage.allowed_child, &Outcome::Reached);
+    expect_tcp(&stage, &stage.blocked, &Outcome::Reached);
+    // The attach point itself is listed in neither.
+    expect_tcp(&stage, &stage.guarded, &eperm());
+    let report = report_of(&mut daemon, &stage.blocked);
+    assert!(report.contains("verdict=\"audited\""), "{report}");
+    let report = report_of(&mut daemon, &stage.guarded);
+    assert!(report.contains("verdict=\"refused\""), "{report}");
+    for cgroup in [&stage.allowed, &stage.allowed_child] {
+        let reports = daemon.count_log(&report_needle(cgroup));
+        assert_eq!(reports, 0, "{}", daemon.log());
+    }
+    assert_listed(&stage, &stage.allowed, &stage.blocked);
 }
 
 #[test]
@@ -361,4 +435,86 @@ fn sigterm_leaves_enforcement_pinned_and_uninstall_removes_it() {
         world.attempt(&world.blocked, &tcp).outcome,
         Outcome::Reached
     );
+}
+
+/// `imds_guard_attempts_total` of standalone cgroups' attempts at the
+/// metadata server's HTTP port with `verdict`, once it reaches `at_least`
+/// (or time runs out).
+fn attempts(daemon: &mut Daemon, verdict: &str, at_least: f64) -> f64 {
+    let series = format!(
+        "imds_guard_attempts_total{{namespace=\"\",pod=\"\",destination=\"169.254.169.254:80\",verdict=\"{verdict}\"}}"
+    );
+    daemon.metric_reaching(&series, at_least).expect("metrics")
+}
+
+/// What log records of `cgroup`'s attempts contain (and no other line).
+fn report_needle(cgroup: &Path) -> String {
+    format!("cgroup={} destination=", cgroup.display())
+}
+
+/// The one log record of `cgroup`'s attempts, waited for: repeats within
+/// the window are counted, not logged again.
+fn report_of(daemon: &mut Daemon, cgroup: &Path) -> String {
+    let needle = report_needle(cgroup);
+    daemon
+        .wait_for_log(&needle, Duration::from_secs(5))
+        .expect("a report of the cgroup");
+    let log = daemon.log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(&needle)).collect();
+    assert_eq!(lines.len(), 1, "one log record of {needle}:\n{log}");
+    lines[0].to_owned()
+}
+
+/// TCP connections the fake server's namespace has accepted so far (its
+/// `Tcp: PassiveOpens`): what got through, counted on the server's side.
+fn connections_accepted(stage: &Stage) -> u64 {
+    let mut cat = Command::new("cat");
+    cat.arg("/proc/net/snmp").stdout(Stdio::piped());
+    let output = spawn_in(&mut cat, &stage.sandbox.server, None)
+        .expect("cat in the server namespace")
+        .wait_with_output()
+        .expect("its output");
+    let snmp = String::from_utf8_lossy(&output.stdout);
+    // A line of names, then a line of values.
+    let mut tcp = snmp.lines().filter_map(|l| l.strip_prefix("Tcp:"));
+    let (names, values) = (tcp.next().unwrap_or(""), tcp.next().unwrap_or(""));
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "PassiveOpens")
+        .and_then(|(_, value)| value.parse().ok())
+        .unwrap_or_else(|| panic!("no Tcp PassiveOpens in\n{snmp}"))
+}
+
+/// One TCP attempt at the metadata server from `cgroup` ends with `want`,
+/// and the server accepted a connection exactly when it was reached.
+fn expect_tcp(stage: &Stage, cgroup: &Path, want: &Outcome) {
+    let before = connections_accepted(stage);
+    let result = stage.attempt(cgroup, &case("tcp", addrs::METADATA_V4, HTTP));
+    let accepted = connections_accepted(stage) - before;
+    let reached = u64::from(*want == Outcome::Reached);
+    assert_eq!(
+        (&result.outcome, accepted),
+        (want, reached),
+        "{}: {result:?}, {accepted} connection(s) accepted",
+        cgroup.display()
+    );
+}
+
+/// `imds-guard status` lists exactly `allowed` as allowed and `audited` as
+/// audited.
+fn assert_listed(stage: &Stage, allowed: &Path, audited: &Path) {
+    let status = status_text(stage);
+    for section in [
+        format!("allowed     1 cgroup(s)\n  {}\n", allowed.display()),
+        format!("audited     1 cgroup(s)\n  {}\n", audited.display()),
+    ] {
+        assert!(status.contains(&section), "{section:?} not in\n{status}");
+    }
+}
+
+/// `imds-guard status` of the stage's pins, as text.
+fn status_text(stage: &Stage) -> String {
+    let pins = stage.pins.path().display().to_string();
+    run_to_end(&["status", "--bpffs-dir", &pins]).expect("status")
 }

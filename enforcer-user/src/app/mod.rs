@@ -109,11 +109,12 @@ pub trait DaemonMode: Sized {
     }
 
     /// Decides what to protect, from settings already checked and the
-    /// cgroup2 mount, before anything is loaded.
+    /// cgroup2 mount, before anything is loaded: what fails here leaves
+    /// nothing behind.
     fn prepare(
         settings: &Settings<Self::Settings>,
         cgroup_root: &Path,
-    ) -> Result<(Self, Target), Self::Error>;
+    ) -> impl Future<Output = Result<(Self, Target), Self::Error>>;
 
     /// What the event reader and the endpoints need of this mode.
     fn reporting(&self) -> Reporting {
@@ -189,7 +190,9 @@ pub async fn run<M: DaemonMode>(sources: Sources) -> Result<(), AppError> {
     let mut seen = WatchedFiles::read::<M>(&sources, &Settings::resolve(&sources)?);
     let mut settings = Settings::<M::Settings>::resolve(&sources)?;
     let cgroup_root = check_host(&settings.common)?;
-    let (mut mode, target) = M::prepare(&settings, &cgroup_root).map_err(mode_error)?;
+    let (mut mode, target) = M::prepare(&settings, &cgroup_root)
+        .await
+        .map_err(mode_error)?;
     let mut signals = Signals::listen()?;
 
     let pins = PinRoot::new(&settings.common.bpffs_dir);

@@ -97,11 +97,11 @@ pub struct KubernetesMode {
     notices: mpsc::Sender<PodNotice>,
     /// Handed to the Event publisher at start.
     notice_queue: Option<mpsc::Receiver<PodNotice>>,
-    /// Read before anything is loaded, so a bad file refuses the start.
-    kubeconfig: Option<Kubeconfig>,
+    /// Made before anything is loaded, so a bad configuration refuses the
+    /// start; used once the programs enforce.
+    client: Client,
     arrivals: CgroupArrivals,
     /// Opened at start.
-    client: Option<Client>,
     watches: Option<Watches>,
     reachability: Reachability,
     probe: Option<BoxFuture<'static, bool>>,
@@ -211,8 +211,8 @@ impl KubernetesMode {
             .reachability
             .probe_at()
             .is_some_and(|at| at <= Instant::now());
-        if let (true, None, Some(client)) = (due, &self.probe, &self.client) {
-            let nodes = Api::<Node>::all(client.clone());
+        if due && self.probe.is_none() {
+            let nodes = Api::<Node>::all(self.client.clone());
             let node = node.to_owned();
             self.probe = Some(
                 async move {
@@ -228,8 +228,9 @@ impl KubernetesMode {
     /// Starts the taint removal if it is due.
     fn start_taint_removal(&mut self, settings: &Kubernetes) {
         let due = self.taint_due.is_some_and(|at| at <= Instant::now());
-        if let (true, Some(client), Some(key)) = (due, &self.client, &settings.startup_taint) {
-            let (client, node, key) = (client.clone(), settings.node_name.clone(), key.clone());
+        if let (true, Some(key)) = (due, &settings.startup_taint) {
+            let (client, node, key) =
+                (self.client.clone(), settings.node_name.clone(), key.clone());
             self.taint_due = None;
             self.taint_removal =
                 Some(async move { taint::remove(client, &node, &key).await }.boxed());
@@ -237,31 +238,21 @@ impl KubernetesMode {
     }
 }
 
-/// Reads the kubeconfig file, if one is set.
-fn read_kubeconfig(path: Option<&Path>) -> Result<Option<Kubeconfig>, KubernetesError> {
-    path.map(|path| {
-        Kubeconfig::read_from(path).map_err(|source| KubernetesError::Kubeconfig {
-            path: path.to_path_buf(),
-            source,
-        })
-    })
-    .transpose()
-}
-
-async fn client(
-    kubeconfig: Option<Kubeconfig>,
-    path: Option<&Path>,
-) -> Result<Client, KubernetesError> {
-    let config = match (kubeconfig, path) {
-        (Some(kubeconfig), Some(path)) => {
+/// The API client: from `--kubeconfig`, else as kubectl finds it
+/// (`KUBECONFIG`, `~/.kube/config`), else in-cluster.
+async fn client(path: Option<&Path>) -> Result<Client, KubernetesError> {
+    let config = match path {
+        Some(path) => {
+            let kubeconfig_error = |source| KubernetesError::Kubeconfig {
+                path: path.to_path_buf(),
+                source,
+            };
+            let kubeconfig = Kubeconfig::read_from(path).map_err(kubeconfig_error)?;
             kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
                 .await
-                .map_err(|source| KubernetesError::Kubeconfig {
-                    path: path.to_path_buf(),
-                    source,
-                })?
+                .map_err(kubeconfig_error)?
         }
-        _ => kube::Config::infer()
+        None => kube::Config::infer()
             .await
             .map_err(KubernetesError::NoClientConfig)?,
     };
@@ -277,12 +268,12 @@ impl DaemonMode for KubernetesMode {
 
     /// Attach first: pods not known yet are blocked from the first instant.
     /// The pinned allow list (if any) stays until the first full list.
-    fn prepare(
+    async fn prepare(
         settings: &Settings<Kubernetes>,
         cgroup_root: &Path,
     ) -> Result<(KubernetesMode, Target), KubernetesError> {
         preflight::warn_writable_cgroup_mounts(cgroup_root);
-        let kubeconfig = read_kubeconfig(settings.mode.kubeconfig.as_deref())?;
+        let client = client(settings.mode.kubeconfig.as_deref()).await?;
         let layout = match &settings.mode.pod_cgroup {
             Some(base) if base.is_absolute() => PodLayout::at(base.clone()),
             Some(base) => PodLayout::at(cgroup_root.join(base)),
@@ -304,9 +295,8 @@ impl DaemonMode for KubernetesMode {
             pods: PodNames::default(),
             notices,
             notice_queue: Some(notice_queue),
-            kubeconfig,
+            client,
             arrivals,
-            client: None,
             watches: None,
             reachability: Reachability::default(),
             probe: None,
@@ -332,15 +322,13 @@ impl DaemonMode for KubernetesMode {
     ) -> Result<(), KubernetesError> {
         let node = &settings.mode.node_name;
         info!(%node, driver = ?self.reconciler.layout().driver, "watching this node's pods");
-        let client = client(self.kubeconfig.take(), settings.mode.kubeconfig.as_deref()).await?;
         if let Some(queue) = self.notice_queue.take() {
             daemon.spawn(
                 "Kubernetes Event publisher",
-                notify::publish(client.clone(), node.clone(), queue),
+                notify::publish(self.client.clone(), node.clone(), queue),
             );
         }
-        self.watches = Some(Watches::open(client.clone(), node));
-        self.client = Some(client);
+        self.watches = Some(Watches::open(self.client.clone(), node));
         Ok(())
     }
 

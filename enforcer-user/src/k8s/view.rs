@@ -167,7 +167,9 @@ impl ClusterView {
         let namespace = self.namespaces.get(&pod.namespace);
         let verdict = policy.decide(&pod.labels, &pod.namespace, namespace);
         Decision {
-            label_ignored: verdict == Verdict::LabelIgnored,
+            // Not before the namespace is known: pods and namespaces come
+            // in separate watches, and a pod seen first is not yet ignored.
+            label_ignored: verdict == Verdict::LabelIgnored && namespace.is_some(),
             access: policy.access(verdict, namespace),
         }
     }
@@ -224,10 +226,13 @@ mod tests {
         view.apply_pod(pod("b", "team", false));
         view.apply_pod(pod("c", "kube-system", true));
         let id = |uid: &str| uid.to_owned();
+        // Not ignored before its namespace is known, only blocked.
         assert_eq!(
             decisions(&view, &policy),
-            vec![(id("a"), IGNORED), (id("b"), BLOCKED), (id("c"), ALLOWED)]
+            vec![(id("a"), BLOCKED), (id("b"), BLOCKED), (id("c"), ALLOWED)]
         );
+        view.apply_namespace("team".to_owned(), BTreeMap::new());
+        assert_eq!(decisions(&view, &policy)[0], (id("a"), IGNORED));
         let opt_in = BTreeMap::from([(
             "imds-guard.io/metadata-access".to_owned(),
             "allow-pods".to_owned(),
@@ -251,7 +256,8 @@ mod tests {
             view.delete_namespace("team"),
             Touched::Pods(BTreeSet::from([id("a"), id("b")]))
         );
-        assert_eq!(decisions(&view, &policy)[0], (id("a"), IGNORED));
+        assert_eq!(decisions(&view, &policy)[0], (id("a"), BLOCKED));
+        view.apply_namespace("team".to_owned(), BTreeMap::new());
         // A relist without "c" drops it; a finished pod is dropped too.
         let mut done = pod("d", "kube-system", true);
         done.finished = true;
