@@ -9,15 +9,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use enforcer_user::k8s::{
-    notify::{
-        ACTION_AUDIT, ACTION_IGNORE_LABEL, ACTION_REFUSE, CONTROLLER, REASON_AUDITED,
-        REASON_BLOCKED, REASON_LABEL_IGNORED,
+use enforcer_user::{
+    bpf::pins::PinRoot,
+    k8s::{
+        notify::{
+            ACTION_AUDIT, ACTION_IGNORE_LABEL, ACTION_REFUSE, CONTROLLER, REASON_AUDITED,
+            REASON_BLOCKED, REASON_LABEL_IGNORED,
+        },
+        reachability::PROBE_INTERVAL,
+        watch::FIRST_PAUSE_SPREAD,
     },
-    reachability::PROBE_INTERVAL,
-    watch::FIRST_PAUSE_SPREAD,
 };
-use imds_guard_test_apiserver::FakeApiServer;
+use imds_guard_test_apiserver::{ApiServerOptions, FakeApiServer, ResourceKind, Verb};
 use imds_guard_tests::{
     Daemon, Outcome, PinDir, Probe, Sandbox, Server, TestCgroup, addrs,
     pods::{self, Driver, TestPod, namespace},
@@ -46,13 +49,32 @@ struct Node {
 
 impl Node {
     fn start(driver: Driver, pods: &[(&TestPod, bool)], with_cgroups: bool) -> Node {
+        Node::start_with(
+            driver,
+            pods,
+            with_cgroups,
+            &ApiServerOptions::default(),
+            |_, _| {},
+        )
+    }
+
+    /// Like `start`, with these API server options and `before_launch` run
+    /// on the API server (its node object already stored) and the pins
+    /// before the daemon starts.
+    fn start_with(
+        driver: Driver,
+        pods: &[(&TestPod, bool)],
+        with_cgroups: bool,
+        options: &ApiServerOptions,
+        before_launch: impl FnOnce(&FakeApiServer, &PinDir),
+    ) -> Node {
         require_root();
         let sandbox = Sandbox::new().expect("sandbox");
         let server = Server::start(&sandbox.server, &[HTTP]).expect("fake metadata server");
         let mut root = TestCgroup::new("node").expect("cgroup root");
         // The kubelet makes the base before any pod runs.
         root.child(driver.base()).expect("pod base");
-        let api = FakeApiServer::start().expect("API server");
+        let api = FakeApiServer::start_with(options).expect("API server");
         api.apply_node(pods::node(NODE, &[])).expect("node");
         for ns in ["kube-system", "team"] {
             api.apply_namespace(namespace(ns, false))
@@ -67,6 +89,7 @@ impl Node {
         let kubeconfig = std::env::temp_dir().join(imds_guard_tests::unique_name("kubeconfig"));
         api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
         let pins = PinDir::new("k8s");
+        before_launch(&api, &pins);
         let daemon = Node::launch(&root, &pins, &kubeconfig);
         Node {
             daemon,
@@ -563,4 +586,197 @@ fn a_namespace_in_audit_mode_is_audited_while_the_rest_enforces() {
     eprintln!("audit label removed -> refused after {took:?}");
     assert_eq!(node.attempt(&agent), reached());
     node.daemon.stop().expect("stop");
+}
+
+/// Whether every program of the pinned generation under `pins` is attached.
+fn enforcing(pins: &std::path::Path) -> bool {
+    let root = PinRoot::new(pins);
+    root.generations().is_ok_and(|generations| {
+        generations.iter().any(|generation| {
+            generation.complete
+                && root
+                    .attached_programs(&generation.name)
+                    .values()
+                    .all(|attached| *attached)
+        })
+    })
+}
+
+/// The node is registered with the startup taint, so nothing is scheduled
+/// there before enforcement: the daemon takes that one taint off, and only
+/// once its programs are attached and its first sync is done.
+#[test]
+fn the_startup_taint_goes_only_once_the_node_is_enforced() {
+    let agent = test_pod(81, "agent", "kube-system");
+    let seen_at_patch = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = std::sync::Arc::clone(&seen_at_patch);
+    let mut node = Node::start_with(
+        Driver::Systemd,
+        &[(&agent, true)],
+        true,
+        &ApiServerOptions::default(),
+        |api, pins| {
+            api.apply_node(pods::node(
+                NODE,
+                &[pods::STARTUP_TAINT, "example.com/other"],
+            ))
+            .expect("tainted node");
+            let pins = pins.path().to_path_buf();
+            api.on_node_patch(move |name| {
+                seen.lock()
+                    .expect("lock")
+                    .push((name.to_owned(), enforcing(&pins)));
+            });
+        },
+    );
+    wait_until("the startup taint to go", Duration::from_secs(10), || {
+        pods::taint_keys(&node.api.node(NODE).expect("node")) == ["example.com/other"]
+    });
+    assert_eq!(
+        *seen_at_patch.lock().expect("lock"),
+        [(NODE.to_owned(), true)],
+        "one patch, of this node, while its programs were attached"
+    );
+    let log = node.daemon.log();
+    let line_of = |text: &str| {
+        log.lines()
+            .position(|l| l.contains(text))
+            .unwrap_or_else(|| panic!("no {text:?} in:\n{log}"))
+    };
+    assert!(
+        line_of("imds-guard is enforcing") < line_of("synced with the API server")
+            && line_of("synced with the API server") < line_of("startup taint handled"),
+        "attach, sync, then the taint:\n{log}"
+    );
+    // The scheduler now places pods here: the first is judged at once.
+    let newcomer = test_pod(82, "newcomer", "team");
+    node.api.apply_pod(newcomer.object(false)).expect("pod");
+    node.root
+        .child(&newcomer.container_dir(Driver::Systemd))
+        .expect("pod cgroup");
+    assert_eq!(node.attempt(&newcomer), eperm());
+    assert_eq!(node.attempt(&agent), reached());
+    // A restarted daemon finds no taint and patches nothing.
+    node.daemon.kill().expect("SIGKILL");
+    node.daemon = Node::launch(&node.root, &node.pins, &node.kubeconfig);
+    node.daemon
+        .wait_for_log("removed=false", Duration::from_secs(10))
+        .expect("the taint is seen gone");
+    assert_eq!(node.api.request_count(Verb::Patch, ResourceKind::Nodes), 1);
+    node.daemon.stop().expect("stop");
+}
+
+/// Watch renewals of one watch: their times, checked to be one a watch
+/// timeout apart (nothing else opens a watch on a quiet node).
+fn renewals(api: &FakeApiServer, resource: ResourceKind, after: Instant) -> Vec<Instant> {
+    api.requests()
+        .iter()
+        .filter(|r| r.verb == Verb::Watch && r.resource == resource && r.at > after)
+        .map(|r| {
+            assert_ne!(
+                r.param("resourceVersion"),
+                Some("0"),
+                "a renewal resumes from where the watch was: {r:?}"
+            );
+            r.at
+        })
+        .collect()
+}
+
+/// What one node costs the API server: after its first sync, nothing but
+/// the renewals of its two watches each time the server ends them, also
+/// while pods come, change and go at 10 a second; lists only at start, from
+/// the watch cache.
+#[test]
+fn a_node_costs_the_api_server_only_its_watch_renewals() {
+    const TIMEOUT: Duration = Duration::from_secs(10);
+    let options = ApiServerOptions {
+        max_watch_timeout: Some(TIMEOUT),
+        ..ApiServerOptions::default()
+    };
+    let agent = test_pod(91, "agent", "kube-system");
+    let node = Node::start_with(
+        Driver::Cgroupfs,
+        &[(&agent, true)],
+        true,
+        &options,
+        |_, _| {},
+    );
+    let synced = Instant::now();
+    let requests = node.api.requests();
+    let lists: Vec<_> = requests.iter().filter(|r| r.verb == Verb::List).collect();
+    assert_eq!(
+        lists.len(),
+        2,
+        "one list of pods, one of namespaces: {lists:?}"
+    );
+    for list in &lists {
+        assert_eq!(
+            list.param("resourceVersion"),
+            Some("0"),
+            "from the watch cache: {list:?}"
+        );
+    }
+    let pod_list = lists
+        .iter()
+        .find(|r| r.resource == ResourceKind::Pods)
+        .expect("pod list");
+    assert_eq!(
+        pod_list.param("fieldSelector"),
+        Some(format!("spec.nodeName={NODE}").as_str())
+    );
+
+    // Quiet, over six watch timeouts.
+    std::thread::sleep(TIMEOUT * 6 + Duration::from_secs(3));
+    let quiet_end = Instant::now();
+    // Then churn: a pod added, relabelled or deleted ten times a second (in
+    // a namespace that permits the label, so no pod is told anything).
+    let churn: Vec<TestPod> = (0..20)
+        .map(|i| test_pod(100 + i, &format!("churn-{i}"), "kube-system"))
+        .collect();
+    for step in 0..100 {
+        let pod = &churn[step % churn.len()];
+        match (step / churn.len()) % 3 {
+            0 => drop(node.api.apply_pod(pod.object(false)).expect("add")),
+            1 => drop(node.api.apply_pod(pod.object(true)).expect("relabel")),
+            _ => drop(
+                node.api
+                    .delete_pod("kube-system", &pod.name)
+                    .expect("delete"),
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(TIMEOUT);
+    let end = Instant::now();
+    let requests = node.api.requests();
+    let after_sync: Vec<_> = requests.iter().filter(|r| r.at > synced).collect();
+    let other: Vec<_> = after_sync
+        .iter()
+        .filter(|r| r.verb != Verb::Watch)
+        .collect();
+    assert!(
+        other.is_empty(),
+        "nothing but watches after the sync: {other:?}"
+    );
+    for resource in [ResourceKind::Pods, ResourceKind::Namespaces] {
+        let times = renewals(&node.api, resource, synced);
+        let quiet = times.iter().filter(|t| **t <= quiet_end).count();
+        assert_eq!(quiet, 6, "{resource:?}: one renewal per timeout: {times:?}");
+        for pair in times.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(
+                gap > TIMEOUT.saturating_sub(Duration::from_millis(500))
+                    && gap < TIMEOUT + Duration::from_secs(1),
+                "{resource:?}: renewals one timeout apart, also under churn: {gap:?}"
+            );
+        }
+        let count = u32::try_from(times.len()).expect("a few renewals");
+        let per_hour = f64::from(count) * 3600.0 / (end - synced).as_secs_f64();
+        eprintln!(
+            "{resource:?}: {} renewals in {:?} with a {TIMEOUT:?} watch timeout ({per_hour:.0}/hour)",
+            times.len(),
+            end - synced
+        );
+    }
 }

@@ -185,6 +185,17 @@ impl Backoff for SpreadBackoff {
     }
 }
 
+/// Lists served from the API server's watch cache (`resourceVersion=0`)
+/// rather than by a quorum read of etcd. Unpaged, as client-go's reflector
+/// does it: the API server does not page cache reads, and kube drops the
+/// `resourceVersion=0` of a paged list.
+fn from_watch_cache() -> watcher::Config {
+    watcher::Config {
+        page_size: None,
+        ..watcher::Config::default().any_semantic()
+    }
+}
+
 type EventStream<K> = BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
 
 /// The watches of this node's pods and of every namespace's metadata.
@@ -200,16 +211,14 @@ impl Watches {
         let node_field = format!("spec.nodeName={node_name}");
         let pods = watcher(
             Api::<Pod>::all(client.clone()),
-            watcher::Config::default()
-                .fields(&node_field)
-                .any_semantic(),
+            from_watch_cache().fields(&node_field),
         )
         .backoff(SpreadBackoff::default())
         .boxed();
         // Metadata only: labels are all the policy reads of a namespace.
         let namespaces = watcher(
             Api::<PartialObjectMeta<Namespace>>::all(client),
-            watcher::Config::default().any_semantic(),
+            from_watch_cache(),
         )
         .backoff(SpreadBackoff::default())
         .boxed();
