@@ -173,6 +173,7 @@ fn twenty_nodes_cost_twenty_times_one_and_relist_spread_out() {
     let restarted = Instant::now();
     api.restart().expect("restart");
     let offsets = wait_for_relists(&api, &nodes, restarted);
+    eprintln!("relists after the restart: {offsets:?}");
     let busiest = offsets
         .iter()
         .map(|start| {
