@@ -195,7 +195,14 @@ impl Reconciler {
             .filter_map(|l| l.cgroup.map(|id| (id, l.access)))
             .collect();
         let waiting = self.waiting();
-        self.retry_at = (waiting > 0).then(|| Instant::now() + CGROUP_RECHECK);
+        // A deadline already set stays: a stream of other events must not
+        // keep pushing the recheck back.
+        let now = Instant::now();
+        self.retry_at = match self.retry_at {
+            _ if waiting == 0 => None,
+            Some(at) if at > now => Some(at),
+            _ => Some(now + CGROUP_RECHECK),
+        };
         if self.applied.as_ref() == Some(&wanted) {
             return Ok(());
         }
