@@ -85,8 +85,6 @@ pub enum ClusterChange {
 
 /// How long the probe waits for the API server.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pause after a failed taint removal.
-const TAINT_RETRY: Duration = Duration::from_secs(5);
 
 /// This node's pods, watched, and the allow list kept to the policy.
 pub struct KubernetesMode {
@@ -107,6 +105,7 @@ pub struct KubernetesMode {
     probe: Option<BoxFuture<'static, bool>>,
     /// When to remove the startup taint (set at the first sync).
     taint_due: Option<Instant>,
+    taint_failures: u32,
     taint_removal: Option<BoxFuture<'static, Result<bool, kube::Error>>>,
     announced_sync: bool,
 }
@@ -301,6 +300,7 @@ impl DaemonMode for KubernetesMode {
             reachability: Reachability::default(),
             probe: None,
             taint_due: None,
+            taint_failures: 0,
             taint_removal: None,
             announced_sync: false,
         };
@@ -403,11 +403,22 @@ impl DaemonMode for KubernetesMode {
                     ),
                     Err(err) => {
                         daemon.metrics.count_error(ErrorKind::Taint);
-                        warn!(
-                            taint = key,
-                            "cannot remove the startup taint, retrying: {err}"
-                        );
-                        self.taint_due = Some(Instant::now() + TAINT_RETRY);
+                        self.taint_failures += 1;
+                        match taint::retry_after(&err, self.taint_failures) {
+                            Some(pause) => {
+                                warn!(
+                                    taint = key,
+                                    retry_in_s = pause.as_secs(),
+                                    "cannot remove the startup taint, retrying: {err}"
+                                );
+                                self.taint_due = Some(Instant::now() + pause);
+                            }
+                            None => warn!(
+                                taint = key,
+                                "cannot remove the startup taint, and retrying would not help \
+                                 (see README, \"Closed from node boot\"): {err}"
+                            ),
+                        }
                     }
                 }
             }

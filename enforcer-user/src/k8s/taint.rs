@@ -2,6 +2,8 @@
 //! scheduled there before enforcement), and the daemon removes it from its
 //! own node once its programs are attached and its first sync is done.
 
+use std::time::Duration;
+
 use k8s_openapi::api::core::v1::Node;
 use kube::{
     Api, Client,
@@ -28,4 +30,60 @@ pub async fn remove(client: Client, name: &str, key: &str) -> Result<bool, kube:
         .patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
         .await?;
     Ok(true)
+}
+
+/// When to try again after `failures` failed removals, the last with
+/// `err`; `None` when retrying cannot help: the node does not exist (404)
+/// or the daemon may not patch it (403: RBAC, or the admission policy on a
+/// cluster without the token's node claim). A conflict (409, or 422 when
+/// the taint list changed under the patch's `test`) and an unreachable API
+/// server are retried, 5 s doubling to 5 minutes, so a node that cannot
+/// succeed costs the API server little.
+pub fn retry_after(err: &kube::Error, failures: u32) -> Option<Duration> {
+    const FIRST: Duration = Duration::from_secs(5);
+    const MAX: Duration = Duration::from_mins(5);
+    if let kube::Error::Api(status) = err
+        && matches!(status.code, 400 | 401 | 403 | 404 | 405)
+    {
+        return None;
+    }
+    Some(
+        FIRST
+            .saturating_mul(1 << failures.saturating_sub(1).min(6))
+            .min(MAX),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_error(code: u16) -> kube::Error {
+        kube::Error::Api(Box::new(
+            kube::core::Status::failure("refused", "Refused").with_code(code),
+        ))
+    }
+
+    #[test]
+    fn only_failures_that_can_pass_are_retried_and_less_often() {
+        for code in [403, 404] {
+            assert_eq!(retry_after(&api_error(code), 1), None, "{code}");
+        }
+        assert_eq!(
+            retry_after(&api_error(409), 1),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            retry_after(&api_error(422), 2),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            retry_after(&api_error(503), 4),
+            Some(Duration::from_secs(40))
+        );
+        assert_eq!(
+            retry_after(&api_error(500), 30),
+            Some(Duration::from_mins(5))
+        );
+    }
 }

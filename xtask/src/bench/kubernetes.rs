@@ -123,6 +123,8 @@ pub fn figures() -> anyhow::Result<Vec<Row>> {
         max_watch_timeout: Some(COST_WATCH_TIMEOUT),
         ..ApiServerOptions::default()
     })?;
+    // The node object the daemon looks at for its startup taint.
+    api.apply_node(imds_guard_tests::pods::node(NODE, &[]))?;
     for index in 0..RESIDENT_PODS {
         root.child(&pod_cgroup(index))?;
         api.apply_pod(pod(
