@@ -404,20 +404,19 @@ impl DaemonMode for KubernetesMode {
                     Err(err) => {
                         daemon.metrics.count_error(ErrorKind::Taint);
                         self.taint_failures += 1;
-                        match taint::retry_after(&err, self.taint_failures) {
-                            Some(pause) => {
-                                warn!(
-                                    taint = key,
-                                    retry_in_s = pause.as_secs(),
-                                    "cannot remove the startup taint, retrying: {err}"
-                                );
-                                self.taint_due = Some(Instant::now() + pause);
-                            }
-                            None => warn!(
+                        if let Some(pause) = taint::retry_after(&err, self.taint_failures) {
+                            warn!(
+                                taint = key,
+                                retry_in_s = pause.as_secs(),
+                                "cannot remove the startup taint, retrying: {err}"
+                            );
+                            self.taint_due = Some(Instant::now() + pause);
+                        } else {
+                            warn!(
                                 taint = key,
                                 "cannot remove the startup taint, and retrying would not help \
                                  (see README, \"Closed from node boot\"): {err}"
-                            ),
+                            );
                         }
                     }
                 }
