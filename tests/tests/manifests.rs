@@ -621,14 +621,19 @@ fn admission_policy_names_every_address_the_daemon_denies() {
 /// the validations that fail (an evaluation error fails too, as with
 /// failurePolicy Fail).
 fn admission_failures(policy: &Value, kind: &str, object: &Value) -> Vec<String> {
-    let mut context = cel::Context::default().with_all();
-    context
-        .add_variable("object", cel::to_value(object).expect("JSON object"))
-        .expect("binding object");
     let request = json!({"kind": {"group": "", "version": "v1", "kind": kind}});
-    context
-        .add_variable("request", cel::to_value(&request).expect("JSON request"))
-        .expect("binding request");
+    evaluate_policy(policy, &[("object", object), ("request", &request)])
+}
+
+/// The messages of the policy's validations that fail with these bindings
+/// (`object`, `oldObject`, `request`), its variables evaluated first.
+fn evaluate_policy(policy: &Value, bindings: &[(&str, &Value)]) -> Vec<String> {
+    let mut context = cel::Context::default().with_all();
+    for (name, value) in bindings {
+        context
+            .add_variable(*name, cel::to_value(value).expect("JSON value"))
+            .unwrap_or_else(|err| panic!("binding {name}: {err}"));
+    }
     let compile = |expression: &Value| {
         let text = expression.as_str().expect("CEL text");
         cel::Program::compile(text).unwrap_or_else(|err| panic!("{err}: {text}"))
@@ -721,4 +726,93 @@ fn admission_policy_rejects_endpoints_at_metadata_addresses_and_admits_others() 
         "Endpoints",
         &json!({"subsets": [{"ports": [{"port": 80}]}]}),
     );
+}
+
+/// The daemon's own node, as the node-taint policy sees a patch of it.
+fn tainted_node(taints: &[&str]) -> Value {
+    json!({
+        "metadata": {"name": "node-1", "labels": {"kubernetes.io/hostname": "node-1"}},
+        "spec": {
+            "podCIDR": "10.244.1.0/24",
+            "taints": taints.iter().map(|key| json!({"key": key, "effect": "NoSchedule"})).collect::<Vec<_>>(),
+        },
+    })
+}
+
+#[test]
+fn node_taint_policy_lets_the_daemon_remove_only_its_taint_from_only_its_node() {
+    let policy = find(
+        &base(),
+        "ValidatingAdmissionPolicy",
+        "imds-guard-own-node-taint",
+    )
+    .clone();
+    let daemon = "system:serviceaccount:imds-guard:imds-guard";
+    let condition = at(&policy, "/spec/matchConditions/0/expression")
+        .as_str()
+        .expect("CEL text")
+        .to_owned();
+    // The policy applies to the daemon's service account and nobody else.
+    for (username, applies) in [
+        (daemon, true),
+        ("system:node:node-1", false),
+        ("admin", false),
+    ] {
+        let mut context = cel::Context::default().with_all();
+        let request = json!({"userInfo": {"username": username}});
+        context
+            .add_variable("request", cel::to_value(&request).expect("JSON"))
+            .expect("binding request");
+        let matched = cel::Program::compile(&condition)
+            .expect("CEL")
+            .execute(&context)
+            .expect("evaluates");
+        assert_eq!(matched, cel::Value::Bool(applies), "{username}");
+    }
+    let request = |claim: Option<&str>| {
+        let extra = claim.map_or_else(
+            || json!({}),
+            |node| json!({"authentication.kubernetes.io/node-name": [node]}),
+        );
+        json!({"userInfo": {"username": daemon, "extra": extra}})
+    };
+    let before = tainted_node(&["imds-guard.io/not-ready", "example.com/other"]);
+    let removed = tainted_node(&["example.com/other"]);
+    let failures = |claim: Option<&str>, old: &Value, new: &Value| {
+        evaluate_policy(
+            &policy,
+            &[
+                ("object", new),
+                ("oldObject", old),
+                ("request", &request(claim)),
+            ],
+        )
+    };
+    assert_eq!(
+        failures(Some("node-1"), &before, &removed),
+        Vec::<String>::new()
+    );
+    let mut relabelled = removed.clone();
+    relabelled["metadata"]["labels"]["node-role.kubernetes.io/control-plane"] = json!("");
+    let mut cordoned = removed.clone();
+    cordoned["spec"]["unschedulable"] = json!(true);
+    let mut recidr = removed.clone();
+    recidr["spec"]["podCIDR"] = json!("10.244.9.0/24");
+    let rejected = [
+        ("another node's claim", Some("node-2"), &before, &removed),
+        ("no node claim", None, &before, &removed),
+        (
+            "another taint removed too",
+            Some("node-1"),
+            &before,
+            &tainted_node(&[]),
+        ),
+        ("the taint added", Some("node-1"), &removed, &before),
+        ("a label added", Some("node-1"), &before, &relabelled),
+        ("cordoned", Some("node-1"), &before, &cordoned),
+        ("podCIDR changed", Some("node-1"), &before, &recidr),
+    ];
+    for (what, claim, old, new) in rejected {
+        assert!(!failures(claim, old, new).is_empty(), "{what} was admitted");
+    }
 }
