@@ -1,0 +1,192 @@
+//! The node-shaped sandboxes themselves (tests/src/nodeshape.rs): each route
+//! a pod has through the node is measured by the sniffer in the upstream
+//! namespace, not only by what the client saw. No enforcer runs here, so the
+//! routes to the metadata address are open: these checks prove the
+//! topology is real, and the node edge guard's tests invert the metadata
+//! ones.
+
+use std::net::IpAddr;
+
+use imds_guard_tests::{
+    NodeShape, Outcome, Pod,
+    nodeshape::{
+        VXLAN_IF,
+        addrs::{self, node_uplink_for},
+        link_rx_packets,
+    },
+    require_root,
+};
+
+const PORT: u16 = addrs::SERVICE_PORT;
+
+/// Makes one attempt from `pod` and returns the packets upstream saw
+/// arrive at `seen_at` from the node's uplink address (after SNAT) and from
+/// anyone, during it.
+fn attempt(
+    shape: &NodeShape,
+    pod: &Pod,
+    action: &str,
+    target: IpAddr,
+    seen_at: IpAddr,
+    extra: &[String],
+) -> (Outcome, u64, u64) {
+    let upstream = &shape.upstream;
+    let snat = Some(node_uplink_for(seen_at));
+    let before = (
+        upstream.packets(snat, seen_at).unwrap(),
+        upstream.packets(None, seen_at).unwrap(),
+    );
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let result = pod.probe().attempt(action, target, PORT, &extra).unwrap();
+    let after = (
+        upstream.packets(snat, seen_at).unwrap(),
+        upstream.packets(None, seen_at).unwrap(),
+    );
+    (result.outcome, after.0 - before.0, after.1 - before.1)
+}
+
+/// The attempt reached the server at `seen_at` through the node: the client
+/// got its echo and upstream saw packets from the node's uplink address,
+/// and none with another source (the pod's would mean no SNAT).
+fn assert_forwarded_and_snated(
+    shape: &NodeShape,
+    pod: &Pod,
+    action: &str,
+    target: IpAddr,
+    seen_at: IpAddr,
+    extra: &[String],
+) {
+    let (outcome, from_node, from_anyone) = attempt(shape, pod, action, target, seen_at, extra);
+    assert_eq!(
+        outcome,
+        Outcome::Reached,
+        "{action} {target} from {}",
+        pod.v4
+    );
+    assert!(
+        from_node > 0,
+        "{action} {target}: upstream saw nothing from the node arrive at {seen_at}"
+    );
+    assert_eq!(
+        from_node,
+        from_anyone,
+        "{action} {target}: packets arrived at {seen_at} without SNAT: {:?}",
+        shape.upstream.flows().unwrap()
+    );
+}
+
+/// Ordinary traffic and the ordinary Service, both families, from `pod`.
+fn assert_ordinary_routes(shape: &NodeShape, pod: &Pod) {
+    for (server, cluster_ip) in [
+        (
+            IpAddr::V4(addrs::SERVER_V4),
+            IpAddr::V4(addrs::CLUSTER_IP_ORDINARY_V4),
+        ),
+        (
+            IpAddr::V6(addrs::SERVER_V6),
+            IpAddr::V6(addrs::CLUSTER_IP_ORDINARY_V6),
+        ),
+    ] {
+        assert_forwarded_and_snated(shape, pod, "tcp", server, server, &[]);
+        assert_forwarded_and_snated(shape, pod, "udp", server, server, &[]);
+        assert_forwarded_and_snated(shape, pod, "tcp", cluster_ip, server, &[]);
+        // DNAT happened on the node: the ClusterIP never left it.
+        assert_eq!(
+            shape.upstream.packets(None, cluster_ip).unwrap(),
+            0,
+            "a ClusterIP reached upstream"
+        );
+    }
+}
+
+/// The routes the node edge guard must close, measured open: direct TCP,
+/// the Service whose endpoint is the metadata address, `AF_PACKET` raw and
+/// dgram frames; both families.
+fn assert_metadata_routes_open(shape: &NodeShape, pod: &Pod) {
+    for (metadata, cluster_ip) in [
+        (
+            IpAddr::V4(addrs::METADATA_V4),
+            IpAddr::V4(addrs::CLUSTER_IP_METADATA_V4),
+        ),
+        (
+            IpAddr::V6(addrs::METADATA_V6),
+            IpAddr::V6(addrs::CLUSTER_IP_METADATA_V6),
+        ),
+    ] {
+        assert_forwarded_and_snated(shape, pod, "tcp", metadata, metadata, &[]);
+        assert_forwarded_and_snated(shape, pod, "tcp", cluster_ip, metadata, &[]);
+        let frames = pod.packet_args(metadata);
+        assert_forwarded_and_snated(shape, pod, "packet-raw", metadata, metadata, &frames);
+        assert_forwarded_and_snated(shape, pod, "packet-dgram", metadata, metadata, &frames);
+    }
+}
+
+#[test]
+fn routed_veth_shape_forwards_nats_and_dnats() {
+    require_root();
+    let shape = NodeShape::routed_veth().unwrap();
+    assert_ordinary_routes(&shape, shape.pod());
+}
+
+#[test]
+fn routed_veth_shape_has_open_metadata_routes() {
+    require_root();
+    let shape = NodeShape::routed_veth().unwrap();
+    assert_metadata_routes_open(&shape, shape.pod());
+}
+
+#[test]
+fn bridge_vxlan_shape_forwards_nats_and_dnats() {
+    require_root();
+    let shape = NodeShape::bridge_vxlan().unwrap();
+    for pod in &shape.pods {
+        assert_ordinary_routes(&shape, pod);
+    }
+}
+
+#[test]
+fn bridge_vxlan_shape_has_open_metadata_routes() {
+    require_root();
+    let shape = NodeShape::bridge_vxlan().unwrap();
+    assert_metadata_routes_open(&shape, shape.pod());
+}
+
+/// A plain UDP datagram to the node's flannel port, carrying an inner
+/// packet to the metadata address, is decapsulated by flannel.1 and
+/// forwarded; the reply comes back to the pod's socket. With the inner
+/// source spoofed (here: the other pod's address) it still arrives
+/// upstream, and the reply goes to the spoofed pod, not the sender.
+#[test]
+fn bridge_vxlan_shape_decapsulates_to_metadata() {
+    require_root();
+    let shape = NodeShape::bridge_vxlan().unwrap();
+    let metadata = IpAddr::V4(addrs::METADATA_V4);
+    let pod = shape.pod();
+
+    let decapsulated_before = link_rx_packets(&shape.node, VXLAN_IF).unwrap();
+    let own = shape.vxlan_args(pod, None).unwrap();
+    assert_forwarded_and_snated(&shape, pod, "vxlan", metadata, metadata, &own);
+    assert!(
+        link_rx_packets(&shape.node, VXLAN_IF).unwrap() > decapsulated_before,
+        "the datagram did not come out of {VXLAN_IF}"
+    );
+
+    let spoofed = IpAddr::V4(shape.pods[1].v4);
+    let mut args = shape.vxlan_args(pod, Some(spoofed)).unwrap();
+    args.extend(["--timeout-ms".to_owned(), "300".to_owned()]);
+    let (outcome, from_node, from_anyone) =
+        attempt(&shape, pod, "vxlan", metadata, metadata, &args);
+    assert!(
+        from_node > 0,
+        "the spoofed inner packet did not arrive upstream"
+    );
+    assert_eq!(
+        from_node, from_anyone,
+        "the spoofed inner packet was not SNATed"
+    );
+    assert_eq!(
+        outcome,
+        Outcome::TimedOut,
+        "the reply to a spoofed source came back to the sender"
+    );
+}
