@@ -21,6 +21,7 @@ pub mod pins;
 pub mod pods;
 pub mod privileges;
 pub mod probe;
+pub mod redirect;
 pub mod refusal;
 pub mod stage;
 

@@ -36,10 +36,10 @@ pub mod addrs {
 
     /// The node's end of the uplink: the source upstream sees after SNAT.
     pub const NODE_UPLINK_V4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
-    pub const NODE_UPLINK_V6: Ipv6Addr = Ipv6Addr::new(0xfd99, 19, 0, 0, 0, 0, 0, 1);
+    pub const NODE_UPLINK_V6: Ipv6Addr = Ipv6Addr::new(0xfd99, 0x19, 0, 0, 0, 0, 0, 1);
     /// Upstream's end of the uplink, the node's default gateway.
     pub const UPSTREAM_UPLINK_V4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
-    pub const UPSTREAM_UPLINK_V6: Ipv6Addr = Ipv6Addr::new(0xfd99, 19, 0, 0, 0, 0, 0, 2);
+    pub const UPSTREAM_UPLINK_V6: Ipv6Addr = Ipv6Addr::new(0xfd99, 0x19, 0, 0, 0, 0, 0, 2);
 
     /// The cluster's pod network, routed back to the node by upstream (for
     /// shapes that do not SNAT, and for replies to spoofed sources).
@@ -115,6 +115,10 @@ pub enum Shape {
     /// Flannel (also Canal, RKE2, k3s): pods on the bridge cni0, and a
     /// VXLAN device flannel.1 that decapsulates what arrives on UDP 8472.
     BridgeVxlan,
+    /// Shape A with an eBPF CNI's data path: a tc program on the pod's veth
+    /// redirects its traffic to the uplink (`bpf_redirect_neigh`), past the
+    /// node's netfilter; Service addresses are left to netfilter's DNAT.
+    RedirectPastNetfilter,
 }
 
 /// A pod's namespace and what a client in it needs to know.
@@ -182,13 +186,16 @@ pub struct Flow {
 /// The sniffer: a raw-priority prerouting chain (before conntrack and any
 /// NAT of upstream's own) that adds each packet's addresses to a set with
 /// per-element counters. It records every flow, not only those a test
-/// thought to watch for.
+/// thought to watch for. Neighbour discovery is left out: it never crosses
+/// a router, and the node answers upstream's solicitations, sent from
+/// whichever upstream address the queued reply had, to that address.
 const SNIFFER_RULESET: &str = "
 table inet sniffer {
     set seen4 { type ipv4_addr . ipv4_addr; flags dynamic; counter; size 65535; }
     set seen6 { type ipv6_addr . ipv6_addr; flags dynamic; counter; size 65535; }
     chain arrivals {
         type filter hook prerouting priority raw; policy accept;
+        icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect } accept
         meta nfproto ipv4 update @seen4 { ip saddr . ip daddr }
         meta nfproto ipv6 update @seen6 { ip6 saddr . ip6 daddr }
     }
@@ -476,6 +483,18 @@ impl NodeShape {
     ///   `169.254.170.23`, `fd00:ec2::254`), routes to the pod network via
     ///   the node.
     pub fn routed_veth() -> Result<NodeShape> {
+        NodeShape::routed(Shape::RoutedVeth)
+    }
+
+    /// Shape C: shape A, plus the redirect program (`crate::redirect`) on
+    /// tc ingress (clsact) of `calipod1`, to `uplink`. Pod traffic to
+    /// anything but a Service, the gateway's link-local address or IPv6
+    /// multicast leaves unmasqueraded: upstream sees the pod's source.
+    pub fn redirect_past_netfilter() -> Result<NodeShape> {
+        NodeShape::routed(Shape::RedirectPastNetfilter)
+    }
+
+    fn routed(shape: Shape) -> Result<NodeShape> {
         let (node, upstream) = node_and_upstream()?;
         let pod_ns = namespace("pod")?;
         let node_if = "calipod1";
@@ -517,6 +536,14 @@ impl NodeShape {
             POD_IF,
         ])?;
 
+        if shape == Shape::RedirectPastNetfilter {
+            let uplink = link_field(&node, NODE_UPLINK_IF, false, "/ifindex")?
+                .as_i64()
+                .and_then(|i| i32::try_from(i).ok())
+                .ok_or_else(|| SandboxError::Process("uplink has no ifindex".to_owned()))?;
+            crate::redirect::attach(&node, node_if, uplink)?;
+        }
+
         let pod = Pod {
             mac: link_mac(&pod_ns, POD_IF)?,
             gateway_mac: link_mac(&node, node_if)?,
@@ -525,7 +552,7 @@ impl NodeShape {
             v6: addrs::ROUTED_POD_V6,
         };
         Ok(NodeShape {
-            shape: Shape::RoutedVeth,
+            shape,
             pods: vec![pod],
             node,
             upstream,

@@ -8,7 +8,7 @@
 use std::net::IpAddr;
 
 use imds_guard_tests::{
-    NodeShape, Outcome, Pod,
+    NodeShape, Outcome, Pod, Shape,
     nodeshape::{
         VXLAN_IF,
         addrs::{self, node_uplink_for},
@@ -20,43 +20,40 @@ use imds_guard_tests::{
 const PORT: u16 = addrs::SERVICE_PORT;
 
 /// Makes one attempt from `pod` and returns the packets upstream saw
-/// arrive at `seen_at` from the node's uplink address (after SNAT) and from
-/// anyone, during it.
+/// arrive at `seen_at` from `source` and from anyone, during it.
 fn attempt(
     shape: &NodeShape,
     pod: &Pod,
-    action: &str,
-    target: IpAddr,
+    (action, target, extra): (&str, IpAddr, &[String]),
     seen_at: IpAddr,
-    extra: &[String],
+    source: IpAddr,
 ) -> (Outcome, u64, u64) {
     let upstream = &shape.upstream;
-    let snat = Some(node_uplink_for(seen_at));
-    let before = (
-        upstream.packets(snat, seen_at).unwrap(),
-        upstream.packets(None, seen_at).unwrap(),
-    );
+    let counts = || {
+        (
+            upstream.packets(Some(source), seen_at).unwrap(),
+            upstream.packets(None, seen_at).unwrap(),
+        )
+    };
+    let before = counts();
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let result = pod.probe().attempt(action, target, PORT, &extra).unwrap();
-    let after = (
-        upstream.packets(snat, seen_at).unwrap(),
-        upstream.packets(None, seen_at).unwrap(),
-    );
+    let after = counts();
     (result.outcome, after.0 - before.0, after.1 - before.1)
 }
 
 /// The attempt reached the server at `seen_at` through the node: the client
-/// got its echo and upstream saw packets from the node's uplink address,
-/// and none with another source (the pod's would mean no SNAT).
-fn assert_forwarded_and_snated(
+/// got its echo, and upstream saw packets from `source` only (the node's
+/// uplink address after SNAT; the pod's own where netfilter is bypassed).
+fn assert_arrives_from(
     shape: &NodeShape,
     pod: &Pod,
-    action: &str,
-    target: IpAddr,
+    (action, target, extra): (&str, IpAddr, &[String]),
     seen_at: IpAddr,
-    extra: &[String],
+    source: IpAddr,
 ) {
-    let (outcome, from_node, from_anyone) = attempt(shape, pod, action, target, seen_at, extra);
+    let (outcome, from_source, from_anyone) =
+        attempt(shape, pod, (action, target, extra), seen_at, source);
     assert_eq!(
         outcome,
         Outcome::Reached,
@@ -64,15 +61,37 @@ fn assert_forwarded_and_snated(
         pod.v4
     );
     assert!(
-        from_node > 0,
-        "{action} {target}: upstream saw nothing from the node arrive at {seen_at}"
-    );
-    assert_eq!(
-        from_node,
-        from_anyone,
-        "{action} {target}: packets arrived at {seen_at} without SNAT: {:?}",
+        from_source > 0,
+        "{action} {target}: upstream saw nothing from {source} arrive at {seen_at}: {:?}",
         shape.upstream.flows().unwrap()
     );
+    assert_eq!(
+        from_source,
+        from_anyone,
+        "{action} {target}: packets arrived at {seen_at} from other sources than {source}: {:?}",
+        shape.upstream.flows().unwrap()
+    );
+}
+
+/// As `assert_arrives_from`, with the source SNAT gives: the node's uplink.
+fn assert_forwarded_and_snated(
+    shape: &NodeShape,
+    pod: &Pod,
+    attempt: (&str, IpAddr, &[String]),
+    seen_at: IpAddr,
+) {
+    assert_arrives_from(shape, pod, attempt, seen_at, node_uplink_for(seen_at));
+}
+
+/// The source upstream sees for the pod's traffic to `dest` that is no
+/// Service: the node's uplink after its masquerade, or, where the redirect
+/// program hands it to the uplink past netfilter, the pod's own.
+fn source_past_node(shape: &NodeShape, pod: &Pod, dest: IpAddr) -> IpAddr {
+    if shape.shape == Shape::RedirectPastNetfilter {
+        pod.addr_for(dest)
+    } else {
+        node_uplink_for(dest)
+    }
 }
 
 /// Ordinary traffic and the ordinary Service, both families, from `pod`.
@@ -87,9 +106,10 @@ fn assert_ordinary_routes(shape: &NodeShape, pod: &Pod) {
             IpAddr::V6(addrs::CLUSTER_IP_ORDINARY_V6),
         ),
     ] {
-        assert_forwarded_and_snated(shape, pod, "tcp", server, server, &[]);
-        assert_forwarded_and_snated(shape, pod, "udp", server, server, &[]);
-        assert_forwarded_and_snated(shape, pod, "tcp", cluster_ip, server, &[]);
+        let direct = source_past_node(shape, pod, server);
+        assert_arrives_from(shape, pod, ("tcp", server, &[]), server, direct);
+        assert_arrives_from(shape, pod, ("udp", server, &[]), server, direct);
+        assert_forwarded_and_snated(shape, pod, ("tcp", cluster_ip, &[]), server);
         // DNAT happened on the node: the ClusterIP never left it.
         assert_eq!(
             shape.upstream.packets(None, cluster_ip).unwrap(),
@@ -113,11 +133,13 @@ fn assert_metadata_routes_open(shape: &NodeShape, pod: &Pod) {
             IpAddr::V6(addrs::CLUSTER_IP_METADATA_V6),
         ),
     ] {
-        assert_forwarded_and_snated(shape, pod, "tcp", metadata, metadata, &[]);
-        assert_forwarded_and_snated(shape, pod, "tcp", cluster_ip, metadata, &[]);
+        let direct = source_past_node(shape, pod, metadata);
+        assert_arrives_from(shape, pod, ("tcp", metadata, &[]), metadata, direct);
+        assert_forwarded_and_snated(shape, pod, ("tcp", cluster_ip, &[]), metadata);
         let frames = pod.packet_args(metadata);
-        assert_forwarded_and_snated(shape, pod, "packet-raw", metadata, metadata, &frames);
-        assert_forwarded_and_snated(shape, pod, "packet-dgram", metadata, metadata, &frames);
+        for action in ["packet-raw", "packet-dgram"] {
+            assert_arrives_from(shape, pod, (action, metadata, &frames), metadata, direct);
+        }
     }
 }
 
@@ -132,6 +154,24 @@ fn routed_veth_shape_forwards_nats_and_dnats() {
 fn routed_veth_shape_has_open_metadata_routes() {
     require_root();
     let shape = NodeShape::routed_veth().unwrap();
+    assert_metadata_routes_open(&shape, shape.pod());
+}
+
+/// The redirect program's shape: pod traffic to anything but a Service
+/// arrives upstream with the pod's source (it bypassed the node's
+/// masquerade, so netfilter never saw it), Services still go through
+/// netfilter's DNAT and SNAT.
+#[test]
+fn redirect_shape_bypasses_netfilter_but_dnats_services() {
+    require_root();
+    let shape = NodeShape::redirect_past_netfilter().unwrap();
+    assert_ordinary_routes(&shape, shape.pod());
+}
+
+#[test]
+fn redirect_shape_has_open_metadata_routes() {
+    require_root();
+    let shape = NodeShape::redirect_past_netfilter().unwrap();
     assert_metadata_routes_open(&shape, shape.pod());
 }
 
@@ -165,7 +205,7 @@ fn bridge_vxlan_shape_decapsulates_to_metadata() {
 
     let decapsulated_before = link_rx_packets(&shape.node, VXLAN_IF).unwrap();
     let own = shape.vxlan_args(pod, None).unwrap();
-    assert_forwarded_and_snated(&shape, pod, "vxlan", metadata, metadata, &own);
+    assert_forwarded_and_snated(&shape, pod, ("vxlan", metadata, &own), metadata);
     assert!(
         link_rx_packets(&shape.node, VXLAN_IF).unwrap() > decapsulated_before,
         "the datagram did not come out of {VXLAN_IF}"
@@ -174,8 +214,13 @@ fn bridge_vxlan_shape_decapsulates_to_metadata() {
     let spoofed = IpAddr::V4(shape.pods[1].v4);
     let mut args = shape.vxlan_args(pod, Some(spoofed)).unwrap();
     args.extend(["--timeout-ms".to_owned(), "300".to_owned()]);
-    let (outcome, from_node, from_anyone) =
-        attempt(&shape, pod, "vxlan", metadata, metadata, &args);
+    let (outcome, from_node, from_anyone) = attempt(
+        &shape,
+        pod,
+        ("vxlan", metadata, &args),
+        metadata,
+        node_uplink_for(metadata),
+    );
     assert!(
         from_node > 0,
         "the spoofed inner packet did not arrive upstream"
