@@ -660,9 +660,15 @@ impl NodeShape {
 
     /// `imds-probe vxlan` options that send, from `pod`, a VXLAN datagram to
     /// the node's flannel port whose inner frame is addressed to flannel.1
-    /// and carries a UDP datagram to the probe's ADDR from the pod's
-    /// address, or from `inner_source` (spoofed).
-    pub fn vxlan_args(&self, pod: &Pod, inner_source: Option<IpAddr>) -> Result<Vec<String>> {
+    /// and carries a UDP datagram to `dest` (the probe's ADDR; IPv4 or
+    /// IPv6) from the pod's address of that family, or from `inner_source`
+    /// (spoofed).
+    pub fn vxlan_args(
+        &self,
+        pod: &Pod,
+        dest: IpAddr,
+        inner_source: Option<IpAddr>,
+    ) -> Result<Vec<String>> {
         if self.shape != Shape::BridgeVxlan {
             return Err(SandboxError::Process(format!(
                 "{:?} has no VXLAN device",
@@ -675,7 +681,7 @@ impl NodeShape {
             "--inner-mac".to_owned(),
             link_mac(&self.node, VXLAN_IF)?,
             "--source".to_owned(),
-            pod.v4.to_string(),
+            pod.addr_for(dest).to_string(),
         ];
         if let Some(spoofed) = inner_source {
             args.extend(["--inner-source".to_owned(), spoofed.to_string()]);

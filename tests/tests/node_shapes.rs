@@ -192,46 +192,49 @@ fn bridge_vxlan_shape_has_open_metadata_routes() {
 }
 
 /// A plain UDP datagram to the node's flannel port, carrying an inner
-/// packet to the metadata address, is decapsulated by flannel.1 and
-/// forwarded; the reply comes back to the pod's socket. With the inner
-/// source spoofed (here: the other pod's address) it still arrives
-/// upstream, and the reply goes to the spoofed pod, not the sender.
+/// packet to the metadata address (IPv4 or IPv6), is decapsulated by
+/// flannel.1 and forwarded; the reply comes back to the pod's socket. With
+/// the inner source spoofed (here: the other pod's address) it still
+/// arrives upstream, and the reply goes to the spoofed pod, not the sender.
 #[test]
 fn bridge_vxlan_shape_decapsulates_to_metadata() {
     require_root();
     let shape = NodeShape::bridge_vxlan().unwrap();
-    let metadata = IpAddr::V4(addrs::METADATA_V4);
-    let pod = shape.pod();
+    let (pod, other) = (&shape.pods[0], &shape.pods[1]);
+    for metadata in [
+        IpAddr::V4(addrs::METADATA_V4),
+        IpAddr::V6(addrs::METADATA_V6),
+    ] {
+        let decapsulated_before = link_rx_packets(&shape.node, VXLAN_IF).unwrap();
+        let own = shape.vxlan_args(pod, metadata, None).unwrap();
+        assert_forwarded_and_snated(&shape, pod, ("vxlan", metadata, &own), metadata);
+        assert!(
+            link_rx_packets(&shape.node, VXLAN_IF).unwrap() > decapsulated_before,
+            "the datagram to {metadata} did not come out of {VXLAN_IF}"
+        );
 
-    let decapsulated_before = link_rx_packets(&shape.node, VXLAN_IF).unwrap();
-    let own = shape.vxlan_args(pod, None).unwrap();
-    assert_forwarded_and_snated(&shape, pod, ("vxlan", metadata, &own), metadata);
-    assert!(
-        link_rx_packets(&shape.node, VXLAN_IF).unwrap() > decapsulated_before,
-        "the datagram did not come out of {VXLAN_IF}"
-    );
-
-    let spoofed = IpAddr::V4(shape.pods[1].v4);
-    let mut args = shape.vxlan_args(pod, Some(spoofed)).unwrap();
-    args.extend(["--timeout-ms".to_owned(), "300".to_owned()]);
-    let (outcome, from_node, from_anyone) = attempt(
-        &shape,
-        pod,
-        ("vxlan", metadata, &args),
-        metadata,
-        node_uplink_for(metadata),
-    );
-    assert!(
-        from_node > 0,
-        "the spoofed inner packet did not arrive upstream"
-    );
-    assert_eq!(
-        from_node, from_anyone,
-        "the spoofed inner packet was not SNATed"
-    );
-    assert_eq!(
-        outcome,
-        Outcome::TimedOut,
-        "the reply to a spoofed source came back to the sender"
-    );
+        let spoofed = other.addr_for(metadata);
+        let mut args = shape.vxlan_args(pod, metadata, Some(spoofed)).unwrap();
+        args.extend(["--timeout-ms".to_owned(), "300".to_owned()]);
+        let (outcome, from_node, from_anyone) = attempt(
+            &shape,
+            pod,
+            ("vxlan", metadata, &args),
+            metadata,
+            node_uplink_for(metadata),
+        );
+        assert!(
+            from_node > 0,
+            "the inner packet from {spoofed} did not arrive at {metadata}"
+        );
+        assert_eq!(
+            from_node, from_anyone,
+            "the inner packet from {spoofed} was not SNATed"
+        );
+        assert_eq!(
+            outcome,
+            Outcome::TimedOut,
+            "the reply to the spoofed {spoofed} came back to the sender"
+        );
+    }
 }

@@ -473,9 +473,15 @@ fn vxlan(target: &Target) -> Outcome {
     let (Some(vtep), Some(inner_mac)) = (target.vtep, target.inner_mac) else {
         return Outcome::Error("vxlan needs --vtep and --inner-mac".to_owned());
     };
-    let (socket, packet) = match receiver_and_datagram(target, target.inner_source) {
+    let (receiver, packet) = match receiver_and_datagram(target, target.inner_source) {
         Ok(pair) => pair,
         Err(outcome) => return outcome,
+    };
+    // A socket of its own: the VTEP is IPv4 while the inner packet may be
+    // IPv6, and the outer source port does not matter.
+    let outer = match UdpSocket::bind(unspecified_for(&vtep)) {
+        Ok(s) => s,
+        Err(err) => return Outcome::Error(err.to_string()),
     };
     let inner = frames::ethernet_frame(
         inner_mac,
@@ -483,10 +489,10 @@ fn vxlan(target: &Target) -> Outcome {
         frames::ethertype_of(&packet),
         &packet,
     );
-    if let Err(err) = socket.send_to(&frames::vxlan_payload(FLANNEL_VNI, &inner), vtep) {
+    if let Err(err) = outer.send_to(&frames::vxlan_payload(FLANNEL_VNI, &inner), vtep) {
         return Outcome::from_io(err);
     }
-    await_datagram_echo(&socket, target.timeout)
+    await_datagram_echo(&receiver, target.timeout)
 }
 
 /// Makes a TCP attempt (connect, exchange, close) every `--interval-ms` for
