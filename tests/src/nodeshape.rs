@@ -153,19 +153,25 @@ impl Pod {
     /// `imds-probe packet-raw|packet-dgram` options that send from this pod
     /// to `dest` straight onto `eth0`, addressed to the gateway's MAC.
     pub fn packet_args(&self, dest: IpAddr) -> Vec<String> {
-        [
-            "--dev",
-            POD_IF,
-            "--gateway-mac",
-            &self.gateway_mac,
-            "--source-mac",
-            &self.mac,
-            "--source",
-            &self.addr_for(dest).to_string(),
-        ]
-        .map(str::to_owned)
-        .to_vec()
+        packet_args(POD_IF, &self.gateway_mac, &self.mac, self.addr_for(dest))
     }
+}
+
+/// `imds-probe packet-*` options: the device, the next hop's MAC, our own,
+/// and the source address to write.
+fn packet_args(dev: &str, gateway_mac: &str, mac: &str, source: IpAddr) -> Vec<String> {
+    [
+        "--dev",
+        dev,
+        "--gateway-mac",
+        gateway_mac,
+        "--source-mac",
+        mac,
+        "--source",
+        &source.to_string(),
+    ]
+    .map(str::to_owned)
+    .to_vec()
 }
 
 /// The cloud side: the fake server and the sniffer's namespace.
@@ -656,6 +662,27 @@ impl NodeShape {
             node,
             upstream,
         })
+    }
+
+    /// A client in the node's own namespace: a hostNetwork pod (no cgroup
+    /// yet).
+    pub fn host_network_probe(&self) -> Probe<'_> {
+        Probe {
+            netns: &self.node,
+            cgroup: None,
+        }
+    }
+
+    /// `imds-probe packet-raw|packet-dgram` options that send from a
+    /// hostNetwork pod straight onto the node's uplink, to upstream's MAC,
+    /// from the node's uplink address.
+    pub fn host_network_packet_args(&self, dest: IpAddr) -> Result<Vec<String>> {
+        Ok(packet_args(
+            NODE_UPLINK_IF,
+            &link_mac(&self.upstream.netns, UPSTREAM_UPLINK_IF)?,
+            &link_mac(&self.node, NODE_UPLINK_IF)?,
+            addrs::node_uplink_for(dest),
+        ))
     }
 
     /// `imds-probe vxlan` options that send, from `pod`, a VXLAN datagram to

@@ -8,7 +8,7 @@
 use std::net::IpAddr;
 
 use imds_guard_tests::{
-    NodeShape, Outcome, Pod, Shape,
+    NodeShape, Outcome, Pod, Probe, Shape,
     nodeshape::{
         VXLAN_IF,
         addrs::{self, node_uplink_for},
@@ -19,11 +19,11 @@ use imds_guard_tests::{
 
 const PORT: u16 = addrs::SERVICE_PORT;
 
-/// Makes one attempt from `pod` and returns the packets upstream saw
+/// Makes one attempt from `client` and returns the packets upstream saw
 /// arrive at `seen_at` from `source` and from anyone, during it.
 fn attempt(
     shape: &NodeShape,
-    pod: &Pod,
+    client: &Probe,
     (action, target, extra): (&str, IpAddr, &[String]),
     seen_at: IpAddr,
     source: IpAddr,
@@ -37,7 +37,7 @@ fn attempt(
     };
     let before = counts();
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-    let result = pod.probe().attempt(action, target, PORT, &extra).unwrap();
+    let result = client.attempt(action, target, PORT, &extra).unwrap();
     let after = counts();
     (result.outcome, after.0 - before.0, after.1 - before.1)
 }
@@ -47,18 +47,18 @@ fn attempt(
 /// uplink address after SNAT; the pod's own where netfilter is bypassed).
 fn assert_arrives_from(
     shape: &NodeShape,
-    pod: &Pod,
+    client: &Probe,
     (action, target, extra): (&str, IpAddr, &[String]),
     seen_at: IpAddr,
     source: IpAddr,
 ) {
     let (outcome, from_source, from_anyone) =
-        attempt(shape, pod, (action, target, extra), seen_at, source);
+        attempt(shape, client, (action, target, extra), seen_at, source);
     assert_eq!(
         outcome,
         Outcome::Reached,
-        "{action} {target} from {}",
-        pod.v4
+        "{action} {target} {extra:?} from {}",
+        client.netns.name()
     );
     assert!(
         from_source > 0,
@@ -80,7 +80,8 @@ fn assert_forwarded_and_snated(
     attempt: (&str, IpAddr, &[String]),
     seen_at: IpAddr,
 ) {
-    assert_arrives_from(shape, pod, attempt, seen_at, node_uplink_for(seen_at));
+    let client = pod.probe();
+    assert_arrives_from(shape, &client, attempt, seen_at, node_uplink_for(seen_at));
 }
 
 /// The source upstream sees for the pod's traffic to `dest` that is no
@@ -107,8 +108,9 @@ fn assert_ordinary_routes(shape: &NodeShape, pod: &Pod) {
         ),
     ] {
         let direct = source_past_node(shape, pod, server);
-        assert_arrives_from(shape, pod, ("tcp", server, &[]), server, direct);
-        assert_arrives_from(shape, pod, ("udp", server, &[]), server, direct);
+        let client = pod.probe();
+        assert_arrives_from(shape, &client, ("tcp", server, &[]), server, direct);
+        assert_arrives_from(shape, &client, ("udp", server, &[]), server, direct);
         assert_forwarded_and_snated(shape, pod, ("tcp", cluster_ip, &[]), server);
         // DNAT happened on the node: the ClusterIP never left it.
         assert_eq!(
@@ -134,11 +136,18 @@ fn assert_metadata_routes_open(shape: &NodeShape, pod: &Pod) {
         ),
     ] {
         let direct = source_past_node(shape, pod, metadata);
-        assert_arrives_from(shape, pod, ("tcp", metadata, &[]), metadata, direct);
+        let client = pod.probe();
+        assert_arrives_from(shape, &client, ("tcp", metadata, &[]), metadata, direct);
         assert_forwarded_and_snated(shape, pod, ("tcp", cluster_ip, &[]), metadata);
         let frames = pod.packet_args(metadata);
         for action in ["packet-raw", "packet-dgram"] {
-            assert_arrives_from(shape, pod, (action, metadata, &frames), metadata, direct);
+            assert_arrives_from(
+                shape,
+                &client,
+                (action, metadata, &frames),
+                metadata,
+                direct,
+            );
         }
     }
 }
@@ -218,7 +227,7 @@ fn bridge_vxlan_shape_decapsulates_to_metadata() {
         args.extend(["--timeout-ms".to_owned(), "300".to_owned()]);
         let (outcome, from_node, from_anyone) = attempt(
             &shape,
-            pod,
+            &pod.probe(),
             ("vxlan", metadata, &args),
             metadata,
             node_uplink_for(metadata),
@@ -236,5 +245,35 @@ fn bridge_vxlan_shape_decapsulates_to_metadata() {
             Outcome::TimedOut,
             "the reply to the spoofed {spoofed} came back to the sender"
         );
+    }
+}
+
+/// A hostNetwork pod's `AF_PACKET` frames on the node's uplink, with and
+/// without `PACKET_QDISC_BYPASS`, reach the metadata address from the
+/// node's address (which the frame carries itself).
+#[test]
+fn host_network_packet_frames_reach_metadata() {
+    require_root();
+    let shape = NodeShape::routed_veth().unwrap();
+    let probe = shape.host_network_probe();
+    for metadata in [
+        IpAddr::V4(addrs::METADATA_V4),
+        IpAddr::V6(addrs::METADATA_V6),
+    ] {
+        let frames = shape.host_network_packet_args(metadata).unwrap();
+        let bypass: Vec<String> = frames
+            .iter()
+            .cloned()
+            .chain(["--qdisc-bypass".to_owned()])
+            .collect();
+        for (action, args) in [
+            ("packet-raw", &frames),
+            ("packet-dgram", &frames),
+            ("packet-raw", &bypass),
+            ("packet-dgram", &bypass),
+        ] {
+            let source = node_uplink_for(metadata);
+            assert_arrives_from(&shape, &probe, (action, metadata, args), metadata, source);
+        }
     }
 }

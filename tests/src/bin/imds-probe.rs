@@ -7,7 +7,7 @@
 //!
 //! `packet-raw` and `packet-dgram` send a UDP datagram built by hand
 //! through an `AF_PACKET` socket (with and without the Ethernet header) on
-//! `--dev` to `--gateway-mac`; `vxlan` sends it, wrapped in a VXLAN header
+//! `--dev` to `--gateway-mac` (`--qdisc-bypass`: skipping the qdisc); `vxlan` sends it, wrapped in a VXLAN header
 //! and an inner Ethernet frame, as a plain UDP datagram to a VTEP
 //! (`--vtep`), optionally with a spoofed inner source. All three wait for
 //! the echo on an ordinary UDP socket bound to the source they wrote.
@@ -79,6 +79,9 @@ struct Target {
     dev: Option<String>,
     gateway_mac: Option<[u8; 6]>,
     source_mac: Option<[u8; 6]>,
+    /// `--qdisc-bypass`: `PACKET_QDISC_BYPASS`, which skips the device's
+    /// qdisc and so tc egress.
+    qdisc_bypass: bool,
     /// `vxlan`: the VTEP's UDP address, the inner frame's destination MAC
     /// (the VTEP device's) and the inner source (default: `--source`).
     vtep: Option<SocketAddr>,
@@ -110,7 +113,7 @@ fn usage(msg: &str) -> ExitCode {
          mkdir [--mounts-under PREFIX] [DIR...]\n       imds-probe \
          <tcp|udp|udp-connected|ping|raw-udp|fragments|packet-raw|packet-dgram|vxlan|stream|loop> \
          ADDR PORT [--timeout-ms N] [--source IP] [--count N] [--interval-ms N] [--duration-ms N] \
-         [--dev DEV] [--gateway-mac MAC] [--source-mac MAC] [--vtep IP:PORT] [--inner-mac MAC] \
+         [--dev DEV] [--gateway-mac MAC] [--source-mac MAC] [--qdisc-bypass] [--vtep IP:PORT] [--inner-mac MAC] \
          [--inner-source IP]"
     );
     ExitCode::from(2)
@@ -129,6 +132,7 @@ fn parse_target(args: &[String]) -> Result<Target, String> {
         dev: None,
         gateway_mac: None,
         source_mac: None,
+        qdisc_bypass: false,
         vtep: None,
         inner_mac: None,
         inner_source: None,
@@ -144,6 +148,12 @@ fn parse_target(args: &[String]) -> Result<Target, String> {
     let mac = |v: &str, flag: &str| frames::parse_mac(v).ok_or(format!("bad {flag}"));
     let mut i = 0;
     while i < rest.len() {
+        // The one option without a value.
+        if rest[i] == "--qdisc-bypass" {
+            target.qdisc_bypass = true;
+            i += 1;
+            continue;
+        }
         let value = rest
             .get(i + 1)
             .ok_or(format!("{} needs a value", rest[i]))?;
@@ -435,6 +445,22 @@ fn packet_send(target: &Target, kind: libc::c_int) -> Outcome {
     }
     // SAFETY: `fd` is a fresh descriptor no one else owns.
     let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    if target.qdisc_bypass {
+        let on: libc::c_int = 1;
+        // SAFETY: the option value is a valid int of the size given.
+        let set = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                libc::SOL_PACKET,
+                libc::PACKET_QDISC_BYPASS,
+                std::ptr::from_ref(&on).cast(),
+                u32::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(0),
+            )
+        };
+        if set != 0 {
+            return Outcome::from_io(std::io::Error::last_os_error());
+        }
+    }
     // SAFETY: sockaddr_ll is plain data; all zeroes is a valid start.
     let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     to.sll_family = libc::sa_family_t::try_from(libc::AF_PACKET).unwrap_or_default();
