@@ -12,8 +12,15 @@
 //!   sets with counters: the sniffer that says whether a route is open,
 //!   whatever the client saw.
 //!
+//! Shapes: routed veth (`NodeShape::routed_veth`), bridge plus VXLAN
+//! (`bridge_vxlan`), and routed veth whose pod traffic a tc program sends
+//! past netfilter (`redirect_past_netfilter`). Clients run in a pod
+//! (`Pod::probe`) or in the node itself as a hostNetwork pod would
+//! (`host_network_probe`); `*_args` give `imds-probe` what its `AF_PACKET`
+//! and VXLAN senders need.
+//!
 //! Namespaces are deleted on drop (also on panic), and with them every
-//! device, route and nftables table in them.
+//! device, route, tc program and nftables table in them.
 
 use std::{
     fmt::Write as _,
