@@ -12,13 +12,16 @@
 
 pub mod cgroups;
 pub mod daemon;
+pub mod frames;
 pub mod hostns;
 pub mod netns;
+pub mod nodeshape;
 pub mod oci;
 pub mod pins;
 pub mod pods;
 pub mod privileges;
 pub mod probe;
+pub mod redirect;
 pub mod refusal;
 pub mod stage;
 
@@ -29,6 +32,7 @@ pub use daemon::{Daemon, DaemonBuilder};
 /// The test Kubernetes API server, a crate of its own (`tests/apiserver`).
 pub use imds_guard_test_apiserver as apiserver;
 pub use netns::{Sandbox, addrs};
+pub use nodeshape::{NodeShape, Pod, Shape, Upstream};
 pub use pins::PinDir;
 pub use probe::{LoopProbe, Outcome, Probe, ProbeResult, Server, StreamProbe, Tally};
 

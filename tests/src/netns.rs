@@ -81,19 +81,17 @@ impl Netns {
         run("ip", &full)
     }
 
+    /// Runs a command inside the namespace (`ip netns exec`, which also
+    /// remounts /sys: fine for tools like `sysctl` and `nft`).
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
+        let mut full = vec!["netns", "exec", &self.name, program];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
     /// Sets a sysctl inside the namespace.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<String> {
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &self.name,
-                "sysctl",
-                "-qw",
-                &format!("{key}={value}"),
-            ],
-        )
+        self.exec("sysctl", &["-qw", &format!("{key}={value}")])
     }
 }
 

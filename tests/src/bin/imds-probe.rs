@@ -5,6 +5,13 @@
 //! They refuse to run in the host's network namespace: their targets are
 //! metadata addresses, which must never be reached on the real network.
 //!
+//! `packet-raw` and `packet-dgram` send a UDP datagram built by hand
+//! through an `AF_PACKET` socket (with and without the Ethernet header) on
+//! `--dev` to `--gateway-mac` (`--qdisc-bypass`: skipping the qdisc); `vxlan` sends it, wrapped in a VXLAN header
+//! and an inner Ethernet frame, as a plain UDP datagram to a VTEP
+//! (`--vtep`), optionally with a spoofed inner source. All three wait for
+//! the echo on an ordinary UDP socket bound to the source they wrote.
+//!
 //! `serve --port P... --udp-addr A...` echoes TCP lines on every address of
 //! its namespace and UDP datagrams on the given ones, and prints `ready`
 //! once bound.
@@ -17,12 +24,15 @@
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     mem::MaybeUninit,
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     process::ExitCode,
     time::{Duration, Instant},
 };
 
-use imds_guard_tests::hostns::in_host_netns;
+use imds_guard_tests::{
+    frames::{self, Fragment},
+    hostns::in_host_netns,
+};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 const PAYLOAD: &[u8] = b"ping\n";
@@ -64,7 +74,19 @@ fn errno_name(err: &std::io::Error) -> String {
 struct Target {
     addr: SocketAddr,
     timeout: Duration,
-    source: Option<Ipv4Addr>,
+    source: Option<IpAddr>,
+    /// `AF_PACKET` sends: the interface, the next hop's and our own MAC.
+    dev: Option<String>,
+    gateway_mac: Option<[u8; 6]>,
+    source_mac: Option<[u8; 6]>,
+    /// `--qdisc-bypass`: `PACKET_QDISC_BYPASS`, which skips the device's
+    /// qdisc and so tc egress.
+    qdisc_bypass: bool,
+    /// `vxlan`: the VTEP's UDP address, the inner frame's destination MAC
+    /// (the VTEP device's) and the inner source (default: `--source`).
+    vtep: Option<SocketAddr>,
+    inner_mac: Option<[u8; 6]>,
+    inner_source: Option<IpAddr>,
     /// `stream`: exchanges to make.
     count: u32,
     /// `loop`: pause between attempts, and how long to go on.
@@ -89,8 +111,10 @@ fn usage(msg: &str) -> ExitCode {
     eprintln!(
         "imds-probe: {msg}\nusage: imds-probe serve --port P... --udp-addr A...\n       imds-probe \
          mkdir [--mounts-under PREFIX] [DIR...]\n       imds-probe \
-         <tcp|udp|udp-connected|ping|raw-udp|fragments|stream|loop> ADDR PORT \
-         [--timeout-ms N] [--source IPV4] [--count N] [--interval-ms N] [--duration-ms N]"
+         <tcp|udp|udp-connected|ping|raw-udp|fragments|packet-raw|packet-dgram|vxlan|stream|loop> \
+         ADDR PORT [--timeout-ms N] [--source IP] [--count N] [--interval-ms N] [--duration-ms N] \
+         [--dev DEV] [--gateway-mac MAC] [--source-mac MAC] [--qdisc-bypass] [--vtep IP:PORT] [--inner-mac MAC] \
+         [--inner-source IP]"
     );
     ExitCode::from(2)
 }
@@ -105,6 +129,13 @@ fn parse_target(args: &[String]) -> Result<Target, String> {
         addr: SocketAddr::new(ip, port),
         timeout: Duration::from_millis(1500),
         source: None,
+        dev: None,
+        gateway_mac: None,
+        source_mac: None,
+        qdisc_bypass: false,
+        vtep: None,
+        inner_mac: None,
+        inner_source: None,
         count: 100,
         interval: Duration::from_millis(5),
         duration: Duration::from_secs(1),
@@ -114,8 +145,15 @@ fn parse_target(args: &[String]) -> Result<Target, String> {
             .map(Duration::from_millis)
             .map_err(|_| format!("bad {flag}"))
     };
+    let mac = |v: &str, flag: &str| frames::parse_mac(v).ok_or(format!("bad {flag}"));
     let mut i = 0;
     while i < rest.len() {
+        // The one option without a value.
+        if rest[i] == "--qdisc-bypass" {
+            target.qdisc_bypass = true;
+            i += 1;
+            continue;
+        }
         let value = rest
             .get(i + 1)
             .ok_or(format!("{} needs a value", rest[i]))?;
@@ -125,6 +163,14 @@ fn parse_target(args: &[String]) -> Result<Target, String> {
             "--duration-ms" => target.duration = millis(value, "--duration-ms")?,
             "--source" => target.source = Some(value.parse().map_err(|_| "bad --source")?),
             "--count" => target.count = value.parse().map_err(|_| "bad --count")?,
+            "--dev" => target.dev = Some(value.clone()),
+            "--gateway-mac" => target.gateway_mac = Some(mac(value, "--gateway-mac")?),
+            "--source-mac" => target.source_mac = Some(mac(value, "--source-mac")?),
+            "--vtep" => target.vtep = Some(value.parse().map_err(|_| "bad --vtep")?),
+            "--inner-mac" => target.inner_mac = Some(mac(value, "--inner-mac")?),
+            "--inner-source" => {
+                target.inner_source = Some(value.parse().map_err(|_| "bad --inner-source")?);
+            }
             other => return Err(format!("unknown option {other}")),
         }
         i += 2;
@@ -150,6 +196,9 @@ fn client(action: &str, target: &Target) -> ExitCode {
         "ping" => (ping(target), String::new()),
         "raw-udp" => raw_udp(target, false),
         "fragments" => raw_udp(target, true),
+        "packet-raw" => (packet_send(target, libc::SOCK_RAW), String::new()),
+        "packet-dgram" => (packet_send(target, libc::SOCK_DGRAM), String::new()),
+        "vxlan" => (vxlan(target), String::new()),
         other => return usage(&format!("unknown action {other}")),
     };
     println!(
@@ -247,32 +296,19 @@ fn ping(target: &Target) -> Outcome {
     }
 }
 
-/// Builds an IPv4 header for a raw `IP_HDRINCL` socket. The kernel fills the
-/// checksum and the total length; the id is ours, so fragments reassemble.
-fn ipv4_header(
-    source: Ipv4Addr,
-    dest: Ipv4Addr,
-    more_fragments: bool,
-    offset_units: u16,
-) -> Vec<u8> {
-    let flags_offset = (u16::from(more_fragments) << 13) | offset_units;
-    // Never 0 (the kernel would pick its own id for each fragment), and
-    // distinct for consecutive processes: a fragment left queued by the
-    // previous probe must not merge with ours (pids run in sequence in a VM).
-    let id = ((std::process::id() % 0xffff) as u16 + 1).to_be_bytes();
-    let mut h = vec![0x45, 0, 0, 0, id[0], id[1]];
-    h.extend_from_slice(&flags_offset.to_be_bytes());
-    h.extend_from_slice(&[64, 17, 0, 0]); // TTL, UDP, checksum
-    h.extend_from_slice(&source.octets());
-    h.extend_from_slice(&dest.octets());
-    h
+/// The IPv4 id of our hand-built packets: never 0 (the kernel would pick
+/// its own id for each fragment), and distinct for consecutive processes: a
+/// fragment left queued by the previous probe must not merge with ours
+/// (pids run in sequence in a VM).
+fn own_ip_id() -> u16 {
+    u16::try_from(std::process::id() % 0xffff).unwrap_or(0) + 1
 }
 
 /// Sends a UDP datagram by hand through a raw socket with `IP_HDRINCL`, whole
 /// or as two fragments, and waits for the echo on an ordinary UDP socket
 /// bound to the source port we wrote.
 fn raw_udp(target: &Target, fragmented: bool) -> (Outcome, String) {
-    let (SocketAddr::V4(dest), Some(source)) = (target.addr, target.source) else {
+    let (SocketAddr::V4(dest), Some(IpAddr::V4(source))) = (target.addr, target.source) else {
         return (
             Outcome::Error("raw sends need an IPv4 ADDR and --source".to_owned()),
             String::new(),
@@ -297,25 +333,34 @@ fn raw_udp(target: &Target, fragmented: bool) -> (Outcome, String) {
     };
     // 16 bytes of payload so the second fragment starts on an 8-byte boundary.
     let payload = b"ping\nping\nping\nX";
-    let mut udp = Vec::new();
-    udp.extend_from_slice(&source_port.to_be_bytes());
-    udp.extend_from_slice(&dest.port().to_be_bytes());
-    // The length covers the 8-byte header too.
-    let Ok(length) = u16::try_from(8 + payload.len()) else {
-        return (Outcome::Error("payload too long".to_owned()), String::new());
+    let udp = frames::udp_segment(source_port, dest.port(), payload, None);
+    let header = |fragment, len| {
+        frames::ipv4_header(
+            source,
+            *dest.ip(),
+            frames::PROTOCOL_UDP,
+            len,
+            own_ip_id(),
+            fragment,
+        )
     };
-    udp.extend_from_slice(&length.to_be_bytes());
-    udp.extend_from_slice(&[0, 0]); // no checksum (allowed over IPv4)
-    udp.extend_from_slice(payload);
     let packets: Vec<Vec<u8>> = if fragmented {
         // First: UDP header and 8 payload bytes; second: the rest, at offset 16 bytes.
         let (first, second) = udp.split_at(16);
+        let more = Fragment {
+            offset_units: 0,
+            more: true,
+        };
+        let last = Fragment {
+            offset_units: 2,
+            more: false,
+        };
         vec![
-            [ipv4_header(source, *dest.ip(), true, 0), first.to_vec()].concat(),
-            [ipv4_header(source, *dest.ip(), false, 2), second.to_vec()].concat(),
+            [&header(more, first.len())[..], first].concat(),
+            [&header(last, second.len())[..], second].concat(),
         ]
     } else {
-        vec![[ipv4_header(source, *dest.ip(), false, 0), udp].concat()]
+        vec![[&header(Fragment::default(), udp.len())[..], &udp].concat()]
     };
     let to = SockAddr::from(SocketAddr::V4(dest));
     let mut sends = Vec::new();
@@ -335,6 +380,145 @@ fn raw_udp(target: &Target, fragmented: bool) -> (Outcome, String) {
         Err(err) => Outcome::from_io(err),
     };
     (outcome, format!(" sends={}", sends.join(",")))
+}
+
+/// A UDP socket bound to `--source` (any port), where the echo of a
+/// hand-built datagram arrives, and the datagram itself: from that socket's
+/// address (or `inner_source`, with its port) to the target.
+fn receiver_and_datagram(
+    target: &Target,
+    spoofed: Option<IpAddr>,
+) -> Result<(UdpSocket, Vec<u8>), Outcome> {
+    let source = target
+        .source
+        .ok_or_else(|| Outcome::Error("this action needs --source".to_owned()))?;
+    let receiver = UdpSocket::bind((source, 0)).map_err(|e| Outcome::Error(e.to_string()))?;
+    receiver
+        .set_read_timeout(Some(target.timeout))
+        .map_err(|e| Outcome::Error(e.to_string()))?;
+    let port = receiver
+        .local_addr()
+        .map_err(|e| Outcome::Error(e.to_string()))?
+        .port();
+    let packet = frames::ip_udp_packet(
+        spoofed.unwrap_or(source),
+        target.addr.ip(),
+        port,
+        target.addr.port(),
+        PAYLOAD,
+        own_ip_id(),
+    )
+    .ok_or_else(|| Outcome::Error("source and ADDR are of different families".to_owned()))?;
+    Ok((receiver, packet))
+}
+
+/// Sends the datagram through an `AF_PACKET` socket of `kind` (`SOCK_RAW`:
+/// we write the Ethernet header; `SOCK_DGRAM`: the kernel does, to the
+/// address we give), straight onto `--dev`, past the IP stack's routing
+/// and its socket hooks, and waits for the echo.
+fn packet_send(target: &Target, kind: libc::c_int) -> Outcome {
+    let (Some(dev), Some(gateway)) = (&target.dev, target.gateway_mac) else {
+        return Outcome::Error("AF_PACKET sends need --dev and --gateway-mac".to_owned());
+    };
+    let (receiver, packet) = match receiver_and_datagram(target, None) {
+        Ok(pair) => pair,
+        Err(outcome) => return outcome,
+    };
+    let ifindex = match nix::net::if_::if_nametoindex(dev.as_str()) {
+        Ok(index) => index,
+        Err(err) => return Outcome::Error(format!("{dev}: {err}")),
+    };
+    let ethertype = frames::ethertype_of(&packet);
+    let frame = if kind == libc::SOCK_RAW {
+        let Some(own) = target.source_mac else {
+            return Outcome::Error("packet-raw needs --source-mac".to_owned());
+        };
+        frames::ethernet_frame(gateway, own, ethertype, &packet)
+    } else {
+        packet
+    };
+    // Protocol 0: this socket only sends, so it needs no receive queue.
+    // SAFETY: plain socket creation; the descriptor is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, kind | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Outcome::from_io(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor no one else owns.
+    let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    if target.qdisc_bypass {
+        let on: libc::c_int = 1;
+        // SAFETY: the option value is a valid int of the size given.
+        let set = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                libc::SOL_PACKET,
+                libc::PACKET_QDISC_BYPASS,
+                std::ptr::from_ref(&on).cast(),
+                u32::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(0),
+            )
+        };
+        if set != 0 {
+            return Outcome::from_io(std::io::Error::last_os_error());
+        }
+    }
+    // SAFETY: sockaddr_ll is plain data; all zeroes is a valid start.
+    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    to.sll_family = libc::sa_family_t::try_from(libc::AF_PACKET).unwrap_or_default();
+    to.sll_protocol = ethertype.to_be();
+    to.sll_ifindex = i32::try_from(ifindex).unwrap_or(0);
+    to.sll_halen = 6;
+    to.sll_addr[..6].copy_from_slice(&gateway);
+    // SAFETY: the buffer and the address are valid for the lengths given.
+    let sent = unsafe {
+        libc::sendto(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            std::ptr::from_ref(&to).cast(),
+            u32::try_from(std::mem::size_of::<libc::sockaddr_ll>()).unwrap_or(0),
+        )
+    };
+    if sent < 0 {
+        return Outcome::from_io(std::io::Error::last_os_error());
+    }
+    await_datagram_echo(&receiver, target.timeout)
+}
+
+/// The inner frame's source MAC: any unicast, locally administered address
+/// other than the VTEP's own (VXLAN drops frames from its own MAC).
+const INNER_SOURCE_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x0e, 0x01];
+
+/// What flannel's VXLAN device is configured with.
+const FLANNEL_VNI: u32 = 1;
+
+/// Sends the datagram as the inner packet of a VXLAN datagram, from a plain
+/// UDP socket (no capability needed) to the VTEP, and waits for the echo,
+/// which the node routes back to the inner source.
+fn vxlan(target: &Target) -> Outcome {
+    let (Some(vtep), Some(inner_mac)) = (target.vtep, target.inner_mac) else {
+        return Outcome::Error("vxlan needs --vtep and --inner-mac".to_owned());
+    };
+    let (receiver, packet) = match receiver_and_datagram(target, target.inner_source) {
+        Ok(pair) => pair,
+        Err(outcome) => return outcome,
+    };
+    // A socket of its own: the VTEP is IPv4 while the inner packet may be
+    // IPv6, and the outer source port does not matter.
+    let outer = match UdpSocket::bind(unspecified_for(&vtep)) {
+        Ok(s) => s,
+        Err(err) => return Outcome::Error(err.to_string()),
+    };
+    let inner = frames::ethernet_frame(
+        inner_mac,
+        INNER_SOURCE_MAC,
+        frames::ethertype_of(&packet),
+        &packet,
+    );
+    if let Err(err) = outer.send_to(&frames::vxlan_payload(FLANNEL_VNI, &inner), vtep) {
+        return Outcome::from_io(err);
+    }
+    await_datagram_echo(&receiver, target.timeout)
 }
 
 /// Makes a TCP attempt (connect, exchange, close) every `--interval-ms` for
