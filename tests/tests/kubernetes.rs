@@ -54,18 +54,20 @@ impl Node {
             pods,
             with_cgroups,
             &ApiServerOptions::default(),
+            &[],
             |_, _| {},
         )
     }
 
-    /// Like `start`, with these API server options and `before_launch` run
-    /// on the API server (its node object already stored) and the pins
-    /// before the daemon starts.
+    /// Like `start`, with these API server options, these daemon flags,
+    /// and `before_launch` run on the API server (its node object already
+    /// stored) and the pins before the daemon starts.
     fn start_with(
         driver: Driver,
         pods: &[(&TestPod, bool)],
         with_cgroups: bool,
         options: &ApiServerOptions,
+        daemon_args: &[&str],
         before_launch: impl FnOnce(&FakeApiServer, &PinDir),
     ) -> Node {
         require_root();
@@ -90,7 +92,7 @@ impl Node {
         api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
         let pins = PinDir::new("k8s");
         before_launch(&api, &pins);
-        let daemon = Node::launch(&root, &pins, &kubeconfig);
+        let daemon = Node::launch_with(&root, &pins, &kubeconfig, daemon_args);
         Node {
             daemon,
             api,
@@ -104,8 +106,18 @@ impl Node {
     }
 
     fn launch(root: &TestCgroup, pins: &PinDir, kubeconfig: &std::path::Path) -> Daemon {
+        Node::launch_with(root, pins, kubeconfig, &[])
+    }
+
+    fn launch_with(
+        root: &TestCgroup,
+        pins: &PinDir,
+        kubeconfig: &std::path::Path,
+        args: &[&str],
+    ) -> Daemon {
         let mut daemon = Daemon::kubernetes(NODE, root.path(), pins.path(), kubeconfig)
             .args(["--http-listen", "127.0.0.1:0"])
+            .args(args)
             .start()
             .expect("imds-guard run starts");
         daemon
@@ -615,6 +627,7 @@ fn the_startup_taint_goes_only_once_the_node_is_enforced() {
         &[(&agent, true)],
         true,
         &ApiServerOptions::default(),
+        &["--startup-taint", pods::STARTUP_TAINT],
         |api, pins| {
             api.apply_node(pods::node(
                 NODE,
@@ -658,7 +671,12 @@ fn the_startup_taint_goes_only_once_the_node_is_enforced() {
     assert_eq!(node.attempt(&agent), reached());
     // A restarted daemon finds no taint and patches nothing.
     node.daemon.kill().expect("SIGKILL");
-    node.daemon = Node::launch(&node.root, &node.pins, &node.kubeconfig);
+    node.daemon = Node::launch_with(
+        &node.root,
+        &node.pins,
+        &node.kubeconfig,
+        &["--startup-taint", pods::STARTUP_TAINT],
+    );
     node.daemon
         .wait_for_log("removed=false", Duration::from_secs(10))
         .expect("the taint is seen gone");
@@ -700,6 +718,7 @@ fn a_node_costs_the_api_server_only_its_watch_renewals() {
         &[(&agent, true)],
         true,
         &options,
+        &[],
         |_, _| {},
     );
     let synced = Instant::now();

@@ -18,7 +18,7 @@ use enforcer_user::{
         Common, Kubernetes, KubernetesSection, Layer, Mode, ModeSettings as _, Preset, Stack as _,
         rules::Action,
     },
-    k8s::API_ACCESS,
+    k8s::{API_ACCESS, STARTUP_TAINT_ACCESS},
 };
 use kube_cel::{KubeCelExt as _, cel};
 use serde_json::{Value, json};
@@ -88,8 +88,9 @@ fn audit() -> Vec<Value> {
 }
 
 /// Every overlay a user may apply.
-const OVERLAYS: [&str; 3] = [
+const OVERLAYS: [&str; 4] = [
     "deploy/overlays/audit",
+    "deploy/overlays/startup-taint",
     "deploy/overlays/kernel-5.10",
     "deploy/overlays/hybrid-cgroups",
 ];
@@ -436,6 +437,25 @@ fn overlays_change_only_what_they_say() {
     for overlay in [&kernel_docs, &hybrid_docs] {
         assert_eq!(overlay.len(), base_docs.len(), "the same objects");
     }
+
+    let taint_docs = render("deploy/overlays/startup-taint").1;
+    let tainted = daemonset(&taint_docs);
+    let args_path = "/spec/template/spec/containers/0/args";
+    let added = at(tainted, args_path).as_array().expect("args").len() - 1;
+    assert_eq!(
+        at(tainted, &format!("{args_path}/{added}")),
+        "--startup-taint=imds-guard.io/not-ready"
+    );
+    assert_eq!(
+        without(tainted, &[&format!("{args_path}/{added}")]),
+        *base,
+        "one argument more"
+    );
+    assert_eq!(
+        taint_docs.len(),
+        base_docs.len() + 4,
+        "a ClusterRole, its binding, the node policy and its binding"
+    );
 }
 
 #[test]
@@ -455,10 +475,8 @@ fn test_harness_runs_the_daemon_with_the_daemonsets_capabilities() {
     );
 }
 
-#[test]
-fn cluster_role_grants_exactly_the_api_access_the_daemon_uses() {
-    let docs = base();
-    let role = find(&docs, "ClusterRole", "imds-guard");
+/// What a ClusterRole grants, as (API group, resource, verb).
+fn granted(role: &Value) -> BTreeSet<(String, String, String)> {
     let mut granted = BTreeSet::new();
     for rule in at(role, "/rules").as_array().expect("a list") {
         let keys: BTreeSet<&str> = rule
@@ -480,7 +498,12 @@ fn cluster_role_grants_exactly_the_api_access_the_daemon_uses() {
             }
         }
     }
-    let used: BTreeSet<(String, String, String)> = API_ACCESS
+    granted
+}
+
+/// The daemon's declared API access, as (API group, resource, verb).
+fn used(access: &[(&str, &str, &[&str])]) -> BTreeSet<(String, String, String)> {
+    access
         .iter()
         .flat_map(|(group, resource, verbs)| {
             verbs.iter().map(|verb| {
@@ -491,13 +514,15 @@ fn cluster_role_grants_exactly_the_api_access_the_daemon_uses() {
                 )
             })
         })
-        .collect();
-    assert_eq!(granted, used);
+        .collect()
+}
 
-    // Granted to the account the daemon runs as, and to no one else.
-    let daemonset = find(&docs, "DaemonSet", "imds-guard");
-    let binding = find(&docs, "ClusterRoleBinding", "imds-guard");
-    assert_eq!(at(binding, "/roleRef/name"), "imds-guard");
+/// Checks that `binding` gives `role` to the account the daemon runs as,
+/// and to no one else.
+fn bound_to_the_daemon(docs: &[Value], binding: &str, role: &str) {
+    let daemonset = find(docs, "DaemonSet", "imds-guard");
+    let binding = find(docs, "ClusterRoleBinding", binding);
+    assert_eq!(at(binding, "/roleRef/name"), role);
     assert_eq!(
         at(binding, "/subjects"),
         &json!([{
@@ -505,6 +530,32 @@ fn cluster_role_grants_exactly_the_api_access_the_daemon_uses() {
             "name": at(daemonset, "/spec/template/spec/serviceAccountName"),
             "namespace": at(daemonset, "/metadata/namespace"),
         }])
+    );
+}
+
+#[test]
+fn cluster_role_grants_exactly_the_api_access_the_daemon_uses() {
+    let docs = base();
+    assert_eq!(
+        granted(find(&docs, "ClusterRole", "imds-guard")),
+        used(&API_ACCESS)
+    );
+    bound_to_the_daemon(&docs, "imds-guard", "imds-guard");
+    assert!(
+        !docs.iter().any(|d| d["kind"] == "ValidatingAdmissionPolicy"
+            && d["metadata"]["name"] == "imds-guard-own-node-taint"),
+        "no node access, and so no node policy, without the component"
+    );
+    // The startup-taint component adds node access, with its policy.
+    let tainted = render("deploy/overlays/startup-taint").1;
+    assert_eq!(
+        granted(find(&tainted, "ClusterRole", "imds-guard-startup-taint")),
+        used(&STARTUP_TAINT_ACCESS)
+    );
+    bound_to_the_daemon(
+        &tainted,
+        "imds-guard-startup-taint",
+        "imds-guard-startup-taint",
     );
 }
 
@@ -740,9 +791,46 @@ fn tainted_node(taints: &[&str]) -> Value {
 }
 
 #[test]
+fn node_taint_policy_names_the_daemons_account_and_taint() {
+    let docs = render("deploy/overlays/startup-taint").1;
+    // The policy names the account the daemon runs as and the taint it is
+    // told to remove: a renamed namespace or key must change both.
+    let daemonset = find(&docs, "DaemonSet", "imds-guard");
+    let text = serde_json::to_string(find(
+        &docs,
+        "ValidatingAdmissionPolicy",
+        "imds-guard-own-node-taint",
+    ))
+    .expect("serializable");
+    let account = format!(
+        "system:serviceaccount:{}:{}",
+        at(daemonset, "/metadata/namespace")
+            .as_str()
+            .expect("a namespace"),
+        at(daemonset, "/spec/template/spec/serviceAccountName")
+            .as_str()
+            .expect("a name")
+    );
+    assert!(
+        text.contains(&format!("'{account}'")),
+        "the policy matches {account}"
+    );
+    let args = strings(at(daemonset, "/spec/template/spec/containers/0/args"));
+    let key = args
+        .iter()
+        .find_map(|arg| arg.strip_prefix("--startup-taint="))
+        .expect("the component sets the taint key");
+    assert!(
+        text.contains(&format!("'{key}'")),
+        "the policy names the taint {key}"
+    );
+}
+
+#[test]
 fn node_taint_policy_lets_the_daemon_remove_only_its_taint_from_only_its_node() {
+    let docs = render("deploy/overlays/startup-taint").1;
     let policy = find(
-        &base(),
+        &docs,
         "ValidatingAdmissionPolicy",
         "imds-guard-own-node-taint",
     )

@@ -26,8 +26,6 @@ pub const DEFAULT_ALLOW_NAMESPACES: [&str; 1] = ["kube-system"];
 pub const DEFAULT_MODE_LABEL_KEY: &str = "imds-guard.io/mode";
 /// The value of the mode label that audits a namespace.
 pub const AUDIT_MODE_VALUE: &str = "audit";
-/// The node taint the daemon removes once it enforces.
-pub const DEFAULT_STARTUP_TAINT: &str = "imds-guard.io/not-ready";
 
 impl Default for LabelPolicy {
     fn default() -> Self {

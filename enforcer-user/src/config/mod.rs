@@ -200,8 +200,8 @@ pub struct KubernetesSection {
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
     /// Key of the node taint the kubelet registers the node with and the
-    /// daemon removes once it enforces (default imds-guard.io/not-ready;
-    /// an empty value leaves taints alone).
+    /// daemon removes once it enforces (imds-guard.io/not-ready in the
+    /// startup-taint component; default: none, taints are left alone).
     #[arg(long)]
     pub startup_taint: Option<String>,
 }
@@ -517,9 +517,7 @@ impl ModeSettings for Kubernetes {
         let mode_label_key = section
             .mode_label_key
             .unwrap_or_else(|| labels::DEFAULT_MODE_LABEL_KEY.to_owned());
-        let startup_taint = section
-            .startup_taint
-            .unwrap_or_else(|| labels::DEFAULT_STARTUP_TAINT.to_owned());
+        let startup_taint = section.startup_taint.unwrap_or_default();
         for (field, key) in [
             ("labelKey", &label_key),
             ("modeLabelKey", &mode_label_key),

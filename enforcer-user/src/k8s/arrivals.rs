@@ -64,14 +64,20 @@ impl CgroupArrivals {
             watched: BTreeMap::new(),
         };
         arrivals.add(&layout.base).map_err(error)?;
-        let children = std::fs::read_dir(&layout.base).map_err(error)?;
-        for child in children.flatten() {
+        arrivals.watch_class_dirs().map_err(error)?;
+        Ok(arrivals)
+    }
+
+    /// Watches every class directory under the base (again: a watch that
+    /// exists is kept).
+    fn watch_class_dirs(&mut self) -> std::io::Result<()> {
+        for child in std::fs::read_dir(&self.base)?.flatten() {
             if child.file_type().is_ok_and(|t| t.is_dir()) && holds_pods(&child.file_name()) {
                 // A class directory that goes away meanwhile has no pods to wait for.
-                let _ = arrivals.add(&child.path());
+                let _ = self.add(&child.path());
             }
         }
-        Ok(arrivals)
+        Ok(())
     }
 
     fn add(&mut self, dir: &Path) -> std::io::Result<()> {
@@ -97,6 +103,13 @@ impl CgroupArrivals {
             drop(ready);
             let mut created = false;
             for event in events {
+                if event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                    // Events were lost, a class directory's among them
+                    // perhaps: watch them all again, and look again.
+                    self.watch_class_dirs()?;
+                    created = true;
+                    continue;
+                }
                 if !event.mask.contains(AddWatchFlags::IN_ISDIR) {
                     continue;
                 }

@@ -27,7 +27,7 @@ use crate::{
         preflight,
     },
     k8s::{
-        arrivals::{ArrivalsError, CgroupArrivals},
+        arrivals::CgroupArrivals,
         layout::{PodLayout, RealDirs},
         notify,
         reachability::Reachability,
@@ -51,8 +51,6 @@ pub enum KubernetesError {
          kubelet.slice/kubelet-kubepods.slice, kubelet/kubepods): set kubernetes.podCgroup"
     )]
     NoPodSubtree { root: PathBuf },
-    #[error(transparent)]
-    Arrivals(#[from] ArrivalsError),
     #[error(transparent)]
     Enforcer(#[from] EnforcerError),
     #[error("cannot use the kubeconfig {path}: {source}")]
@@ -98,7 +96,9 @@ pub struct KubernetesMode {
     /// Made before anything is loaded, so a bad configuration refuses the
     /// start; used once the programs enforce.
     client: Client,
-    arrivals: CgroupArrivals,
+    /// `None` when inotify is not available (or failed): the reconciler's
+    /// one-second recheck finds late cgroups then.
+    arrivals: Option<CgroupArrivals>,
     /// Opened at start.
     watches: Option<Watches>,
     reachability: Reachability,
@@ -124,6 +124,13 @@ async fn finish<T>(slot: &mut Option<BoxFuture<'static, T>>) -> T {
             *slot = None;
             out
         }
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_arrival(arrivals: Option<&mut CgroupArrivals>) -> std::io::Result<()> {
+    match arrivals {
+        Some(arrivals) => arrivals.next().await,
         None => std::future::pending().await,
     }
 }
@@ -162,6 +169,18 @@ impl KubernetesMode {
                 &daemon.metrics,
             )
             .await?;
+        self.announce_sync(settings, daemon);
+        Ok(())
+    }
+
+    /// Once the first full list is in the map (not merely computed: its
+    /// write may have failed and wait for a retry), the node is synced:
+    /// readiness, and then the startup taint.
+    fn announce_sync(&mut self, settings: &Settings<Kubernetes>, daemon: &Daemon) {
+        let listed = self.watches.as_ref().is_some_and(Watches::synced);
+        if !listed || !self.reconciler.in_force() {
+            return;
+        }
         daemon.metrics.last_sync_timestamp.set(unix_now());
         if !self.announced_sync {
             self.announced_sync = true;
@@ -171,7 +190,6 @@ impl KubernetesMode {
                 self.taint_due = Some(Instant::now());
             }
         }
-        Ok(())
     }
 
     fn apply_update(&mut self, update: Update, daemon: &Daemon) -> Option<Touched> {
@@ -215,9 +233,11 @@ impl KubernetesMode {
             let node = node.to_owned();
             self.probe = Some(
                 async move {
+                    // Any answer will do, a refusal too: the daemon may
+                    // not be allowed to read its node.
                     tokio::time::timeout(PROBE_TIMEOUT, nodes.get_metadata(&node))
                         .await
-                        .is_ok_and(|answer| answer.is_ok())
+                        .is_ok_and(|answer| matches!(answer, Ok(_) | Err(kube::Error::Api(_))))
                 }
                 .boxed(),
             );
@@ -272,7 +292,6 @@ impl DaemonMode for KubernetesMode {
         cgroup_root: &Path,
     ) -> Result<(KubernetesMode, Target), KubernetesError> {
         preflight::warn_writable_cgroup_mounts(cgroup_root);
-        let client = client(settings.mode.kubeconfig.as_deref()).await?;
         let layout = match &settings.mode.pod_cgroup {
             Some(base) if base.is_absolute() => PodLayout::at(base.clone()),
             Some(base) => PodLayout::at(cgroup_root.join(base)),
@@ -286,7 +305,13 @@ impl DaemonMode for KubernetesMode {
             cgroup: CgroupDir::open(&layout.base, cgroup_root)?,
             allowed: None,
         };
-        let arrivals = CgroupArrivals::watch(&layout)?;
+        let arrivals = CgroupArrivals::watch(&layout)
+            .inspect_err(|err| {
+                warn!("{err}; late pod cgroups are looked for every second instead");
+            })
+            .ok();
+        // After the node's own checks, before anything is loaded.
+        let client = client(settings.mode.kubeconfig.as_deref()).await?;
         let (notices, notice_queue) = mpsc::channel(notify::QUEUE);
         let mode = KubernetesMode {
             reconciler: Reconciler::new(layout, notices.clone()),
@@ -351,7 +376,7 @@ impl DaemonMode for KubernetesMode {
         .min();
         tokio::select! {
             updates = watches.next() => Ok(ClusterChange::Watch(updates?)),
-            appeared = self.arrivals.next() => Ok(ClusterChange::CgroupsAppeared(appeared)),
+            appeared = next_arrival(self.arrivals.as_mut()) => Ok(ClusterChange::CgroupsAppeared(appeared)),
             () = sleep_until(deadline) => Ok(ClusterChange::Due),
             reachable = finish(&mut self.probe) => Ok(ClusterChange::Probed(reachable)),
             removed = finish(&mut self.taint_removal) => Ok(ClusterChange::TaintRemoved(removed)),
@@ -376,11 +401,13 @@ impl DaemonMode for KubernetesMode {
             }
             ClusterChange::CgroupsAppeared(result) => {
                 if let Err(err) = result {
-                    warn!("the pod cgroup watch failed, falling back to polling: {err}");
+                    warn!("the pod cgroup watch failed, looking every second instead: {err}");
+                    self.arrivals = None;
                 }
                 self.reconciler
                     .retry(&daemon.handle, &daemon.metrics)
                     .await?;
+                self.announce_sync(settings, daemon);
             }
             ClusterChange::Due => {
                 let due = self
@@ -391,6 +418,7 @@ impl DaemonMode for KubernetesMode {
                     self.reconciler
                         .retry(&daemon.handle, &daemon.metrics)
                         .await?;
+                    self.announce_sync(settings, daemon);
                 }
             }
             ClusterChange::Probed(reachable) => self.reachability.probed(reachable),

@@ -36,13 +36,14 @@ const CGROUP_RECHECK: Duration = Duration::from_secs(1);
 /// Pause after a failed map write, doubling up to the maximum.
 const FIRST_WRITE_RETRY: Duration = Duration::from_millis(100);
 const MAX_WRITE_RETRY: Duration = Duration::from_secs(5);
-/// Consecutive failed map writes after which the daemon gives up (and the
-/// kubelet restarts it): about a minute of failures.
-const FATAL_WRITE_FAILURES: u32 = 16;
+/// How long map writes may keep failing before the daemon gives up (and
+/// the kubelet restarts it; enforcement stays pinned meanwhile).
+const FATAL_WRITE_FAILING: Duration = Duration::from_mins(1);
 
 /// A listed pod: what the map should hold for it, and its cgroup once found.
 struct Listed {
     access: Access,
+    cgroup_uid: String,
     qos: Option<Qos>,
     cgroup: Option<u64>,
 }
@@ -58,6 +59,8 @@ pub struct Reconciler {
     /// other wake-ups of the loop do not push it back.
     retry_at: Option<Instant>,
     write_failures: u32,
+    /// When the current run of failed writes began.
+    failing_since: Option<Instant>,
     notices: mpsc::Sender<PodNotice>,
 }
 
@@ -71,8 +74,15 @@ impl Reconciler {
             warned: BTreeSet::new(),
             retry_at: None,
             write_failures: 0,
+            failing_since: None,
             notices,
         }
+    }
+
+    /// Whether the map holds what a reconcile computed (a first write may
+    /// still wait for its retry).
+    pub fn in_force(&self) -> bool {
+        self.applied.is_some()
     }
 
     pub fn layout(&self) -> &PodLayout {
@@ -157,6 +167,7 @@ impl Reconciler {
                 let cgroup = self.listed.get(&pod.uid).and_then(|l| l.cgroup);
                 let listed = Listed {
                     access,
+                    cgroup_uid: pod.cgroup_uid.clone(),
                     qos: pod.qos,
                     cgroup,
                 };
@@ -169,11 +180,11 @@ impl Reconciler {
     }
 
     fn find_missing_cgroups(&mut self) {
-        for (uid, listed) in &mut self.listed {
+        for listed in self.listed.values_mut() {
             if listed.cgroup.is_none() {
                 listed.cgroup = self
                     .layout
-                    .find_pod_dir(uid, listed.qos, &RealDirs)
+                    .find_pod_dir(&listed.cgroup_uid, listed.qos, &RealDirs)
                     .and_then(|dir| std::fs::metadata(dir).ok())
                     .map(|m| m.ino());
             }
@@ -213,6 +224,7 @@ impl Reconciler {
                     .map_update_seconds
                     .observe(map_update.elapsed().as_secs_f64());
                 self.write_failures = 0;
+                self.failing_since = None;
                 let audited = wanted.values().filter(|a| **a == Access::Audit).count();
                 info!(
                     allowed = wanted.len() - audited,
@@ -227,7 +239,8 @@ impl Reconciler {
             Err(err) => {
                 metrics.count_error(ErrorKind::MapWrite);
                 self.write_failures += 1;
-                if self.write_failures >= FATAL_WRITE_FAILURES {
+                let since = *self.failing_since.get_or_insert(now);
+                if now.duration_since(since) >= FATAL_WRITE_FAILING {
                     return Err(err);
                 }
                 let pause = FIRST_WRITE_RETRY

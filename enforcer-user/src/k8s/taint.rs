@@ -10,26 +10,46 @@ use kube::{
     api::{Patch, PatchParams},
 };
 
-/// Removes the taint `key` from node `name`; `false` when it had none.
-/// The JSON patch tests the key at that index first, so a concurrent change
-/// of the taint list fails the patch (and the caller retries) rather than
-/// removing someone else's taint.
+/// Removes the taint `key` (every effect it is registered with) from node
+/// `name`; `false` when it had none. The JSON patch tests the key at each
+/// index first, so a concurrent change of the taint list fails the patch
+/// (and the caller retries) rather than removing someone else's taint.
 pub async fn remove(client: Client, name: &str, key: &str) -> Result<bool, kube::Error> {
     let nodes = Api::<Node>::all(client);
     let node = nodes.get(name).await?;
     let taints = node.spec.and_then(|s| s.taints).unwrap_or_default();
-    let Some(index) = taints.iter().position(|t| t.key == key) else {
+    let indices: Vec<usize> = taints
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| t.key == key)
+        .map(|(i, _)| i)
+        .collect();
+    if indices.is_empty() {
         return Ok(false);
-    };
-    let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
-        {"op": "test", "path": format!("/spec/taints/{index}/key"), "value": key},
-        {"op": "remove", "path": format!("/spec/taints/{index}")},
-    ]))
-    .map_err(kube::Error::SerdeError)?;
+    }
+    let patch: json_patch::Patch =
+        serde_json::from_value(serde_json::Value::Array(removal(&indices, key)))
+            .map_err(kube::Error::SerdeError)?;
     nodes
         .patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
         .await?;
     Ok(true)
+}
+
+/// The operations that remove the taints at `indices` (ascending), each
+/// after a test of its key: from the highest index down, so each index
+/// still points at its taint when its turn comes.
+fn removal(indices: &[usize], key: &str) -> Vec<serde_json::Value> {
+    indices
+        .iter()
+        .rev()
+        .flat_map(|index| {
+            [
+                serde_json::json!({"op": "test", "path": format!("/spec/taints/{index}/key"), "value": key}),
+                serde_json::json!({"op": "remove", "path": format!("/spec/taints/{index}")}),
+            ]
+        })
+        .collect()
 }
 
 /// When to try again after `failures` failed removals, the last with
@@ -62,6 +82,28 @@ mod tests {
         kube::Error::Api(Box::new(
             kube::core::Status::failure("refused", "Refused").with_code(code),
         ))
+    }
+
+    #[test]
+    fn every_taint_with_the_key_goes_and_no_other() {
+        let mut node = serde_json::json!({"spec": {"taints": [
+            {"key": "imds-guard.io/not-ready", "effect": "NoSchedule"},
+            {"key": "other", "effect": "NoSchedule"},
+            {"key": "imds-guard.io/not-ready", "effect": "NoExecute"},
+        ]}});
+        let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(removal(
+            &[0, 2],
+            "imds-guard.io/not-ready",
+        )))
+        .expect("a JSON patch");
+        json_patch::patch(&mut node, &patch).expect("applies");
+        assert_eq!(
+            node["spec"]["taints"],
+            serde_json::json!([{"key": "other", "effect": "NoSchedule"}])
+        );
+        // A list that changed under the patch fails its test, whole.
+        let mut moved = serde_json::json!({"spec": {"taints": [{"key": "other"}, {"key": "imds-guard.io/not-ready"}]}});
+        assert!(json_patch::patch(&mut moved, &patch).is_err());
     }
 
     #[test]

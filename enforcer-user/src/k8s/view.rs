@@ -17,6 +17,10 @@ use crate::{
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodEntry {
     pub uid: String,
+    /// The UID in the pod's cgroup name: the API's, except for a static
+    /// pod's mirror, whose cgroup carries the static pod's own UID (the
+    /// `kubernetes.io/config.mirror` annotation).
+    pub cgroup_uid: String,
     pub namespace: String,
     pub name: String,
     pub labels: BTreeMap<String, String>,
@@ -31,8 +35,16 @@ impl PodEntry {
     pub fn from_pod(pod: &Pod) -> Option<PodEntry> {
         let meta = &pod.metadata;
         let status = pod.status.as_ref();
+        let uid = meta.uid.clone()?;
+        let cgroup_uid = meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(MIRROR_ANNOTATION))
+            .cloned()
+            .unwrap_or_else(|| uid.clone());
         Some(PodEntry {
-            uid: meta.uid.clone()?,
+            uid,
+            cgroup_uid,
             namespace: meta.namespace.clone().unwrap_or_default(),
             name: meta.name.clone().unwrap_or_default(),
             labels: meta.labels.clone().unwrap_or_default(),
@@ -45,6 +57,9 @@ impl PodEntry {
         })
     }
 }
+
+/// Marks a static pod's mirror in the API, with the static pod's UID.
+const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
 /// A namespace's name and labels.
 pub type NamespaceEntry = (String, BTreeMap<String, String>);
@@ -189,6 +204,7 @@ mod tests {
         }
         PodEntry {
             uid: uid.to_owned(),
+            cgroup_uid: uid.to_owned(),
             namespace: namespace.to_owned(),
             name: format!("pod-{uid}"),
             labels,
@@ -308,5 +324,18 @@ mod tests {
         let no_uid: Pod = serde_json::from_value(serde_json::json!({"metadata": {"name": "x"}}))
             .expect("pod json");
         assert_eq!(PodEntry::from_pod(&no_uid), None);
+        assert_eq!(entry.cgroup_uid, "u-1");
+        let mirror: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "etcd-node-1", "uid": "api-uid",
+                "annotations": {"kubernetes.io/config.mirror": "static-hash"}
+            }
+        }))
+        .expect("pod json");
+        let mirror = PodEntry::from_pod(&mirror).expect("entry");
+        assert_eq!(
+            (mirror.uid.as_str(), mirror.cgroup_uid.as_str()),
+            ("api-uid", "static-hash")
+        );
     }
 }

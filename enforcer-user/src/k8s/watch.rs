@@ -2,18 +2,16 @@
 //! the API server reports them: two watches, each fed into a list that a
 //! full (re)list replaces whole. Lists are served from the API server's
 //! watch cache (`resourceVersion=0`), and a failed request is retried after
-//! a pause spread wide enough that a restarted API server is not met by
-//! every node at once.
+//! a pause that depends on what failed: spread wide when the API server was
+//! unreachable, so that a restarted one is not met by every node at once.
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use futures::{Stream, StreamExt as _, stream::BoxStream};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::{
-    Api, Client,
-    core::PartialObjectMeta,
-    runtime::{WatchStreamExt as _, utils::Backoff, watcher},
-};
+use kube::{Api, Client, core::PartialObjectMeta, runtime::watcher};
 use rand::Rng as _;
 use tracing::warn;
 
@@ -148,40 +146,85 @@ async fn next_event<K>(
     }
 }
 
-/// Pauses between failed watch requests. The first is drawn at random from
-/// the whole of [`FIRST_PAUSE_SPREAD`], so the nodes whose watches broke at
-/// the same instant (an API server restart) come back spread over it: a
-/// few percent of the fleet per second rather than all of it at once.
-/// Later ones double from two seconds up to a minute, each ±50 %.
-#[derive(Default)]
+/// Pauses between failed watch requests, chosen by what failed. When the
+/// API server could not be reached, the first pause is drawn at random
+/// from the whole of [`FIRST_PAUSE_SPREAD`]: the nodes whose watches broke
+/// at the same instant (an API server restart) come back spread over it, a
+/// few percent of the fleet per second rather than all of it at once. When
+/// it answered with an error (a 410 after compaction, a 403, a 429), the
+/// first pause is about a second: one node's hiccup must not leave it blind
+/// to new pods for long. Later pauses double from two seconds up to a
+/// minute, each ±50 %, until a request works again.
+#[derive(Debug, Default)]
 pub struct SpreadBackoff {
     failures: u32,
 }
 
 /// Over this span the first retries of a fleet are spread.
 pub const FIRST_PAUSE_SPREAD: Duration = Duration::from_secs(30);
+const FIRST_REFUSED_PAUSE: Duration = Duration::from_secs(1);
 const SECOND_PAUSE: Duration = Duration::from_secs(2);
 const MAX_PAUSE: Duration = Duration::from_mins(1);
 
-impl Iterator for SpreadBackoff {
-    type Item = Duration;
-
-    fn next(&mut self) -> Option<Duration> {
+impl SpreadBackoff {
+    /// The pause after this failure.
+    pub fn pause(&mut self, failure: Failure) -> Duration {
         let mut rng = rand::rng();
-        let pause = if self.failures == 0 {
-            FIRST_PAUSE_SPREAD.mul_f64(rng.random::<f64>())
-        } else {
-            let doubled = SECOND_PAUSE.saturating_mul(1 << (self.failures - 1).min(6));
-            doubled.min(MAX_PAUSE).mul_f64(rng.random_range(0.5..1.5))
+        let pause = match (self.failures, failure) {
+            (0, Failure::Unreachable) => FIRST_PAUSE_SPREAD.mul_f64(rng.random::<f64>()),
+            (0, Failure::Refused) => FIRST_REFUSED_PAUSE.mul_f64(rng.random_range(0.5..1.5)),
+            (failures, _) => {
+                let doubled = SECOND_PAUSE.saturating_mul(1 << (failures - 1).min(6));
+                doubled.min(MAX_PAUSE).mul_f64(rng.random_range(0.5..1.5))
+            }
         };
         self.failures = self.failures.saturating_add(1);
-        Some(pause)
+        pause
+    }
+
+    /// A request worked: the next failure starts over.
+    pub fn reset(&mut self) {
+        self.failures = 0;
     }
 }
 
-impl Backoff for SpreadBackoff {
-    fn reset(&mut self) {
-        self.failures = 0;
+/// One watch: its stream, and the pause it waits out after a failure
+/// before it is polled again (the kube watcher retries when polled).
+struct PausedWatch<K> {
+    stream: EventStream<K>,
+    resume_at: Option<Instant>,
+    backoff: SpreadBackoff,
+    name: WatchName,
+}
+
+impl<K> PausedWatch<K> {
+    fn new(stream: EventStream<K>, name: WatchName) -> Self {
+        PausedWatch {
+            stream,
+            resume_at: None,
+            backoff: SpreadBackoff::default(),
+            name,
+        }
+    }
+
+    /// The next event, after the pause if one is running; `Err(failure)`
+    /// for a failed request. Cancel-safe: the pause is a deadline.
+    async fn next(&mut self) -> Result<Result<watcher::Event<K>, Failure>, WatchEnded> {
+        if let Some(at) = self.resume_at {
+            tokio::time::sleep_until(at).await;
+            self.resume_at = None;
+        }
+        let event = next_event(&mut self.stream, self.name).await?;
+        match &event {
+            // `Init` is the watcher's own step before it lists: no request
+            // has worked yet.
+            Ok(watcher::Event::Init) => {}
+            Ok(_) => self.backoff.reset(),
+            Err(failure) => {
+                self.resume_at = Some(Instant::now() + self.backoff.pause(*failure));
+            }
+        }
+        Ok(event)
     }
 }
 
@@ -200,8 +243,8 @@ type EventStream<K> = BoxStream<'static, Result<watcher::Event<K>, watcher::Erro
 
 /// The watches of this node's pods and of every namespace's metadata.
 pub struct Watches {
-    pods: EventStream<Pod>,
-    namespaces: EventStream<PartialObjectMeta<Namespace>>,
+    pods: PausedWatch<Pod>,
+    namespaces: PausedWatch<PartialObjectMeta<Namespace>>,
     pod_list: Relist<PodEntry>,
     namespace_list: Relist<NamespaceEntry>,
 }
@@ -213,18 +256,16 @@ impl Watches {
             Api::<Pod>::all(client.clone()),
             from_watch_cache().fields(&node_field),
         )
-        .backoff(SpreadBackoff::default())
         .boxed();
         // Metadata only: labels are all the policy reads of a namespace.
         let namespaces = watcher(
             Api::<PartialObjectMeta<Namespace>>::all(client),
             from_watch_cache(),
         )
-        .backoff(SpreadBackoff::default())
         .boxed();
         Watches {
-            pods,
-            namespaces,
+            pods: PausedWatch::new(pods, WatchName::Pods),
+            namespaces: PausedWatch::new(namespaces, WatchName::Namespaces),
             pod_list: Relist::new(),
             namespace_list: Relist::new(),
         }
@@ -232,18 +273,22 @@ impl Watches {
 
     /// The next event of either watch. Cancel-safe.
     pub async fn next(&mut self) -> Result<Vec<Update>, WatchEnded> {
-        let (name, change) = tokio::select! {
-            event = next_event(&mut self.pods, WatchName::Pods) => (
-                WatchName::Pods,
-                event?.map(|e| Update::Pod(self.pod_list.feed(e, PodEntry::from_pod))),
-            ),
-            event = next_event(&mut self.namespaces, WatchName::Namespaces) => (
-                WatchName::Namespaces,
-                event?.map(|e| Update::Namespace(self.namespace_list.feed(e, namespace_entry))),
-            ),
+        let (name, worked, change) = tokio::select! {
+            event = self.pods.next() => {
+                let event = event?;
+                let worked = matches!(event, Ok(ref e) if !matches!(e, watcher::Event::Init));
+                (WatchName::Pods, worked, event.map(|e| Update::Pod(self.pod_list.feed(e, PodEntry::from_pod))))
+            }
+            event = self.namespaces.next() => {
+                let event = event?;
+                let worked = matches!(event, Ok(ref e) if !matches!(e, watcher::Event::Init));
+                (WatchName::Namespaces, worked, event.map(|e| Update::Namespace(self.namespace_list.feed(e, namespace_entry))))
+            }
         };
         Ok(match change {
-            Ok(update) => vec![Update::Working(name), update],
+            // Only an event a request brought proves the API server works.
+            Ok(update) if worked => vec![Update::Working(name), update],
+            Ok(update) => vec![update],
             Err(failure) => vec![Update::Failed(name, failure)],
         })
     }
@@ -259,9 +304,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn first_pauses_spread_over_the_window_later_ones_double() {
+    fn pauses_spread_when_unreachable_short_when_refused_then_double() {
         let firsts: Vec<Duration> = (0..2000)
-            .map(|_| SpreadBackoff::default().next().expect("pause"))
+            .map(|_| SpreadBackoff::default().pause(Failure::Unreachable))
             .collect();
         assert!(firsts.iter().all(|p| *p < FIRST_PAUSE_SPREAD));
         // Every sixth of the window gets a share: the fleet is spread.
@@ -273,18 +318,23 @@ mod tests {
                 .count();
             assert!((200..500).contains(&count), "slot {slot}: {count}");
         }
+        let refused = SpreadBackoff::default().pause(Failure::Refused);
+        assert!(
+            refused >= Duration::from_millis(500) && refused <= Duration::from_millis(1500),
+            "{refused:?}"
+        );
         let mut backoff = SpreadBackoff::default();
-        backoff.next();
-        let later: Vec<Duration> = backoff.by_ref().take(8).collect();
+        backoff.pause(Failure::Unreachable);
         let bounds = [2, 4, 8, 16, 32, 60, 60, 60];
-        for (pause, bound) in later.iter().zip(bounds) {
+        for bound in bounds {
+            let pause = backoff.pause(Failure::Refused);
             let bound = Duration::from_secs(bound);
             assert!(
-                *pause >= bound / 2 && *pause <= bound.mul_f64(1.5),
+                pause >= bound / 2 && pause <= bound.mul_f64(1.5),
                 "{pause:?} vs {bound:?}"
             );
         }
         backoff.reset();
-        assert!(backoff.next().expect("pause") < FIRST_PAUSE_SPREAD);
+        assert!(backoff.pause(Failure::Unreachable) < FIRST_PAUSE_SPREAD);
     }
 }
