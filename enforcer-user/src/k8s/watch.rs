@@ -2,8 +2,8 @@
 //! the API server reports them: two watches, each fed into a list that a
 //! full (re)list replaces whole. Lists are served from the API server's
 //! watch cache (`resourceVersion=0`), and a failed request is retried after
-//! a pause that depends on what failed: spread wide when the API server was
-//! unreachable, so that a restarted one is not met by every node at once.
+//! a pause spread wide enough that a restarted API server is not met by
+//! every node at once.
 
 use std::time::Duration;
 
@@ -146,15 +146,13 @@ async fn next_event<K>(
     }
 }
 
-/// Pauses between failed watch requests, chosen by what failed. When the
-/// API server could not be reached, the first pause is drawn at random
-/// from the whole of [`FIRST_PAUSE_SPREAD`]: the nodes whose watches broke
-/// at the same instant (an API server restart) come back spread over it, a
-/// few percent of the fleet per second rather than all of it at once. When
-/// it answered with an error (a 410 after compaction, a 403, a 429), the
-/// first pause is about a second: one node's hiccup must not leave it blind
-/// to new pods for long. Later pauses double from two seconds up to a
-/// minute, each ±50 %, until a request works again.
+/// Pauses between failed watch requests. The first is drawn at random
+/// from the whole of [`FIRST_PAUSE_SPREAD`], whatever failed: the nodes
+/// whose watches broke at the same instant (an API server restart, whose
+/// clients then find their positions expired, or an overloaded one
+/// answering 429) come back spread over it, a few percent of the fleet per
+/// second rather than all of it at once. Later pauses double from two
+/// seconds up to a minute, each ±50 %, until a request works again.
 #[derive(Debug, Default)]
 pub struct SpreadBackoff {
     failures: u32,
@@ -162,21 +160,18 @@ pub struct SpreadBackoff {
 
 /// Over this span the first retries of a fleet are spread.
 pub const FIRST_PAUSE_SPREAD: Duration = Duration::from_secs(30);
-const FIRST_REFUSED_PAUSE: Duration = Duration::from_secs(1);
 const SECOND_PAUSE: Duration = Duration::from_secs(2);
 const MAX_PAUSE: Duration = Duration::from_mins(1);
 
 impl SpreadBackoff {
-    /// The pause after this failure.
-    pub fn pause(&mut self, failure: Failure) -> Duration {
+    /// The pause after the next failure.
+    pub fn pause(&mut self) -> Duration {
         let mut rng = rand::rng();
-        let pause = match (self.failures, failure) {
-            (0, Failure::Unreachable) => FIRST_PAUSE_SPREAD.mul_f64(rng.random::<f64>()),
-            (0, Failure::Refused) => FIRST_REFUSED_PAUSE.mul_f64(rng.random_range(0.5..1.5)),
-            (failures, _) => {
-                let doubled = SECOND_PAUSE.saturating_mul(1 << (failures - 1).min(6));
-                doubled.min(MAX_PAUSE).mul_f64(rng.random_range(0.5..1.5))
-            }
+        let pause = if self.failures == 0 {
+            FIRST_PAUSE_SPREAD.mul_f64(rng.random::<f64>())
+        } else {
+            let doubled = SECOND_PAUSE.saturating_mul(1 << (self.failures - 1).min(6));
+            doubled.min(MAX_PAUSE).mul_f64(rng.random_range(0.5..1.5))
         };
         self.failures = self.failures.saturating_add(1);
         pause
@@ -220,9 +215,7 @@ impl<K> PausedWatch<K> {
             // has worked yet.
             Ok(watcher::Event::Init) => {}
             Ok(_) => self.backoff.reset(),
-            Err(failure) => {
-                self.resume_at = Some(Instant::now() + self.backoff.pause(*failure));
-            }
+            Err(_) => self.resume_at = Some(Instant::now() + self.backoff.pause()),
         }
         Ok(event)
     }
@@ -304,9 +297,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pauses_spread_when_unreachable_short_when_refused_then_double() {
+    fn first_pauses_spread_over_the_window_later_ones_double() {
         let firsts: Vec<Duration> = (0..2000)
-            .map(|_| SpreadBackoff::default().pause(Failure::Unreachable))
+            .map(|_| SpreadBackoff::default().pause())
             .collect();
         assert!(firsts.iter().all(|p| *p < FIRST_PAUSE_SPREAD));
         // Every sixth of the window gets a share: the fleet is spread.
@@ -318,16 +311,11 @@ mod tests {
                 .count();
             assert!((200..500).contains(&count), "slot {slot}: {count}");
         }
-        let refused = SpreadBackoff::default().pause(Failure::Refused);
-        assert!(
-            refused >= Duration::from_millis(500) && refused <= Duration::from_millis(1500),
-            "{refused:?}"
-        );
         let mut backoff = SpreadBackoff::default();
-        backoff.pause(Failure::Unreachable);
+        backoff.pause();
         let bounds = [2, 4, 8, 16, 32, 60, 60, 60];
         for bound in bounds {
-            let pause = backoff.pause(Failure::Refused);
+            let pause = backoff.pause();
             let bound = Duration::from_secs(bound);
             assert!(
                 pause >= bound / 2 && pause <= bound.mul_f64(1.5),
@@ -335,6 +323,6 @@ mod tests {
             );
         }
         backoff.reset();
-        assert!(backoff.pause(Failure::Unreachable) < FIRST_PAUSE_SPREAD);
+        assert!(backoff.pause() < FIRST_PAUSE_SPREAD);
     }
 }
