@@ -1,14 +1,16 @@
 //! `cargo xtask bench`: what imds-guard costs. Each cost is a ratio
-//! against the same traffic without imds-guard, measured side by side in
+//! against the same traffic without imds-guard, and against the floor
+//! (allow-at-once programs on the same hooks) and the peer (nftables
+//! `socket cgroupv2` rules with the same lists), measured side by side in
 //! the same run, round after round, between the sandbox's network
 //! namespaces over the veth pair. The traffic comes from a cgroup under the
 //! protected one that is not allowlisted, so it runs under enforcement.
 //! Only the blocked-connect figure targets the metadata address: our own
 //! fake one, inside the sandbox.
 //!
-//! `stage` sets up and turns enforcement on and off; `traffic`,
-//! `programs`, `daemon` and `kubernetes` measure; `report` prints and
-//! writes what they found.
+//! `stage` sets up and turns enforcement, the floor and the peer on and
+//! off (`floor`, `peer`); `traffic`, `programs`, `daemon` and `kubernetes`
+//! measure; `report` prints and writes what they found.
 
 mod daemon;
 mod floor;

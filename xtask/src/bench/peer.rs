@@ -37,14 +37,6 @@ const TABLE: &str = "imds_guard_peer";
 /// mount point (on a hybrid host, `unified/...`).
 const NFT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
-/// Fails naming nftables when `nft` cannot run.
-pub fn check_nft() -> anyhow::Result<()> {
-    imds_guard_tests::run("nft", &["--version"]).context(
-        "the benchmark's peer column needs nftables (`nft`): install the nftables package",
-    )?;
-    Ok(())
-}
-
 /// A cgroup as a `socket cgroupv2` match names it: its level and nft path.
 fn nft_cgroup(cgroup2: &Path, dir: &Path) -> anyhow::Result<(usize, String)> {
     let level = dir

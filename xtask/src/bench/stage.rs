@@ -70,7 +70,6 @@ pub struct Rules {
 
 impl BenchStage {
     pub fn new() -> anyhow::Result<BenchStage> {
-        peer::check_nft()?;
         progress("building the sandbox and the traffic sink");
         let stage = Stage::new("bench")?;
         let sink = start_sink(&stage.sandbox.server)?;

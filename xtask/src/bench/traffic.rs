@@ -1,6 +1,7 @@
-//! Figures 1 to 3 and 6's ratios (the same traffic without and with
-//! enforcement, round after round) and figure 5 (how a refused connect
-//! ends, against how a silently dropped one does).
+//! Figures 1 to 3 and 6's ratios (the same traffic without enforcement,
+//! under the floor, under the peer and with imds-guard, round after round)
+//! and figure 5 (how a refused connect ends, with imds-guard and with the
+//! peer's reject rule, against how a silently dropped one does).
 
 use anyhow::ensure;
 use imds_guard_tests::addrs;
