@@ -260,9 +260,7 @@ pub fn blocked_connect_figures(stage: &BenchStage, rules: &Rules) -> anyhow::Res
     for (quantile, key) in [("p50", "p50_ns"), ("p99", "p99_ns")] {
         let (ours, theirs) = (micros(&blocked, key)?, micros(&reset, key)?);
         let row = Row::new(
-            format!(
-                "5 blocked connect to {to} fails (EPERM; peer: ECONNREFUSED from its reset), {quantile}"
-            ),
+            format!("5 blocked connect to {to} fails (EPERM; peer: reset), {quantile}"),
             format!("{ours:.1} µs"),
         )
         .others("-".to_owned(), format!("{theirs:.1} µs"));
