@@ -10,6 +10,7 @@
 // something cannot be set up: panicking is their documented contract.
 #![allow(clippy::missing_panics_doc)]
 
+pub mod bpf;
 pub mod cgroups;
 pub mod daemon;
 pub mod frames;

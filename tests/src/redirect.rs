@@ -10,11 +10,16 @@
 
 use std::{
     ffi::CString,
-    os::fd::{FromRawFd as _, OwnedFd},
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
 };
 
-use crate::{Result, SandboxError, netns::Netns, run, unique_name};
+use crate::{
+    Result, SandboxError,
+    bpf::{BPF_OBJ_PIN, bpf, load_program},
+    netns::Netns,
+    run, unique_name,
+};
 
 /// Which pod traffic the program leaves to the node's netfilter, as eBPF
 /// CNIs leave what they do not handle themselves: Service addresses
@@ -33,8 +38,6 @@ pub mod passed {
 
 /// Where bpffs is mounted (as for the daemon's pins).
 const BPFFS: &str = "/sys/fs/bpf";
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 /// `bpf_redirect_neigh`'s helper id (linux/bpf.h's helper list; 5.10+).
 const HELPER_REDIRECT_NEIGH: i32 = 152;
@@ -212,22 +215,6 @@ fn assemble(ops: &[Op]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// `union bpf_attr` for `BPF_PROG_LOAD`, up to the fields we set.
-#[repr(C)]
-#[derive(Default)]
-struct ProgLoadAttr {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-}
-
 /// `union bpf_attr` for `BPF_OBJ_PIN`.
 #[repr(C)]
 struct ObjPinAttr {
@@ -236,51 +223,9 @@ struct ObjPinAttr {
     file_flags: u32,
 }
 
-fn bpf<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<libc::c_long> {
-    // SAFETY: `attr` is a valid `union bpf_attr` prefix of the size given;
-    // the pointers inside it outlive the call.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            std::ptr::from_ref(attr),
-            std::mem::size_of::<T>(),
-        )
-    };
-    if ret < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
 fn load(uplink_ifindex: i32) -> Result<OwnedFd> {
     let code = assemble(&program(uplink_ifindex))?;
-    let license = c"GPL";
-    let mut log = vec![0u8; 64 * 1024];
-    let mut name = [0u8; 16];
-    name[..12].copy_from_slice(b"pod_redirect");
-    let attr = ProgLoadAttr {
-        prog_type: BPF_PROG_TYPE_SCHED_CLS,
-        insn_cnt: u32::try_from(code.len() / 8).unwrap_or(0),
-        insns: code.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        log_level: 1,
-        log_size: u32::try_from(log.len()).unwrap_or(0),
-        log_buf: log.as_mut_ptr() as u64,
-        prog_name: name,
-        ..ProgLoadAttr::default()
-    };
-    let fd = bpf(BPF_PROG_LOAD, &attr).map_err(|e| {
-        let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
-        SandboxError::Process(format!(
-            "loading the redirect program: {e}: {}",
-            String::from_utf8_lossy(&log[..end])
-        ))
-    })?;
-    let fd = i32::try_from(fd).map_err(|_| SandboxError::Process("bad fd".to_owned()))?;
-    // SAFETY: the kernel just returned this descriptor; no one else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    load_program(BPF_PROG_TYPE_SCHED_CLS, 0, "pod_redirect", &code)
 }
 
 /// A pin, removed on drop.

@@ -14,7 +14,8 @@ pub fn run(_root: &Path) -> anyhow::Result<()> {
     toolchain::ensure_clippy()?;
     ensure_bpffs()?;
     check_tool("ip", &["-V"], "iproute2")?;
-    // tests/tests/node_shapes.rs: the node's NAT and upstream's sniffer.
+    // tests/tests/node_shapes.rs: the node's NAT and upstream's sniffer;
+    // the bench's peer column (bench/peer.rs).
     check_tool("nft", &["--version"], "nftables")?;
     // tests/tests/container.rs runs the daemon's container with both.
     check_tool("crun", &["--version"], "crun")?;

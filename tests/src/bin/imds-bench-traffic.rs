@@ -15,7 +15,8 @@
 //! ping-rate ADDR --seconds S             ICMP echo requests, sent=N failed=N per_s=N
 //! blocked-connect ADDR PORT --count N [--timeout-ms T] --seconds S
 //!                                        one connect after another, outcome counts
-//!                                        and p50_ns, p99_ns, max_ns of the connect call
+//!                                        (refused: EPERM; reset: ECONNREFUSED, as a
+//!                                        firewall's TCP reset answers) and p50_ns, p99_ns, max_ns of the connect call
 //! sink --port P --accept-port Q --seconds S
 //!                                        on [::] (IPv4 too): TCP P and UDP P read and
 //!                                        discard, TCP Q accepts and closes; prints
@@ -302,7 +303,7 @@ fn percentile(sorted: &[Duration], per_mille: usize) -> Duration {
 fn blocked_connect(addr: SocketAddr, options: &Options) -> std::io::Result<String> {
     let started = Instant::now();
     let mut latencies = Vec::with_capacity(options.count as usize);
-    let (mut connected, mut refused, mut timed_out) = (0u32, 0u32, 0u32);
+    let (mut connected, mut refused, mut reset, mut timed_out) = (0u32, 0u32, 0u32, 0u32);
     let mut other = Tally::default();
     while latencies.len() < options.count as usize && started.elapsed() < options.seconds {
         let (result, took) = connect_once(addr, options.timeout)?;
@@ -310,6 +311,7 @@ fn blocked_connect(addr: SocketAddr, options: &Options) -> std::io::Result<Strin
         match result {
             Ok(()) => connected += 1,
             Err(err) if err.raw_os_error() == Some(libc::EPERM) => refused += 1,
+            Err(err) if err.raw_os_error() == Some(libc::ECONNREFUSED) => reset += 1,
             Err(err) if err.raw_os_error() == Some(libc::EINPROGRESS) => timed_out += 1,
             Err(err) => other.fail(&err),
         }
@@ -320,7 +322,7 @@ fn blocked_connect(addr: SocketAddr, options: &Options) -> std::io::Result<Strin
         .map(|e| format!(" first_error={e}"))
         .unwrap_or_default();
     Ok(format!(
-        "attempts={} connected={connected} refused={refused} timeout={timed_out} other={}{first_error} \
+        "attempts={} connected={connected} refused={refused} reset={reset} timeout={timed_out} other={}{first_error} \
          p50_ns={} p99_ns={} max_ns={}",
         latencies.len(),
         other.failed,

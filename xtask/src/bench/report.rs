@@ -39,16 +39,24 @@ fn as_text<S: Serializer>(target: &Target, serializer: S) -> Result<S::Ok, S::Er
     serializer.collect_str(target)
 }
 
-/// One line of the report; `raw` holds the numbers behind it.
+/// One line of the report; `raw` holds the numbers behind it. `result` is
+/// with/without for ratio figures, which also fill `vs_floor` (with/floor)
+/// and `peer_ratio` (peer/without).
 #[derive(Debug, Serialize)]
 pub struct Row {
     figure: String,
     without: String,
+    floor: String,
+    peer: String,
     with: String,
     result: String,
+    vs_floor: String,
+    peer_ratio: String,
     #[serde(serialize_with = "as_text")]
     target: Target,
     pub met: Option<bool>,
+    /// Missed, but the bracket reaches the target.
+    pub within_noise: bool,
     raw: serde_json::Value,
 }
 
@@ -57,10 +65,15 @@ impl Row {
         Row {
             figure: figure.into(),
             without: "-".to_owned(),
+            floor: "-".to_owned(),
+            peer: "-".to_owned(),
             with: "-".to_owned(),
             result: result.into(),
+            vs_floor: "-".to_owned(),
+            peer_ratio: "-".to_owned(),
             target: Target::None,
             met: None,
+            within_noise: false,
             raw: serde_json::Value::Null,
         }
     }
@@ -73,12 +86,46 @@ impl Row {
         }
     }
 
+    pub fn others(self, floor: String, peer: String) -> Row {
+        Row {
+            floor,
+            peer,
+            ..self
+        }
+    }
+
+    /// The ratios against the floor and of the peer against nothing.
+    pub fn ratios(self, vs_floor: String, peer_ratio: String) -> Row {
+        Row {
+            vs_floor,
+            peer_ratio,
+            ..self
+        }
+    }
+
     pub fn target(self, target: Target, value: f64) -> Row {
         Row {
             target,
             met: target.met(value),
             ..self
         }
+    }
+
+    /// [`Row::target`] on a median, with the bracket `[low, high]` around
+    /// it: a miss whose bracket reaches the target is within noise.
+    pub fn target_bracketed(self, target: Target, value: f64, low: f64, high: f64) -> Row {
+        let row = self.target(target, value);
+        let within_noise = row.met == Some(false)
+            && (target.met(low) == Some(true) || target.met(high) == Some(true));
+        Row {
+            within_noise,
+            ..row
+        }
+    }
+
+    /// A miss not explained by the machine's noise.
+    pub fn missed(&self) -> bool {
+        self.met == Some(false) && !self.within_noise
     }
 
     /// The numbers behind the row, for bench.json.
@@ -90,32 +137,51 @@ impl Row {
     }
 
     fn met_text(&self) -> &'static str {
-        match self.met {
-            None => "-",
-            Some(true) => "yes",
-            Some(false) => "NO",
+        match (self.met, self.within_noise) {
+            (None, _) => "-",
+            (Some(true), _) => "yes",
+            (Some(false), true) => "noise",
+            (Some(false), false) => "NO",
         }
     }
 
-    fn cells(&self) -> [String; 6] {
+    fn cells(&self) -> [String; COLUMNS] {
         [
             self.figure.clone(),
             self.without.clone(),
+            self.floor.clone(),
+            self.peer.clone(),
             self.with.clone(),
             self.result.clone(),
+            self.vs_floor.clone(),
+            self.peer_ratio.clone(),
             self.target.to_string(),
             self.met_text().to_owned(),
         ]
     }
 }
 
+const COLUMNS: usize = 10;
+
 /// The rows as aligned columns, with a header.
 pub fn table(rows: &[Row]) -> String {
-    let header = ["figure", "without", "with", "result", "target", "met"].map(str::to_owned);
-    let lines: Vec<[String; 6]> = std::iter::once(header)
+    let header = [
+        "figure",
+        "without",
+        "floor",
+        "peer",
+        "with",
+        "with/without",
+        "with/floor",
+        "peer/without",
+        "target",
+        "met",
+    ]
+    .map(str::to_owned);
+    let lines: Vec<[String; COLUMNS]> = std::iter::once(header)
         .chain(rows.iter().map(Row::cells))
         .collect();
-    let mut widths = [0usize; 6];
+    let mut widths = [0usize; COLUMNS];
     for cells in &lines {
         for (width, cell) in widths.iter_mut().zip(cells) {
             *width = (*width).max(cell.chars().count());
@@ -236,23 +302,28 @@ mod tests {
         let rows = [
             Row::new("1 a figure", "0.950")
                 .sides("10/s".to_owned(), "9/s".to_owned())
-                .target(Target::AtLeast(0.97), 0.95)
+                .others("9/s".to_owned(), "8/s".to_owned())
+                .ratios("1.000".to_owned(), "0.800".to_owned())
+                .target_bracketed(Target::AtLeast(0.97), 0.95, 0.9, 0.98)
                 .raw(serde_json::json!({"ratio": 0.95, "nan": f64::NAN}))
                 .unwrap(),
             Row::new("2 another", "1.0 µs").target(Target::Below(50.0, "µs"), 1.0),
         ];
+        assert!(!rows[0].missed());
         assert_eq!(
             table(&rows),
-            "figure      without  with  result  target   met\n\
-             1 a figure  10/s     9/s   0.950   ≥ 0.97   NO\n\
-             2 another   -        -     1.0 µs  < 50 µs  yes\n"
+            "figure      without  floor  peer  with  with/without  with/floor  peer/without  target   met\n\
+             1 a figure  10/s     9/s    8/s   9/s   0.950         1.000       0.800         ≥ 0.97   noise\n\
+             2 another   -        -      -     -     1.0 µs        -           -             < 50 µs  yes\n"
         );
         let json = serde_json::to_value(&rows[0]).unwrap();
         assert_eq!(
             json,
             serde_json::json!({
-                "figure": "1 a figure", "without": "10/s", "with": "9/s", "result": "0.950",
-                "target": "≥ 0.97", "met": false, "raw": {"ratio": 0.95, "nan": null},
+                "figure": "1 a figure", "without": "10/s", "floor": "9/s", "peer": "8/s",
+                "with": "9/s", "result": "0.950", "vs_floor": "1.000", "peer_ratio": "0.800",
+                "target": "≥ 0.97", "met": false, "within_noise": true,
+                "raw": {"ratio": 0.95, "nan": null},
             })
         );
     }

@@ -6,6 +6,7 @@
 use std::{
     fmt::Write as _,
     net::Ipv4Addr,
+    path::PathBuf,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -19,7 +20,11 @@ use imds_guard_tests::{
     stage::Stage,
 };
 
-use super::{programs, progress};
+use super::{
+    floor::Floor,
+    peer::{self, Peer},
+    programs, progress,
+};
 use crate::interrupt::interrupted;
 
 /// The sink reads and discards TCP and UDP on this port...
@@ -32,6 +37,10 @@ const SINK_LIFETIME_SECONDS: &str = "1800";
 const SCALE_DENY_RULES: usize = 1000;
 const SCALE_ALLOW_ENTRIES: usize = 10_000;
 pub const SCALE: &str = "1,000 deny rules + 10,000 allow entries";
+/// The daemon's deny rules when it is given none (enforcer-user's
+/// `config::presets::DEFAULT_DENY`, which xtask cannot link): the peer's
+/// deny list for the default rules, and kept under `--deny` at scale.
+const DEFAULT_DENY: [&str; 2] = ["169.254.169.254/32 except-ports=53", "fd00:ec2::254/128"];
 /// An address on the veth's subnet that the client's neighbour table maps
 /// to a MAC address nobody has: frames to it leave and vanish, as behind a
 /// firewall that drops.
@@ -45,14 +54,18 @@ const DETACH_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct BenchStage {
     _sink: Server,
     allow_file: TempFile,
+    /// The large allow list's cgroups, for the peer.
+    allow_entries: Vec<PathBuf>,
     _allowlisted: TestCgroup,
     pub stage: Stage,
 }
 
-/// What the daemon enforces: its arguments after `--cgroup DIR`.
+/// What is enforced: the daemon's arguments after `--cgroup DIR`, and the
+/// same rules as the peer's nftables ruleset.
 pub struct Rules {
     pub name: &'static str,
     args: Vec<String>,
+    peer_ruleset: String,
 }
 
 impl BenchStage {
@@ -66,43 +79,73 @@ impl BenchStage {
         ));
         let mut allowlisted = TestCgroup::new("bench-allow")?;
         let mut allow_list = String::new();
+        let mut allow_entries = Vec::new();
         for entry in 0..SCALE_ALLOW_ENTRIES {
             if entry % 1000 == 0 {
                 interrupted()?;
             }
             let dir = allowlisted.child(&format!("{entry:05}"))?;
             writeln!(allow_list, "{}", dir.display())?;
+            allow_entries.push(dir);
         }
         Ok(BenchStage {
             _sink: sink,
             allow_file: TempFile::new("bench-allow", &allow_list)?,
+            allow_entries,
             _allowlisted: allowlisted,
             stage,
         })
     }
 
-    pub fn default_rules() -> Rules {
-        Rules {
+    pub fn default_rules(&self) -> anyhow::Result<Rules> {
+        let deny = DEFAULT_DENY.map(str::to_owned);
+        Ok(Rules {
             name: "default rules",
             args: vec!["--allow".to_owned(), "{allowed}".to_owned()],
-        }
+            peer_ruleset: peer::ruleset(
+                &self.stage.guarded,
+                &deny,
+                std::slice::from_ref(&self.stage.allowed),
+            )?,
+        })
     }
 
     /// Many deny rules (plus the two defaults, which `--deny` replaces) and
     /// a long allow list.
-    pub fn scale_rules(&self) -> Rules {
-        let defaults = ["169.254.169.254/32 except-ports=53", "fd00:ec2::254/128"];
+    pub fn scale_rules(&self) -> anyhow::Result<Rules> {
         let many = (0..SCALE_DENY_RULES).map(|n| format!("169.254.{}.{}/32", n / 250, n % 250 + 1));
+        let deny: Vec<String> = DEFAULT_DENY
+            .map(str::to_owned)
+            .into_iter()
+            .chain(many)
+            .collect();
         let mut args = vec![
             "--allow".to_owned(),
             "{allowed}".to_owned(),
             "--allow-file".to_owned(),
             self.allow_file.arg(),
         ];
-        for rule in defaults.into_iter().map(str::to_owned).chain(many) {
-            args.extend(["--deny".to_owned(), rule]);
+        for rule in &deny {
+            args.extend(["--deny".to_owned(), rule.clone()]);
         }
-        Rules { name: SCALE, args }
+        let allow: Vec<PathBuf> = std::iter::once(self.stage.allowed.clone())
+            .chain(self.allow_entries.iter().cloned())
+            .collect();
+        Ok(Rules {
+            name: SCALE,
+            args,
+            peer_ruleset: peer::ruleset(&self.stage.guarded, &deny, &allow)?,
+        })
+    }
+
+    /// The floor's programs on the guarded cgroup, until dropped.
+    pub fn floor_on(&self) -> anyhow::Result<Floor> {
+        Floor::attach(&self.stage.guarded)
+    }
+
+    /// The peer's nftables rules in the client namespace, until dropped.
+    pub fn peer_on(&self, rules: &Rules) -> anyhow::Result<Peer> {
+        Peer::apply(&self.stage.sandbox.client, &rules.peer_ruleset)
     }
 
     /// The daemon with these rules, to start.

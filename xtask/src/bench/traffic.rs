@@ -1,6 +1,7 @@
-//! Figures 1 to 3 and 6's ratios (the same traffic without and with
-//! enforcement, round after round) and figure 5 (how a refused connect
-//! ends, against how a silently dropped one does).
+//! Figures 1 to 3 and 6's ratios (the same traffic without enforcement,
+//! under the floor, under the peer and with imds-guard, round after round)
+//! and figure 5 (how a refused connect ends, with imds-guard and with the
+//! peer's reject rule, against how a silently dropped one does).
 
 use anyhow::ensure;
 use imds_guard_tests::addrs;
@@ -9,7 +10,7 @@ use serde::Serialize;
 use super::{
     ROUNDS, progress,
     report::{Row, Target, median, quantile},
-    stage::{BenchStage, DROPPING_V4, Rules},
+    stage::{BenchStage, DROPPING_V4, Fields, Rules},
 };
 
 /// A pause before each measurement, so "with" is measured on a daemon that
@@ -59,43 +60,93 @@ fn per_second(stage: &BenchStage, args: &[&str]) -> anyhow::Result<f64> {
     fields.number("per_s")
 }
 
-/// One figure's samples without and with enforcement, one pair a round.
+/// What a figure's traffic runs under.
+#[derive(Clone, Copy)]
+enum Side {
+    Without,
+    /// Allow-at-once programs on the same hooks.
+    Floor,
+    /// The nftables rules a user would deploy instead.
+    Peer,
+    With,
+}
+
+const SIDES: [Side; 4] = [Side::Without, Side::Floor, Side::Peer, Side::With];
+
+/// One figure's samples on each side, one of each a round.
 #[derive(Default)]
-struct Paired {
+struct Samples {
     without: Vec<f64>,
+    floor: Vec<f64>,
+    peer: Vec<f64>,
     with: Vec<f64>,
 }
 
-impl Paired {
-    fn ratios(&self) -> Vec<f64> {
-        self.with
-            .iter()
-            .zip(&self.without)
-            .map(|(with, without)| with / without)
-            .collect()
-    }
+/// Each round's `top / bottom`.
+fn ratios(top: &[f64], bottom: &[f64]) -> Vec<f64> {
+    top.iter()
+        .zip(bottom)
+        .map(|(top, bottom)| top / bottom)
+        .collect()
 }
 
-/// Measures `args` without and with enforcement, [`ROUNDS`] times. The
-/// order flips every round (without-with, then with-without), so a drift in
-/// the machine's speed weighs on both sides alike.
-fn side_by_side(stage: &BenchStage, rules: &Rules, args: &[&str]) -> anyhow::Result<Paired> {
-    let mut paired = Paired::default();
+/// Measures `args` on every side, [`ROUNDS`] times. The order rotates
+/// every round, so each side takes each place in turn and a drift in the
+/// machine's speed weighs on all alike.
+fn side_by_side(stage: &BenchStage, rules: &Rules, args: &[&str]) -> anyhow::Result<Samples> {
+    let mut samples = Samples::default();
     for round in 0..ROUNDS {
-        let with_first = round % 2 == 1;
-        for enforced in [with_first, !with_first] {
-            if enforced {
-                let daemon = stage.enforcement_on(rules)?;
+        for place in 0..SIDES.len() {
+            let measure = || -> anyhow::Result<f64> {
                 std::thread::sleep(SETTLE);
-                paired.with.push(per_second(stage, args)?);
-                stage.enforcement_off(daemon)?;
-            } else {
-                std::thread::sleep(SETTLE);
-                paired.without.push(per_second(stage, args)?);
+                per_second(stage, args)
+            };
+            match SIDES[(round + place) % SIDES.len()] {
+                Side::Without => samples.without.push(measure()?),
+                Side::Floor => {
+                    let floor = stage.floor_on()?;
+                    samples.floor.push(measure()?);
+                    drop(floor);
+                }
+                Side::Peer => {
+                    let peer = stage.peer_on(rules)?;
+                    samples.peer.push(measure()?);
+                    drop(peer);
+                }
+                Side::With => {
+                    let daemon = stage.enforcement_on(rules)?;
+                    samples.with.push(measure()?);
+                    stage.enforcement_off(daemon)?;
+                }
             }
         }
     }
-    Ok(paired)
+    Ok(samples)
+}
+
+/// The median of some rounds' ratios, and the middle half of them.
+#[derive(Serialize)]
+struct Ratio {
+    ratios: Vec<f64>,
+    median: f64,
+    quartiles: [f64; 2],
+}
+
+impl Ratio {
+    fn new(ratios: Vec<f64>) -> Ratio {
+        let median = median(&ratios);
+        let quartiles = [quantile(&ratios, 0.25), quantile(&ratios, 0.75)];
+        Ratio {
+            ratios,
+            median,
+            quartiles,
+        }
+    }
+
+    fn show(&self) -> String {
+        let [low, high] = self.quartiles;
+        format!("{:.3} [{low:.3}–{high:.3}]", self.median)
+    }
 }
 
 /// The numbers behind a ratio figure.
@@ -104,15 +155,18 @@ struct RatioRaw {
     unit: &'static str,
     command: String,
     without: Vec<f64>,
+    floor: Vec<f64>,
+    peer: Vec<f64>,
     with: Vec<f64>,
-    ratios: Vec<f64>,
-    ratio: f64,
-    ratio_quartiles: [f64; 2],
+    with_vs_without: Ratio,
+    with_vs_floor: Ratio,
+    peer_vs_without: Ratio,
 }
 
 /// A ratio figure: medians of each side, and the median of the rounds'
-/// with/without ratios against `min_ratio`, with the middle half of those
-/// ratios in brackets to show how much the machine's noise moves them.
+/// with/without ratios against `min_ratio` (and with/floor, peer/without),
+/// with the middle half of those ratios in brackets to show how much the
+/// machine's noise moves them.
 pub fn ratio_figure(
     stage: &BenchStage,
     rules: &Rules,
@@ -121,34 +175,48 @@ pub fn ratio_figure(
     args: &[&str],
     min_ratio: f64,
 ) -> anyhow::Result<Row> {
-    progress(&format!("{figure}: {ROUNDS} rounds without and with"));
-    let paired = side_by_side(stage, rules, args)?;
-    let ratios = paired.ratios();
-    let ratio = median(&ratios);
-    let (low, high) = (quantile(&ratios, 0.25), quantile(&ratios, 0.75));
-    Row::new(figure, format!("{ratio:.3} [{low:.3}–{high:.3}]"))
+    progress(&format!(
+        "{figure}: {ROUNDS} rounds without, floor, peer and with"
+    ));
+    let samples = side_by_side(stage, rules, args)?;
+    let with_vs_without = Ratio::new(ratios(&samples.with, &samples.without));
+    let with_vs_floor = Ratio::new(ratios(&samples.with, &samples.floor));
+    let peer_vs_without = Ratio::new(ratios(&samples.peer, &samples.without));
+    let [low, high] = with_vs_without.quartiles;
+    Row::new(figure, with_vs_without.show())
         .sides(
-            unit.show(median(&paired.without)),
-            unit.show(median(&paired.with)),
+            unit.show(median(&samples.without)),
+            unit.show(median(&samples.with)),
         )
-        .target(Target::AtLeast(min_ratio), ratio)
+        .others(
+            unit.show(median(&samples.floor)),
+            unit.show(median(&samples.peer)),
+        )
+        .ratios(with_vs_floor.show(), peer_vs_without.show())
+        .target_bracketed(
+            Target::AtLeast(min_ratio),
+            with_vs_without.median,
+            low,
+            high,
+        )
         .raw(RatioRaw {
             unit: unit.name(),
             command: args.join(" "),
-            without: paired.without,
-            with: paired.with,
-            ratios,
-            ratio,
-            ratio_quartiles: [low, high],
+            without: samples.without,
+            floor: samples.floor,
+            peer: samples.peer,
+            with: samples.with,
+            with_vs_without,
+            with_vs_floor,
+            peer_vs_without,
         })
 }
 
-/// How long a refused connect to the metadata address takes, and what the
-/// same connect does against a destination that silently drops.
-pub fn blocked_connect_figures(stage: &BenchStage, rules: &Rules) -> anyhow::Result<Vec<Row>> {
-    progress("5 blocked TCP connects to the metadata address");
+/// [`BLOCKED_CONNECTS`] connects to the metadata address, every one of
+/// which must fail with the outcome `expected` counts (`refused` for EPERM,
+/// `reset` for ECONNREFUSED).
+fn blocked_connects(stage: &BenchStage, expected: &str) -> anyhow::Result<Fields> {
     let metadata = addrs::METADATA_V4.to_string();
-    let daemon = stage.enforcement_on(rules)?;
     let blocked = stage.traffic(&[
         "blocked-connect",
         &metadata,
@@ -158,29 +226,54 @@ pub fn blocked_connect_figures(stage: &BenchStage, rules: &Rules) -> anyhow::Res
         "--seconds",
         BLOCKED_CONNECTS_MAX_SECONDS,
     ])?;
-    stage.enforcement_off(daemon)?;
     let attempts = blocked.count("attempts")?;
     ensure!(
-        blocked.count("refused")? == attempts && attempts == BLOCKED_CONNECTS.parse::<u64>()?,
-        "not every connect to {metadata} was refused: {}",
+        blocked.count(expected)? == attempts && attempts == BLOCKED_CONNECTS.parse::<u64>()?,
+        "not every connect to {metadata} ended {expected}: {}",
         blocked.line
     );
-    let micros = |key: &str| -> anyhow::Result<f64> { Ok(blocked.number(key)? / 1000.0) };
-    let (p50, p99) = (micros("p50_ns")?, micros("p99_ns")?);
-    let to = format!("{metadata}:{HTTP_PORT}");
-    let mut rows = vec![
-        Row::new(
-            format!("5 blocked connect to {to} fails (EPERM), p50"),
-            format!("{p50:.1} µs"),
+    Ok(blocked)
+}
+
+/// The numbers behind a blocked-connect row.
+#[derive(Serialize)]
+struct BlockedRaw {
+    with: serde_json::Value,
+    peer: serde_json::Value,
+}
+
+/// How long a refused connect to the metadata address takes, with
+/// imds-guard and with the peer's reject rule, and what the same connect
+/// does against a destination that silently drops.
+pub fn blocked_connect_figures(stage: &BenchStage, rules: &Rules) -> anyhow::Result<Vec<Row>> {
+    progress("5 blocked TCP connects to the metadata address");
+    let daemon = stage.enforcement_on(rules)?;
+    let blocked = blocked_connects(stage, "refused")?;
+    stage.enforcement_off(daemon)?;
+    let peer = stage.peer_on(rules)?;
+    let reset = blocked_connects(stage, "reset")?;
+    drop(peer);
+    let micros =
+        |fields: &Fields, key: &str| -> anyhow::Result<f64> { Ok(fields.number(key)? / 1000.0) };
+    let to = format!("{}:{HTTP_PORT}", addrs::METADATA_V4);
+    let mut rows = Vec::new();
+    for (quantile, key) in [("p50", "p50_ns"), ("p99", "p99_ns")] {
+        let (ours, theirs) = (micros(&blocked, key)?, micros(&reset, key)?);
+        let row = Row::new(
+            format!("5 blocked connect to {to} fails (EPERM; peer: reset), {quantile}"),
+            format!("{ours:.1} µs"),
         )
-        .raw(blocked.to_json())?,
-        Row::new(
-            format!("5 blocked connect to {to} fails (EPERM), p99"),
-            format!("{p99:.1} µs"),
-        )
-        .target(Target::Below(50.0, "µs"), p99)
-        .raw(blocked.to_json())?,
-    ];
+        .others("-".to_owned(), format!("{theirs:.1} µs"));
+        let row = if quantile == "p99" {
+            row.target(Target::Below(50.0, "µs"), ours)
+        } else {
+            row
+        };
+        rows.push(row.raw(BlockedRaw {
+            with: blocked.to_json(),
+            peer: reset.to_json(),
+        })?);
+    }
 
     progress("5 the same connect against a destination that silently drops");
     let dropped = stage.traffic(&[
@@ -200,7 +293,7 @@ pub fn blocked_connect_figures(stage: &BenchStage, rules: &Rules) -> anyhow::Res
     };
     rows.push(
         Row::new(
-            "5 plain drop instead (no imds-guard): the same connect",
+            "5 plain drop instead (no imds-guard, as behind a drop rule): the same connect",
             result,
         )
         .raw(dropped.to_json())?,
