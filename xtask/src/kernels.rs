@@ -370,12 +370,24 @@ fn boot_one(guest: &Guest) -> anyhow::Result<Vec<Row>> {
         guest.prepared.release,
         guest.log.display()
     );
-    let boot = boot::boot(
-        &guest.prepared.vmlinuz,
-        &guest.initrd,
-        &guest.log,
-        BOOT_TIMEOUT,
-    )?;
+    let start = || {
+        boot::boot(
+            &guest.prepared.vmlinuz,
+            &guest.initrd,
+            &guest.log,
+            BOOT_TIMEOUT,
+        )
+    };
+    let mut boot = start()?;
+    if boot.died_before_init() {
+        // Once more: the emulator's failure, not a result (see
+        // `Boot::died_before_init`). A second one counts.
+        println!(
+            "kernels: {} panicked before its init ran; booting it once more",
+            kernel.version
+        );
+        boot = start()?;
+    }
     std::fs::remove_file(&guest.initrd)?;
     let rows = rows_of(kernel, &guest.runs, &boot);
     for row in &rows {

@@ -95,6 +95,15 @@ pub struct Boot {
     pub timed_out: bool,
 }
 
+impl Boot {
+    /// The kernel died before our init ran a single line: a boot failure of
+    /// the emulator (TCG's cross-CPU code patching has panicked a guest
+    /// here at boot, under load), not anything the tests did.
+    pub fn died_before_init(&self) -> bool {
+        self.console.contains("Kernel panic") && !self.console.contains(MARKER)
+    }
+}
+
 /// Boots `vmlinuz` with `initrd` until the guest powers off, killing it
 /// after `timeout`; the console goes to `log`.
 pub fn boot(vmlinuz: &Path, initrd: &Path, log: &Path, timeout: Duration) -> anyhow::Result<Boot> {
@@ -228,6 +237,19 @@ mod tests {
             .status()
             .expect("sh");
         assert!(checked.success(), "{script}");
+    }
+
+    #[test]
+    fn a_panic_before_init_is_told_from_one_during_the_tests() {
+        let boot = |console: &str| Boot {
+            console: console.to_owned(),
+            elapsed: Duration::from_secs(3),
+            timed_out: false,
+        };
+        assert!(boot("[1.19] Kernel panic - not syncing: Fatal exception").died_before_init());
+        let later = format!("{MARKER} guest 7.3.4 cgroup2fs\n[40.1] Kernel panic - not syncing");
+        assert!(!boot(&later).died_before_init());
+        assert!(!boot("no panic, no marker").died_before_init());
     }
 
     #[test]
