@@ -116,7 +116,8 @@ pub fn boot(vmlinuz: &Path, initrd: &Path, log: &Path, timeout: Duration) -> any
         // patching (int3, then the new bytes; static keys flip when cgroup
         // BPF programs come and go) raced the other vCPU's translated code
         // and oopsed 7.3.4 twice, once at boot, once in ip6_finish_output.
-        .args(["-accel", "tcg,thread=single", "-cpu", "max", "-m", "2G", "-smp", "2"])
+        .args(["-accel", "tcg,thread=single", "-cpu", "max"])
+        .args(["-m", "2G", "-smp", "2"])
         // No network device of any kind: the guest's only links are the
         // veth pairs the tests make.
         .args(["-nographic", "-nic", "none", "-no-reboot"])
