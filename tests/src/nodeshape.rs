@@ -308,6 +308,19 @@ fn add_host_addr(ns: &Netns, addr: IpAddr, dev: &str) -> Result<()> {
     Ok(())
 }
 
+/// Gives `dev` an address on a /24 and a /64, and brings it up.
+fn add_subnet_addrs(
+    ns: &Netns,
+    dev: &str,
+    v4: impl std::fmt::Display,
+    v6: impl std::fmt::Display,
+) -> Result<()> {
+    ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev])?;
+    ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", dev])?;
+    ns.ip(&["link", "set", dev, "up"])?;
+    Ok(())
+}
+
 /// Loads an nftables ruleset into the namespace.
 fn load_nft(ns: &Netns, tag: &str, ruleset: &str) -> Result<()> {
     let file = TempFile::new(tag, ruleset)?;
@@ -424,9 +437,7 @@ fn node_and_upstream() -> Result<(Netns, Upstream)> {
             addrs::UPSTREAM_UPLINK_V6,
         ),
     ] {
-        ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev])?;
-        ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", dev])?;
-        ns.ip(&["link", "set", dev, "up"])?;
+        add_subnet_addrs(ns, dev, v4, v6)?;
     }
     // The node reaches everything, the metadata address included, through
     // its default gateway, as on a cloud VM.
@@ -609,9 +620,7 @@ impl NodeShape {
             let node_if = format!("vethpod{}", i + 1);
             veth(&pod_ns, POD_IF, &node, &node_if)?;
             node.ip(&["link", "set", &node_if, "master", BRIDGE_IF, "up"])?;
-            pod_ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", POD_IF])?;
-            pod_ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", POD_IF])?;
-            pod_ns.ip(&["link", "set", POD_IF, "up"])?;
+            add_subnet_addrs(&pod_ns, POD_IF, v4, v6)?;
             pod_ns.ip(&[
                 "route",
                 "add",
