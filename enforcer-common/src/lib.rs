@@ -40,8 +40,13 @@ pub mod names {
     pub const EVENT_WINDOWS: &str = "EVENT_WINDOWS";
     /// Per-CPU array of one `u64`: events not sent (rate limit or full ring).
     pub const EVENTS_DROPPED: &str = "EVENTS_DROPPED";
+    /// Hash: host-side interface index of an allowlisted pod -> [`crate::AllowEntry`].
+    pub const ALLOWED_INTERFACES: &str = "ALLOWED_INTERFACES";
     /// Global `u32` set at load time: [`crate::MODE_ENFORCE`] or [`crate::MODE_AUDIT`].
     pub const ENFORCE_MODE: &str = "ENFORCE_MODE";
+    /// Global `u64` set at load time: the guarded cgroup's id, so the node
+    /// programs judge only sockets of that subtree.
+    pub const GUARDED_CGROUP_ID: &str = "GUARDED_CGROUP_ID";
     /// The `cgroup_skb` egress program.
     pub const PROG_EGRESS: &str = "imds_guard_egress";
     /// The `cgroup_sock_addr` programs.
@@ -49,9 +54,13 @@ pub mod names {
     pub const PROG_CONNECT6: &str = "imds_guard_connect6";
     pub const PROG_SENDMSG4: &str = "imds_guard_sendmsg4";
     pub const PROG_SENDMSG6: &str = "imds_guard_sendmsg6";
+    /// The node edge guard's tc programs: egress of the interfaces that
+    /// route to denied destinations, and ingress of allowlisted pods' bridge ports.
+    pub const PROG_UPLINK: &str = "imds_guard_uplink";
+    pub const PROG_BRIDGE_PORT: &str = "imds_guard_bridge_port";
 
     /// Every map of the object: one generation pins each of them.
-    pub const MAPS: [&str; 7] = [
+    pub const MAPS: [&str; 8] = [
         DEST_RULES,
         DEST_BUCKETS,
         ALLOWED_CGROUPS,
@@ -59,6 +68,7 @@ pub mod names {
         EVENTS,
         EVENT_WINDOWS,
         EVENTS_DROPPED,
+        ALLOWED_INTERFACES,
     ];
     /// The `cgroup_sock_addr` programs, which share one attach call.
     pub const SOCK_ADDR_PROGRAMS: [&str; 4] =
@@ -71,6 +81,9 @@ pub mod names {
         SOCK_ADDR_PROGRAMS[2],
         SOCK_ADDR_PROGRAMS[3],
     ];
+    /// The node edge guard's programs: one generation pins each program
+    /// (not a link: they are attached per interface, as interfaces come).
+    pub const NODE_PROGRAMS: [&str; 2] = [PROG_UPLINK, PROG_BRIDGE_PORT];
 }
 
 /// Blocked attempts are refused.
@@ -82,6 +95,8 @@ pub const MODE_AUDIT: u32 = 1;
 pub const MAX_DEST_RULES: u32 = 4096;
 /// Capacity of the allow map (pods on a node, with room to spare).
 pub const MAX_ALLOWED_CGROUPS: u32 = 65536;
+/// Capacity of the allowlisted pods' interfaces.
+pub const MAX_ALLOWED_INTERFACES: u32 = 16384;
 /// Capacity of the per-cgroup counters (least recently used entries go first).
 pub const MAX_COUNTED_CGROUPS: u32 = 16384;
 /// How many cgroup levels, from the root down, are checked against the allow
@@ -116,6 +131,25 @@ pub const EVENTS_PER_CGROUP_PER_SECOND: u32 = 20;
 pub const HOOK_CONNECT: u8 = 1;
 pub const HOOK_SENDMSG: u8 = 2;
 pub const HOOK_EGRESS: u8 = 3;
+/// The node edge guard: a forwarded packet (its `cgroup_id` is
+/// [`FORWARDED_KEY`] plus the interface it came in on).
+pub const HOOK_FORWARD: u8 = 4;
+/// The node edge guard: a frame of an `AF_PACKET` socket leaving an uplink.
+pub const HOOK_PACKET_SOCKET: u8 = 5;
+
+/// Set in the counter and event keys of forwarded packets, whose low 32
+/// bits are then an interface index, not a cgroup id (cgroup ids are inode
+/// numbers, far below 2^63).
+pub const FORWARDED_KEY: u64 = 1 << 63;
+
+/// Mark bits the bridge-port program sets on what an allowlisted pod sends
+/// into a bridge: past the bridge, the packet's input interface is the
+/// bridge, shared by every pod on it, so the port's verdict travels in the
+/// mark. Crossing into the node's namespace clears the mark, so a pod
+/// cannot set these itself. Bits no common CNI or kube-proxy uses
+/// (kube-proxy 0xc000, Calico 0xffff0000, Cilium 0x0f00 and 0xf000).
+pub const PORT_MARK_ALLOW: u32 = 0x0000_0080;
+pub const PORT_MARK_AUDIT: u32 = 0x0000_0040;
 
 /// What happened to it.
 pub const VERDICT_REFUSED: u8 = 1;

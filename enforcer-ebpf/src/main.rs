@@ -1,5 +1,7 @@
 //! imds-guard's kernel side: one cgroup_skb egress program and four
-//! cgroup_sock_addr programs, all deciding from the same destination rules.
+//! cgroup_sock_addr programs on the guarded cgroup, and the node edge
+//! guard's two tc programs (`node`), all deciding from the same destination
+//! rules.
 //!
 //! Every program decides on the destination first and only then asks about
 //! cgroups, so traffic to ordinary destinations costs one trie lookup.
@@ -7,6 +9,7 @@
 #![no_main]
 
 mod maps;
+mod node;
 mod packet;
 mod stores;
 
@@ -17,11 +20,14 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext},
 };
 use enforcer_common::{
-    ACCESS_ALLOW, ACCESS_AUDIT, AddrWords, DestRule, PortInfo,
+    ACCESS_ALLOW, ACCESS_AUDIT, AddrWords, DestRule, FORWARDED_KEY, PortInfo,
     rule::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, protocol_class},
 };
 
-use crate::maps::{Hook, Subject};
+use crate::{
+    maps::{Hook, Subject},
+    packet::IpPacket,
+};
 
 /// Return value of every program: let the packet or call through.
 const ALLOW: i32 = 1;
@@ -35,53 +41,88 @@ struct Attempt {
     port: PortInfo,
 }
 
-/// Decides for a destination that has a rule: carve-outs and allowed
-/// cgroups pass, then traffic the rule does not deny; the rest is counted,
-/// reported and refused (or passed in audit mode, or from a cgroup listed
-/// for audit).
-///
-/// The cgroup walk comes before `attempt` reads the transport header: the
-/// verifier then walks the ancestor loop once per path into it rather than
-/// once per parse path, which kernels before 7.x, without CAP_PERFMON and
-/// so exploring speculative branches too, give up on ("the sequence of 8193
-/// jumps is too complex"). Allowed cgroups also skip the parse.
-#[inline(always)]
-fn judge(
-    rule: &DestRule,
-    subject: Subject,
-    hook: Hook,
-    attempt: impl FnOnce() -> Result<Attempt, c_long>,
-) -> i32 {
-    if !rule.may_deny() {
-        return ALLOW;
+/// Whose attempt it is: a cgroup's (a socket's or the calling task's), or
+/// whatever entered the node on an interface.
+pub enum Sender {
+    Cgroup(Subject),
+    Interface(u32),
+}
+
+impl Sender {
+    /// The key its refusals are counted and reported under.
+    #[inline(always)]
+    fn key(&self) -> u64 {
+        match self {
+            Sender::Cgroup(subject) => subject.leaf_cgroup_id(),
+            Sender::Interface(ifindex) => FORWARDED_KEY | u64::from(*ifindex),
+        }
     }
-    let access = maps::cgroup_access(&subject);
+}
+
+/// Decides for a destination that has a rule: carve-outs and allowed
+/// senders pass, then traffic the rule does not deny; the rest is counted,
+/// reported and refused (or passed in audit mode, or from a sender listed
+/// for audit). `sender` gives the sender and what it may do, or `None`
+/// when the attempt is not this program's to judge.
+///
+/// The sender (a cgroup walk) comes before `attempt` reads the transport
+/// header: the verifier then walks the ancestor loop once per path into it
+/// rather than once per parse path, which kernels before 7.x, without
+/// CAP_PERFMON and so exploring speculative branches too, give up on ("the
+/// sequence of 8193 jumps is too complex"). Allowed senders also skip the parse.
+#[inline(always)]
+fn refuses(
+    rule: &DestRule,
+    hook: Hook,
+    sender: impl FnOnce() -> Option<(Sender, u32)>,
+    attempt: impl FnOnce() -> Result<Attempt, c_long>,
+) -> bool {
+    if !rule.may_deny() {
+        return false;
+    }
+    let Some((sender, access)) = sender() else {
+        return false;
+    };
     if access == ACCESS_ALLOW {
-        return ALLOW;
+        return false;
     }
     // A packet whose header cannot be read has no transport to deny.
     let Ok(attempt) = attempt() else {
-        return ALLOW;
+        return false;
     };
     if !rule.denies(attempt.protocol, attempt.port) {
-        return ALLOW;
+        return false;
     }
-    let cgroup_id = subject.leaf_cgroup_id();
-    maps::count_block(cgroup_id, hook);
+    let key = sender.key();
+    maps::count_block(key, hook);
     let port = match attempt.port {
         PortInfo::Known(port) => port,
         PortInfo::NotApplicable | PortInfo::Unknown => 0,
     };
     let audited = maps::audit_mode() || access == ACCESS_AUDIT;
     maps::send_event(
-        cgroup_id,
+        key,
         attempt.destination,
         port,
         attempt.protocol,
         hook,
         audited,
     );
-    if audited { ALLOW } else { REFUSE }
+    !audited
+}
+
+/// A cgroup program's sender: the subject's cgroup, with what its nearest
+/// listed ancestor may do.
+#[inline(always)]
+fn cgroup_sender(subject: Subject) -> Option<(Sender, u32)> {
+    let access = maps::cgroup_access(&subject);
+    Some((Sender::Cgroup(subject), access))
+}
+
+/// A cgroup program's return value for a decision.
+#[inline(always)]
+fn cgroup_verdict(refused: bool) -> i32 {
+    if refused { REFUSE } else { ALLOW }
 }
 
 #[cgroup_skb(egress)]
@@ -95,18 +136,25 @@ fn try_imds_guard_egress(ctx: &SkBuffContext) -> Result<i32, c_long> {
     let Some(rule) = maps::rule_for(destination) else {
         return Ok(ALLOW);
     };
-    Ok(judge(rule, Subject::Skb(ctx.skb.skb), Hook::Egress, || {
-        let header = packet::read_ip_header(ctx)?;
-        let (protocol, port) = packet::transport(ctx, &header);
+    let sender = || cgroup_sender(Subject::Skb(ctx.skb.skb));
+    Ok(cgroup_verdict(refuses(rule, Hook::Egress, sender, || {
+        Attempt::from_packet(ctx, destination)
+    })))
+}
+
+impl Attempt {
+    /// Reads a packet's protocol class and port, its destination read already.
+    #[inline(always)]
+    fn from_packet(packet: &impl IpPacket, destination: AddrWords) -> Result<Attempt, c_long> {
+        let header = packet::read_ip_header(packet)?;
+        let (protocol, port) = packet::transport(packet, &header);
         Ok(Attempt {
             destination,
             protocol,
             port,
         })
-    }))
-}
+    }
 
-impl Attempt {
     /// Reads a socket call's destination. `ipv6` selects `user_ip6` over `user_ip4`.
     #[inline(always)]
     fn from_sock_addr(ctx: &SockAddrContext, ipv6: bool) -> Attempt {
@@ -143,7 +191,12 @@ fn try_sock_addr(ctx: &SockAddrContext, ipv6: bool, hook: Hook) -> i32 {
     let attempt = Attempt::from_sock_addr(ctx, ipv6);
     match maps::rule_for(attempt.destination) {
         None => ALLOW,
-        Some(rule) => judge(rule, Subject::Current, hook, || Ok(attempt)),
+        Some(rule) => cgroup_verdict(refuses(
+            rule,
+            hook,
+            || cgroup_sender(Subject::Current),
+            || Ok(attempt),
+        )),
     }
 }
 

@@ -12,10 +12,11 @@ use aya_ebpf::{
     },
 };
 use enforcer_common::{
-    AddrBytes, AddrWords, AllowEntry, BUCKET_WORDS, BlockCounters, BlockEvent, DestRule,
-    EVENT_RING_BYTES, EVENTS_PER_CGROUP_PER_SECOND, EventWindow, HOOK_CONNECT, HOOK_EGRESS,
-    HOOK_SENDMSG, MAX_ALLOWED_CGROUPS, MAX_CGROUP_DEPTH, MAX_COUNTED_CGROUPS, MAX_DEST_RULES,
-    MODE_AUDIT, MODE_ENFORCE, VERDICT_AUDITED, VERDICT_REFUSED,
+    ACCESS_ALLOW, ACCESS_AUDIT, AddrBytes, AddrWords, AllowEntry, BUCKET_WORDS, BlockCounters,
+    BlockEvent, DestRule, EVENT_RING_BYTES, EVENTS_PER_CGROUP_PER_SECOND, EventWindow,
+    HOOK_CONNECT, HOOK_EGRESS, HOOK_FORWARD, HOOK_PACKET_SOCKET, HOOK_SENDMSG, MAX_ALLOWED_CGROUPS,
+    MAX_ALLOWED_INTERFACES, MAX_CGROUP_DEPTH, MAX_COUNTED_CGROUPS, MAX_DEST_RULES, MODE_AUDIT,
+    MODE_ENFORCE, PORT_MARK_ALLOW, PORT_MARK_AUDIT, VERDICT_AUDITED, VERDICT_REFUSED,
 };
 
 // The statics' names are the map names in `enforcer_common::names`.
@@ -30,6 +31,10 @@ static DEST_BUCKETS: Array<u64> = Array::with_max_entries(BUCKET_WORDS, 0);
 #[map]
 static ALLOWED_CGROUPS: HashMap<u64, AllowEntry> =
     HashMap::with_max_entries(MAX_ALLOWED_CGROUPS, 0);
+
+#[map]
+static ALLOWED_INTERFACES: HashMap<u32, AllowEntry> =
+    HashMap::with_max_entries(MAX_ALLOWED_INTERFACES, 0);
 
 /// Per CPU, so counting needs no atomics (the BPF target has no 64-bit
 /// atomic read-modify-write in `core`); the daemon sums the CPUs.
@@ -58,6 +63,11 @@ static EVENTS_DROPPED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// Set by the loader; a constant to the verifier, which prunes the other mode.
 #[unsafe(no_mangle)]
 static ENFORCE_MODE: u32 = MODE_ENFORCE;
+
+/// Set by the loader: the cgroup the daemon guards. The node programs
+/// judge only sockets at or below it.
+#[unsafe(no_mangle)]
+static GUARDED_CGROUP_ID: u64 = 0;
 
 #[inline(always)]
 pub fn audit_mode() -> bool {
@@ -89,6 +99,10 @@ pub enum Hook {
     Connect,
     Sendmsg,
     Egress,
+    /// The node edge guard: a forwarded packet.
+    Forward,
+    /// The node edge guard: an `AF_PACKET` frame leaving an uplink.
+    PacketSocket,
 }
 
 impl Hook {
@@ -98,7 +112,9 @@ impl Hook {
         match self {
             Hook::Connect => &mut counters.connect,
             Hook::Sendmsg => &mut counters.sendmsg,
-            Hook::Egress => &mut counters.egress,
+            // The guard's packets are on the wire too; forwarded ones are
+            // counted under their interface's key, not a cgroup's.
+            Hook::Egress | Hook::Forward | Hook::PacketSocket => &mut counters.egress,
         }
     }
 
@@ -107,6 +123,8 @@ impl Hook {
             Hook::Connect => HOOK_CONNECT,
             Hook::Sendmsg => HOOK_SENDMSG,
             Hook::Egress => HOOK_EGRESS,
+            Hook::Forward => HOOK_FORWARD,
+            Hook::PacketSocket => HOOK_PACKET_SOCKET,
         }
     }
 }
@@ -165,6 +183,63 @@ pub fn cgroup_access(subject: &Subject) -> u32 {
 
 /// No ancestor is listed: the load-time mode decides.
 pub const UNLISTED: u32 = u32::MAX;
+
+/// What the subject's cgroup may do ([`cgroup_access`]), if it is the
+/// guarded cgroup or below it; `None` for every other cgroup. One walk, by
+/// id rather than by level: the guarded cgroup's level depends on the
+/// cgroup namespace the daemon saw it from.
+#[inline(always)]
+pub fn guarded_access(subject: &Subject) -> Option<u32> {
+    // SAFETY: a plain read of a global the loader initialised.
+    let guarded_id = unsafe { core::ptr::read_volatile(&GUARDED_CGROUP_ID) };
+    let mut guarded = false;
+    let mut level = 0;
+    while level < MAX_CGROUP_DEPTH {
+        let id = subject.ancestor_cgroup_id(level);
+        if id == 0 {
+            break;
+        }
+        guarded |= id == guarded_id;
+        if guarded && let Some(entry) = ALLOWED_CGROUPS.get_ptr(id) {
+            // SAFETY: a live map value.
+            return Some(unsafe { (*entry).access });
+        }
+        level += 1;
+    }
+    guarded.then_some(UNLISTED)
+}
+
+/// What a forwarded packet may do, by the interface it entered the node
+/// on (an allowlisted pod's veth) or, past a bridge, by the mark its
+/// bridge port gave it.
+#[inline(always)]
+pub fn interface_access(ingress_ifindex: u32, mark: u32) -> u32 {
+    if let Some(entry) = ALLOWED_INTERFACES.get_ptr(ingress_ifindex) {
+        // SAFETY: a live map value.
+        return unsafe { (*entry).access };
+    }
+    if mark & PORT_MARK_ALLOW != 0 {
+        ACCESS_ALLOW
+    } else if mark & PORT_MARK_AUDIT != 0 {
+        ACCESS_AUDIT
+    } else {
+        UNLISTED
+    }
+}
+
+/// The mark bit an allowlisted pod's bridge port gives what it sends, or 0.
+#[inline(always)]
+pub fn port_mark(ifindex: u32) -> u32 {
+    match ALLOWED_INTERFACES.get_ptr(ifindex) {
+        // SAFETY: a live map value.
+        Some(entry) => match unsafe { (*entry).access } {
+            ACCESS_ALLOW => PORT_MARK_ALLOW,
+            ACCESS_AUDIT => PORT_MARK_AUDIT,
+            _ => 0,
+        },
+        None => 0,
+    }
+}
 
 /// Counts one refused (or, in audit mode, audited) attempt from `cgroup_id`.
 #[inline(always)]

@@ -1,7 +1,16 @@
 //! Reading destinations and ports from the IP packet itself, so raw sockets
 //! and IPv4-mapped IPv6 sockets are judged by what goes on the wire.
+//!
+//! cgroup_skb programs see the packet from its IP header; tc programs from
+//! the link-layer header, whatever its length, so they read relative to the
+//! network header the kernel recorded ([`NetworkHeader`]).
 
-use aya_ebpf::{cty::c_long, programs::SkBuffContext};
+use aya_ebpf::{
+    bindings::bpf_hdr_start_off::BPF_HDR_START_NET,
+    cty::c_long,
+    helpers::bpf_skb_load_bytes_relative,
+    programs::{SkBuffContext, TcContext},
+};
 use enforcer_common::{
     AddrWords, PortInfo,
     rule::{PROTO_ANY, PROTO_ICMP, PROTO_TCP, PROTO_UDP, protocol_class},
@@ -29,6 +38,59 @@ pub enum IpHeader {
     V6([u8; IPV6_HEADER_LEN]),
 }
 
+/// A packet read from its IP header on.
+pub trait IpPacket {
+    /// `skb->protocol`, host byte order.
+    fn ethertype(&self) -> u16;
+    /// Reads a `T` at `offset` bytes past the start of the IP header.
+    fn load<T>(&self, offset: usize) -> Result<T, c_long>;
+}
+
+impl IpPacket for SkBuffContext {
+    #[inline(always)]
+    fn ethertype(&self) -> u16 {
+        u16::from_be(self.skb.protocol() as u16)
+    }
+
+    #[inline(always)]
+    fn load<T>(&self, offset: usize) -> Result<T, c_long> {
+        SkBuffContext::load(self, offset)
+    }
+}
+
+/// A tc program's packet, read relative to its network header: Ethernet,
+/// no link header (tunnels, WireGuard) and raw `AF_PACKET` frames alike.
+pub struct NetworkHeader<'a>(pub &'a TcContext);
+
+impl IpPacket for NetworkHeader<'_> {
+    #[inline(always)]
+    fn ethertype(&self) -> u16 {
+        u16::from_be(self.0.skb.protocol() as u16)
+    }
+
+    #[inline(always)]
+    fn load<T>(&self, offset: usize) -> Result<T, c_long> {
+        let mut value = core::mem::MaybeUninit::<T>::uninit();
+        // SAFETY: the helper writes exactly size_of::<T>() bytes into
+        // `value` or fails; the context is the program's own.
+        let result = unsafe {
+            bpf_skb_load_bytes_relative(
+                self.0.skb.skb.cast(),
+                offset as u32,
+                value.as_mut_ptr().cast(),
+                core::mem::size_of::<T>() as u32,
+                BPF_HDR_START_NET,
+            )
+        };
+        if result == 0 {
+            // SAFETY: filled by the helper.
+            Ok(unsafe { value.assume_init() })
+        } else {
+            Err(result)
+        }
+    }
+}
+
 /// Offsets of the destination address in the fixed headers.
 const IPV4_DESTINATION_AT: usize = 16;
 const IPV6_DESTINATION_AT: usize = 24;
@@ -37,9 +99,8 @@ const IPV6_DESTINATION_AT: usize = 24;
 /// that `skb->protocol` names (never the socket's family: a v4-mapped IPv6
 /// socket sends IPv4 packets). Ordinary traffic reads nothing more.
 #[inline(always)]
-pub fn read_destination(ctx: &SkBuffContext) -> Result<AddrWords, c_long> {
-    let ethertype = u16::from_be(ctx.skb.protocol() as u16);
-    match ethertype {
+pub fn read_destination(ctx: &impl IpPacket) -> Result<AddrWords, c_long> {
+    match ctx.ethertype() {
         ETH_P_IP => ctx
             .load::<[u8; 4]>(IPV4_DESTINATION_AT)
             .map(AddrWords::ipv4_mapped),
@@ -53,9 +114,8 @@ pub fn read_destination(ctx: &SkBuffContext) -> Result<AddrWords, c_long> {
 
 /// Reads the fixed header of the family that `skb->protocol` names.
 #[inline(always)]
-pub fn read_ip_header(ctx: &SkBuffContext) -> Result<IpHeader, c_long> {
-    let ethertype = u16::from_be(ctx.skb.protocol() as u16);
-    match ethertype {
+pub fn read_ip_header(ctx: &impl IpPacket) -> Result<IpHeader, c_long> {
+    match ctx.ethertype() {
         ETH_P_IP => ctx.load(0).map(IpHeader::V4),
         ETH_P_IPV6 => ctx.load(0).map(IpHeader::V6),
         _ => Err(0),
@@ -69,7 +129,7 @@ const MALFORMED: (u32, PortInfo) = (PROTO_ANY, PortInfo::Unknown);
 /// The protocol class and destination port of the packet, after its IP
 /// header. Called only for destinations that have a rule.
 #[inline(always)]
-pub fn transport(ctx: &SkBuffContext, header: &IpHeader) -> (u32, PortInfo) {
+pub fn transport(ctx: &impl IpPacket, header: &IpHeader) -> (u32, PortInfo) {
     match header {
         IpHeader::V4(h) => ipv4_transport(ctx, h),
         IpHeader::V6(h) => ipv6_transport(ctx, h),
@@ -77,7 +137,7 @@ pub fn transport(ctx: &SkBuffContext, header: &IpHeader) -> (u32, PortInfo) {
 }
 
 #[inline(always)]
-fn ipv4_transport(ctx: &SkBuffContext, h: &[u8; IPV4_HEADER_LEN]) -> (u32, PortInfo) {
+fn ipv4_transport(ctx: &impl IpPacket, h: &[u8; IPV4_HEADER_LEN]) -> (u32, PortInfo) {
     let version = h[0] >> 4;
     let header_len = usize::from(h[0] & 0x0f) * 4;
     if version != 4 || header_len < IPV4_HEADER_LEN {
@@ -93,7 +153,7 @@ fn ipv4_transport(ctx: &SkBuffContext, h: &[u8; IPV4_HEADER_LEN]) -> (u32, PortI
 }
 
 #[inline(always)]
-fn ipv6_transport(ctx: &SkBuffContext, h: &[u8; IPV6_HEADER_LEN]) -> (u32, PortInfo) {
+fn ipv6_transport(ctx: &impl IpPacket, h: &[u8; IPV6_HEADER_LEN]) -> (u32, PortInfo) {
     if h[0] >> 4 != 6 {
         return MALFORMED;
     }
@@ -135,7 +195,7 @@ fn ipv6_transport(ctx: &SkBuffContext, h: &[u8; IPV6_HEADER_LEN]) -> (u32, PortI
 
 /// Reads the destination port of a TCP or UDP header at `offset`.
 #[inline(always)]
-fn port_at(ctx: &SkBuffContext, protocol: u32, offset: usize) -> (u32, PortInfo) {
+fn port_at(ctx: &impl IpPacket, protocol: u32, offset: usize) -> (u32, PortInfo) {
     match protocol {
         PROTO_TCP | PROTO_UDP => match ctx.load::<[u8; 4]>(offset) {
             Ok(ports) => (

@@ -34,6 +34,8 @@ pub struct DaemonBuilder {
     args: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
     privileges: Option<Privileges>,
+    /// The network namespace to run it in (a node-shaped sandbox's node).
+    netns: Option<std::path::PathBuf>,
 }
 
 impl DaemonBuilder {
@@ -57,6 +59,13 @@ impl DaemonBuilder {
         self
     }
 
+    /// Runs it in this network namespace, as a hostNetwork DaemonSet pod
+    /// runs in its node's (entered before the privileges are dropped).
+    pub fn netns(mut self, netns: &crate::netns::Netns) -> Self {
+        self.netns = Some(netns.path());
+        self.env(NODE_GUARD_ENV, "on")
+    }
+
     /// Runs it with these privileges instead of the test run's.
     pub fn privileges(mut self, privileges: &Privileges) -> Self {
         self.privileges = Some(privileges.clone());
@@ -75,6 +84,24 @@ impl DaemonBuilder {
         };
         let mut command = Command::new(binary);
         command.args(&self.args).envs(self.env);
+        if let Some(path) = &self.netns {
+            let netns = std::fs::File::open(path).map_err(|source| SandboxError::Io {
+                what: "opening",
+                path: path.clone(),
+                source,
+            })?;
+            // SAFETY: setns is async-signal-safe; the descriptor is moved
+            // into the closure, so it stays open until the exec.
+            unsafe {
+                use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+                command.pre_exec(move || {
+                    if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         privileges.apply(&mut command);
         Ok(command)
     }
@@ -133,6 +160,11 @@ impl DaemonBuilder {
     }
 }
 
+/// The node edge guard's switch. Off for daemons in this machine's own
+/// namespace (their tc programs would land on its real interfaces); on in
+/// the node of a node-shaped sandbox ([`DaemonBuilder::netns`]).
+const NODE_GUARD_ENV: &str = "IMDS_GUARD_NODE_GUARD";
+
 /// How long a start may take to reach [`ENFORCING`].
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -149,6 +181,7 @@ impl Daemon {
             args: Vec::new(),
             env: Vec::new(),
             privileges: None,
+            netns: None,
         }
         .args(args)
     }
@@ -157,6 +190,7 @@ impl Daemon {
     /// more arguments follow with [`DaemonBuilder::args`].
     pub fn standalone(cgroup: &Path, pins: &Path) -> DaemonBuilder {
         Daemon::command(["standalone"])
+            .env(NODE_GUARD_ENV, "off")
             .args([OsStr::new("--cgroup"), cgroup.as_os_str()])
             .args([OsStr::new("--bpffs-dir"), pins.as_os_str()])
     }
@@ -165,6 +199,7 @@ impl Daemon {
     /// under `pins` and talking to the API server `kubeconfig` names.
     pub fn kubernetes(node: &str, root: &Path, pins: &Path, kubeconfig: &Path) -> DaemonBuilder {
         Daemon::command(["run", "--node-name", node])
+            .env(NODE_GUARD_ENV, "off")
             .args([OsStr::new("--cgroup-root"), root.as_os_str()])
             .args([OsStr::new("--bpffs-dir"), pins.as_os_str()])
             .env("KUBECONFIG", kubeconfig)

@@ -30,7 +30,7 @@ use std::{
 use crate::{
     Result, SandboxError, TempFile,
     netns::Netns,
-    probe::{Probe, Server},
+    probe::{Outcome, Probe, Server},
 };
 
 /// The shapes' addresses. The pod, Service and link-local gateway addresses
@@ -489,7 +489,118 @@ fn node_and_upstream() -> Result<(Netns, Upstream)> {
     ))
 }
 
+/// One attempt for [`NodeShape::attempt`]: the probe's action, its target,
+/// its extra arguments (on [`addrs::SERVICE_PORT`]).
+pub type Attempt<'a> = (&'a str, IpAddr, &'a [String]);
+
 impl NodeShape {
+    /// Makes one attempt from `client` and returns what it ended with and
+    /// the packets upstream saw arrive at `seen_at` during it, from
+    /// `source` and from anyone.
+    ///
+    /// # Panics
+    /// When the probe or the sniffer cannot be run.
+    pub fn attempt(
+        &self,
+        client: &Probe,
+        (action, target, extra): Attempt,
+        seen_at: IpAddr,
+        source: IpAddr,
+    ) -> (Outcome, u64, u64) {
+        let counts = || {
+            (
+                self.upstream
+                    .packets(Some(source), seen_at)
+                    .expect("sniffer"),
+                self.upstream.packets(None, seen_at).expect("sniffer"),
+            )
+        };
+        let before = counts();
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let result = client
+            .attempt(action, target, addrs::SERVICE_PORT, &extra)
+            .expect("probe");
+        let after = counts();
+        (result.outcome, after.0 - before.0, after.1 - before.1)
+    }
+
+    /// The attempt reached the server at `seen_at` through the node: the
+    /// client got its echo, and upstream saw packets from `source` only (the
+    /// node's uplink address after SNAT; the pod's own where netfilter is
+    /// bypassed).
+    ///
+    /// # Panics
+    /// When it did not.
+    pub fn assert_arrives_from(
+        &self,
+        client: &Probe,
+        attempt: Attempt,
+        seen_at: IpAddr,
+        source: IpAddr,
+    ) {
+        let (action, target, extra) = attempt;
+        let (outcome, from_source, from_anyone) = self.attempt(client, attempt, seen_at, source);
+        assert_eq!(
+            outcome,
+            Outcome::Reached,
+            "{action} {target} {extra:?} from {}",
+            client.netns.name()
+        );
+        assert!(
+            from_source > 0,
+            "{action} {target}: upstream saw nothing from {source} arrive at {seen_at}: {:?}",
+            self.upstream.flows()
+        );
+        assert_eq!(
+            from_source,
+            from_anyone,
+            "{action} {target}: packets arrived at {seen_at} from other sources than {source}: {:?}",
+            self.upstream.flows()
+        );
+    }
+
+    /// The attempt did not reach `seen_at`: the client got no answer, and
+    /// upstream saw no packet at all arrive there during it. Returns what
+    /// the client saw.
+    ///
+    /// # Panics
+    /// When something arrived.
+    pub fn assert_never_arrives(
+        &self,
+        client: &Probe,
+        attempt: Attempt,
+        seen_at: IpAddr,
+    ) -> Outcome {
+        let (action, target, extra) = attempt;
+        let any = addrs::node_uplink_for(seen_at);
+        let (outcome, _, from_anyone) = self.attempt(client, attempt, seen_at, any);
+        assert_eq!(
+            from_anyone,
+            0,
+            "{action} {target} {extra:?} from {}: {from_anyone} packets arrived at {seen_at}: {:?}",
+            client.netns.name(),
+            self.upstream.flows()
+        );
+        assert_ne!(
+            outcome,
+            Outcome::Reached,
+            "{action} {target} {extra:?} from {}: the client got an answer",
+            client.netns.name()
+        );
+        outcome
+    }
+
+    /// The source upstream sees for `pod`'s traffic to `dest` that is no
+    /// Service: the node's uplink after its masquerade, or, where the
+    /// redirect program hands it to the uplink past netfilter, the pod's own.
+    pub fn source_past_node(&self, pod: &Pod, dest: IpAddr) -> IpAddr {
+        if self.shape == Shape::RedirectPastNetfilter {
+            pod.addr_for(dest)
+        } else {
+            addrs::node_uplink_for(dest)
+        }
+    }
+
     /// The first (in the routed shape, only) pod.
     pub fn pod(&self) -> &Pod {
         &self.pods[0]

@@ -8,7 +8,7 @@
 use std::net::IpAddr;
 
 use imds_guard_tests::{
-    NodeShape, Outcome, Pod, Probe, Shape,
+    NodeShape, Outcome, Pod,
     nodeshape::{
         VXLAN_IF,
         addrs::{self, node_uplink_for},
@@ -16,62 +16,6 @@ use imds_guard_tests::{
     },
     require_root,
 };
-
-const PORT: u16 = addrs::SERVICE_PORT;
-
-/// Makes one attempt from `client` and returns the packets upstream saw
-/// arrive at `seen_at` from `source` and from anyone, during it.
-fn attempt(
-    shape: &NodeShape,
-    client: &Probe,
-    (action, target, extra): (&str, IpAddr, &[String]),
-    seen_at: IpAddr,
-    source: IpAddr,
-) -> (Outcome, u64, u64) {
-    let upstream = &shape.upstream;
-    let counts = || {
-        (
-            upstream.packets(Some(source), seen_at).unwrap(),
-            upstream.packets(None, seen_at).unwrap(),
-        )
-    };
-    let before = counts();
-    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-    let result = client.attempt(action, target, PORT, &extra).unwrap();
-    let after = counts();
-    (result.outcome, after.0 - before.0, after.1 - before.1)
-}
-
-/// The attempt reached the server at `seen_at` through the node: the client
-/// got its echo, and upstream saw packets from `source` only (the node's
-/// uplink address after SNAT; the pod's own where netfilter is bypassed).
-fn assert_arrives_from(
-    shape: &NodeShape,
-    client: &Probe,
-    (action, target, extra): (&str, IpAddr, &[String]),
-    seen_at: IpAddr,
-    source: IpAddr,
-) {
-    let (outcome, from_source, from_anyone) =
-        attempt(shape, client, (action, target, extra), seen_at, source);
-    assert_eq!(
-        outcome,
-        Outcome::Reached,
-        "{action} {target} {extra:?} from {}",
-        client.netns.name()
-    );
-    assert!(
-        from_source > 0,
-        "{action} {target}: upstream saw nothing from {source} arrive at {seen_at}: {:?}",
-        shape.upstream.flows().unwrap()
-    );
-    assert_eq!(
-        from_source,
-        from_anyone,
-        "{action} {target}: packets arrived at {seen_at} from other sources than {source}: {:?}",
-        shape.upstream.flows().unwrap()
-    );
-}
 
 /// As `assert_arrives_from`, with the source SNAT gives: the node's uplink.
 fn assert_forwarded_and_snated(
@@ -81,18 +25,7 @@ fn assert_forwarded_and_snated(
     seen_at: IpAddr,
 ) {
     let client = pod.probe();
-    assert_arrives_from(shape, &client, attempt, seen_at, node_uplink_for(seen_at));
-}
-
-/// The source upstream sees for the pod's traffic to `dest` that is no
-/// Service: the node's uplink after its masquerade, or, where the redirect
-/// program hands it to the uplink past netfilter, the pod's own.
-fn source_past_node(shape: &NodeShape, pod: &Pod, dest: IpAddr) -> IpAddr {
-    if shape.shape == Shape::RedirectPastNetfilter {
-        pod.addr_for(dest)
-    } else {
-        node_uplink_for(dest)
-    }
+    shape.assert_arrives_from(&client, attempt, seen_at, node_uplink_for(seen_at));
 }
 
 /// Ordinary traffic and the ordinary Service, both families, from `pod`.
@@ -107,10 +40,10 @@ fn assert_ordinary_routes(shape: &NodeShape, pod: &Pod) {
             IpAddr::V6(addrs::CLUSTER_IP_ORDINARY_V6),
         ),
     ] {
-        let direct = source_past_node(shape, pod, server);
+        let direct = shape.source_past_node(pod, server);
         let client = pod.probe();
-        assert_arrives_from(shape, &client, ("tcp", server, &[]), server, direct);
-        assert_arrives_from(shape, &client, ("udp", server, &[]), server, direct);
+        shape.assert_arrives_from(&client, ("tcp", server, &[]), server, direct);
+        shape.assert_arrives_from(&client, ("udp", server, &[]), server, direct);
         assert_forwarded_and_snated(shape, pod, ("tcp", cluster_ip, &[]), server);
         // DNAT happened on the node: the ClusterIP never left it.
         assert_eq!(
@@ -135,19 +68,13 @@ fn assert_metadata_routes_open(shape: &NodeShape, pod: &Pod) {
             IpAddr::V6(addrs::CLUSTER_IP_METADATA_V6),
         ),
     ] {
-        let direct = source_past_node(shape, pod, metadata);
+        let direct = shape.source_past_node(pod, metadata);
         let client = pod.probe();
-        assert_arrives_from(shape, &client, ("tcp", metadata, &[]), metadata, direct);
+        shape.assert_arrives_from(&client, ("tcp", metadata, &[]), metadata, direct);
         assert_forwarded_and_snated(shape, pod, ("tcp", cluster_ip, &[]), metadata);
         let frames = pod.packet_args(metadata);
         for action in ["packet-raw", "packet-dgram"] {
-            assert_arrives_from(
-                shape,
-                &client,
-                (action, metadata, &frames),
-                metadata,
-                direct,
-            );
+            shape.assert_arrives_from(&client, (action, metadata, &frames), metadata, direct);
         }
     }
 }
@@ -225,8 +152,7 @@ fn bridge_vxlan_shape_decapsulates_to_metadata() {
         let spoofed = other.addr_for(metadata);
         let mut args = shape.vxlan_args(pod, metadata, Some(spoofed)).unwrap();
         args.extend(["--timeout-ms".to_owned(), "300".to_owned()]);
-        let (outcome, from_node, from_anyone) = attempt(
-            &shape,
+        let (outcome, from_node, from_anyone) = shape.attempt(
             &pod.probe(),
             ("vxlan", metadata, &args),
             metadata,
@@ -273,7 +199,7 @@ fn host_network_packet_frames_reach_metadata() {
             ("packet-dgram", &bypass),
         ] {
             let source = node_uplink_for(metadata);
-            assert_arrives_from(&shape, &probe, (action, metadata, args), metadata, source);
+            shape.assert_arrives_from(&probe, (action, metadata, args), metadata, source);
         }
     }
 }

@@ -15,7 +15,7 @@ use aya::{
 use enforcer_user::{
     bpf::{
         loader,
-        maps::{Access, AllowMap, DestRulesMap},
+        maps::{Access, CgroupAllowMap, DestRulesMap},
     },
     config::{
         Mode,
@@ -262,15 +262,15 @@ fn rules() -> RuleSet {
 struct Loaded {
     ebpf: Ebpf,
     rules: DestRulesMap,
-    allow: AllowMap,
+    allow: CgroupAllowMap,
 }
 
 fn load(rules: &RuleSet) -> Loaded {
     require_root();
-    let mut ebpf = loader::load(Mode::Enforce, None).expect("load the programs");
+    let mut ebpf = loader::load(Mode::Enforce, 0, None).expect("load the programs");
     let mut rules_map = DestRulesMap::take(&mut ebpf).expect("rules map");
     rules_map.sync(rules).expect("write rules");
-    let allow = AllowMap::take(&mut ebpf).expect("allow map");
+    let allow = CgroupAllowMap::take(&mut ebpf).expect("allow map");
     Loaded {
         ebpf,
         rules: rules_map,

@@ -13,7 +13,7 @@ use std::{
 
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
-    sync::mpsc,
+    sync::{mpsc, watch},
 };
 use tracing::{error, info, warn};
 
@@ -23,7 +23,8 @@ use crate::{
         owner::{Enforcer, EnforcerError, EnforcerHandle, StartSettings, Started},
         pins::PinRoot,
     },
-    config::{Common, ConfigError, ModeSettings, Settings, Sources},
+    config::{Common, ConfigError, ModeSettings, NodeGuard, Settings, Sources, rules::RuleSet},
+    edge::{self, PodAddresses},
     host::{
         cgroup::{self, CgroupDir, CgroupError},
         preflight::{self, PreflightError},
@@ -167,9 +168,22 @@ pub struct Daemon {
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     tasks: Tasks,
+    /// What the node edge guard follows: the rules, the allowed pods' addresses.
+    edge_rules: watch::Sender<RuleSet>,
+    pod_addresses: watch::Sender<PodAddresses>,
 }
 
 impl Daemon {
+    /// Tells the node edge guard the allowed pods' addresses (a mode that
+    /// knows pods calls it; without, no pod is let through the node).
+    pub fn publish_pod_addresses(&self, addresses: PodAddresses) {
+        self.pod_addresses.send_if_modified(|current| {
+            let changed = *current != addresses;
+            *current = addresses;
+            changed
+        });
+    }
+
     /// Runs a helper task under supervision until shutdown.
     pub fn spawn(&mut self, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
         self.tasks.spawn(name, task);
@@ -202,6 +216,7 @@ pub async fn run<M: DaemonMode>(sources: Sources) -> Result<(), AppError> {
         rules: &settings.common.rules,
         cgroup: &target.cgroup,
         allowed: target.allowed.as_ref(),
+        node_guard: settings.common.node_guard == NodeGuard::On,
     })?;
     log_start(&started, &target.cgroup, &settings.common);
     if let Some(allowed) = &target.allowed {
@@ -288,6 +303,9 @@ async fn reload_settings<M: DaemonMode>(
             .handle
             .set_rules(settings.common.rules.clone())
             .await?;
+        daemon
+            .edge_rules
+            .send_replace(settings.common.rules.clone());
     }
     let allowed = mode
         .apply_reload(reload, &settings, daemon)
@@ -341,6 +359,7 @@ async fn start(
         .rules
         .set(metrics::gauge_count(common.rules.rules().len()));
     let events = enforcer.take_events();
+    let edge_hook = enforcer.edge_hook();
     let (handle, owner) = enforcer.into_task();
     let mut tasks = Tasks::default();
     // The owner finishes the requests queued before shutdown asks it to end.
@@ -363,6 +382,20 @@ async fn start(
         "metrics refresh",
         refresh_metrics(Arc::clone(&health), Arc::clone(&metrics)),
     );
+    edge::announce(edge_hook, &metrics);
+    let (edge_rules, rules_seen) = watch::channel(common.rules.clone());
+    let (pod_addresses, addresses_seen) = watch::channel(PodAddresses::new());
+    if edge_hook.is_some() {
+        tasks.spawn(
+            "node edge guard",
+            edge::run(
+                handle.clone(),
+                rules_seen,
+                addresses_seen,
+                Arc::clone(&metrics),
+            ),
+        );
+    }
     if let Some(listener) = listener {
         let endpoints = Arc::new(Endpoints {
             metrics: Arc::clone(&metrics),
@@ -378,6 +411,8 @@ async fn start(
         metrics,
         health,
         tasks,
+        edge_rules,
+        pod_addresses,
     })
 }
 

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use aya::{
     Ebpf, EbpfError, EbpfLoader, include_bytes_aligned,
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SchedClassifier,
         links::{FdLink, LinkError},
     },
 };
@@ -50,12 +50,18 @@ fn kernel_value(mode: Mode) -> u32 {
 }
 
 /// Loads the object and every program into the kernel, unattached. The mode
-/// is a load-time constant, so the verifier drops the other mode's path.
+/// is a load-time constant, so the verifier drops the other mode's path;
+/// so is the guarded cgroup, whose sockets alone the node programs judge.
 /// With `map_pins`, each map is created pinned at the path it gives.
-pub fn load(mode: Mode, map_pins: Option<&dyn Fn(&str) -> PathBuf>) -> Result<Ebpf, BpfError> {
+pub fn load(
+    mode: Mode,
+    guarded_cgroup_id: u64,
+    map_pins: Option<&dyn Fn(&str) -> PathBuf>,
+) -> Result<Ebpf, BpfError> {
     let mode_value = kernel_value(mode);
     let mut loader = EbpfLoader::new();
     loader.override_global(names::ENFORCE_MODE, &mode_value, true);
+    loader.override_global(names::GUARDED_CGROUP_ID, &guarded_cgroup_id, true);
     let pin_paths: Vec<(&str, PathBuf)> = map_pins
         .map(|pin| names::MAPS.iter().map(|&m| (m, pin(m))).collect())
         .unwrap_or_default();
@@ -74,7 +80,32 @@ pub fn load(mode: Mode, map_pins: Option<&dyn Fn(&str) -> PathBuf>) -> Result<Eb
         hook.load()
             .map_err(|source| refusal::program_error(name, source))?;
     }
+    for name in names::NODE_PROGRAMS {
+        let classifier: &mut SchedClassifier = program(&mut ebpf, name)?;
+        classifier
+            .load()
+            .map_err(|source| refusal::program_error(name, source))?;
+    }
     Ok(ebpf)
+}
+
+/// Pins the node edge guard's programs at the paths `program_pin` gives,
+/// so a later daemon attaches the same programs to new interfaces.
+pub fn pin_node_programs(
+    ebpf: &mut Ebpf,
+    program_pin: &dyn Fn(&str) -> PathBuf,
+) -> Result<(), BpfError> {
+    for name in names::NODE_PROGRAMS {
+        let classifier: &mut SchedClassifier = program(ebpf, name)?;
+        classifier
+            .pin(program_pin(name))
+            .map_err(|e| BpfError::Pin {
+                name,
+                path: program_pin(name),
+                reason: e.to_string(),
+            })?;
+    }
+    Ok(())
 }
 
 /// What the kernel needs of `RLIMIT_MEMLOCK` for one generation's maps, on
@@ -207,7 +238,11 @@ mod tests {
             .collect();
         assert_eq!(maps, BTreeSet::from(names::MAPS));
         let programs: BTreeSet<&str> = object.programs.keys().map(String::as_str).collect();
-        assert_eq!(programs, BTreeSet::from(names::PROGRAMS));
+        let contract: BTreeSet<&str> = names::PROGRAMS
+            .into_iter()
+            .chain(names::NODE_PROGRAMS)
+            .collect();
+        assert_eq!(programs, contract);
     }
 
     #[test]

@@ -151,27 +151,64 @@ impl Access {
 
 /// The listed cgroups, by id.
 pub type CgroupAccess = BTreeMap<u64, Access>;
+/// The allowed pods' interfaces, by index (the node edge guard).
+pub type InterfaceAccess = BTreeMap<u32, Access>;
 
-/// The listed cgroups: allowed, or audited.
-pub struct AllowMap(HashMap<MapData, u64, AllowEntry>);
+/// What a listed key (a cgroup id, an interface index) may do: allowed, or
+/// audited. `K` is the map's key type.
+pub struct AllowMap<K: aya::Pod + Ord> {
+    map: HashMap<MapData, K, AllowEntry>,
+    name: &'static str,
+}
 
-impl AllowMap {
+/// The listed cgroups.
+pub type CgroupAllowMap = AllowMap<u64>;
+/// The allowed pods' interfaces.
+pub type InterfaceAllowMap = AllowMap<u32>;
+
+impl CgroupAllowMap {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, BpfError> {
-        take_map(ebpf, names::ALLOWED_CGROUPS).map(Self)
+        AllowMap::take_named(ebpf, names::ALLOWED_CGROUPS)
     }
 
     pub fn from_pin(path: &Path) -> Result<Self, BpfError> {
-        open_pinned(path, names::ALLOWED_CGROUPS).map(Self)
+        AllowMap::open_named(path, names::ALLOWED_CGROUPS)
+    }
+}
+
+impl InterfaceAllowMap {
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self, BpfError> {
+        AllowMap::take_named(ebpf, names::ALLOWED_INTERFACES)
+    }
+
+    pub fn from_pin(path: &Path) -> Result<Self, BpfError> {
+        AllowMap::open_named(path, names::ALLOWED_INTERFACES)
+    }
+}
+
+impl<K: aya::Pod + Ord> AllowMap<K> {
+    fn take_named(ebpf: &mut Ebpf, name: &'static str) -> Result<Self, BpfError> {
+        Ok(AllowMap {
+            map: take_map(ebpf, name)?,
+            name,
+        })
+    }
+
+    fn open_named(path: &Path, name: &'static str) -> Result<Self, BpfError> {
+        Ok(AllowMap {
+            map: open_pinned(path, name)?,
+            name,
+        })
     }
 
     /// The entries the map holds; one with a code no build writes is left
     /// out, so [`AllowMap::sync`] rewrites it.
-    pub fn entries(&self) -> Result<CgroupAccess, BpfError> {
-        let mut entries = CgroupAccess::new();
-        for item in &self.0 {
-            let (id, entry) = item.map_err(map_err(names::ALLOWED_CGROUPS))?;
+    pub fn entries(&self) -> Result<BTreeMap<K, Access>, BpfError> {
+        let mut entries = BTreeMap::new();
+        for item in &self.map {
+            let (key, entry) = item.map_err(map_err(self.name))?;
             if let Some(access) = Access::from_code(entry.access) {
-                entries.insert(id, access);
+                entries.insert(key, access);
             }
         }
         Ok(entries)
@@ -180,20 +217,20 @@ impl AllowMap {
     /// Makes the map hold exactly `wanted`, by difference: entries that stay
     /// are never removed, not even for an instant, and a changed one is
     /// overwritten in place.
-    pub fn sync(&mut self, wanted: &CgroupAccess) -> Result<(), BpfError> {
-        let err = map_err(names::ALLOWED_CGROUPS);
+    pub fn sync(&mut self, wanted: &BTreeMap<K, Access>) -> Result<(), BpfError> {
+        let err = map_err(self.name);
         let present = self.entries()?;
-        for (&id, &access) in wanted {
-            if present.get(&id) != Some(&access) {
+        for (key, &access) in wanted {
+            if present.get(key) != Some(&access) {
                 let entry = AllowEntry {
                     access: access.code(),
                     ..AllowEntry::default()
                 };
-                self.0.insert(id, entry, 0).map_err(&err)?;
+                self.map.insert(key, entry, 0).map_err(&err)?;
             }
         }
-        for id in present.keys().filter(|id| !wanted.contains_key(id)) {
-            self.0.remove(id).map_err(&err)?;
+        for key in present.keys().filter(|key| !wanted.contains_key(key)) {
+            self.map.remove(key).map_err(&err)?;
         }
         Ok(())
     }

@@ -10,6 +10,7 @@ use aya::{EbpfError, maps::MapError, programs::ProgramError};
 
 use crate::host::memlock::MemlockError;
 
+pub mod edge;
 pub mod loader;
 pub mod maps;
 pub mod owner;
@@ -62,6 +63,8 @@ pub enum BpfError {
         name: &'static str,
         source: MapError,
     },
+    #[error("node edge guard program {name}: {reason}")]
+    Edge { name: &'static str, reason: String },
     #[error("pinning {name} at {path}: {reason}")]
     Pin {
         name: &'static str,

@@ -7,8 +7,13 @@ use enforcer_common::{BlockCounters, names};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    BpfError, loader,
-    maps::{AllowMap, CgroupAccess, CountersMap, DestRulesMap, DroppedEvents, EventRing},
+    BpfError,
+    edge::{self, EdgeAttached, EdgePrograms, EdgeTargets},
+    loader,
+    maps::{
+        CgroupAccess, CgroupAllowMap, CountersMap, DestRulesMap, DroppedEvents, EventRing,
+        InterfaceAllowMap,
+    },
     pins::{self, GenerationKey, PinError, PinRoot, StartPlan},
 };
 use crate::{
@@ -29,11 +34,14 @@ pub enum EnforcerError {
 /// The pinned maps of the generation in force.
 pub struct Enforcer {
     rules: DestRulesMap,
-    allowed: AllowMap,
+    allowed: CgroupAllowMap,
     counters: CountersMap,
     dropped: DroppedEvents,
     /// Handed to the event reader by [`Enforcer::take_events`].
     events: Option<EventRing>,
+    interfaces: InterfaceAllowMap,
+    /// The node edge guard's programs; `None` when it is off.
+    edge: Option<EdgePrograms>,
 }
 
 /// The enforcer's state, for metrics, health and status.
@@ -55,6 +63,10 @@ enum Request {
     },
     Snapshot {
         reply: oneshot::Sender<Result<Snapshot, BpfError>>,
+    },
+    SetEdge {
+        plan: EdgeTargets,
+        reply: oneshot::Sender<Result<EdgeAttached, BpfError>>,
     },
     /// Ends the task, whatever other handles still exist.
     Shutdown,
@@ -91,6 +103,8 @@ pub struct StartSettings<'a> {
     /// The cgroups to allow, when known at start; `None` keeps what the
     /// pinned state had (Kubernetes mode, before the first list).
     pub allowed: Option<&'a CgroupAccess>,
+    /// Whether the node edge guard runs.
+    pub node_guard: bool,
 }
 
 impl Enforcer {
@@ -149,6 +163,19 @@ impl Enforcer {
         if let Some(allowed) = settings.allowed {
             enforcer.allowed.sync(allowed)?;
         }
+        let generation = started.generation();
+        if settings.node_guard {
+            let prog_pin = |program: &str| pins.program_pin(generation, program);
+            enforcer.edge = Some(EdgePrograms::from_pins(&prog_pin, &pins.tc_link_dir())?);
+        } else {
+            // Turned off: what an earlier run attached goes.
+            let tc_links = pins.tc_link_dir();
+            edge::detach_all(&tc_links).map_err(|source| PinError::Io {
+                action: "removing the node edge guard's links",
+                path: tc_links,
+                source,
+            })?;
+        }
         Ok((enforcer, started))
     }
 
@@ -157,10 +184,12 @@ impl Enforcer {
         let pin = |map: &str| pins.map_pin(generation, map);
         Ok(Enforcer {
             rules: DestRulesMap::from_pins(&pin)?,
-            allowed: AllowMap::from_pin(&pin(names::ALLOWED_CGROUPS))?,
+            allowed: CgroupAllowMap::from_pin(&pin(names::ALLOWED_CGROUPS))?,
             counters: CountersMap::from_pin(&pin(names::BLOCK_COUNTERS))?,
             dropped: DroppedEvents::from_pin(&pin(names::EVENTS_DROPPED))?,
             events: Some(EventRing::from_pin(&pin(names::EVENTS))?),
+            interfaces: InterfaceAllowMap::from_pin(&pin(names::ALLOWED_INTERFACES))?,
+            edge: None,
         })
     }
 
@@ -183,13 +212,15 @@ impl Enforcer {
         }
         pins.create_generation_dir(generation)?;
         let map_pin = |map: &str| pins.map_pin(generation, map);
-        let mut ebpf = loader::load(settings.mode, Some(&map_pin))?;
+        let mut ebpf = loader::load(settings.mode, settings.cgroup.id(), Some(&map_pin))?;
         let mut enforcer = Enforcer {
             rules: DestRulesMap::take(&mut ebpf)?,
-            allowed: AllowMap::take(&mut ebpf)?,
+            allowed: CgroupAllowMap::take(&mut ebpf)?,
             counters: CountersMap::take(&mut ebpf)?,
             dropped: DroppedEvents::take(&mut ebpf)?,
             events: Some(EventRing::take(&mut ebpf)?),
+            interfaces: InterfaceAllowMap::take(&mut ebpf)?,
+            edge: None,
         };
         enforcer.rules.sync(settings.rules)?;
         if let Some(old) = carry_from {
@@ -200,6 +231,9 @@ impl Enforcer {
         if let Some(allowed) = settings.allowed {
             enforcer.allowed.sync(allowed)?;
         }
+        // Before the links: a generation with all its links is complete.
+        let program_pin = |program: &str| pins.program_pin(generation, program);
+        loader::pin_node_programs(&mut ebpf, &program_pin)?;
         let link_pin = |program: &str| pins.link_pin(generation, program);
         loader::attach_pinned(&mut ebpf, settings.cgroup, &link_pin)?;
         Ok(enforcer)
@@ -216,6 +250,21 @@ impl Enforcer {
             counters: self.counters.read()?,
             events_dropped: self.dropped.total()?,
         })
+    }
+
+    /// Brings the node edge guard to `plan`: the allowed interfaces first,
+    /// so an uplink attached next never refuses an allowed pod.
+    fn set_edge(&mut self, plan: &EdgeTargets) -> Result<EdgeAttached, BpfError> {
+        let Some(programs) = &mut self.edge else {
+            return Ok(EdgeAttached::default());
+        };
+        self.interfaces.sync(&plan.allowed)?;
+        Ok(programs.apply(plan))
+    }
+
+    /// Which tc interface the node edge guard uses, if it runs.
+    pub fn edge_hook(&self) -> Option<edge::TcHook> {
+        self.edge.as_ref().map(EdgePrograms::hook)
     }
 
     /// The owner task, to spawn, and the handle to ask it with. The task
@@ -238,6 +287,9 @@ impl Enforcer {
                 }
                 Request::Snapshot { reply } => {
                     let _ = reply.send(self.snapshot());
+                }
+                Request::SetEdge { plan, reply } => {
+                    let _ = reply.send(self.set_edge(&plan));
                 }
                 Request::Shutdown => return,
             }
@@ -277,6 +329,11 @@ impl EnforcerHandle {
     pub async fn shutdown(&self) {
         // A closed channel means the task has ended already.
         let _ = self.0.send(Request::Shutdown).await;
+    }
+
+    /// Brings the node edge guard to `plan`; says what is attached.
+    pub async fn set_edge(&self, plan: EdgeTargets) -> Result<EdgeAttached, EnforcerError> {
+        self.ask(|reply| Request::SetEdge { plan, reply }).await
     }
 
     /// The allow list, counters and dropped events, as the maps hold them.

@@ -15,13 +15,15 @@ use std::{
 };
 
 use aya::programs::links::{FdLink, LinkType, PinnedLink};
-use enforcer_common::names::{MAPS, PROGRAMS};
+use enforcer_common::names::{MAPS, NODE_PROGRAMS, PROGRAMS};
 
 use crate::config::Mode;
 
 /// Prefix of generation directory names: everything else under the root is
 /// not ours and is left alone.
 const GENERATION_PREFIX: &str = "g-";
+/// The node edge guard's tcx links, beside the generations.
+const TC_LINK_DIR: &str = "tc";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinError {
@@ -134,6 +136,18 @@ impl PinRoot {
         self.root.join(generation).join(format!("link-{program}"))
     }
 
+    /// Where a node edge guard program of `generation` is pinned: they are
+    /// attached per interface, so the program itself is kept.
+    pub fn program_pin(&self, generation: &str, program: &str) -> PathBuf {
+        self.root.join(generation).join(format!("prog-{program}"))
+    }
+
+    /// The node edge guard's pinned tcx links, shared by the generations
+    /// (each restart swaps its program into them).
+    pub fn tc_link_dir(&self) -> PathBuf {
+        self.root.join(TC_LINK_DIR)
+    }
+
     /// Each program of `generation`, and whether its link is attached (see
     /// [`link_attached`]).
     pub fn attached_programs(&self, generation: &str) -> BTreeMap<&'static str, bool> {
@@ -194,6 +208,11 @@ impl PinRoot {
         let pins = PROGRAMS
             .iter()
             .map(|p| self.link_pin(generation, p))
+            .chain(
+                NODE_PROGRAMS
+                    .iter()
+                    .map(|p| self.program_pin(generation, p)),
+            )
             .chain(MAPS.iter().map(|m| self.map_pin(generation, m)));
         for pin in pins {
             match std::fs::remove_file(&pin) {
@@ -216,9 +235,17 @@ impl PinRoot {
         })
     }
 
-    /// Removes every generation, then the root if nothing else is in it.
-    /// Entries that are not ours are left where they are.
+    /// Removes the node edge guard's filters and links, every generation,
+    /// then the root if nothing else is in it. Entries that are not ours
+    /// are left where they are.
     pub fn uninstall(&self) -> Result<Uninstalled, PinError> {
+        let tc_links = self.tc_link_dir();
+        let edge_attachments =
+            super::edge::detach_all(&tc_links).map_err(|source| PinError::Io {
+                action: "removing the node edge guard's links",
+                path: tc_links,
+                source,
+            })?;
         let generations = self.generations()?;
         for generation in &generations {
             self.remove_generation(&generation.name)?;
@@ -246,6 +273,7 @@ impl PinRoot {
         }
         Ok(Uninstalled {
             removed: generations.into_iter().map(|g| g.name).collect(),
+            edge_attachments,
             not_ours: left,
         })
     }
@@ -273,6 +301,8 @@ pub fn link_attached(path: &Path) -> bool {
 #[derive(Debug)]
 pub struct Uninstalled {
     pub removed: Vec<String>,
+    /// The node edge guard's filters and links removed.
+    pub edge_attachments: usize,
     /// Entries under the root that are not ours, left in place.
     pub not_ours: Vec<String>,
 }

@@ -20,6 +20,8 @@
 //! bpffsDir: /sys/fs/bpf/imds-guard
 //! cgroupRoot: /sys/fs/cgroup
 //! httpListen: 0.0.0.0:9464   # /metrics, /healthz, /readyz
+//! statusSocket: /run/imds-guard/status.sock   # also /pods (names pods): node-local
+//! nodeGuard: on              # forwarded packets and AF_PACKET frames (off: pod sockets only)
 //! standalone:
 //!   cgroup: system.slice
 //!   allow: [system.slice/metadata-agent.service]
@@ -38,7 +40,7 @@ pub mod named;
 pub mod presets;
 pub mod rules;
 
-pub use named::Mode;
+pub use named::{Mode, NodeGuard};
 pub use presets::Preset;
 
 use labels::LabelPolicy;
@@ -126,6 +128,14 @@ pub struct Layer {
     /// Address to serve /metrics, /healthz and /readyz on (e.g. 0.0.0.0:9464).
     #[arg(long, env = "IMDS_GUARD_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
+    /// Node-local (unix) socket that also serves /pods, which names this
+    /// node's pods: for `imds-guard status`, not for the network.
+    #[arg(long, env = "IMDS_GUARD_STATUS_SOCKET")]
+    pub status_socket: Option<PathBuf>,
+    /// The node edge guard: tc programs in this network namespace that drop
+    /// forwarded packets and AF_PACKET frames to denied destinations (default on).
+    #[arg(long, value_enum, env = "IMDS_GUARD_NODE_GUARD")]
+    pub node_guard: Option<NodeGuard>,
     /// Standalone mode's section; on the command line, the `standalone`
     /// command's own flags.
     #[arg(skip)]
@@ -238,7 +248,8 @@ macro_rules! stack_fields {
 }
 
 stack_fields!(Layer {
-    mode, presets, deny, pass, limits, bpffs_dir, cgroup_root, http_listen
+    mode, presets, deny, pass, limits, bpffs_dir, cgroup_root, http_listen, status_socket,
+    node_guard
 } sections { standalone, kubernetes });
 stack_fields!(StandaloneSection { cgroup, allow, allow_file, audit } sections {});
 stack_fields!(KubernetesSection {
@@ -350,6 +361,9 @@ pub struct Common {
     pub cgroup_root: Option<PathBuf>,
     /// Where `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
     pub http_listen: Option<SocketAddr>,
+    /// Where `/pods` is served too, node-local, if anywhere.
+    pub status_socket: Option<PathBuf>,
+    pub node_guard: NodeGuard,
 }
 
 fn limits(file: Option<&LimitsSection>) -> Result<PrefixLimits, ConfigError> {
@@ -430,6 +444,8 @@ impl Common {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS_DIR)),
             cgroup_root: layer.cgroup_root.clone(),
             http_listen: layer.http_listen,
+            status_socket: layer.status_socket.clone(),
+            node_guard: layer.node_guard.unwrap_or(NodeGuard::On),
         })
     }
 
@@ -441,6 +457,8 @@ impl Common {
             ("bpffsDir", new.bpffs_dir != self.bpffs_dir),
             ("cgroupRoot", new.cgroup_root != self.cgroup_root),
             ("httpListen", new.http_listen != self.http_listen),
+            ("statusSocket", new.status_socket != self.status_socket),
+            ("nodeGuard", new.node_guard != self.node_guard),
         ]
         .into_iter()
         .filter_map(|(field, changed)| changed.then_some(field))

@@ -70,3 +70,12 @@ named_values! {
         Audit = "audit",
     }
 }
+
+named_values! {
+    /// Whether the node edge guard runs (tc programs in the node's own
+    /// network namespace, for forwarded packets and `AF_PACKET` frames).
+    pub enum NodeGuard {
+        On = "on",
+        Off = "off",
+    }
+}

@@ -161,13 +161,7 @@ impl KubernetesMode {
             &Touched::All
         };
         self.reconciler
-            .reconcile(
-                &self.view,
-                touched,
-                &settings.mode.policy,
-                &daemon.handle,
-                &daemon.metrics,
-            )
+            .reconcile(&self.view, touched, &settings.mode.policy, daemon)
             .await?;
         self.announce_sync(settings, daemon);
         Ok(())
@@ -404,9 +398,7 @@ impl DaemonMode for KubernetesMode {
                     warn!("the pod cgroup watch failed, looking every second instead: {err}");
                     self.arrivals = None;
                 }
-                self.reconciler
-                    .retry(&daemon.handle, &daemon.metrics)
-                    .await?;
+                self.reconciler.retry(daemon).await?;
                 self.announce_sync(settings, daemon);
             }
             ClusterChange::Due => {
@@ -415,9 +407,7 @@ impl DaemonMode for KubernetesMode {
                     .retry_at()
                     .is_some_and(|at| at <= std::time::Instant::now());
                 if due {
-                    self.reconciler
-                        .retry(&daemon.handle, &daemon.metrics)
-                        .await?;
+                    self.reconciler.retry(daemon).await?;
                     self.announce_sync(settings, daemon);
                 }
             }

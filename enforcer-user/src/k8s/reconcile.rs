@@ -5,6 +5,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
     os::unix::fs::MetadataExt as _,
     time::{Duration, Instant},
 };
@@ -13,18 +14,20 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
+    app::Daemon,
     bpf::{
         maps::{Access, CgroupAccess},
-        owner::{EnforcerError, EnforcerHandle},
+        owner::EnforcerError,
     },
     config::labels::LabelPolicy,
+    edge::PodAddresses,
     k8s::{
         layout::{PodLayout, Qos, RealDirs},
         view::{ClusterView, PodEntry, Touched},
     },
     report::{
         events::{PodNotice, PodRef},
-        metrics::{ErrorKind, Metrics},
+        metrics::ErrorKind,
     },
 };
 
@@ -46,6 +49,7 @@ struct Listed {
     cgroup_uid: String,
     qos: Option<Qos>,
     cgroup: Option<u64>,
+    pod_ips: Vec<IpAddr>,
 }
 
 /// Makes the allow map hold the cgroups of the pods the policy lists.
@@ -105,8 +109,7 @@ impl Reconciler {
         view: &ClusterView,
         touched: &Touched,
         policy: &LabelPolicy,
-        handle: &EnforcerHandle,
-        metrics: &Metrics,
+        daemon: &Daemon,
     ) -> Result<(), EnforcerError> {
         let started = Instant::now();
         let uids: Vec<String> = match touched {
@@ -127,20 +130,17 @@ impl Reconciler {
                 self.warned.remove(&uid);
             }
         }
-        self.sync(handle, metrics).await?;
-        metrics
+        self.sync(daemon).await?;
+        daemon
+            .metrics
             .reconcile_seconds
             .observe(started.elapsed().as_secs_f64());
         Ok(())
     }
 
     /// Looks again for missing cgroups, or retries a failed write.
-    pub async fn retry(
-        &mut self,
-        handle: &EnforcerHandle,
-        metrics: &Metrics,
-    ) -> Result<(), EnforcerError> {
-        self.sync(handle, metrics).await
+    pub async fn retry(&mut self, daemon: &Daemon) -> Result<(), EnforcerError> {
+        self.sync(daemon).await
     }
 
     fn decide(&mut self, pod: &PodEntry, view: &ClusterView, policy: &LabelPolicy) {
@@ -170,6 +170,7 @@ impl Reconciler {
                     cgroup_uid: pod.cgroup_uid.clone(),
                     qos: pod.qos,
                     cgroup,
+                    pod_ips: pod.pod_ips.clone(),
                 };
                 self.listed.insert(pod.uid.clone(), listed);
             }
@@ -194,11 +195,16 @@ impl Reconciler {
     /// Writes the map if what it should hold changed. A failed write is
     /// counted and retried with back-off; only a persistent failure is
     /// returned.
-    async fn sync(
-        &mut self,
-        handle: &EnforcerHandle,
-        metrics: &Metrics,
-    ) -> Result<(), EnforcerError> {
+    async fn sync(&mut self, daemon: &Daemon) -> Result<(), EnforcerError> {
+        let (handle, metrics) = (&daemon.handle, &*daemon.metrics);
+        // The node edge guard lets listed pods' interfaces through, found by
+        // their addresses; it needs no cgroup for that.
+        let addresses: PodAddresses = self
+            .listed
+            .values()
+            .flat_map(|l| l.pod_ips.iter().map(|ip| (*ip, l.access)))
+            .collect();
+        daemon.publish_pod_addresses(addresses);
         self.find_missing_cgroups();
         let wanted: CgroupAccess = self
             .listed

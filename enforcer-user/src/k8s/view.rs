@@ -1,7 +1,10 @@
 //! This node's pods and the cluster's namespaces as the watchers last saw
 //! them, kept to the few fields the policy and the cgroup layout need.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::core::PartialObjectMeta;
@@ -28,6 +31,9 @@ pub struct PodEntry {
     /// In a terminal phase (Succeeded, Failed): its containers are gone, so
     /// it is dropped as if deleted.
     pub finished: bool,
+    /// Its addresses on the pod network (none for a hostNetwork pod, whose
+    /// address is the node's): the node edge guard finds its interface by them.
+    pub pod_ips: Vec<IpAddr>,
 }
 
 impl PodEntry {
@@ -54,8 +60,30 @@ impl PodEntry {
             finished: status
                 .and_then(|s| s.phase.as_deref())
                 .is_some_and(|phase| matches!(phase, "Succeeded" | "Failed")),
+            pod_ips: pod_network_ips(pod),
         })
     }
+}
+
+/// A pod's `status.podIPs` (or `podIP`), unless it shares the node's network.
+fn pod_network_ips(pod: &Pod) -> Vec<IpAddr> {
+    if pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false)
+    {
+        return Vec::new();
+    }
+    let Some(status) = pod.status.as_ref() else {
+        return Vec::new();
+    };
+    let listed = status.pod_ips.iter().flatten().map(|ip| ip.ip.as_str());
+    let texts: Vec<&str> = match status.pod_ip.as_deref() {
+        Some(single) if status.pod_ips.as_ref().is_none_or(Vec::is_empty) => vec![single],
+        _ => listed.collect(),
+    };
+    texts.into_iter().filter_map(|t| t.parse().ok()).collect()
 }
 
 /// Marks a static pod's mirror in the API, with the static pod's UID.
@@ -210,6 +238,7 @@ mod tests {
             labels,
             qos: Some(Qos::Burstable),
             finished: false,
+            pod_ips: Vec::new(),
         }
     }
 

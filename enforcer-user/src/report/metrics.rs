@@ -41,6 +41,8 @@ pub enum ErrorKind {
     Watch,
     /// Removing the startup taint from this node.
     Taint,
+    /// Reading the node's links and routes, or attaching the edge guard.
+    Edge,
 }
 
 impl ErrorKind {
@@ -49,6 +51,7 @@ impl ErrorKind {
             ErrorKind::MapWrite => "map_write",
             ErrorKind::Watch => "watch",
             ErrorKind::Taint => "taint",
+            ErrorKind::Edge => "edge",
         }
     }
 }
@@ -73,6 +76,19 @@ pub struct Metrics {
     pub map_update_seconds: Histogram,
     pub last_sync_timestamp: Gauge,
     errors: Family<ErrorLabels, Counter>,
+    routes: Family<RouteLabels, Gauge>,
+    edge_interfaces: Family<RoleLabels, Gauge>,
+}
+
+/// A route to denied destinations the node offers besides pod sockets.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleLabels {
+    pub role: &'static str,
 }
 
 /// A count as a gauge value (gauges are signed).
@@ -108,7 +124,19 @@ impl Metrics {
             map_update_seconds: Histogram::new(latency_buckets()),
             last_sync_timestamp: Gauge::default(),
             errors: Family::default(),
+            routes: Family::default(),
+            edge_interfaces: Family::default(),
         };
+        registry.register(
+            "route_guarded",
+            "Whether a route to denied destinations besides pod sockets is guarded on this node (1) or open (0)",
+            metrics.routes.clone(),
+        );
+        registry.register(
+            "edge_interfaces",
+            "Interfaces the node edge guard is attached to, by role (uplink, bridge_port)",
+            metrics.edge_interfaces.clone(),
+        );
         registry.register(
             "attempts",
             "Attempts to reach a denied destination, by workload, destination and verdict",
@@ -126,7 +154,7 @@ impl Metrics {
         );
         registry.register(
             "errors",
-            "Failures the daemon retries, by kind (map_write, watch, taint)",
+            "Failures the daemon retries, by kind (map_write, watch, taint, edge)",
             metrics.errors.clone(),
         );
         registry.register("rules", "Destination rules loaded", metrics.rules.clone());
@@ -191,6 +219,20 @@ impl Metrics {
         if kernel_total > before {
             self.events_dropped.inc_by(kernel_total - before);
         }
+    }
+
+    /// Records whether `route` is guarded on this node.
+    pub fn set_route_guarded(&self, route: &'static str, guarded: bool) {
+        self.routes
+            .get_or_create(&RouteLabels { route })
+            .set(i64::from(guarded));
+    }
+
+    /// Records how many interfaces have the guard in `role`.
+    pub fn set_edge_interfaces(&self, role: &'static str, count: usize) {
+        self.edge_interfaces
+            .get_or_create(&RoleLabels { role })
+            .set(gauge_count(count));
     }
 
     /// The text exposition format.

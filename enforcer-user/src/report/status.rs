@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::{
     bpf::{
         BpfError,
-        maps::{Access, AllowMap, CountersMap, DestRulesMap, DroppedEvents},
+        maps::{Access, CgroupAllowMap, CountersMap, DestRulesMap, DroppedEvents},
         pins::{self, PinError, PinRoot},
     },
     config::rules::Rule,
@@ -143,10 +143,11 @@ pub fn read(
         .map(|rule| (rule.prefix.prefix_len(), rule.to_string()))
         .collect();
     rules.sort();
-    let (allowed, audited): (Vec<_>, Vec<_>) = AllowMap::from_pin(&pin(names::ALLOWED_CGROUPS))?
-        .entries()?
-        .into_iter()
-        .partition(|(_, access)| *access == Access::Allow);
+    let (allowed, audited): (Vec<_>, Vec<_>) =
+        CgroupAllowMap::from_pin(&pin(names::ALLOWED_CGROUPS))?
+            .entries()?
+            .into_iter()
+            .partition(|(_, access)| *access == Access::Allow);
     let entries = |listed: Vec<(u64, Access)>| -> Vec<CgroupEntry> {
         listed.into_iter().map(|(id, _)| namer.entry(id)).collect()
     };
