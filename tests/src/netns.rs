@@ -75,6 +75,29 @@ impl Netns {
     }
 
     /// Runs `ip -n <ns> ARGS`.
+    /// Runs `work` on a thread inside this namespace: sockets it makes
+    /// (a listener, a client) belong to the namespace.
+    pub fn run_inside<T: Send>(&self, work: impl FnOnce() -> T + Send) -> Result<T> {
+        let file = self.open()?;
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    use std::os::fd::AsRawFd as _;
+                    // SAFETY: moves only this short-lived thread.
+                    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(SandboxError::Process(format!(
+                            "setns into {}: {}",
+                            self.name,
+                            std::io::Error::last_os_error()
+                        )));
+                    }
+                    Ok(work())
+                })
+                .join()
+                .map_err(|_| SandboxError::Process(format!("a thread in {} panicked", self.name)))?
+        })
+    }
+
     pub fn ip(&self, args: &[&str]) -> Result<String> {
         let mut full = vec!["-n", &self.name];
         full.extend_from_slice(args);

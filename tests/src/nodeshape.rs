@@ -141,6 +141,14 @@ pub struct Pod {
 
 impl Pod {
     /// A client in this pod (no cgroup: nothing enforces here yet).
+    /// A client in the pod's namespace and in `cgroup` (its container's).
+    pub fn probe_in<'a>(&'a self, cgroup: &'a std::path::Path) -> Probe<'a> {
+        Probe {
+            netns: &self.netns,
+            cgroup: Some(cgroup),
+        }
+    }
+
     pub fn probe(&self) -> Probe<'_> {
         Probe {
             netns: &self.netns,
@@ -160,7 +168,13 @@ impl Pod {
     /// `imds-probe packet-raw|packet-dgram` options that send from this pod
     /// to `dest` straight onto `eth0`, addressed to the gateway's MAC.
     pub fn packet_args(&self, dest: IpAddr) -> Vec<String> {
-        packet_args(POD_IF, &self.gateway_mac, &self.mac, self.addr_for(dest))
+        self.packet_args_from(self.addr_for(dest))
+    }
+
+    /// As [`Pod::packet_args`], with `source` written as the frame's source
+    /// address (another pod's, to spoof it).
+    pub fn packet_args_from(&self, source: IpAddr) -> Vec<String> {
+        packet_args(POD_IF, &self.gateway_mac, &self.mac, source)
     }
 }
 

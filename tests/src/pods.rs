@@ -36,6 +36,8 @@ pub struct TestPod {
     pub uid: String,
     pub node: String,
     pub host_network: bool,
+    /// `status.podIPs`: where the node edge guard finds the pod's interface.
+    pub pod_ips: Vec<std::net::IpAddr>,
 }
 
 impl TestPod {
@@ -47,6 +49,7 @@ impl TestPod {
             uid: format!("{index:08x}-aaaa-4bbb-8ccc-{:012x}", std::process::id()),
             node: node.to_owned(),
             host_network: false,
+            pod_ips: Vec::new(),
         }
     }
 
@@ -68,7 +71,10 @@ impl TestPod {
                 "hostNetwork": self.host_network,
                 "containers": [{"name": "main", "image": "example"}],
             },
-            "status": {"qosClass": "Burstable", "phase": "Running"},
+            "status": {
+                "qosClass": "Burstable", "phase": "Running",
+                "podIPs": self.pod_ips.iter().map(|ip| serde_json::json!({"ip": ip.to_string()})).collect::<Vec<_>>(),
+            },
         }))
         .expect("pod object")
     }

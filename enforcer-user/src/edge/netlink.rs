@@ -53,6 +53,11 @@ impl RouteSocket {
         socket
             .connect(&SocketAddr::new(0, 0))
             .map_err(NetlinkError::Socket)?;
+        // The kernel reads a dump request's attributes (the target
+        // namespace of an address dump) only under strict checking.
+        socket
+            .set_netlink_get_strict_chk(true)
+            .map_err(NetlinkError::Socket)?;
         Ok(RouteSocket {
             socket,
             sequence: 0,
