@@ -105,8 +105,24 @@ pub const KERNELS: [Kernel; 4] = [
     },
 ];
 
-/// Modules the guest loads: the sandbox's veth pairs (Debian builds it as one).
-const GUEST_MODULES: [&str; 1] = ["veth"];
+/// Modules the guest loads (Debian builds them as modules): the sandbox's
+/// veth pairs; for the node-shaped sandboxes, the bridge, VXLAN, nftables
+/// with NAT (kube-proxy's DNAT, the uplink masquerade, the sniffer) and
+/// clsact with BPF filters (the node edge guard before tcx, the redirect
+/// program).
+const GUEST_MODULES: [&str; 11] = [
+    "veth",
+    "bridge",
+    "vxlan",
+    "nf_tables",
+    "nft_chain_nat",
+    "nft_nat",
+    "nft_masq",
+    "nft_ct",
+    "sch_ingress",
+    "cls_bpf",
+    "af_packet",
+];
 /// Where the guest finds the daemon and the probe, and the test executables.
 const GUEST_BIN_DIR: &str = "/opt/imds-guard/bin";
 const GUEST_TEST_DIR: &str = "/opt/imds-guard/tests";
@@ -158,7 +174,7 @@ pub struct Run {
 }
 
 /// The test targets any guest runs.
-const TEST_TARGETS: [&str; 2] = ["standalone", "privileges"];
+const TEST_TARGETS: [&str; 3] = ["standalone", "privileges", "node_guard"];
 
 /// What a kernel runs: the traffic tests as root and with the DaemonSet's
 /// privileges, which kernels before 5.11 refuse (maps are charged to the
@@ -183,8 +199,8 @@ fn plan(version: &str) -> anyhow::Result<Vec<Run>> {
             Run {
                 id: "overlay",
                 grant: Grant::Kernel510Overlay,
-                expected: "enforces",
-                tests: &["standalone"],
+                expected: "enforces; node edge guard closes the node's routes",
+                tests: &["standalone", "node_guard"],
             },
         ]
     } else {
@@ -193,8 +209,8 @@ fn plan(version: &str) -> anyhow::Result<Vec<Run>> {
             Run {
                 id: "daemonset",
                 grant: Grant::DaemonSet,
-                expected: "enforces",
-                tests: &["privileges", "standalone"],
+                expected: "enforces; node edge guard closes the node's routes",
+                tests: &["privileges", "standalone", "node_guard"],
             },
         ]
     })
