@@ -67,9 +67,9 @@ enum Command {
         /// Mount point of the cgroup v2 hierarchy (detected when absent).
         #[arg(long, env = "IMDS_GUARD_CGROUP_ROOT")]
         cgroup_root: Option<PathBuf>,
-        /// The daemon's --http-listen address, to name pods.
-        #[arg(long, default_value = "127.0.0.1:9464")]
-        daemon: std::net::SocketAddr,
+        /// The daemon's node-local --status-socket, to name pods.
+        #[arg(long, default_value = config::DEFAULT_STATUS_SOCKET)]
+        daemon: PathBuf,
         /// Output format.
         #[arg(long, value_enum, default_value_t = StatusOutput::Text)]
         output: StatusOutput,
@@ -162,7 +162,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             daemon,
             output,
         } => {
-            let state = status::read(&bpffs_dir, cgroup_root.as_deref(), Some(daemon))?;
+            let state = status::read(&bpffs_dir, cgroup_root.as_deref(), Some(&daemon))?;
             match output {
                 StatusOutput::Text => print!("{}", status::render(&state)),
                 StatusOutput::Json => println!("{}", serde_json::to_string_pretty(&state)?),

@@ -15,8 +15,46 @@ use imds_guard_tests::{
 
 const REFUSED_SERIES: &str = "imds_guard_attempts_total{namespace=\"\",pod=\"\",destination=\"169.254.169.254:80\",verdict=\"refused\"}";
 
-fn metrics_world() -> World {
-    World::new(&["--allow", "{allowed}", "--http-listen", "127.0.0.1:0"])
+/// A world whose daemon serves HTTP on loopback and the node-local socket.
+struct MetricsWorld {
+    world: World,
+    status_socket: std::path::PathBuf,
+}
+
+impl std::ops::Deref for MetricsWorld {
+    type Target = World;
+    fn deref(&self) -> &World {
+        &self.world
+    }
+}
+
+impl std::ops::DerefMut for MetricsWorld {
+    fn deref_mut(&mut self) -> &mut World {
+        &mut self.world
+    }
+}
+
+impl Drop for MetricsWorld {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.status_socket);
+    }
+}
+
+fn metrics_world() -> MetricsWorld {
+    let status_socket =
+        std::env::temp_dir().join(imds_guard_tests::unique_name("status") + ".sock");
+    let socket = status_socket.display().to_string();
+    MetricsWorld {
+        world: World::new(&[
+            "--allow",
+            "{allowed}",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--status-socket",
+            &socket,
+        ]),
+        status_socket,
+    }
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -94,7 +132,7 @@ fn status_shows_every_field() {
         );
     }
     let pins = world.pins.path().display().to_string();
-    let daemon = world.daemon.http_address().expect("address").to_string();
+    let daemon = world.status_socket.display().to_string();
     let status = run_to_end(&[
         "status",
         "--bpffs-dir",
@@ -158,11 +196,42 @@ fn status_shows_every_field() {
             world.blocked.display()
         ),
         "events dropped  0".to_owned(),
+        // The daemon here runs in this machine's namespace, guard off.
+        "node edge guard  not attached in this network namespace".to_owned(),
+        "  OPEN    forwarded packets".to_owned(),
     ] {
         assert!(text.contains(&line), "{line:?} not in\n{text}");
     }
     // Standalone cgroups are not pods: nothing to name.
     assert!(!text.contains("pods shown by UID"), "{text}");
+}
+
+/// `/pods` names the node's workloads: the network listener (every pod on
+/// the node reaches it under hostNetwork) does not serve it, the node-local
+/// socket does, to its owner only.
+#[test]
+fn pod_names_are_served_node_local_only() {
+    use std::{io::Read as _, io::Write as _, os::unix::fs::PermissionsExt as _};
+    let mut world = metrics_world();
+    assert_eq!(world.daemon.http_get("/pods").expect("/pods").0, 404);
+    assert_eq!(world.daemon.http_get("/metrics").expect("/metrics").0, 200);
+    let mode = std::fs::metadata(&world.status_socket)
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(&world.status_socket).expect("connect");
+    stream
+        .write_all(b"GET /pods HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(
+        response.ends_with("{}") || response.ends_with("[]"),
+        "{response}"
+    );
 }
 
 #[test]

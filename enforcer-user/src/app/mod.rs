@@ -344,16 +344,20 @@ async fn start(
     common: &Common,
     reporting: Reporting,
 ) -> Result<Daemon, AppError> {
-    let listener = match common.http_listen {
-        Some(address) => {
-            let listener = http::bind(address).await?;
-            if let Ok(bound) = listener.local_addr() {
-                info!(address = %bound, "serving /metrics, /healthz and /readyz");
-            }
-            Some(listener)
+    let mut listeners = Vec::new();
+    if let Some(address) = common.http_listen {
+        let listener = http::bind(address).await?;
+        if let http::Listener::Tcp(tcp) = &listener
+            && let Ok(bound) = tcp.local_addr()
+        {
+            info!(address = %bound, "serving /metrics, /healthz and /readyz");
         }
-        None => None,
-    };
+        listeners.push(listener);
+    }
+    if let Some(path) = &common.status_socket {
+        listeners.push(http::bind_socket(path)?);
+        info!(socket = %path.display(), "serving /pods too, node-local");
+    }
     let metrics = Arc::new(Metrics::new());
     metrics
         .rules
@@ -396,12 +400,13 @@ async fn start(
             ),
         );
     }
-    if let Some(listener) = listener {
-        let endpoints = Arc::new(Endpoints {
-            metrics: Arc::clone(&metrics),
-            health: Arc::clone(&health),
-            pods: reporting.pods,
-        });
+    let endpoints = Arc::new(Endpoints {
+        metrics: Arc::clone(&metrics),
+        health: Arc::clone(&health),
+        pods: reporting.pods,
+    });
+    for listener in listeners {
+        let endpoints = Arc::clone(&endpoints);
         tasks.spawn_until("http server", |cancel| {
             http::serve(listener, endpoints, cancel)
         });

@@ -332,6 +332,74 @@ fn error_is_exists(err: &aya::programs::ProgramError) -> bool {
     matches!(err, aya::programs::ProgramError::TcError(e) if is_exists(e))
 }
 
+/// A route to denied destinations besides pod sockets, and whether the
+/// guard closes it on this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteState {
+    /// The metric label.
+    pub route: &'static str,
+    pub what: &'static str,
+    pub guarded: bool,
+}
+
+/// The routes as the guard leaves them, when it runs (`running`) or not.
+pub fn routes(running: bool) -> [RouteState; 4] {
+    [
+        RouteState {
+            route: "forwarded",
+            what: "forwarded packets (AF_PACKET frames from pods, Services DNATed to a \
+                   metadata address, overlay-decapsulated packets)",
+            guarded: running,
+        },
+        RouteState {
+            route: "host_packet_socket",
+            what: "AF_PACKET frames of hostNetwork pods through an uplink's qdisc",
+            guarded: running,
+        },
+        RouteState {
+            route: "host_packet_qdisc_bypass",
+            what: "AF_PACKET frames of hostNetwork pods with PACKET_QDISC_BYPASS",
+            guarded: false,
+        },
+        RouteState {
+            route: "host_af_xdp",
+            what: "AF_XDP sockets of hostNetwork pods",
+            guarded: false,
+        },
+    ]
+}
+
+/// Where the guard is attached now, as the kernel says: each interface of
+/// this namespace with our tcx link pinned or our clsact filter, and its
+/// role; `has_filter(ifindex, egress)` asks for a clsact filter of ours.
+pub fn attached(
+    link_dir: &Path,
+    interfaces: &[Interface],
+    has_filter: &mut dyn FnMut(u32, bool) -> bool,
+) -> Vec<(Role, Interface)> {
+    let mut found = Vec::new();
+    for interface in interfaces {
+        for role in [Role::Uplink, Role::BridgePort] {
+            let pinned = link_dir
+                .join(format!("{}-{}", role.pin_prefix(), interface.index))
+                .exists();
+            if pinned || has_filter(interface.index, role == Role::Uplink) {
+                found.push((role, interface.clone()));
+            }
+        }
+    }
+    found
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Uplink => "uplink (egress)",
+            Role::BridgePort => "bridge port (ingress)",
+        }
+    }
+}
+
 /// Removes our filters from every interface of this namespace and the
 /// pinned tcx links (`imds-guard uninstall`); returns how many went.
 pub fn detach_all(link_dir: &Path) -> io::Result<usize> {

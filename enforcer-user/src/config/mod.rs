@@ -49,6 +49,8 @@ use rules::{PrefixLimits, Rule, RuleError, RuleSet};
 
 /// Default pin root; DaemonSets mount the host's /sys/fs/bpf.
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/imds-guard";
+/// Where the DaemonSet puts the node-local socket `status` reads pod names from.
+pub const DEFAULT_STATUS_SOCKET: &str = "/run/imds-guard/status.sock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

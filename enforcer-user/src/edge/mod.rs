@@ -1,12 +1,12 @@
 //! The node edge guard's task: keeps the tc programs attached to the
 //! interfaces that route to denied destinations, and the allowed pods'
 //! interfaces in the map, as links, routes, rules and allowed pods change.
-//! It asks the kernel through routing netlink ([`netlink`]), decides with
+//! It asks the kernel through routing netlink (`host::netlink`), decides with
 //! [`plan`], and has the enforcer task, which owns the programs and maps,
 //! apply the result.
 //!
 //! Routes this guard closes, and the ones it leaves open, are listed once
-//! in [`ROUTES`] for the log, the metrics and `status`.
+//! (`bpf::edge::routes`) for the log, the metrics and `status`.
 
 use std::{collections::BTreeMap, net::IpAddr, os::fd::AsRawFd as _, sync::Arc, time::Duration};
 
@@ -19,60 +19,22 @@ use tracing::{info, warn};
 
 use crate::{
     bpf::{
-        edge::{Interface, TcHook},
+        edge::{Interface, TcHook, routes},
         maps::Access,
         owner::EnforcerHandle,
     },
     config::rules::{Action, RuleSet},
+    host::netlink::{self, RouteSocket},
     report::metrics::{ErrorKind, Metrics},
 };
 
-pub mod netlink;
 pub mod plan;
 
-use netlink::RouteSocket;
 use plan::EdgePlan;
 
 /// Allowed pods' addresses (pod network only: a hostNetwork pod has the
 /// node's) and what they may do.
 pub type PodAddresses = BTreeMap<IpAddr, Access>;
-
-/// A route to denied destinations besides pod sockets, and whether the
-/// guard closes it on this node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RouteState {
-    /// The metric label.
-    pub route: &'static str,
-    pub what: &'static str,
-    pub guarded: bool,
-}
-
-/// The routes as the guard leaves them, when it runs (`running`) or not.
-pub fn routes(running: bool) -> [RouteState; 4] {
-    [
-        RouteState {
-            route: "forwarded",
-            what: "forwarded packets (AF_PACKET frames from pods, Services DNATed to a \
-                   metadata address, overlay-decapsulated packets)",
-            guarded: running,
-        },
-        RouteState {
-            route: "host_packet_socket",
-            what: "AF_PACKET frames of hostNetwork pods through an uplink's qdisc",
-            guarded: running,
-        },
-        RouteState {
-            route: "host_packet_qdisc_bypass",
-            what: "AF_PACKET frames of hostNetwork pods with PACKET_QDISC_BYPASS",
-            guarded: false,
-        },
-        RouteState {
-            route: "host_af_xdp",
-            what: "AF_XDP sockets of hostNetwork pods",
-            guarded: false,
-        },
-    ]
-}
 
 /// Logs and records (metrics) which routes are guarded and which are open.
 pub fn announce(hook: Option<TcHook>, metrics: &Metrics) {

@@ -19,30 +19,13 @@ use std::{
 
 use ipnet::IpNet;
 
-use crate::bpf::{
-    edge::{EdgeTargets, Interface},
-    maps::Access,
+use crate::{
+    bpf::{
+        edge::{EdgeTargets, Interface},
+        maps::Access,
+    },
+    host::netlink::{Link, Route},
 };
-
-/// A link of the node's namespace, as far as the plan needs it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Link {
-    pub index: u32,
-    pub name: String,
-    pub loopback: bool,
-    pub bridge: bool,
-    /// The bridge (or other controller) it is a port of.
-    pub master: Option<u32>,
-    /// The namespace its peer is in (veths), as this namespace numbers it.
-    pub peer_netnsid: Option<i32>,
-}
-
-/// A unicast route: its destination and the interfaces it leaves by.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Route {
-    pub prefix: IpNet,
-    pub interfaces: Vec<u32>,
-}
 
 /// What the guard should look like on this node now.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

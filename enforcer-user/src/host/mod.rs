@@ -6,5 +6,6 @@ pub mod cgroup;
 pub mod identity;
 pub mod kernel;
 pub mod memlock;
+pub mod netlink;
 pub mod preflight;
 pub mod privilege;

@@ -1,10 +1,17 @@
 //! The daemon's HTTP endpoints: `/metrics`, `/healthz` (programs attached,
 //! daemon responsive), `/readyz` (also synced with the API server), and
 //! `/pods` (this node's pods by UID, for `imds-guard status`).
+//!
+//! The TCP listener serves the first three only: the DaemonSet shares the
+//! node's network, so every pod on the node reaches it. `/pods` names the
+//! node's workloads and is served only on the node-local unix socket
+//! (`--status-socket`), which only the node's root can open.
 
 use std::{
     convert::Infallible,
     net::SocketAddr,
+    os::unix::fs::PermissionsExt as _,
+    path::Path,
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
@@ -17,7 +24,11 @@ use enforcer_common::names::PROGRAMS;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
-use tokio::{net::TcpListener, task::JoinSet};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, UnixListener},
+    task::JoinSet,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -29,7 +40,7 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {address}: {source}")]
 pub struct ListenError {
-    address: SocketAddr,
+    address: String,
     source: std::io::Error,
 }
 
@@ -146,7 +157,20 @@ fn verdict(problem: Option<String>) -> Response<Full<Bytes>> {
     }
 }
 
-async fn route(endpoints: &Endpoints, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// Who a listener serves: anyone on the network, or the node's root.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Audience {
+    /// `/metrics`, `/healthz`, `/readyz`.
+    Network,
+    /// Those, and `/pods`.
+    NodeLocal,
+}
+
+async fn route(
+    endpoints: &Endpoints,
+    audience: Audience,
+    request: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
     match request.uri().path() {
         "/metrics" => {
             let mut response = text(StatusCode::OK, endpoints.metrics.render());
@@ -160,7 +184,7 @@ async fn route(endpoints: &Endpoints, request: &Request<Incoming>) -> Response<F
         }
         "/healthz" => verdict(endpoints.health.not_live().await),
         "/readyz" => verdict(endpoints.health.not_ready().await),
-        "/pods" => {
+        "/pods" if audience == Audience::NodeLocal => {
             let pods = endpoints
                 .pods
                 .as_ref()
@@ -175,16 +199,64 @@ async fn route(endpoints: &Endpoints, request: &Request<Incoming>) -> Response<F
     }
 }
 
+/// A bound listener of either kind, with who it serves.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    fn audience(&self) -> Audience {
+        match self {
+            Listener::Tcp(_) => Audience::Network,
+            Listener::Unix(_) => Audience::NodeLocal,
+        }
+    }
+
+    async fn accept(&self) -> std::io::Result<Box<dyn Connection>> {
+        Ok(match self {
+            Listener::Tcp(listener) => Box::new(listener.accept().await?.0),
+            Listener::Unix(listener) => Box::new(listener.accept().await?.0),
+        })
+    }
+}
+
+/// A stream hyper can serve.
+trait Connection: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection for T {}
+
 /// Binds `address`, so a failure is reported at start.
-pub async fn bind(address: SocketAddr) -> Result<TcpListener, ListenError> {
+pub async fn bind(address: SocketAddr) -> Result<Listener, ListenError> {
     TcpListener::bind(address)
         .await
-        .map_err(|source| ListenError { address, source })
+        .map(Listener::Tcp)
+        .map_err(|source| ListenError {
+            address: address.to_string(),
+            source,
+        })
+}
+
+/// Binds the node-local socket at `path` (a stale one from an earlier run
+/// is replaced), readable and writable by its owner only.
+pub fn bind_socket(path: &Path) -> Result<Listener, ListenError> {
+    let listen_err = |source| ListenError {
+        address: path.display().to_string(),
+        source,
+    };
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(listen_err(err)),
+    }
+    let listener = UnixListener::bind(path).map_err(listen_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(listen_err)?;
+    Ok(Listener::Unix(listener))
 }
 
 /// Serves until `cancel` fires; then answers the requests under way,
 /// closes every connection and returns.
-pub async fn serve(listener: TcpListener, endpoints: Arc<Endpoints>, cancel: CancellationToken) {
+pub async fn serve(listener: Listener, endpoints: Arc<Endpoints>, cancel: CancellationToken) {
+    let audience = listener.audience();
     let mut connections = JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -194,7 +266,7 @@ pub async fn serve(listener: TcpListener, endpoints: Arc<Endpoints>, cancel: Can
             Some(_) = connections.join_next() => continue,
         };
         let stream = match accepted {
-            Ok((stream, _)) => stream,
+            Ok(stream) => stream,
             Err(err) => {
                 warn!("accepting an HTTP connection: {err}");
                 continue;
@@ -205,7 +277,7 @@ pub async fn serve(listener: TcpListener, endpoints: Arc<Endpoints>, cancel: Can
         connections.spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
                 let endpoints = Arc::clone(&endpoints);
-                async move { Ok::<_, Infallible>(route(&endpoints, &request).await) }
+                async move { Ok::<_, Infallible>(route(&endpoints, audience, &request).await) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service);

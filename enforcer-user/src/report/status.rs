@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    os::unix::net::UnixStream,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -15,11 +15,12 @@ use serde::Serialize;
 use crate::{
     bpf::{
         BpfError,
+        edge::{self, Interface, Role, TC_HANDLE, TC_PRIORITY},
         maps::{Access, CgroupAllowMap, CountersMap, DestRulesMap, DroppedEvents},
         pins::{self, PinError, PinRoot},
     },
     config::rules::Rule,
-    host::{cgroup, identity::identify},
+    host::{cgroup, identity::identify, netlink::RouteSocket},
     report::events::PodIndex,
 };
 use enforcer_common::names;
@@ -51,6 +52,66 @@ pub struct Status {
     pub events_dropped: u64,
     /// Whether pod names came from a running daemon.
     pub daemon_reachable: bool,
+    pub node_edge_guard: EdgeStatus,
+}
+
+/// The node edge guard as the kernel has it in this network namespace.
+#[derive(Debug, Serialize)]
+pub struct EdgeStatus {
+    /// `interface: role` for each of our attachments.
+    pub attached: Vec<String>,
+    /// The routes to denied destinations besides pod sockets, and whether
+    /// this node closes each one.
+    pub routes: Vec<RouteEntry>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RouteEntry {
+    pub route: &'static str,
+    pub what: &'static str,
+    pub guarded: bool,
+}
+
+/// Reads where our tc programs are attached (an unreadable network counts
+/// as none: every route is then reported open).
+fn edge_status(root: &PinRoot) -> EdgeStatus {
+    let attached = RouteSocket::open()
+        .and_then(|mut socket| {
+            let interfaces: Vec<Interface> = socket
+                .links()?
+                .into_iter()
+                .map(|l| Interface {
+                    index: l.index,
+                    name: l.name,
+                })
+                .collect();
+            let mut has_filter = |ifindex, egress| {
+                socket
+                    .has_filter(ifindex, egress, TC_HANDLE.into(), TC_PRIORITY)
+                    .unwrap_or(false)
+            };
+            Ok(edge::attached(
+                &root.tc_link_dir(),
+                &interfaces,
+                &mut has_filter,
+            ))
+        })
+        .unwrap_or_default();
+    let running = attached.iter().any(|(role, _)| *role == Role::Uplink);
+    EdgeStatus {
+        attached: attached
+            .iter()
+            .map(|(role, interface)| format!("{}: {}", interface.name, role.name()))
+            .collect(),
+        routes: edge::routes(running)
+            .into_iter()
+            .map(|r| RouteEntry {
+                route: r.route,
+                what: r.what,
+                guarded: r.guarded,
+            })
+            .collect(),
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -71,10 +132,11 @@ pub struct CounterEntry {
     pub egress: u64,
 }
 
-/// This node's pods by UID, from the daemon's `/pods`.
-fn daemon_pods(address: SocketAddr) -> Option<PodIndex> {
+/// This node's pods by UID, from `/pods` on the daemon's node-local socket.
+fn daemon_pods(socket: &Path) -> Option<PodIndex> {
     let timeout = Duration::from_secs(2);
-    let mut stream = TcpStream::connect_timeout(&address, timeout).ok()?;
+    let mut stream = UnixStream::connect(socket).ok()?;
+    stream.set_write_timeout(Some(timeout)).ok()?;
     stream.set_read_timeout(Some(timeout)).ok()?;
     stream
         .write_all(b"GET /pods HTTP/1.1\r\nHost: imds-guard\r\nConnection: close\r\n\r\n")
@@ -116,7 +178,7 @@ impl Namer {
 pub fn read(
     bpffs_dir: &Path,
     cgroup_root: Option<&Path>,
-    daemon: Option<SocketAddr>,
+    daemon: Option<&Path>,
 ) -> Result<Status, StatusError> {
     let root = PinRoot::new(bpffs_dir);
     let generation = root
@@ -176,6 +238,7 @@ pub fn read(
         counters,
         events_dropped: DroppedEvents::from_pin(&pin(names::EVENTS_DROPPED))?.total()?,
         daemon_reachable: namer.pods.is_some(),
+        node_edge_guard: edge_status(&root),
         generation,
     })
 }
@@ -234,6 +297,19 @@ pub fn render(status: &Status) -> String {
         )
     }));
     lines.push(format!("events dropped  {}", status.events_dropped));
+    let edge = &status.node_edge_guard;
+    lines.push(format!(
+        "node edge guard  {}",
+        if edge.attached.is_empty() {
+            "not attached in this network namespace".to_owned()
+        } else {
+            edge.attached.join(", ")
+        }
+    ));
+    lines.extend(edge.routes.iter().map(|r| {
+        let state = if r.guarded { "closed" } else { "OPEN" };
+        format!("  {state:<6}  {}", r.what)
+    }));
     let unnamed_pods = status
         .allowed
         .iter()

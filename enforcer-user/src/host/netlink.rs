@@ -17,10 +17,9 @@ use netlink_packet_route::{
     address::{AddressAttribute, AddressMessage},
     link::{InfoKind, LinkAttribute, LinkInfo, LinkLayerType, LinkMessage},
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
+    tc::{TcHandle, TcMessage},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
-
-use super::plan::{Link, Route};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
@@ -33,6 +32,26 @@ pub enum NetlinkError {
     },
     #[error("routing netlink {what}: unreadable answer: {reason}")]
     Decode { what: &'static str, reason: String },
+}
+
+/// A link of the node's namespace, as far as the plan needs it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub loopback: bool,
+    pub bridge: bool,
+    /// The bridge (or other controller) it is a port of.
+    pub master: Option<u32>,
+    /// The namespace its peer is in (veths), as this namespace numbers it.
+    pub peer_netnsid: Option<i32>,
+}
+
+/// A unicast route: its destination and the interfaces it leaves by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub prefix: IpNet,
+    pub interfaces: Vec<u32>,
 }
 
 /// Multicast groups whose messages mean the plan may have changed.
@@ -175,6 +194,39 @@ impl RouteSocket {
                 _ => None,
             })
             .collect())
+    }
+
+    /// Whether `ifindex` has a clsact filter with this handle and
+    /// preference, on egress (`egress`) or ingress.
+    pub fn has_filter(
+        &mut self,
+        ifindex: u32,
+        egress: bool,
+        handle: u32,
+        priority: u16,
+    ) -> Result<bool, NetlinkError> {
+        let mut request = TcMessage::default();
+        request.header.index = i32::try_from(ifindex).unwrap_or(i32::MAX);
+        request.header.parent = TcHandle {
+            major: TcHandle::CLSACT.major,
+            minor: if egress {
+                TcHandle::MIN_EGRESS
+            } else {
+                TcHandle::MIN_INGRESS
+            },
+        };
+        let answers = self.dump(
+            "filter dump",
+            RouteNetlinkMessage::GetTrafficFilter(request),
+        )?;
+        Ok(answers.iter().any(|answer| match answer {
+            RouteNetlinkMessage::NewTrafficFilter(filter) => {
+                let found = filter.header.handle;
+                (u32::from(found.major) << 16 | u32::from(found.minor)) == handle
+                    && (filter.header.info >> 16) as u16 == priority
+            }
+            _ => false,
+        }))
     }
 
     /// The addresses of every namespace in `netnsids`.
