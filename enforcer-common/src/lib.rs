@@ -40,6 +40,8 @@ pub mod names {
     pub const EVENT_WINDOWS: &str = "EVENT_WINDOWS";
     /// Per-CPU array of one `u64`: events not sent (rate limit or full ring).
     pub const EVENTS_DROPPED: &str = "EVENTS_DROPPED";
+    /// Per-CPU array of one 48-byte buffer the header parse reads into.
+    pub const PACKET_SCRATCH: &str = "PACKET_SCRATCH";
     /// Hash: host-side interface index of an allowlisted pod -> [`crate::AllowEntry`].
     pub const ALLOWED_INTERFACES: &str = "ALLOWED_INTERFACES";
     /// Global `u32` set at load time: [`crate::MODE_ENFORCE`] or [`crate::MODE_AUDIT`].
@@ -60,7 +62,7 @@ pub mod names {
     pub const PROG_BRIDGE_PORT: &str = "imds_guard_bridge_port";
 
     /// Every map of the object: one generation pins each of them.
-    pub const MAPS: [&str; 8] = [
+    pub const MAPS: [&str; 9] = [
         DEST_RULES,
         DEST_BUCKETS,
         ALLOWED_CGROUPS,
@@ -69,6 +71,7 @@ pub mod names {
         EVENT_WINDOWS,
         EVENTS_DROPPED,
         ALLOWED_INTERFACES,
+        PACKET_SCRATCH,
     ];
     /// The `cgroup_sock_addr` programs, which share one attach call.
     pub const SOCK_ADDR_PROGRAMS: [&str; 4] =

@@ -41,20 +41,40 @@ struct Attempt {
     port: PortInfo,
 }
 
-/// Whose attempt it is: a cgroup's (a socket's or the calling task's), or
-/// whatever entered the node on an interface.
-pub enum Sender {
-    Cgroup(Subject),
-    Interface(u32),
+/// Who made an attempt: what it may do with a denied destination
+/// ([`ACCESS_ALLOW`], [`ACCESS_AUDIT`] or `maps::UNLISTED`), and the key its
+/// refusals are counted and reported under (a cgroup id, or
+/// [`FORWARDED_KEY`] with an interface index). Two whole words, no
+/// pointer: kept on the stack across the packet reads, a spilled pointer
+/// next to a helper's buffer is what verifiers before 7.x refuse without
+/// CAP_PERFMON ("attempt to corrupt spilled pointer on stack").
+pub struct Sender {
+    access: u64,
+    key: u64,
 }
 
 impl Sender {
-    /// The key its refusals are counted and reported under.
+    /// A cgroup's: the subject's, with what its nearest listed ancestor may
+    /// do. An allowed one needs no key.
     #[inline(always)]
-    fn key(&self) -> u64 {
-        match self {
-            Sender::Cgroup(subject) => subject.leaf_cgroup_id(),
-            Sender::Interface(ifindex) => FORWARDED_KEY | u64::from(*ifindex),
+    fn of_cgroup(subject: &Subject, access: u32) -> Sender {
+        let key = if access == ACCESS_ALLOW {
+            0
+        } else {
+            subject.leaf_cgroup_id()
+        };
+        Sender {
+            access: u64::from(access),
+            key,
+        }
+    }
+
+    /// Whatever entered the node on `ifindex`.
+    #[inline(always)]
+    fn of_interface(ifindex: u32, access: u32) -> Sender {
+        Sender {
+            access: u64::from(access),
+            key: FORWARDED_KEY | u64::from(ifindex),
         }
     }
 }
@@ -74,16 +94,16 @@ impl Sender {
 fn refuses(
     rule: &DestRule,
     hook: Hook,
-    sender: impl FnOnce() -> Option<(Sender, u32)>,
+    sender: impl FnOnce() -> Option<Sender>,
     attempt: impl FnOnce() -> Result<Attempt, c_long>,
 ) -> bool {
     if !rule.may_deny() {
         return false;
     }
-    let Some((sender, access)) = sender() else {
+    let Some(sender) = sender() else {
         return false;
     };
-    if access == ACCESS_ALLOW {
+    if sender.access == u64::from(ACCESS_ALLOW) {
         return false;
     }
     // A packet whose header cannot be read has no transport to deny.
@@ -93,13 +113,13 @@ fn refuses(
     if !rule.denies(attempt.protocol, attempt.port) {
         return false;
     }
-    let key = sender.key();
+    let key = sender.key;
     maps::count_block(key, hook);
     let port = match attempt.port {
         PortInfo::Known(port) => port,
         PortInfo::NotApplicable | PortInfo::Unknown => 0,
     };
-    let audited = maps::audit_mode() || access == ACCESS_AUDIT;
+    let audited = maps::audit_mode() || sender.access == u64::from(ACCESS_AUDIT);
     maps::send_event(
         key,
         attempt.destination,
@@ -114,9 +134,9 @@ fn refuses(
 /// A cgroup program's sender: the subject's cgroup, with what its nearest
 /// listed ancestor may do.
 #[inline(always)]
-fn cgroup_sender(subject: Subject) -> Option<(Sender, u32)> {
-    let access = maps::cgroup_access(&subject);
-    Some((Sender::Cgroup(subject), access))
+fn cgroup_sender(subject: &Subject) -> Option<Sender> {
+    let access = maps::cgroup_access(subject);
+    Some(Sender::of_cgroup(subject, access))
 }
 
 /// A cgroup program's return value for a decision.
@@ -136,7 +156,8 @@ fn try_imds_guard_egress(ctx: &SkBuffContext) -> Result<i32, c_long> {
     let Some(rule) = maps::rule_for(destination) else {
         return Ok(ALLOW);
     };
-    let sender = || cgroup_sender(Subject::Skb(ctx.skb.skb));
+    let subject = Subject::Skb(ctx.skb.skb);
+    let sender = || cgroup_sender(&subject);
     Ok(cgroup_verdict(refuses(rule, Hook::Egress, sender, || {
         Attempt::from_packet(ctx, destination)
     })))
@@ -194,7 +215,7 @@ fn try_sock_addr(ctx: &SockAddrContext, ipv6: bool, hook: Hook) -> i32 {
         Some(rule) => cgroup_verdict(refuses(
             rule,
             hook,
-            || cgroup_sender(Subject::Current),
+            || cgroup_sender(&Subject::Current),
             || Ok(attempt),
         )),
     }

@@ -60,6 +60,23 @@ static EVENT_WINDOWS: LruHashMap<u64, EventWindow> =
 #[map]
 static EVENTS_DROPPED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// Where the header parse reads packet bytes to: map memory, not the
+/// stack. Verifiers before 7.x, without CAP_PERFMON, refuse a helper's
+/// write into a stack slot that held a spilled register, and which slots
+/// the compiler reuses is not ours to choose.
+#[map]
+static PACKET_SCRATCH: PerCpuArray<[u8; PACKET_SCRATCH_BYTES]> =
+    PerCpuArray::with_max_entries(1, 0);
+
+/// The fixed IPv6 header and one small read after it.
+const PACKET_SCRATCH_BYTES: usize = 48;
+
+/// This CPU's scratch buffer.
+#[inline(always)]
+pub fn packet_scratch() -> Option<*mut [u8; PACKET_SCRATCH_BYTES]> {
+    PACKET_SCRATCH.get_ptr_mut(0)
+}
+
 /// Set by the loader; a constant to the verifier, which prunes the other mode.
 #[unsafe(no_mangle)]
 static ENFORCE_MODE: u32 = MODE_ENFORCE;

@@ -61,7 +61,7 @@ fn try_imds_guard_uplink(ctx: &TcContext) -> Result<i32, aya_ebpf::cty::c_long> 
     } else {
         let sender = || {
             let access = maps::interface_access(ingress_ifindex, mark);
-            Some((Sender::Interface(ingress_ifindex), access))
+            Some(Sender::of_interface(ingress_ifindex, access))
         };
         refuses(rule, Hook::Forward, sender, attempt)
     };
@@ -71,7 +71,7 @@ fn try_imds_guard_uplink(ctx: &TcContext) -> Result<i32, aya_ebpf::cty::c_long> 
 /// The sender of a frame from this namespace, if it is an `AF_PACKET`
 /// socket's in the guarded cgroup.
 #[inline(always)]
-fn packet_socket_sender(ctx: &TcContext) -> Option<(Sender, u32)> {
+fn packet_socket_sender(ctx: &TcContext) -> Option<Sender> {
     let skb = ctx.skb.skb;
     // SAFETY: the program's own context; the kernel checks the socket pointers.
     let family = unsafe {
@@ -90,7 +90,7 @@ fn packet_socket_sender(ctx: &TcContext) -> Option<(Sender, u32)> {
     }
     let subject = Subject::Skb(skb);
     let access = maps::guarded_access(&subject)?;
-    Some((Sender::Cgroup(subject), access))
+    Some(Sender::of_cgroup(&subject, access))
 }
 
 /// tc ingress of an allowlisted pod's bridge port: marks what the pod sends.

@@ -5,10 +5,11 @@
 //! the link-layer header, whatever its length, so they read relative to the
 //! network header the kernel recorded ([`NetworkHeader`]).
 
+use crate::maps;
 use aya_ebpf::{
     bindings::bpf_hdr_start_off::BPF_HDR_START_NET,
     cty::c_long,
-    helpers::bpf_skb_load_bytes_relative,
+    helpers::{bpf_skb_load_bytes, bpf_skb_load_bytes_relative},
     programs::{SkBuffContext, TcContext},
 };
 use enforcer_common::{
@@ -32,18 +33,19 @@ const NEXT_DEST_OPTIONS: u8 = 60;
 /// Extension headers walked before a packet counts as malformed.
 const MAX_IPV6_EXTENSION_HEADERS: u32 = 8;
 
-/// The fixed IP header, by family.
+/// The fixed IP header, by family, where [`read_ip_header`] put it.
 pub enum IpHeader {
-    V4([u8; IPV4_HEADER_LEN]),
-    V6([u8; IPV6_HEADER_LEN]),
+    V4(&'static [u8; IPV4_HEADER_LEN]),
+    V6(&'static [u8; IPV6_HEADER_LEN]),
 }
 
 /// A packet read from its IP header on.
 pub trait IpPacket {
     /// `skb->protocol`, host byte order.
     fn ethertype(&self) -> u16;
-    /// Reads a `T` at `offset` bytes past the start of the IP header.
-    fn load<T>(&self, offset: usize) -> Result<T, c_long>;
+    /// Copies `len` bytes from `offset` past the start of the IP header to
+    /// `to`; 0 or a negative error, as the helpers return.
+    fn copy(&self, offset: u32, to: *mut u8, len: u32) -> c_long;
 }
 
 impl IpPacket for SkBuffContext {
@@ -53,8 +55,9 @@ impl IpPacket for SkBuffContext {
     }
 
     #[inline(always)]
-    fn load<T>(&self, offset: usize) -> Result<T, c_long> {
-        SkBuffContext::load(self, offset)
+    fn copy(&self, offset: u32, to: *mut u8, len: u32) -> c_long {
+        // SAFETY: the program's own context; `to` holds `len` bytes.
+        unsafe { bpf_skb_load_bytes(self.skb.skb.cast(), offset, to.cast(), len) }
     }
 }
 
@@ -69,22 +72,56 @@ impl IpPacket for NetworkHeader<'_> {
     }
 
     #[inline(always)]
-    fn load<T>(&self, offset: usize) -> Result<T, c_long> {
-        let mut value = core::mem::MaybeUninit::<T>::uninit();
-        // SAFETY: the helper writes exactly size_of::<T>() bytes into
-        // `value` or fails; the context is the program's own.
-        let result = unsafe {
+    fn copy(&self, offset: u32, to: *mut u8, len: u32) -> c_long {
+        // SAFETY: the program's own context; `to` holds `len` bytes.
+        unsafe {
             bpf_skb_load_bytes_relative(
                 self.0.skb.skb.cast(),
-                offset as u32,
-                value.as_mut_ptr().cast(),
-                core::mem::size_of::<T>() as u32,
+                offset,
+                to.cast(),
+                len,
                 BPF_HDR_START_NET,
             )
-        };
+        }
+    }
+}
+
+/// Reads a `T` onto the stack. Only for a program's first read (the
+/// destination): a helper's write into a stack slot that held a spilled
+/// register is refused by verifiers before 7.x without CAP_PERFMON, and
+/// before anything else nothing is spilled.
+#[inline(always)]
+fn load_first<T>(ctx: &impl IpPacket, offset: u32) -> Result<T, c_long> {
+    let mut value = core::mem::MaybeUninit::<T>::uninit();
+    let result = ctx.copy(offset, value.as_mut_ptr().cast(), size_of::<T>() as u32);
+    if result == 0 {
+        // SAFETY: filled by the helper.
+        Ok(unsafe { value.assume_init() })
+    } else {
+        Err(result)
+    }
+}
+
+/// Where in the scratch buffer small reads (extension headers, ports) go:
+/// after the fixed header, which stays where the parse reads it.
+const SMALL_READ_AT: usize = IPV6_HEADER_LEN;
+
+/// Reads `N` bytes at `offset` into the per-CPU scratch buffer at `at`
+/// (see `maps::packet_scratch`), never onto the stack.
+#[inline(always)]
+fn read_scratch<const N: usize>(
+    ctx: &impl IpPacket,
+    offset: usize,
+    at: usize,
+) -> Result<&'static [u8; N], c_long> {
+    let scratch = maps::packet_scratch().ok_or(0)?;
+    // SAFETY: `at + N` is within the buffer for every caller (the fixed
+    // header at 0, four bytes at SMALL_READ_AT); a live map value.
+    unsafe {
+        let to = scratch.cast::<u8>().add(at);
+        let result = ctx.copy(offset as u32, to, N as u32);
         if result == 0 {
-            // SAFETY: filled by the helper.
-            Ok(unsafe { value.assume_init() })
+            Ok(&*to.cast::<[u8; N]>())
         } else {
             Err(result)
         }
@@ -92,8 +129,8 @@ impl IpPacket for NetworkHeader<'_> {
 }
 
 /// Offsets of the destination address in the fixed headers.
-const IPV4_DESTINATION_AT: usize = 16;
-const IPV6_DESTINATION_AT: usize = 24;
+const IPV4_DESTINATION_AT: u32 = 16;
+const IPV6_DESTINATION_AT: u32 = 24;
 
 /// Reads only the destination, in the trie's key form, for the family
 /// that `skb->protocol` names (never the socket's family: a v4-mapped IPv6
@@ -101,13 +138,11 @@ const IPV6_DESTINATION_AT: usize = 24;
 #[inline(always)]
 pub fn read_destination(ctx: &impl IpPacket) -> Result<AddrWords, c_long> {
     match ctx.ethertype() {
-        ETH_P_IP => ctx
-            .load::<[u8; 4]>(IPV4_DESTINATION_AT)
-            .map(AddrWords::ipv4_mapped),
+        ETH_P_IP => load_first::<[u8; 4]>(ctx, IPV4_DESTINATION_AT).map(AddrWords::ipv4_mapped),
         // Loaded as two words, the bytes in memory order: AddrWords' form.
-        ETH_P_IPV6 => ctx
-            .load::<[u64; 2]>(IPV6_DESTINATION_AT)
-            .map(|[hi, lo]| AddrWords { hi, lo }),
+        ETH_P_IPV6 => {
+            load_first::<[u64; 2]>(ctx, IPV6_DESTINATION_AT).map(|[hi, lo]| AddrWords { hi, lo })
+        }
         _ => Err(0),
     }
 }
@@ -116,8 +151,8 @@ pub fn read_destination(ctx: &impl IpPacket) -> Result<AddrWords, c_long> {
 #[inline(always)]
 pub fn read_ip_header(ctx: &impl IpPacket) -> Result<IpHeader, c_long> {
     match ctx.ethertype() {
-        ETH_P_IP => ctx.load(0).map(IpHeader::V4),
-        ETH_P_IPV6 => ctx.load(0).map(IpHeader::V6),
+        ETH_P_IP => read_scratch(ctx, 0, 0).map(IpHeader::V4),
+        ETH_P_IPV6 => read_scratch(ctx, 0, 0).map(IpHeader::V6),
         _ => Err(0),
     }
 }
@@ -171,7 +206,7 @@ fn ipv6_transport(ctx: &impl IpPacket, h: &[u8; IPV6_HEADER_LEN]) -> (u32, PortI
         }
         // The first four bytes of every extension header we walk hold the
         // next header, the length, and for fragments the offset.
-        let Ok(ext) = ctx.load::<[u8; 4]>(offset) else {
+        let Ok(ext) = read_scratch::<4>(ctx, offset, SMALL_READ_AT) else {
             return MALFORMED;
         };
         offset += match step {
@@ -197,7 +232,7 @@ fn ipv6_transport(ctx: &impl IpPacket, h: &[u8; IPV6_HEADER_LEN]) -> (u32, PortI
 #[inline(always)]
 fn port_at(ctx: &impl IpPacket, protocol: u32, offset: usize) -> (u32, PortInfo) {
     match protocol {
-        PROTO_TCP | PROTO_UDP => match ctx.load::<[u8; 4]>(offset) {
+        PROTO_TCP | PROTO_UDP => match read_scratch::<4>(ctx, offset, SMALL_READ_AT) {
             Ok(ports) => (
                 protocol,
                 PortInfo::Known(u16::from_be_bytes([ports[2], ports[3]])),

@@ -11,15 +11,16 @@
 
 use std::{
     collections::BTreeSet,
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use imds_guard_tests::{
-    Outcome, addrs,
+    Outcome, addrs, nodeshape,
     oci::{
         Bundle, Container, Manifest, Node, Pod, PodSettings, Runtime, RuntimeFeatures, ScratchDir,
-        generate, rootfs::PROBE, seccomp,
+        generate, pod::START_TIMEOUT, rootfs::PROBE, seccomp,
     },
     privileges::capability_number,
     stage::{HTTP, case, eperm},
@@ -196,7 +197,10 @@ fn the_bundle_is_the_manifests_container() {
     let manifest = base();
     let node = Node::from_parts(SYSTEMD_NODE, "6.18.0", false);
     let volumes = ScratchDir::new("volumes").expect("scratch");
-    let settings = PodSettings::new("gen");
+    let mut settings = PodSettings::new("gen");
+    settings
+        .host_paths
+        .insert("status".to_owned(), volumes.path().join("status"));
     let rootfs = Path::new("/rootfs");
     let bundle = |manifest: &Manifest, features| {
         generate(manifest, &node, features, &settings, rootfs, volumes.path())
@@ -275,7 +279,8 @@ fn the_bundle_is_the_manifests_container() {
         ("uts", false),
         ("mount", false),
     ];
-    assert_eq!(kinds, [&fresh[..], &[("network", false)]].concat());
+    // hostNetwork: no network namespace of its own.
+    assert_eq!(kinds, fresh);
     assert!(spec.linux.masked_paths.contains(&"/proc/kcore".to_owned()));
     assert!(spec.linux.readonly_paths.contains(&"/proc/sys".to_owned()));
     let seccomp = spec.linux.seccomp.as_ref().expect("RuntimeDefault");
@@ -311,16 +316,16 @@ fn the_bundle_is_the_manifests_container() {
         "{refused}"
     );
 
-    // hostNetwork: the host's network namespace, no new one.
-    let mut host_network = manifest.clone();
-    host_network.pod_mut().expect("pod").host_network = Some(true);
-    let spec_host = bundle(&host_network, RuntimeFeatures::default()).expect("generates");
+    // Without hostNetwork, a new network namespace of the pod's own.
+    let mut own_network = manifest.clone();
+    own_network.pod_mut().expect("pod").host_network = Some(false);
+    let spec_own = bundle(&own_network, RuntimeFeatures::default()).expect("generates");
     assert!(
-        !spec_host
+        spec_own
             .linux
             .namespaces
             .iter()
-            .any(|n| n.kind == "network")
+            .any(|n| n.kind == "network" && n.path.is_none())
     );
 
     // A node whose /sys/fs/bpf propagates nothing: containerd refuses.
@@ -427,11 +432,33 @@ fn enforces_answers_status_and_survives_sigkill(runtime: Runtime) {
         ),
         "the manifest's CPU and memory limits hold"
     );
-    let netns = |p: &str| std::fs::read_link(p).expect("netns link");
-    assert_ne!(
-        netns(&format!("/proc/{pid}/ns/net")),
-        netns("/proc/self/ns/net"),
-        "the pod's own network namespace"
+    let netns = |p: &Path| std::fs::metadata(p).expect("netns").ino();
+    assert_eq!(
+        netns(Path::new(&format!("/proc/{pid}/ns/net"))),
+        netns(&pod.node_shape.node.path()),
+        "hostNetwork: the node's network namespace"
+    );
+    // There the node edge guard closes a pod's forwarded route (a Service
+    // DNATed to the metadata address), and ordinary forwarding goes on.
+    daemon
+        .wait_for_log("node edge guard updated uplinks=uplink", START_TIMEOUT)
+        .expect("the guard attaches to the node's uplink");
+    let shape = &pod.node_shape;
+    let timeout = ["--timeout-ms".to_owned(), "300".to_owned()];
+    shape.assert_never_arrives(
+        &shape.pod().probe(),
+        (
+            "tcp",
+            nodeshape::addrs::CLUSTER_IP_METADATA_V4.into(),
+            &timeout,
+        ),
+        nodeshape::addrs::METADATA_V4.into(),
+    );
+    shape.assert_arrives_from(
+        &shape.pod().probe(),
+        ("tcp", nodeshape::addrs::CLUSTER_IP_ORDINARY_V4.into(), &[]),
+        nodeshape::addrs::SERVER_V4.into(),
+        nodeshape::addrs::NODE_UPLINK_V4.into(),
     );
 
     let blocked = pod.attempt(&pod.blocked, &tcp_to_metadata());

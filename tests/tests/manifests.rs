@@ -199,21 +199,27 @@ fn paths_set_true(value: &Value, key: &str, path: &str, found: &mut Vec<String>)
     }
 }
 
+/// Nothing is privileged or shares the host's PID or IPC namespace; only
+/// the DaemonSet's pod shares the node's network (the node edge guard
+/// works there).
 #[test]
-fn nothing_is_privileged_or_shares_host_namespaces() {
+fn nothing_is_privileged_or_shares_host_namespaces_but_the_network() {
     for docs in std::iter::once(base()).chain(OVERLAYS.map(|dir| render(dir).1)) {
-        for key in [
-            "privileged",
-            "hostNetwork",
-            "hostPID",
-            "hostIPC",
-            "allowPrivilegeEscalation",
+        for (key, allowed) in [
+            ("privileged", vec![]),
+            (
+                "hostNetwork",
+                vec!["\"DaemonSet\"/spec/template/spec/hostNetwork"],
+            ),
+            ("hostPID", vec![]),
+            ("hostIPC", vec![]),
+            ("allowPrivilegeEscalation", vec![]),
         ] {
             let mut found = Vec::new();
             for doc in &docs {
                 paths_set_true(doc, key, &format!("{}", doc["kind"]), &mut found);
             }
-            assert!(found.is_empty(), "{key}: true at {found:?}");
+            assert_eq!(found, allowed, "{key}: true at {found:?}");
         }
     }
 }
@@ -247,8 +253,16 @@ fn daemonset_has_what_the_daemon_needs_and_no_more() {
             "/host/sys/fs/bpf/imds-guard",
             "--http-listen",
             "0.0.0.0:9464",
+            "--status-socket",
+            "/run/imds-guard/status.sock",
         ]
     );
+    assert_eq!(
+        at(pod, "/hostNetwork"),
+        true,
+        "the node edge guard's namespace"
+    );
+    assert_eq!(at(pod, "/dnsPolicy"), "ClusterFirstWithHostNet");
     let node_name = at(container, "/env")
         .as_array()
         .expect("a list")
@@ -297,8 +311,9 @@ fn daemonset_has_what_the_daemon_needs_and_no_more() {
         "it uses the API"
     );
 
-    // Exactly two host paths: the host's cgroup hierarchy, read-only, and
-    // its bpffs, where pins outlive the pod.
+    // Exactly three host paths: the host's cgroup hierarchy, read-only,
+    // its bpffs, where pins outlive the pod, and the node-local socket's
+    // directory.
     let mounts: HashMap<&str, &Value> = at(container, "/volumeMounts")
         .as_array()
         .expect("a list")
@@ -313,8 +328,13 @@ fn daemonset_has_what_the_daemon_needs_and_no_more() {
         .collect();
     assert_eq!(
         host_paths,
-        HashMap::from([("host-cgroup", "/sys/fs/cgroup"), ("bpffs", "/sys/fs/bpf")])
+        HashMap::from([
+            ("host-cgroup", "/sys/fs/cgroup"),
+            ("bpffs", "/sys/fs/bpf"),
+            ("status", "/run/imds-guard")
+        ])
     );
+    assert_eq!(mounts["status"]["mountPath"], "/run/imds-guard");
     let cgroup = mounts["host-cgroup"];
     assert_eq!(
         (

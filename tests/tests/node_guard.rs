@@ -29,8 +29,8 @@ const GUARD_UPDATED: &str = "node edge guard updated";
 /// metadata address is refused.
 struct GuardedNode {
     daemon: Daemon,
-    pods_cgroup: TestCgroup,
-    _pins: PinDir,
+    _pods_cgroup: TestCgroup,
+    pins: PinDir,
     shape: NodeShape,
 }
 
@@ -47,8 +47,8 @@ impl GuardedNode {
             .expect("the guard attaches");
         GuardedNode {
             daemon,
-            pods_cgroup,
-            _pins: pins,
+            _pods_cgroup: pods_cgroup,
+            pins,
             shape,
         }
     }
@@ -120,7 +120,6 @@ fn routed_veth_forwarded_routes_are_closed() {
     assert_forwarded_routes_closed(&node.shape, node.shape.pod());
     assert_ordinary_routes_open(&node.shape, node.shape.pod());
     let _ = &node.daemon;
-    let _ = &node.pods_cgroup;
 }
 
 #[test]
@@ -377,4 +376,31 @@ fn host_network_frames_are_judged_by_their_socket_cgroup() {
         .unwrap()
         .map(Result::unwrap);
     assert_eq!(guarded, [1.0, 0.0]);
+}
+
+/// The guard outlives the daemon (a stopped daemon leaves it attached, as
+/// it leaves the cgroup programs), and `imds-guard uninstall` in the node's
+/// namespace removes it: then the route is open again.
+#[test]
+fn the_guard_stays_after_stop_and_goes_with_uninstall() {
+    require_root();
+    let mut node = GuardedNode::standalone(NodeShape::routed_veth().unwrap());
+    let shape = &node.shape;
+    let (metadata, cluster_ip) = metadata_pairs()[0];
+    let timeout = ["--timeout-ms".to_owned(), "300".to_owned()];
+    let through_service = ("tcp", cluster_ip, &timeout[..]);
+    node.daemon.stop().expect("stop");
+    shape.assert_never_arrives(&shape.pod().probe(), through_service, metadata);
+
+    let pins = node.pins.path().display().to_string();
+    Daemon::command(["uninstall", "--bpffs-dir", &pins])
+        .netns(&shape.node)
+        .run_to_end()
+        .expect("uninstall");
+    shape.assert_arrives_from(
+        &shape.pod().probe(),
+        ("tcp", cluster_ip, &[]),
+        metadata,
+        node_uplink_for(metadata),
+    );
 }

@@ -9,11 +9,12 @@
 //! fake one, inside the sandbox.
 //!
 //! `stage` sets up and turns enforcement, the floor and the peer on and
-//! off (`floor`, `peer`); `traffic`, `programs`, `daemon` and `kubernetes`
-//! measure; `report` prints and writes what they found.
+//! off (`floor`, `peer`); `traffic`, `programs`, `daemon`, `forwarded`
+//! (the node edge guard) and `kubernetes` measure; `report` prints and writes what they found.
 
 mod daemon;
 mod floor;
+mod forwarded;
 mod kubernetes;
 mod peer;
 mod programs;
@@ -172,6 +173,7 @@ fn measure(stage: &BenchStage) -> anyhow::Result<Vec<Row>> {
     for rules in [&default, &scale] {
         rows.push(daemon::start_figure(stage, rules)?);
     }
+    rows.extend(forwarded::figures("9")?);
     Ok(rows)
 }
 

@@ -26,7 +26,7 @@ use aya::programs::{
 use enforcer_common::names;
 
 use super::{BpfError, maps::InterfaceAccess};
-use crate::host::kernel;
+use crate::host::{kernel, netlink::RouteSocket};
 
 /// An interface the guard attaches to, by index and name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -404,22 +404,24 @@ impl Role {
 /// pinned tcx links (`imds-guard uninstall`); returns how many went.
 pub fn detach_all(link_dir: &Path) -> io::Result<usize> {
     let mut removed = 0;
-    if let Ok(entries) = std::fs::read_dir("/sys/class/net") {
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            for role in [Role::Uplink, Role::BridgePort] {
-                let ours = SchedClassifierLink::attached(
-                    &name,
-                    role.attach_type(),
-                    TC_PRIORITY,
-                    TC_HANDLE,
-                    None,
-                );
-                if let Ok(link) = ours
-                    && aya::programs::Link::detach(link).is_ok()
-                {
-                    removed += 1;
-                }
+    // From routing netlink, not /sys/class/net: sysfs shows the namespace
+    // of whoever mounted it, which need not be ours.
+    let links = RouteSocket::open()
+        .and_then(|mut socket| socket.links())
+        .map_err(io::Error::other)?;
+    for name in links.into_iter().map(|link| link.name) {
+        for role in [Role::Uplink, Role::BridgePort] {
+            let ours = SchedClassifierLink::attached(
+                &name,
+                role.attach_type(),
+                TC_PRIORITY,
+                TC_HANDLE,
+                None,
+            );
+            if let Ok(link) = ours
+                && aya::programs::Link::detach(link).is_ok()
+            {
+                removed += 1;
             }
         }
     }

@@ -140,6 +140,11 @@ pub struct PodSettings {
     pub host_paths: BTreeMap<String, PathBuf>,
     /// Joins this network namespace (another container of the same pod).
     pub network: Option<PathBuf>,
+    /// The node's network namespace, which a hostNetwork pod's containers
+    /// join: in tests a node-shaped sandbox's, never this machine's own.
+    /// `None` leaves the runtime's own (no network namespace in the spec),
+    /// as the kubelet does on a real node.
+    pub node_network: Option<PathBuf>,
     /// The container's cgroup, relative to each hierarchy's root.
     pub cgroups_path: String,
 }
@@ -151,6 +156,7 @@ impl PodSettings {
             node_name: "test-node".to_owned(),
             host_paths: BTreeMap::new(),
             network: None,
+            node_network: None,
             cgroups_path: format!("/{}", crate::unique_name(tag)),
         }
     }
@@ -774,6 +780,11 @@ pub fn generate(
         namespaces.push(Namespace {
             kind: "network".to_owned(),
             path: settings.network.clone(),
+        });
+    } else if let Some(node) = &settings.node_network {
+        namespaces.push(Namespace {
+            kind: "network".to_owned(),
+            path: Some(node.clone()),
         });
     }
     if cgroup_namespace {

@@ -18,6 +18,8 @@ use crate::{daemon::ENFORCING, stage::Stage};
 
 /// The DaemonSet's bpffs volume.
 pub const BPFFS_VOLUME: &str = "bpffs";
+/// The manifest's volume for the node-local status socket.
+pub const STATUS_VOLUME: &str = "status";
 
 /// A node directory made a mount of its own with shared propagation, as
 /// /sys/fs/bpf is on systemd hosts (containerd accepts HostToContainer only
@@ -68,6 +70,11 @@ impl Drop for SharedDir {
 }
 
 pub struct Pod {
+    /// The node the hostNetwork daemon shares the network of: a routed
+    /// node-shaped sandbox, so its tc programs land on the sandbox's uplink.
+    pub node_shape: crate::NodeShape,
+    /// The node directory of the status socket's hostPath volume.
+    status_dir: super::ScratchDir,
     pub runtime: Runtime,
     pub features: RuntimeFeatures,
     /// Read after the bpffs directory was made shared.
@@ -101,6 +108,8 @@ impl Pod {
         let bpffs = SharedDir::new(stage.pins.path()).expect("a shared bpffs directory");
         let node = Node::this_machine().expect("this node's mounts");
         Pod {
+            node_shape: crate::NodeShape::routed_veth().expect("a node-shaped sandbox"),
+            status_dir: super::ScratchDir::new("status").expect("status directory"),
             runtime,
             features: runtime.features(&node),
             node,
@@ -117,6 +126,11 @@ impl Pod {
         settings
             .host_paths
             .insert(BPFFS_VOLUME.to_owned(), self.bpffs.path().to_path_buf());
+        settings.host_paths.insert(
+            STATUS_VOLUME.to_owned(),
+            self.status_dir.path().to_path_buf(),
+        );
+        settings.node_network = Some(self.node_shape.node.path());
         settings
     }
 

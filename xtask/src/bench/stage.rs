@@ -157,28 +157,7 @@ impl BenchStage {
     /// Runs `imds-bench-traffic ARGS` in the client namespace and the
     /// traffic cgroup, and returns the fields of the line it printed.
     pub fn traffic(&self, args: &[&str]) -> anyhow::Result<Fields> {
-        interrupted()?;
-        let mut command = Command::new(binary("imds-bench-traffic")?);
-        command
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let output = spawn_in(
-            &mut command,
-            &self.stage.sandbox.client,
-            Some(&self.stage.blocked),
-        )?
-        .wait_with_output()
-        .context("waiting for imds-bench-traffic")?;
-        interrupted()?;
-        ensure!(
-            output.status.success(),
-            "`imds-bench-traffic {}` failed ({}): {}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-        Fields::parse(&String::from_utf8_lossy(&output.stdout))
+        traffic_in(&self.stage.sandbox.client, Some(&self.stage.blocked), args)
     }
 
     /// Turns enforcement on for the guarded subtree: a daemon started on an
@@ -244,7 +223,35 @@ fn make_dropping(client: &Netns) -> anyhow::Result<()> {
 }
 
 /// `imds-bench-traffic sink` in the server namespace, killed on drop.
-fn start_sink(server: &Netns) -> anyhow::Result<Server> {
+/// Runs `imds-bench-traffic ARGS` in `netns` (and `cgroup`, if any) and
+/// returns the fields of the line it printed.
+pub fn traffic_in(
+    netns: &Netns,
+    cgroup: Option<&std::path::Path>,
+    args: &[&str],
+) -> anyhow::Result<Fields> {
+    interrupted()?;
+    let mut command = Command::new(binary("imds-bench-traffic")?);
+    command
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let output = spawn_in(&mut command, netns, cgroup)?
+        .wait_with_output()
+        .context("waiting for imds-bench-traffic")?;
+    interrupted()?;
+    ensure!(
+        output.status.success(),
+        "`imds-bench-traffic {}` failed ({}): {}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Fields::parse(&String::from_utf8_lossy(&output.stdout))
+}
+
+/// The traffic sink (`SINK_PORT`, `ACCEPT_PORT`) in `server`.
+pub fn start_sink(server: &Netns) -> anyhow::Result<Server> {
     let mut command = Command::new(binary("imds-bench-traffic")?);
     command
         .args(["sink", "--port", SINK_PORT, "--accept-port", ACCEPT_PORT])

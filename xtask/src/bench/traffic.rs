@@ -30,14 +30,14 @@ pub enum Unit {
 }
 
 impl Unit {
-    fn show(self, per_second: f64) -> String {
+    pub fn show(self, per_second: f64) -> String {
         match self {
             Unit::Bytes => format!("{:.2} Gbit/s", per_second * 8.0 / 1e9),
             Unit::Calls => format!("{per_second:.0}/s"),
         }
     }
 
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Unit::Bytes => "bytes/s",
             Unit::Calls => "calls/s",
@@ -48,7 +48,12 @@ impl Unit {
 /// The successful calls (or bytes) per second of one client run, which must
 /// have had no failed call.
 fn per_second(stage: &BenchStage, args: &[&str]) -> anyhow::Result<f64> {
-    let fields = stage.traffic(args)?;
+    successful_per_second(&stage.traffic(args)?, args)
+}
+
+/// A client run's successful calls (or bytes) per second; it must have
+/// had no failed call.
+pub fn successful_per_second(fields: &Fields, args: &[&str]) -> anyhow::Result<f64> {
     if let Some(failed) = fields.text("failed") {
         ensure!(
             failed == "0",
@@ -83,7 +88,7 @@ struct Samples {
 }
 
 /// Each round's `top / bottom`.
-fn ratios(top: &[f64], bottom: &[f64]) -> Vec<f64> {
+pub fn ratios(top: &[f64], bottom: &[f64]) -> Vec<f64> {
     top.iter()
         .zip(bottom)
         .map(|(top, bottom)| top / bottom)
@@ -126,14 +131,14 @@ fn side_by_side(stage: &BenchStage, rules: &Rules, args: &[&str]) -> anyhow::Res
 
 /// The median of some rounds' ratios, and the middle half of them.
 #[derive(Serialize)]
-struct Ratio {
-    ratios: Vec<f64>,
-    median: f64,
-    quartiles: [f64; 2],
+pub struct Ratio {
+    pub ratios: Vec<f64>,
+    pub median: f64,
+    pub quartiles: [f64; 2],
 }
 
 impl Ratio {
-    fn new(ratios: Vec<f64>) -> Ratio {
+    pub fn new(ratios: Vec<f64>) -> Ratio {
         let median = median(&ratios);
         let quartiles = [quantile(&ratios, 0.25), quantile(&ratios, 0.75)];
         Ratio {
@@ -143,7 +148,7 @@ impl Ratio {
         }
     }
 
-    fn show(&self) -> String {
+    pub fn show(&self) -> String {
         let [low, high] = self.quartiles;
         format!("{:.3} [{low:.3}–{high:.3}]", self.median)
     }

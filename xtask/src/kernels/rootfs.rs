@@ -119,7 +119,13 @@ fn kernel_stamp(kernel: &Kernel, modules: &[&str]) -> String {
         .iter()
         .map(|d| format!("{}={} {}", d.package, d.version, d.sha256))
         .collect();
-    format!("{}\nmodules: {}\n", debs.join("\n"), modules.join(" "))
+    // "with softdeps": archives made before soft dependencies were followed
+    // lack libcrc32c's crc32c.
+    format!(
+        "{}\nmodules: {} (with softdeps)\n",
+        debs.join("\n"),
+        modules.join(" ")
+    )
 }
 
 /// Unpacks the kernel's packages, keeps the image and the modules the guest
@@ -160,7 +166,11 @@ pub fn prepare_kernel(
         depmod(&base, &release)?;
         let dep = std::fs::read_to_string(tree.join("modules.dep"))?;
         let builtin = std::fs::read_to_string(tree.join("modules.builtin")).unwrap_or_default();
-        let needed = module_closure(&dep, &builtin, modules)
+        let soft = Softdeps {
+            softdep: &std::fs::read_to_string(tree.join("modules.softdep")).unwrap_or_default(),
+            alias: &std::fs::read_to_string(tree.join("modules.alias")).unwrap_or_default(),
+        };
+        let needed = module_closure(&dep, &builtin, &soft, modules)
             .map_err(|missing| anyhow::anyhow!("kernel {release} has no module {missing}"))?;
         // The guest's /lib is a link to usr/lib: the archive must not replace it.
         let staged_base = staged.join("usr");
@@ -221,10 +231,57 @@ fn module_name(path: &str) -> String {
     stem.replace('-', "_")
 }
 
+/// depmod's `modules.softdep` and `modules.alias`: what modprobe loads
+/// besides a module's hard dependencies (`libcrc32c`, which `nf_tables` needs
+/// on older kernels, asks for a `crc32c` implementation this way).
+pub struct Softdeps<'a> {
+    pub softdep: &'a str,
+    pub alias: &'a str,
+}
+
+impl Softdeps<'_> {
+    /// The names (modules or aliases) `module` softly depends on.
+    fn of(&self, module: &str) -> Vec<String> {
+        self.softdep
+            .lines()
+            .filter_map(|line| line.strip_prefix("softdep "))
+            .filter_map(|rest| rest.split_once(' '))
+            .filter(|(name, _)| name.replace('-', "_") == module)
+            .flat_map(|(_, deps)| deps.split_whitespace())
+            .filter(|word| !word.ends_with(':'))
+            .map(|name| name.replace('-', "_"))
+            .collect()
+    }
+
+    /// The modules an alias (or a module name) stands for.
+    fn resolve(&self, name: &str) -> Vec<String> {
+        let aliased: Vec<String> = self
+            .alias
+            .lines()
+            .filter_map(|line| line.strip_prefix("alias "))
+            .filter_map(|rest| rest.split_once(' '))
+            .filter(|(alias, _)| alias.replace('-', "_") == name)
+            .map(|(_, module)| module.trim().replace('-', "_"))
+            .collect();
+        if aliased.is_empty() {
+            vec![name.to_owned()]
+        } else {
+            aliased
+        }
+    }
+}
+
 /// The module files (paths as modules.dep writes them) that loading
-/// `wanted` needs, dependencies included; built-in modules need none.
-/// Fails with the first name that is neither a module nor built in.
-fn module_closure(dep: &str, builtin: &str, wanted: &[&str]) -> Result<Vec<String>, String> {
+/// `wanted` needs, hard and soft dependencies included (a soft one that is
+/// no module here is skipped, as modprobe does); built-in modules need
+/// none. Fails with the first wanted name that is neither a module nor
+/// built in.
+fn module_closure(
+    dep: &str,
+    builtin: &str,
+    soft: &Softdeps,
+    wanted: &[&str],
+) -> Result<Vec<String>, String> {
     let deps: Vec<(&str, Vec<&str>)> = dep
         .lines()
         .filter_map(|line| {
@@ -249,6 +306,15 @@ fn module_closure(dep: &str, builtin: &str, wanted: &[&str]) -> Result<Vec<Strin
         }
         if let Some((_, needs)) = deps.iter().find(|(m, _)| *m == module) {
             queue.extend(needs.iter().map(|n| (*n).to_owned()));
+        }
+        for name in soft
+            .of(&module_name(&module))
+            .iter()
+            .flat_map(|n| soft.resolve(n))
+        {
+            if let Some((path, _)) = deps.iter().find(|(m, _)| module_name(m) == name) {
+                queue.push((*path).to_owned());
+            }
         }
     }
     Ok(needed.into_iter().collect())
@@ -314,8 +380,12 @@ mod tests {
                    kernel/lib/base.ko:\n\
                    kernel/fs/unused.ko:\n";
         let builtin = "kernel/net/ipv6/ipv6.ko\n";
+        let none = Softdeps {
+            softdep: "",
+            alias: "",
+        };
         assert_eq!(
-            module_closure(dep, builtin, &["veth", "sch_fq", "ipv6"]).unwrap(),
+            module_closure(dep, builtin, &none, &["veth", "sch_fq", "ipv6"]).unwrap(),
             [
                 "kernel/drivers/net/veth.ko.xz",
                 "kernel/lib/base.ko",
@@ -324,8 +394,25 @@ mod tests {
             ]
         );
         assert_eq!(
-            module_closure(dep, builtin, &["wireguard"]),
+            module_closure(dep, builtin, &none, &["wireguard"]),
             Err("wireguard".to_owned())
+        );
+        // Debian 5.10: nf_tables needs libcrc32c, which asks for any crc32c
+        // (an alias); one that is no module here is skipped.
+        let dep = "kernel/net/netfilter/nf_tables.ko: kernel/lib/libcrc32c.ko\n\
+                   kernel/lib/libcrc32c.ko:\n\
+                   kernel/crypto/crc32c_generic.ko:\n";
+        let soft = Softdeps {
+            softdep: "# Soft dependencies\nsoftdep libcrc32c pre: crc32c missing\n",
+            alias: "alias crypto-crc32c crc32c_generic\nalias crc32c crc32c_generic\n",
+        };
+        assert_eq!(
+            module_closure(dep, "", &soft, &["nf_tables"]).unwrap(),
+            [
+                "kernel/crypto/crc32c_generic.ko",
+                "kernel/lib/libcrc32c.ko",
+                "kernel/net/netfilter/nf_tables.ko",
+            ]
         );
     }
 }
