@@ -47,24 +47,27 @@ fn try_imds_guard_uplink(ctx: &TcContext) -> Result<i32, aya_ebpf::cty::c_long> 
     let skb = ctx.skb.skb;
     // SAFETY: the program's own context.
     let (ingress_ifindex, mark) = unsafe { ((*skb).ingress_ifindex, (*skb).mark) };
-    let attempt = || Attempt::from_packet(&packet, destination);
-    // Two calls, not one with a chosen closure: BPF has no indirect calls.
-    let refused = if ingress_ifindex == 0 {
+    // One call to `refuses`, its sender chosen first: with a call on each
+    // branch the compiler outlined the shared closure into a BPF-to-BPF
+    // call whose result it wrote through a stack pointer, field by field,
+    // which verifiers before 7.x refuse without CAP_PERFMON.
+    let (hook, sender) = if ingress_ifindex == 0 {
         // Sent from this namespace: sockets of the guarded cgroup met its
         // hooks, except AF_PACKET ones.
-        refuses(
-            rule,
-            Hook::PacketSocket,
-            || packet_socket_sender(ctx),
-            attempt,
-        )
+        (Hook::PacketSocket, packet_socket_sender(ctx))
     } else {
-        let sender = || {
-            let access = maps::interface_access(ingress_ifindex, mark);
-            Some(Sender::of_interface(ingress_ifindex, access))
-        };
-        refuses(rule, Hook::Forward, sender, attempt)
+        let access = maps::interface_access(ingress_ifindex, mark);
+        (
+            Hook::Forward,
+            Some(Sender::of_interface(ingress_ifindex, access)),
+        )
     };
+    let refused = refuses(
+        rule,
+        hook,
+        || sender,
+        || Attempt::from_packet(&packet, destination),
+    );
     Ok(if refused { DROP } else { NEXT })
 }
 

@@ -24,16 +24,10 @@ impl PinDir {
         &self.path
     }
 
-    /// The generation directories inside (the daemon's own layout).
+    /// The generation directories inside (the daemon's own layout: `g-`
+    /// directories, beside the node edge guard's `tc` links).
     pub fn generations(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(&self.path)
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .filter_map(|e| e.file_name().into_string().ok())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut names: Vec<String> = generations_in(&self.path);
         names.sort();
         names
     }
@@ -47,4 +41,17 @@ impl Drop for PinDir {
             Err(err) => eprintln!("cleanup: cannot remove {}: {err}", self.path.display()),
         }
     }
+}
+
+/// The generation directories under a pin root.
+pub fn generations_in(root: &Path) -> Vec<String> {
+    std::fs::read_dir(root)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|name| name.starts_with("g-"))
+                .collect()
+        })
+        .unwrap_or_default()
 }

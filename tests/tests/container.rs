@@ -355,13 +355,7 @@ fn volume_mount<'a>(
 
 /// The generations under the daemon's pin directory.
 fn generations(pins: &Path) -> Vec<String> {
-    std::fs::read_dir(pins)
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().into_string().ok())
-                .collect()
-        })
-        .unwrap_or_default()
+    imds_guard_tests::pins::generations_in(pins)
 }
 
 /// `imds-guard status --output json` from a second container of the pod,
