@@ -27,7 +27,7 @@ use crate::{
 
 /// No opinion: the next tc program (a CNI's) decides, as if we were not there.
 const NEXT: i32 = TC_ACT_UNSPEC;
-const DROP: i32 = TC_ACT_SHOT as i32;
+const DROP: i32 = TC_ACT_SHOT;
 /// `AF_PACKET`: its frames pass no cgroup socket hook.
 const AF_PACKET: u32 = 17;
 

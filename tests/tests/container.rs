@@ -381,6 +381,32 @@ fn status_from_second_container(pod: &Pod, manifest: &Manifest, network: Option<
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("status JSON ({e}): {stdout}\n{log}"))
 }
 
+/// In the node's namespace the node edge guard closes a pod's forwarded
+/// route (a Service rewritten to the metadata address), and ordinary
+/// forwarding goes on.
+fn assert_node_guard_in_force(pod: &Pod, daemon: &mut Container) {
+    daemon
+        .wait_for_log("node edge guard updated uplinks=uplink", START_TIMEOUT)
+        .expect("the guard attaches to the node's uplink");
+    let shape = &pod.node_shape;
+    let timeout = ["--timeout-ms".to_owned(), "300".to_owned()];
+    shape.assert_never_arrives(
+        &shape.pod().probe(),
+        (
+            "tcp",
+            nodeshape::addrs::CLUSTER_IP_METADATA_V4.into(),
+            &timeout,
+        ),
+        nodeshape::addrs::METADATA_V4.into(),
+    );
+    shape.assert_arrives_from(
+        &shape.pod().probe(),
+        ("tcp", nodeshape::addrs::CLUSTER_IP_ORDINARY_V4.into(), &[]),
+        nodeshape::addrs::SERVER_V4.into(),
+        nodeshape::addrs::NODE_UPLINK_V4.into(),
+    );
+}
+
 fn enforces_answers_status_and_survives_sigkill(runtime: Runtime) {
     let pod = Pod::new(runtime);
     let manifest = base();
@@ -432,28 +458,7 @@ fn enforces_answers_status_and_survives_sigkill(runtime: Runtime) {
         netns(&pod.node_shape.node.path()),
         "hostNetwork: the node's network namespace"
     );
-    // There the node edge guard closes a pod's forwarded route (a Service
-    // DNATed to the metadata address), and ordinary forwarding goes on.
-    daemon
-        .wait_for_log("node edge guard updated uplinks=uplink", START_TIMEOUT)
-        .expect("the guard attaches to the node's uplink");
-    let shape = &pod.node_shape;
-    let timeout = ["--timeout-ms".to_owned(), "300".to_owned()];
-    shape.assert_never_arrives(
-        &shape.pod().probe(),
-        (
-            "tcp",
-            nodeshape::addrs::CLUSTER_IP_METADATA_V4.into(),
-            &timeout,
-        ),
-        nodeshape::addrs::METADATA_V4.into(),
-    );
-    shape.assert_arrives_from(
-        &shape.pod().probe(),
-        ("tcp", nodeshape::addrs::CLUSTER_IP_ORDINARY_V4.into(), &[]),
-        nodeshape::addrs::SERVER_V4.into(),
-        nodeshape::addrs::NODE_UPLINK_V4.into(),
-    );
+    assert_node_guard_in_force(&pod, &mut daemon);
 
     let blocked = pod.attempt(&pod.blocked, &tcp_to_metadata());
     assert_eq!(blocked.outcome, eperm(), "{blocked:?}");

@@ -122,7 +122,7 @@ pub struct EdgePrograms {
     attached: BTreeSet<(Role, Interface)>,
 }
 
-fn edge_err(name: &'static str, reason: impl ToString) -> BpfError {
+fn edge_err(name: &'static str, reason: &impl ToString) -> BpfError {
     BpfError::Edge {
         name,
         reason: reason.to_string(),
@@ -136,7 +136,7 @@ impl EdgePrograms {
         link_dir: &Path,
     ) -> Result<EdgePrograms, BpfError> {
         let open = |name: &'static str| {
-            SchedClassifier::from_pin(prog_pin(name)).map_err(|e| edge_err(name, e))
+            SchedClassifier::from_pin(prog_pin(name)).map_err(|e| edge_err(name, &e))
         };
         Ok(EdgePrograms {
             uplink: open(names::PROG_UPLINK)?,

@@ -47,18 +47,19 @@ pub fn announce(hook: Option<TcHook>, metrics: &Metrics) {
         .filter(|r| !r.guarded)
         .map(|r| r.what)
         .collect();
-    match hook {
-        Some(hook) => info!(
+    if let Some(hook) = hook {
+        info!(
             hook = hook.name(),
             open_routes = %open.join("; "),
             "node edge guard on: forwarded packets and hostNetwork AF_PACKET frames to denied \
              destinations are judged on egress of the uplinks; closing the open routes needs \
              the bpf LSM (not in this build)"
-        ),
-        None => warn!(
+        );
+    } else {
+        warn!(
             open_routes = %open.join("; "),
             "node edge guard off (--node-guard=off): only pod sockets are judged"
-        ),
+        );
     }
 }
 
@@ -135,8 +136,8 @@ pub async fn run(
             Err(_) => return,
         };
         tokio::select! {
-            changed = rules.changed() => if changed.is_err() { return },
-            changed = pods.changed() => if changed.is_err() { return },
+            rules_changed = rules.changed() => if rules_changed.is_err() { return },
+            pods_changed = pods.changed() => if pods_changed.is_err() { return },
             () = netlink_change(changes.as_ref()) => {}
             () = tokio::time::sleep(resync) => {}
         }
