@@ -211,20 +211,21 @@ pub struct Flow {
 }
 
 /// The sniffer: a raw-priority prerouting chain (before conntrack and any
-/// NAT of upstream's own) that adds each packet's addresses to a set with
-/// per-element counters. It records every flow, not only those a test
+/// NAT of upstream's own) that adds each packet's addresses to a set, with
+/// a counter per element the update statement attaches (a set-wide
+/// `counter;` needs Linux 5.11). It records every flow, not only those a test
 /// thought to watch for. Neighbour discovery is left out: it never crosses
 /// a router, and the node answers upstream's solicitations, sent from
 /// whichever upstream address the queued reply had, to that address.
 const SNIFFER_RULESET: &str = "
 table inet sniffer {
-    set seen4 { type ipv4_addr . ipv4_addr; flags dynamic; counter; size 65535; }
-    set seen6 { type ipv6_addr . ipv6_addr; flags dynamic; counter; size 65535; }
+    set seen4 { type ipv4_addr . ipv4_addr; flags dynamic; size 65535; }
+    set seen6 { type ipv6_addr . ipv6_addr; flags dynamic; size 65535; }
     chain arrivals {
         type filter hook prerouting priority raw; policy accept;
         icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect } accept
-        meta nfproto ipv4 update @seen4 { ip saddr . ip daddr }
-        meta nfproto ipv6 update @seen6 { ip6 saddr . ip6 daddr }
+        meta nfproto ipv4 update @seen4 { ip saddr . ip daddr counter }
+        meta nfproto ipv6 update @seen6 { ip6 saddr . ip6 daddr counter }
     }
 }
 ";
