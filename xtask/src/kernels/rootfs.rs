@@ -27,9 +27,17 @@ fn host_release() -> anyhow::Result<String> {
         .context("/etc/os-release names no VERSION_CODENAME: the guest's root filesystem is built from this machine's Debian release")
 }
 /// What the tests run besides the Essential set: ip (netns, veth), modprobe,
-/// sysctl, nft (the node-shaped sandboxes); bpftool to look at a guest's
-/// programs when a run fails.
-const PACKAGES: [&str; 5] = ["iproute2", "kmod", "procps", "nftables", "bpftool"];
+/// sysctl, nft (the node-shaped sandboxes), the CA store (the daemon's
+/// Kubernetes client loads it even for a plain-HTTP test API server);
+/// bpftool to look at a guest's programs when a run fails.
+const PACKAGES: [&str; 6] = [
+    "iproute2",
+    "kmod",
+    "procps",
+    "nftables",
+    "ca-certificates",
+    "bpftool",
+];
 /// Nothing in the guest reads these; without them the archive is half the size.
 const TRIMMED: [&str; 6] = [
     "usr/share/doc",
