@@ -60,6 +60,10 @@ pub mod names {
     /// route to denied destinations, and ingress of allowlisted pods' bridge ports.
     pub const PROG_UPLINK: &str = "imds_guard_uplink";
     pub const PROG_BRIDGE_PORT: &str = "imds_guard_bridge_port";
+    /// The BPF LSM program on `socket_create`, loaded only on request (it
+    /// needs `CAP_PERFMON`): `AF_PACKET` and `AF_XDP` sockets of the guarded
+    /// cgroup, which skip tc with `PACKET_QDISC_BYPASS` or XDP.
+    pub const PROG_SOCKET_CREATE: &str = "imds_guard_socket_create";
 
     /// Every map of the object: one generation pins each of them.
     pub const MAPS: [&str; 9] = [
@@ -139,6 +143,9 @@ pub const HOOK_EGRESS: u8 = 3;
 pub const HOOK_FORWARD: u8 = 4;
 /// The node edge guard: a frame of an `AF_PACKET` socket leaving an uplink.
 pub const HOOK_PACKET_SOCKET: u8 = 5;
+/// The BPF LSM: an `AF_PACKET` or `AF_XDP` socket being made (no
+/// destination yet: the event's is all zeros).
+pub const HOOK_SOCKET_CREATE: u8 = 6;
 
 /// Set in the counter and event keys of forwarded packets, whose low 32
 /// bits are then an interface index, not a cgroup id (cgroup ids are inode

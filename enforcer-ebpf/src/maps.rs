@@ -14,9 +14,10 @@ use aya_ebpf::{
 use enforcer_common::{
     ACCESS_ALLOW, ACCESS_AUDIT, AddrBytes, AddrWords, AllowEntry, BUCKET_WORDS, BlockCounters,
     BlockEvent, DestRule, EVENT_RING_BYTES, EVENTS_PER_CGROUP_PER_SECOND, EventWindow,
-    HOOK_CONNECT, HOOK_EGRESS, HOOK_FORWARD, HOOK_PACKET_SOCKET, HOOK_SENDMSG, MAX_ALLOWED_CGROUPS,
-    MAX_ALLOWED_INTERFACES, MAX_CGROUP_DEPTH, MAX_COUNTED_CGROUPS, MAX_DEST_RULES, MODE_AUDIT,
-    MODE_ENFORCE, PORT_MARK_ALLOW, PORT_MARK_AUDIT, VERDICT_AUDITED, VERDICT_REFUSED,
+    HOOK_CONNECT, HOOK_EGRESS, HOOK_FORWARD, HOOK_PACKET_SOCKET, HOOK_SENDMSG, HOOK_SOCKET_CREATE,
+    MAX_ALLOWED_CGROUPS, MAX_ALLOWED_INTERFACES, MAX_CGROUP_DEPTH, MAX_COUNTED_CGROUPS,
+    MAX_DEST_RULES, MODE_AUDIT, MODE_ENFORCE, PORT_MARK_ALLOW, PORT_MARK_AUDIT, VERDICT_AUDITED,
+    VERDICT_REFUSED,
 };
 
 // The statics' names are the map names in `enforcer_common::names`.
@@ -120,6 +121,8 @@ pub enum Hook {
     Forward,
     /// The node edge guard: an `AF_PACKET` frame leaving an uplink.
     PacketSocket,
+    /// The BPF LSM: an `AF_PACKET` or `AF_XDP` socket being made.
+    SocketCreate,
 }
 
 impl Hook {
@@ -131,7 +134,9 @@ impl Hook {
             Hook::Sendmsg => &mut counters.sendmsg,
             // The guard's packets are on the wire too; forwarded ones are
             // counted under their interface's key, not a cgroup's.
-            Hook::Egress | Hook::Forward | Hook::PacketSocket => &mut counters.egress,
+            Hook::Egress | Hook::Forward | Hook::PacketSocket | Hook::SocketCreate => {
+                &mut counters.egress
+            }
         }
     }
 
@@ -142,6 +147,7 @@ impl Hook {
             Hook::Egress => HOOK_EGRESS,
             Hook::Forward => HOOK_FORWARD,
             Hook::PacketSocket => HOOK_PACKET_SOCKET,
+            Hook::SocketCreate => HOOK_SOCKET_CREATE,
         }
     }
 }

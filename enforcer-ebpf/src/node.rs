@@ -14,9 +14,10 @@
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_sk_fullsock,
-    macros::classifier,
-    programs::TcContext,
+    macros::{classifier, lsm},
+    programs::{LsmContext, TcContext},
 };
+use enforcer_common::{ACCESS_ALLOW, ACCESS_AUDIT, rule::PROTO_ANY};
 
 use crate::{
     Attempt, Sender,
@@ -106,4 +107,46 @@ pub fn imds_guard_bridge_port(ctx: TcContext) -> i32 {
         ctx.set_mark(mark | bit);
     }
     NEXT
+}
+
+/// `AF_XDP`: its frames skip tc entirely.
+const AF_XDP: i32 = 44;
+const EPERM: i32 = 1;
+
+/// The BPF LSM on `socket_create`: an `AF_PACKET` or `AF_XDP` socket of
+/// the guarded cgroup, unless allowlisted, is refused (`EPERM`). Those
+/// are the frames no tc program sees (`PACKET_QDISC_BYPASS`, XDP); the
+/// daemon loads this only when asked (it needs CAP_PERFMON).
+#[lsm(hook = "socket_create")]
+pub fn imds_guard_socket_create(ctx: LsmContext) -> i32 {
+    // socket_create(int family, int type, int protocol, int kern), then
+    // the verdict of the BPF LSM programs before this one.
+    let (family, kern, previous): (i32, i32, i32) = (ctx.arg(0), ctx.arg(3), ctx.arg(4));
+    if previous != 0 {
+        return previous;
+    }
+    if kern != 0 || (family != AF_PACKET as i32 && family != AF_XDP) {
+        return 0;
+    }
+    let subject = Subject::Current;
+    let Some(access) = maps::guarded_access(&subject) else {
+        return 0;
+    };
+    if access == ACCESS_ALLOW {
+        return 0;
+    }
+    let key = subject.leaf_cgroup_id();
+    maps::count_block(key, Hook::SocketCreate);
+    let audited = maps::audit_mode() || access == ACCESS_AUDIT;
+    // A port of 0 next to a zero address would be one zeroing `memset`.
+    let none = crate::stores::no_address();
+    maps::send_event(
+        key,
+        none,
+        none.hi as u16,
+        PROTO_ANY,
+        Hook::SocketCreate,
+        audited,
+    );
+    if audited { 0 } else { -EPERM }
 }

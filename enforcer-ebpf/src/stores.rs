@@ -9,7 +9,7 @@
 //! A unit test of the daemon fails on any `memset` call left in the object.
 //! Addresses avoid the problem as whole words (`enforcer_common::AddrWords`).
 
-use enforcer_common::BlockCounters;
+use enforcer_common::{AddrWords, BlockCounters};
 
 /// Zero, read at run time so the optimizer cannot fold it. A read-only
 /// global, not a local: a narrow store of a local can land on a stack slot
@@ -22,6 +22,13 @@ static OPAQUE_ZERO: u32 = 0;
 fn opaque_zero() -> u32 {
     // SAFETY: a plain read of an immutable global.
     unsafe { core::ptr::read_volatile(&OPAQUE_ZERO) }
+}
+
+/// The all-zeros address, for an event that has no destination.
+#[inline(always)]
+pub fn no_address() -> AddrWords {
+    let zero = u64::from(opaque_zero());
+    AddrWords { hi: zero, lo: zero }
 }
 
 /// Counters with one attempt counted in the field `pick` selects.

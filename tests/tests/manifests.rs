@@ -88,8 +88,9 @@ fn audit() -> Vec<Value> {
 }
 
 /// Every overlay a user may apply.
-const OVERLAYS: [&str; 4] = [
+const OVERLAYS: [&str; 5] = [
     "deploy/overlays/audit",
+    "deploy/overlays/packet-socket-lsm",
     "deploy/overlays/startup-taint",
     "deploy/overlays/kernel-5.10",
     "deploy/overlays/hybrid-cgroups",
@@ -476,6 +477,31 @@ fn overlays_change_only_what_they_say() {
         base_docs.len() + 4,
         "a ClusterRole, its binding, the node policy and its binding"
     );
+
+    let lsm_docs = render("deploy/overlays/packet-socket-lsm").1;
+    let lsm = daemonset(&lsm_docs);
+    assert_eq!(
+        strings(at(lsm, CAPABILITIES)),
+        set(&["BPF", "NET_ADMIN", "PERFMON"]),
+        "BPF LSM programs are tracing programs: CAP_PERFMON"
+    );
+    let added = at(lsm, args_path).as_array().expect("args").len() - 1;
+    assert_eq!(
+        at(lsm, &format!("{args_path}/{added}")),
+        "--refuse-packet-sockets=on"
+    );
+    assert_eq!(
+        without(
+            lsm,
+            &[
+                &format!("{CAPABILITIES}/2"),
+                &format!("{args_path}/{added}")
+            ]
+        ),
+        *base,
+        "one capability and one argument more"
+    );
+    assert_eq!(lsm_docs.len(), base_docs.len(), "the same objects");
 }
 
 #[test]

@@ -267,7 +267,7 @@ struct Loaded {
 
 fn load(rules: &RuleSet) -> Loaded {
     require_root();
-    let mut ebpf = loader::load(Mode::Enforce, 0, None).expect("load the programs");
+    let mut ebpf = loader::load(Mode::Enforce, 0, false, None).expect("load the programs");
     let mut rules_map = DestRulesMap::take(&mut ebpf).expect("rules map");
     rules_map.sync(rules).expect("write rules");
     let allow = CgroupAllowMap::take(&mut ebpf).expect("allow map");

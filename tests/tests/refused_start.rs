@@ -68,6 +68,14 @@ fn refused_starts_leave_no_maps_programs_or_pins_behind() {
         assert!(log.contains(&named), "the error names {named:?}:\n{log}");
     }
 
+    // Refusing packet sockets needs the BPF LSM, a tracing program type:
+    // without CAP_PERFMON the start is refused, naming it and the overlay.
+    let log = refused(&stage, stage.daemon(&["--refuse-packet-sockets", "on"]), 8);
+    assert!(
+        log.contains("CAP_PERFMON") && log.contains("packet-socket-lsm"),
+        "the error names the capability and the overlay:\n{log}"
+    );
+
     // The same privileges without the filter start, and then the objects
     // are there: the count can see them.
     let _daemon = stage

@@ -110,7 +110,11 @@ pub const KERNELS: [Kernel; 4] = [
 /// with NAT (kube-proxy's DNAT, the uplink masquerade, the sniffer) and
 /// clsact with BPF filters (the node edge guard before tcx, the redirect
 /// program).
-const GUEST_MODULES: [&str; 11] = [
+///
+/// A name starting with `?` is loaded where it is a module of its own and
+/// skipped where it is not (`nft_counter` is one on 5.10; later kernels
+/// build it into `nf_tables`).
+const GUEST_MODULES: [&str; 12] = [
     "veth",
     "bridge",
     "vxlan",
@@ -119,6 +123,7 @@ const GUEST_MODULES: [&str; 11] = [
     "nft_nat",
     "nft_masq",
     "nft_ct",
+    "?nft_counter",
     "sch_ingress",
     "cls_bpf",
     "af_packet",
@@ -140,6 +145,10 @@ pub enum Grant {
     DaemonSet,
     /// deploy/overlays/kernel-5.10: the DaemonSet's plus CAP_SYS_RESOURCE.
     Kernel510Overlay,
+    /// deploy/overlays/packet-socket-lsm: the DaemonSet's plus CAP_PERFMON
+    /// (and, before 5.11, kernel-5.10's CAP_SYS_RESOURCE).
+    LsmOverlay,
+    Lsm510Overlay,
 }
 
 impl Grant {
@@ -148,6 +157,10 @@ impl Grant {
             Grant::Root => "root (every capability)",
             Grant::DaemonSet => "DaemonSet (BPF, NET_ADMIN, 64 KiB memlock)",
             Grant::Kernel510Overlay => "kernel-5.10 overlay (+ SYS_RESOURCE)",
+            Grant::LsmOverlay => "packet-socket-lsm overlay (+ PERFMON)",
+            Grant::Lsm510Overlay => {
+                "packet-socket-lsm + kernel-5.10 overlays (+ PERFMON, SYS_RESOURCE)"
+            }
         }
     }
 
@@ -157,6 +170,8 @@ impl Grant {
             Grant::Root => Some("all"),
             Grant::DaemonSet => None,
             Grant::Kernel510Overlay => Some("bpf,net_admin,sys_resource"),
+            Grant::LsmOverlay => Some("bpf,net_admin,perfmon"),
+            Grant::Lsm510Overlay => Some("bpf,net_admin,sys_resource,perfmon"),
         }
     }
 }
@@ -174,7 +189,7 @@ pub struct Run {
 }
 
 /// The test targets any guest runs.
-const TEST_TARGETS: [&str; 3] = ["standalone", "privileges", "node_guard"];
+const TEST_TARGETS: [&str; 4] = ["standalone", "privileges", "node_guard", "packet_lsm"];
 
 /// What a kernel runs: the traffic tests as root and with the DaemonSet's
 /// privileges, which kernels before 5.11 refuse (maps are charged to the
@@ -202,6 +217,12 @@ fn plan(version: &str) -> anyhow::Result<Vec<Run>> {
                 expected: "enforces; node edge guard closes the node's routes",
                 tests: &["standalone", "node_guard"],
             },
+            Run {
+                id: "lsm",
+                grant: Grant::Lsm510Overlay,
+                expected: "refuses AF_PACKET and AF_XDP sockets in the subtree (bpf LSM)",
+                tests: &["packet_lsm"],
+            },
         ]
     } else {
         vec![
@@ -211,6 +232,12 @@ fn plan(version: &str) -> anyhow::Result<Vec<Run>> {
                 grant: Grant::DaemonSet,
                 expected: "enforces; node edge guard closes the node's routes",
                 tests: &["privileges", "standalone", "node_guard"],
+            },
+            Run {
+                id: "lsm",
+                grant: Grant::LsmOverlay,
+                expected: "refuses AF_PACKET and AF_XDP sockets in the subtree (bpf LSM)",
+                tests: &["packet_lsm"],
             },
         ]
     })
@@ -455,14 +482,19 @@ mod tests {
             [
                 ("root", Grant::Root),
                 ("daemonset", Grant::DaemonSet),
-                ("overlay", Grant::Kernel510Overlay)
+                ("overlay", Grant::Kernel510Overlay),
+                ("lsm", Grant::Lsm510Overlay)
             ]
         );
         assert_eq!(
             ids("5.11"),
-            [("root", Grant::Root), ("daemonset", Grant::DaemonSet)]
+            [
+                ("root", Grant::Root),
+                ("daemonset", Grant::DaemonSet),
+                ("lsm", Grant::LsmOverlay)
+            ]
         );
-        assert_eq!(ids("7.3.4").len(), 2);
+        assert_eq!(ids("7.3.4").len(), 3);
         assert!(plan("seven").is_err());
         for kernel in &KERNELS {
             let runs = plan(kernel.version).unwrap();

@@ -23,7 +23,7 @@ use crate::{
         owner::{Enforcer, EnforcerError, EnforcerHandle, StartSettings, Started},
         pins::PinRoot,
     },
-    config::{Common, ConfigError, ModeSettings, NodeGuard, Settings, Sources, rules::RuleSet},
+    config::{Common, ConfigError, ModeSettings, Settings, Sources, Switch, rules::RuleSet},
     edge::{self, PodAddresses},
     host::{
         cgroup::{self, CgroupDir, CgroupError},
@@ -216,7 +216,8 @@ pub async fn run<M: DaemonMode>(sources: Sources) -> Result<(), AppError> {
         rules: &settings.common.rules,
         cgroup: &target.cgroup,
         allowed: target.allowed.as_ref(),
-        node_guard: settings.common.node_guard == NodeGuard::On,
+        node_guard: settings.common.node_guard == Switch::On,
+        refuse_packet_sockets: settings.common.refuse_packet_sockets == Switch::On,
     })?;
     log_start(&started, &target.cgroup, &settings.common);
     if let Some(allowed) = &target.allowed {
@@ -326,6 +327,9 @@ async fn reload_settings<M: DaemonMode>(
 fn check_host(common: &Common) -> Result<PathBuf, AppError> {
     privilege::check()?;
     preflight::check_node(&common.bpffs_dir)?;
+    if common.refuse_packet_sockets == Switch::On {
+        preflight::check_bpf_lsm(privilege::effective()?)?;
+    }
     Ok(match &common.cgroup_root {
         Some(root) => root.clone(),
         None => cgroup::detect_cgroup2_mount()?,
@@ -386,7 +390,11 @@ async fn start(
         "metrics refresh",
         refresh_metrics(Arc::clone(&health), Arc::clone(&metrics)),
     );
-    edge::announce(edge_hook, &metrics);
+    edge::announce(
+        edge_hook,
+        common.refuse_packet_sockets == Switch::On,
+        &metrics,
+    );
     let (edge_rules, rules_seen) = watch::channel(common.rules.clone());
     let (pod_addresses, addresses_seen) = watch::channel(PodAddresses::new());
     if edge_hook.is_some() {

@@ -342,8 +342,9 @@ pub struct RouteState {
     pub guarded: bool,
 }
 
-/// The routes as the guard leaves them, when it runs (`running`) or not.
-pub fn routes(running: bool) -> [RouteState; 4] {
+/// The routes as the guard leaves them, with the tc programs `running` or
+/// not, and the BPF LSM program refusing packet sockets (`lsm`) or not.
+pub fn routes(running: bool, lsm: bool) -> [RouteState; 4] {
     [
         RouteState {
             route: "forwarded",
@@ -359,12 +360,12 @@ pub fn routes(running: bool) -> [RouteState; 4] {
         RouteState {
             route: "host_packet_qdisc_bypass",
             what: "AF_PACKET frames of hostNetwork pods with PACKET_QDISC_BYPASS",
-            guarded: false,
+            guarded: lsm,
         },
         RouteState {
             route: "host_af_xdp",
             what: "AF_XDP sockets of hostNetwork pods",
-            guarded: false,
+            guarded: lsm,
         },
     ]
 }

@@ -5,9 +5,9 @@
 use std::path::PathBuf;
 
 use aya::{
-    Ebpf, EbpfError, EbpfLoader, include_bytes_aligned,
+    Btf, Ebpf, EbpfError, EbpfLoader, include_bytes_aligned,
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SchedClassifier,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, Lsm, SchedClassifier,
         links::{FdLink, LinkError},
     },
 };
@@ -33,6 +33,14 @@ pub fn object_fingerprint() -> u64 {
     fingerprint(EBPF_OBJECT)
 }
 
+/// What a generation is made of: the object, and whether it loads the BPF
+/// LSM program. Turning that on or off is then an upgrade: a new
+/// generation attached before the old goes.
+pub fn generation_fingerprint(refuse_packet_sockets: bool) -> u64 {
+    const WITH_LSM: u64 = 0x4c53_4d00_0000_0001;
+    object_fingerprint() ^ if refuse_packet_sockets { WITH_LSM } else { 0 }
+}
+
 /// FNV-1a, 64 bits: a stable fingerprint of the eBPF object (not a
 /// security measure; it only tells builds apart).
 pub fn fingerprint(bytes: &[u8]) -> u64 {
@@ -56,6 +64,7 @@ fn kernel_value(mode: Mode) -> u32 {
 pub fn load(
     mode: Mode,
     guarded_cgroup_id: u64,
+    refuse_packet_sockets: bool,
     map_pins: Option<&dyn Fn(&str) -> PathBuf>,
 ) -> Result<Ebpf, BpfError> {
     let mode_value = kernel_value(mode);
@@ -86,8 +95,21 @@ pub fn load(
             .load()
             .map_err(|source| refusal::program_error(name, source))?;
     }
+    if refuse_packet_sockets {
+        let name = names::PROG_SOCKET_CREATE;
+        let btf = Btf::from_sys_fs().map_err(|e| BpfError::Edge {
+            name,
+            reason: format!("reading the kernel's BTF: {e}"),
+        })?;
+        let lsm: &mut Lsm = program(&mut ebpf, name)?;
+        lsm.load(SOCKET_CREATE_HOOK, &btf)
+            .map_err(|source| refusal::program_error(name, source))?;
+    }
     Ok(ebpf)
 }
+
+/// The LSM hook the socket program runs on.
+const SOCKET_CREATE_HOOK: &str = "socket_create";
 
 /// Pins the node edge guard's programs at the paths `program_pin` gives,
 /// so a later daemon attaches the same programs to new interfaces.
@@ -171,6 +193,25 @@ pub fn attach_pinned(
     Ok(())
 }
 
+/// Attaches the BPF LSM program (loaded by [`load`] when asked) and pins
+/// its link, before the cgroup links: a complete generation has it.
+pub fn attach_lsm_pinned(
+    ebpf: &mut Ebpf,
+    link_pin: &dyn Fn(&str) -> PathBuf,
+) -> Result<(), BpfError> {
+    let name = names::PROG_SOCKET_CREATE;
+    let lsm: &mut Lsm = program(ebpf, name)?;
+    let failed = |e: &dyn std::fmt::Display| BpfError::Pin {
+        name,
+        path: link_pin(name),
+        reason: e.to_string(),
+    };
+    let id = lsm.attach().map_err(|e| failed(&e))?;
+    let link: FdLink = lsm.take_link(id).map_err(|e| failed(&e))?.into();
+    link.pin(link_pin(name)).map_err(|e| failed(&e))?;
+    Ok(())
+}
+
 /// The egress program, for `BPF_PROG_TEST_RUN`.
 pub fn egress_program(ebpf: &mut Ebpf) -> Result<&mut CgroupSkb, BpfError> {
     program(ebpf, names::PROG_EGRESS)
@@ -241,6 +282,7 @@ mod tests {
         let contract: BTreeSet<&str> = names::PROGRAMS
             .into_iter()
             .chain(names::NODE_PROGRAMS)
+            .chain([names::PROG_SOCKET_CREATE])
             .collect();
         assert_eq!(programs, contract);
     }

@@ -105,6 +105,8 @@ pub struct StartSettings<'a> {
     pub allowed: Option<&'a CgroupAccess>,
     /// Whether the node edge guard runs.
     pub node_guard: bool,
+    /// Whether the BPF LSM program refuses packet sockets.
+    pub refuse_packet_sockets: bool,
 }
 
 impl Enforcer {
@@ -113,7 +115,7 @@ impl Enforcer {
     pub fn start(settings: &StartSettings<'_>) -> Result<(Enforcer, Started), EnforcerError> {
         let pins = settings.pins;
         let key = GenerationKey {
-            object_hash: loader::object_fingerprint(),
+            object_hash: loader::generation_fingerprint(settings.refuse_packet_sockets),
             mode: settings.mode,
             cgroup_id: settings.cgroup.id(),
         };
@@ -212,7 +214,12 @@ impl Enforcer {
         }
         pins.create_generation_dir(generation)?;
         let map_pin = |map: &str| pins.map_pin(generation, map);
-        let mut ebpf = loader::load(settings.mode, settings.cgroup.id(), Some(&map_pin))?;
+        let mut ebpf = loader::load(
+            settings.mode,
+            settings.cgroup.id(),
+            settings.refuse_packet_sockets,
+            Some(&map_pin),
+        )?;
         let mut enforcer = Enforcer {
             rules: DestRulesMap::take(&mut ebpf)?,
             allowed: CgroupAllowMap::take(&mut ebpf)?,
@@ -235,6 +242,9 @@ impl Enforcer {
         let program_pin = |program: &str| pins.program_pin(generation, program);
         loader::pin_node_programs(&mut ebpf, &program_pin)?;
         let link_pin = |program: &str| pins.link_pin(generation, program);
+        if settings.refuse_packet_sockets {
+            loader::attach_lsm_pinned(&mut ebpf, &link_pin)?;
+        }
         loader::attach_pinned(&mut ebpf, settings.cgroup, &link_pin)?;
         Ok(enforcer)
     }

@@ -15,7 +15,7 @@ use std::{
 };
 
 use aya::programs::links::{FdLink, LinkType, PinnedLink};
-use enforcer_common::names::{MAPS, NODE_PROGRAMS, PROGRAMS};
+use enforcer_common::names::{MAPS, NODE_PROGRAMS, PROG_SOCKET_CREATE, PROGRAMS};
 
 use crate::config::Mode;
 
@@ -207,6 +207,7 @@ impl PinRoot {
     pub fn remove_generation(&self, generation: &str) -> Result<(), PinError> {
         let pins = PROGRAMS
             .iter()
+            .chain([&PROG_SOCKET_CREATE])
             .map(|p| self.link_pin(generation, p))
             .chain(
                 NODE_PROGRAMS
@@ -294,6 +295,16 @@ pub fn link_attached(path: &Path) -> bool {
     // Dropping the opened link closes only our descriptor: the pin keeps it.
     FdLink::from(pinned).info().is_ok_and(|info| {
         info.program_id() != 0 && matches!(info.link_type(), Ok(LinkType::Cgroup))
+    })
+}
+
+/// Whether a generation's BPF LSM link is pinned and holds a program.
+pub fn lsm_attached(root: &PinRoot, generation: &str) -> bool {
+    let path = root.link_pin(generation, PROG_SOCKET_CREATE);
+    PinnedLink::from_pin(&path).is_ok_and(|pinned| {
+        FdLink::from(pinned)
+            .info()
+            .is_ok_and(|info| info.program_id() != 0)
     })
 }
 

@@ -22,6 +22,7 @@
 //! httpListen: 0.0.0.0:9464   # /metrics, /healthz, /readyz
 //! statusSocket: /run/imds-guard/status.sock   # also /pods (names pods): node-local
 //! nodeGuard: on              # forwarded packets and AF_PACKET frames (off: pod sockets only)
+//! refusePacketSockets: off   # BPF LSM: no AF_PACKET/AF_XDP sockets (needs CAP_PERFMON)
 //! standalone:
 //!   cgroup: system.slice
 //!   allow: [system.slice/metadata-agent.service]
@@ -40,7 +41,7 @@ pub mod named;
 pub mod presets;
 pub mod rules;
 
-pub use named::{Mode, NodeGuard};
+pub use named::{Mode, Switch};
 pub use presets::Preset;
 
 use labels::LabelPolicy;
@@ -137,7 +138,12 @@ pub struct Layer {
     /// The node edge guard: tc programs in this network namespace that drop
     /// forwarded packets and AF_PACKET frames to denied destinations (default on).
     #[arg(long, value_enum, env = "IMDS_GUARD_NODE_GUARD")]
-    pub node_guard: Option<NodeGuard>,
+    pub node_guard: Option<Switch>,
+    /// The BPF LSM on socket creation: refuse AF_PACKET and AF_XDP sockets in
+    /// the protected subtree, which skip tc (default off; needs CAP_PERFMON and
+    /// the bpf LSM active: deploy/overlays/packet-socket-lsm).
+    #[arg(long, value_enum, env = "IMDS_GUARD_REFUSE_PACKET_SOCKETS")]
+    pub refuse_packet_sockets: Option<Switch>,
     /// Standalone mode's section; on the command line, the `standalone`
     /// command's own flags.
     #[arg(skip)]
@@ -251,7 +257,7 @@ macro_rules! stack_fields {
 
 stack_fields!(Layer {
     mode, presets, deny, pass, limits, bpffs_dir, cgroup_root, http_listen, status_socket,
-    node_guard
+    node_guard, refuse_packet_sockets
 } sections { standalone, kubernetes });
 stack_fields!(StandaloneSection { cgroup, allow, allow_file, audit } sections {});
 stack_fields!(KubernetesSection {
@@ -365,7 +371,8 @@ pub struct Common {
     pub http_listen: Option<SocketAddr>,
     /// Where `/pods` is served too, node-local, if anywhere.
     pub status_socket: Option<PathBuf>,
-    pub node_guard: NodeGuard,
+    pub node_guard: Switch,
+    pub refuse_packet_sockets: Switch,
 }
 
 fn limits(file: Option<&LimitsSection>) -> Result<PrefixLimits, ConfigError> {
@@ -447,7 +454,8 @@ impl Common {
             cgroup_root: layer.cgroup_root.clone(),
             http_listen: layer.http_listen,
             status_socket: layer.status_socket.clone(),
-            node_guard: layer.node_guard.unwrap_or(NodeGuard::On),
+            node_guard: layer.node_guard.unwrap_or(Switch::On),
+            refuse_packet_sockets: layer.refuse_packet_sockets.unwrap_or(Switch::Off),
         })
     }
 
@@ -461,6 +469,10 @@ impl Common {
             ("httpListen", new.http_listen != self.http_listen),
             ("statusSocket", new.status_socket != self.status_socket),
             ("nodeGuard", new.node_guard != self.node_guard),
+            (
+                "refusePacketSockets",
+                new.refuse_packet_sockets != self.refuse_packet_sockets,
+            ),
         ]
         .into_iter()
         .filter_map(|(field, changed)| changed.then_some(field))

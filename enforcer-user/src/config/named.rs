@@ -72,9 +72,8 @@ named_values! {
 }
 
 named_values! {
-    /// Whether the node edge guard runs (tc programs in the node's own
-    /// network namespace, for forwarded packets and `AF_PACKET` frames).
-    pub enum NodeGuard {
+    /// A feature turned on or off (the node edge guard, the BPF LSM).
+    pub enum Switch {
         On = "on",
         Off = "off",
     }

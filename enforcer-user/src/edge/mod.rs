@@ -37,12 +37,17 @@ use plan::EdgePlan;
 pub type PodAddresses = BTreeMap<IpAddr, Access>;
 
 /// Logs and records (metrics) which routes are guarded and which are open.
-pub fn announce(hook: Option<TcHook>, metrics: &Metrics) {
+pub fn announce(hook: Option<TcHook>, lsm: bool, metrics: &Metrics) {
     let running = hook.is_some();
-    for route in routes(running) {
+    for route in routes(running, lsm) {
         metrics.set_route_guarded(route.route, route.guarded);
     }
-    let open: Vec<&str> = routes(running)
+    if lsm {
+        info!(
+            "BPF LSM on socket_create: AF_PACKET and AF_XDP sockets of the protected subtree are refused unless allowlisted"
+        );
+    }
+    let open: Vec<&str> = routes(running, lsm)
         .iter()
         .filter(|r| !r.guarded)
         .map(|r| r.what)
@@ -52,8 +57,8 @@ pub fn announce(hook: Option<TcHook>, metrics: &Metrics) {
             hook = hook.name(),
             open_routes = %open.join("; "),
             "node edge guard on: forwarded packets and hostNetwork AF_PACKET frames to denied \
-             destinations are judged on egress of the uplinks; closing the open routes needs \
-             the bpf LSM (not in this build)"
+             destinations are judged on egress of the uplinks; open routes, if any, need \
+             refusePacketSockets (the bpf LSM)"
         );
     } else {
         warn!(

@@ -25,6 +25,69 @@ pub enum PreflightError {
          `mount -t bpf bpf /sys/fs/bpf` (in a DaemonSet, mount the host's /sys/fs/bpf)"
     )]
     NoBpffs { path: PathBuf, found: String },
+    #[error(
+        "refusePacketSockets needs the bpf LSM, which is not active on this kernel \
+         (active: {active}): add bpf to lsm= on the kernel command line, or turn \
+         refusePacketSockets off"
+    )]
+    NoBpfLsm { active: String },
+    #[error(
+        "refusePacketSockets needs CAP_PERFMON (BPF LSM programs are tracing programs): \
+         use deploy/overlays/packet-socket-lsm, or turn refusePacketSockets off"
+    )]
+    NoPerfmon,
+    #[error(
+        "refusePacketSockets needs the kernel's BTF at /sys/kernel/btf/vmlinux \
+         (CONFIG_DEBUG_INFO_BTF), which this kernel does not have"
+    )]
+    NoKernelBtf,
+}
+
+/// The active security modules, from securityfs or, where it is not
+/// mounted (a container), the kernel command line's `lsm=`; `None` when
+/// neither says.
+fn active_lsms() -> Option<String> {
+    if let Ok(list) = std::fs::read_to_string("/sys/kernel/security/lsm") {
+        return Some(list.trim().to_owned());
+    }
+    let cmdline = std::fs::read_to_string("/proc/cmdline").ok()?;
+    lsm_from_cmdline(&cmdline).map(str::to_owned)
+}
+
+/// The value of `lsm=` on a kernel command line (the last one wins).
+fn lsm_from_cmdline(cmdline: &str) -> Option<&str> {
+    cmdline
+        .split_whitespace()
+        .filter_map(|word| word.strip_prefix("lsm="))
+        .next_back()
+}
+
+/// What loading and running the BPF LSM program needs: `CAP_PERFMON` (or
+/// `CAP_SYS_ADMIN`) in `effective`, the kernel's BTF, and `bpf` among the
+/// active security modules (when that cannot be read, the attach is tried
+/// and the start log says it could not tell).
+pub fn check_bpf_lsm(effective: u64) -> Result<(), PreflightError> {
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    if effective & ((1 << CAP_PERFMON) | (1 << CAP_SYS_ADMIN)) == 0 {
+        return Err(PreflightError::NoPerfmon);
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Err(PreflightError::NoKernelBtf);
+    }
+    match active_lsms() {
+        Some(active) if !active.split(',').any(|m| m.trim() == "bpf") => {
+            Err(PreflightError::NoBpfLsm { active })
+        }
+        Some(_) => Ok(()),
+        None => {
+            tracing::warn!(
+                "cannot tell whether the bpf LSM is active (no /sys/kernel/security/lsm, \
+                 no lsm= on the command line): sockets are refused only if it is"
+            );
+            Ok(())
+        }
+    }
 }
 
 /// Checks the cgroup setup of a node from its mountinfo and kernel release.
@@ -112,6 +175,21 @@ pub fn check_node(pin_root: &Path) -> Result<(), PreflightError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_lsm_on_a_kernel_command_line() {
+        let cases = [
+            ("BOOT_IMAGE=/vmlinuz root=/dev/sda1 ro quiet", None),
+            (
+                "console=ttyS0 lsm=lockdown,yama,apparmor,bpf",
+                Some("lockdown,yama,apparmor,bpf"),
+            ),
+            ("lsm=landlock lsm=landlock,bpf splash", Some("landlock,bpf")),
+        ];
+        for (cmdline, want) in cases {
+            assert_eq!(lsm_from_cmdline(cmdline), want, "{cmdline}");
+        }
+    }
 
     fn mount(point: &str, fstype: &str, options: &str) -> Mount {
         Mount {

@@ -49,15 +49,19 @@ pub fn effective_capabilities(status: &str) -> Option<u64> {
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
 }
 
-/// Fails, naming what is missing, unless this process may load and attach.
-pub fn check() -> Result<(), PrivilegeError> {
+/// This process's effective capabilities.
+pub fn effective() -> Result<u64, PrivilegeError> {
     let path = PathBuf::from("/proc/self/status");
     let status = std::fs::read_to_string(&path).map_err(|source| PrivilegeError::Read {
         path: path.clone(),
         source,
     })?;
-    let effective = effective_capabilities(&status).ok_or(PrivilegeError::NoCapEff { path })?;
-    let missing = missing_capabilities(effective);
+    effective_capabilities(&status).ok_or(PrivilegeError::NoCapEff { path })
+}
+
+/// Fails, naming what is missing, unless this process may load and attach.
+pub fn check() -> Result<(), PrivilegeError> {
+    let missing = missing_capabilities(effective()?);
     if missing.is_empty() {
         Ok(())
     } else {

@@ -74,7 +74,7 @@ pub struct RouteEntry {
 
 /// Reads where our tc programs are attached (an unreadable network counts
 /// as none: every route is then reported open).
-fn edge_status(root: &PinRoot) -> EdgeStatus {
+fn edge_status(root: &PinRoot, generation: &str) -> EdgeStatus {
     let attached = RouteSocket::open()
         .and_then(|mut socket| {
             let interfaces: Vec<Interface> = socket
@@ -103,7 +103,7 @@ fn edge_status(root: &PinRoot) -> EdgeStatus {
             .iter()
             .map(|(role, interface)| format!("{}: {}", interface.name, role.name()))
             .collect(),
-        routes: edge::routes(running)
+        routes: edge::routes(running, pins::lsm_attached(root, generation))
             .into_iter()
             .map(|r| RouteEntry {
                 route: r.route,
@@ -238,7 +238,7 @@ pub fn read(
         counters,
         events_dropped: DroppedEvents::from_pin(&pin(names::EVENTS_DROPPED))?.total()?,
         daemon_reachable: namer.pods.is_some(),
-        node_edge_guard: edge_status(&root),
+        node_edge_guard: edge_status(&root, &generation),
         generation,
     })
 }

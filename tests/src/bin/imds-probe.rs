@@ -199,6 +199,8 @@ fn client(action: &str, target: &Target) -> ExitCode {
         "packet-raw" => (packet_send(target, libc::SOCK_RAW), String::new()),
         "packet-dgram" => (packet_send(target, libc::SOCK_DGRAM), String::new()),
         "vxlan" => (vxlan(target), String::new()),
+        "packet-socket" => (open_socket(libc::AF_PACKET, libc::SOCK_RAW), String::new()),
+        "xdp-socket" => (open_socket(libc::AF_XDP, libc::SOCK_RAW), String::new()),
         other => return usage(&format!("unknown action {other}")),
     };
     println!(
@@ -207,6 +209,19 @@ fn client(action: &str, target: &Target) -> ExitCode {
         started.elapsed().as_micros()
     );
     ExitCode::SUCCESS
+}
+
+/// Only makes a socket (the target is not used): `reached` when the kernel
+/// gave one.
+fn open_socket(family: i32, kind: i32) -> Outcome {
+    // SAFETY: a plain socket(2) call; the descriptor is closed at once.
+    let fd = unsafe { libc::socket(family, kind | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Outcome::from_io(std::io::Error::last_os_error());
+    }
+    // SAFETY: ours, just made.
+    unsafe { libc::close(fd) };
+    Outcome::Reached
 }
 
 fn tcp(target: &Target) -> Outcome {

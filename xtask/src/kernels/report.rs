@@ -151,7 +151,7 @@ mod tests {
             timed_out: true,
         };
         let rows = rows_of(&KERNELS[1], &runs, &boot);
-        assert_eq!(rows.len(), 2);
+        assert_eq!(rows.len(), 3);
         assert!(rows[0].ok, "{}", rows[0].result);
         assert_eq!(rows[0].result, "12 passed, 0 failed");
         assert_eq!(rows[0].cgroup, "unified");
@@ -164,7 +164,7 @@ mod tests {
             rows[1].result
         );
         let table = render(&rows);
-        assert_eq!(table.lines().count(), 4, "{table}");
+        assert_eq!(table.lines().count(), 5, "{table}");
         assert!(
             table
                 .lines()

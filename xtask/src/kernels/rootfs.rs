@@ -300,11 +300,12 @@ fn module_closure(
     let builtin: BTreeSet<String> = builtin.lines().map(module_name).collect();
     let mut needed = BTreeSet::new();
     let mut queue: Vec<String> = Vec::new();
-    for name in wanted {
-        let name = name.replace('-', "_");
+    for wanted_name in wanted {
+        let optional = wanted_name.starts_with('?');
+        let name = wanted_name.trim_start_matches('?').replace('-', "_");
         match deps.iter().find(|(m, _)| module_name(m) == name) {
             Some((module, _)) => queue.push((*module).to_owned()),
-            None if builtin.contains(&name) => {}
+            None if builtin.contains(&name) || optional => {}
             None => return Err(name),
         }
     }
@@ -404,6 +405,11 @@ mod tests {
         assert_eq!(
             module_closure(dep, builtin, &none, &["wireguard"]),
             Err("wireguard".to_owned())
+        );
+        // Optional: a module where it is one, nothing where it is not.
+        assert_eq!(
+            module_closure(dep, builtin, &none, &["?veth", "?wireguard"]).unwrap(),
+            ["kernel/drivers/net/veth.ko.xz"]
         );
         // Debian 5.10: nf_tables needs libcrc32c, which asks for any crc32c
         // (an alias); one that is no module here is skipped.
