@@ -66,6 +66,16 @@ pub fn load_program(
     name: &str,
     code: &[u8],
 ) -> Result<OwnedFd> {
+    // Kernels before 5.11 charge programs to RLIMIT_MEMLOCK against the
+    // user's total, which the daemons of parallel tests (root too) share:
+    // the harness, root, lifts its own limit. Where it cannot, the load
+    // says why.
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a plain setrlimit on this process.
+    let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const unlimited) };
     let license = c"GPL";
     let mut log = vec![0u8; 64 * 1024];
     let mut prog_name = [0u8; 16];
