@@ -10,7 +10,8 @@ use std::{
 };
 
 use enforcer_common::{
-    BlockEvent, HOOK_CONNECT, HOOK_EGRESS, HOOK_SENDMSG, VERDICT_AUDITED,
+    BlockEvent, FORWARDED_KEY, HOOK_CONNECT, HOOK_EGRESS, HOOK_FORWARD, HOOK_PACKET_SOCKET,
+    HOOK_SENDMSG, HOOK_SOCKET_CREATE, VERDICT_AUDITED,
     rule::{PROTO_ICMP, PROTO_TCP, PROTO_UDP},
 };
 use tokio::{io::unix::AsyncFd, sync::mpsc};
@@ -85,6 +86,17 @@ impl Namer {
     }
 
     pub fn workload(&self, cgroup_id: u64) -> Workload {
+        // The node edge guard's forwarded packets are keyed by the
+        // interface they entered the node on, not by a cgroup.
+        if cgroup_id & FORWARDED_KEY != 0 {
+            return Workload {
+                cgroup: format!(
+                    "forwarded, entered the node on interface {}",
+                    cgroup_id & u64::from(u32::MAX)
+                ),
+                ..Workload::default()
+            };
+        }
         let path = {
             let mut paths = self
                 .paths
@@ -134,6 +146,9 @@ fn hook_name(hook: u8) -> &'static str {
         HOOK_CONNECT => "connect",
         HOOK_SENDMSG => "sendmsg",
         HOOK_EGRESS => "egress",
+        HOOK_FORWARD => "forward",
+        HOOK_PACKET_SOCKET => "packet-socket",
+        HOOK_SOCKET_CREATE => "socket-create",
         _ => "unknown",
     }
 }

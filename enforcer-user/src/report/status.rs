@@ -23,7 +23,7 @@ use crate::{
     host::{cgroup, identity::identify, netlink::RouteSocket},
     report::events::PodIndex,
 };
-use enforcer_common::names;
+use enforcer_common::{FORWARDED_KEY, names};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
@@ -154,10 +154,14 @@ struct Namer {
 
 impl Namer {
     fn entry(&self, cgroup_id: u64) -> CgroupEntry {
-        let path = self
-            .root
-            .as_deref()
-            .and_then(|root| cgroup::find_by_id(root, cgroup_id));
+        // Forwarded packets are counted by interface, not by cgroup.
+        let path = (cgroup_id & FORWARDED_KEY == 0)
+            .then(|| {
+                self.root
+                    .as_deref()
+                    .and_then(|root| cgroup::find_by_id(root, cgroup_id))
+            })
+            .flatten();
         let pod_uid = path.as_deref().and_then(identify).map(|id| id.pod_uid);
         let pod = pod_uid.as_ref().and_then(|uid| {
             self.pods
@@ -244,6 +248,12 @@ pub fn read(
 }
 
 fn describe(entry: &CgroupEntry) -> String {
+    if entry.cgroup_id & FORWARDED_KEY != 0 {
+        return format!(
+            "forwarded, entered the node on interface {}",
+            entry.cgroup_id & u64::from(u32::MAX)
+        );
+    }
     let path = entry.cgroup.as_ref().map_or_else(
         || format!("cgroup id {} (gone)", entry.cgroup_id),
         |p| p.display().to_string(),
