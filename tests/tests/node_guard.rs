@@ -116,10 +116,20 @@ fn assert_ordinary_routes_open(shape: &NodeShape, pod: &Pod) {
 #[test]
 fn routed_veth_forwarded_routes_are_closed() {
     require_root();
-    let node = GuardedNode::standalone(NodeShape::routed_veth().unwrap());
+    let mut node = GuardedNode::standalone(NodeShape::routed_veth().unwrap());
     assert_forwarded_routes_closed(&node.shape, node.shape.pod());
     assert_ordinary_routes_open(&node.shape, node.shape.pod());
-    let _ = &node.daemon;
+    // Reported like the socket hooks' refusals, by the pod's interface.
+    node.daemon
+        .wait_for_log("hook=\"forward\"", ATTACH_TIMEOUT)
+        .expect("the refusal is logged");
+    assert!(
+        node.daemon
+            .log()
+            .contains("forwarded, entered the node on interface"),
+        "{}",
+        node.daemon.log()
+    );
 }
 
 #[test]
