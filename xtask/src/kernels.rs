@@ -146,9 +146,8 @@ pub enum Grant {
     /// deploy/overlays/kernel-5.10: the DaemonSet's plus CAP_SYS_RESOURCE.
     Kernel510Overlay,
     /// deploy/overlays/packet-socket-lsm: the DaemonSet's plus CAP_PERFMON
-    /// (and, before 5.11, kernel-5.10's CAP_SYS_RESOURCE).
+    /// (Linux 5.13 and newer).
     LsmOverlay,
-    Lsm510Overlay,
 }
 
 impl Grant {
@@ -158,9 +157,6 @@ impl Grant {
             Grant::DaemonSet => "DaemonSet (BPF, NET_ADMIN, 64 KiB memlock)",
             Grant::Kernel510Overlay => "kernel-5.10 overlay (+ SYS_RESOURCE)",
             Grant::LsmOverlay => "packet-socket-lsm overlay (+ PERFMON)",
-            Grant::Lsm510Overlay => {
-                "packet-socket-lsm + kernel-5.10 overlays (+ PERFMON, SYS_RESOURCE)"
-            }
         }
     }
 
@@ -171,7 +167,6 @@ impl Grant {
             Grant::DaemonSet => None,
             Grant::Kernel510Overlay => Some("bpf,net_admin,sys_resource"),
             Grant::LsmOverlay => Some("bpf,net_admin,perfmon"),
-            Grant::Lsm510Overlay => Some("bpf,net_admin,sys_resource,perfmon"),
         }
     }
 }
@@ -216,12 +211,6 @@ fn plan(version: &str) -> anyhow::Result<Vec<Run>> {
                 grant: Grant::Kernel510Overlay,
                 expected: "enforces; node edge guard closes the node's routes",
                 tests: &["standalone", "node_guard"],
-            },
-            Run {
-                id: "lsm",
-                grant: Grant::Lsm510Overlay,
-                expected: "refuses AF_PACKET and AF_XDP sockets in the subtree (bpf LSM)",
-                tests: &["packet_lsm"],
             },
         ]
     } else {
@@ -482,8 +471,7 @@ mod tests {
             [
                 ("root", Grant::Root),
                 ("daemonset", Grant::DaemonSet),
-                ("overlay", Grant::Kernel510Overlay),
-                ("lsm", Grant::Lsm510Overlay)
+                ("overlay", Grant::Kernel510Overlay)
             ]
         );
         assert_eq!(

@@ -41,6 +41,12 @@ pub enum PreflightError {
          (CONFIG_DEBUG_INFO_BTF), which this kernel does not have"
     )]
     NoKernelBtf,
+    #[error(
+        "refusePacketSockets needs Linux 5.13 or newer, whose BPF LSM programs may read the \
+         caller's cgroup ancestors (bpf_get_current_ancestor_cgroup_id); this kernel is \
+         {kernel}: turn refusePacketSockets off on this node"
+    )]
+    LsmKernelTooOld { kernel: String },
 }
 
 /// The active security modules, from securityfs or, where it is not
@@ -63,7 +69,8 @@ fn lsm_from_cmdline(cmdline: &str) -> Option<&str> {
 }
 
 /// What loading and running the BPF LSM program needs: `CAP_PERFMON` (or
-/// `CAP_SYS_ADMIN`) in `effective`, the kernel's BTF, and `bpf` among the
+/// `CAP_SYS_ADMIN`) in `effective`, Linux 5.13 (the cgroup helper), the
+/// kernel's BTF, and `bpf` among the
 /// active security modules (when that cannot be read, the attach is tried
 /// and the start log says it could not tell).
 pub fn check_bpf_lsm(effective: u64) -> Result<(), PreflightError> {
@@ -71,6 +78,10 @@ pub fn check_bpf_lsm(effective: u64) -> Result<(), PreflightError> {
     const CAP_PERFMON: u32 = 38;
     if effective & ((1 << CAP_PERFMON) | (1 << CAP_SYS_ADMIN)) == 0 {
         return Err(PreflightError::NoPerfmon);
+    }
+    let kernel = super::kernel::release();
+    if super::kernel::version(&kernel).is_none_or(|v| v < (5, 13)) {
+        return Err(PreflightError::LsmKernelTooOld { kernel });
     }
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         return Err(PreflightError::NoKernelBtf);
