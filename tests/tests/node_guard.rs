@@ -172,8 +172,8 @@ struct KubeNode {
     daemon: Daemon,
     api: FakeApiServer,
     root: TestCgroup,
-    _kubeconfig: TempFile,
-    _pins: PinDir,
+    kubeconfig: TempFile,
+    pins: PinDir,
     shape: NodeShape,
 }
 
@@ -212,8 +212,8 @@ impl KubeNode {
             daemon,
             api,
             root,
-            _kubeconfig: kubeconfig,
-            _pins: pins,
+            kubeconfig,
+            pins,
             shape,
         }
     }
@@ -416,4 +416,42 @@ fn the_guard_stays_after_stop_and_goes_with_uninstall() {
         metadata,
         node_uplink_for(metadata),
     );
+}
+
+/// A restart of the daemon while the API server is away keeps the pinned
+/// interface map as it was (as the cgroup allow map is kept): the
+/// allowlisted pod keeps its way through the node, the blocked route stays
+/// closed.
+#[test]
+fn a_restart_without_the_api_server_keeps_allowlisted_pods_through() {
+    require_root();
+    let shape = NodeShape::routed_veth().unwrap();
+    let agent = test_pod(1, "agent", "kube-system", shape.pod());
+    let mut node = KubeNode::start(shape, &[(&agent, true)]);
+    node.wait_for_allowed_interfaces(1);
+    node.daemon.kill().expect("SIGKILL");
+    node.api.stop().expect("API server stopped");
+    let mut daemon = Daemon::kubernetes(
+        NODE,
+        node.root.path(),
+        node.pins.path(),
+        node.kubeconfig.path(),
+    )
+    .netns(&node.shape.node)
+    .start()
+    .expect("starts without the API server");
+    daemon
+        .wait_for_log(GUARD_UPDATED, ATTACH_TIMEOUT)
+        .expect("the guard is back on the uplink");
+    let cgroup = node.cgroup_of(&agent);
+    let shape = &node.shape;
+    for (metadata, _) in metadata_pairs() {
+        shape.assert_arrives_from(
+            &shape.pod().probe_in(&cgroup),
+            ("tcp", metadata, &[]),
+            metadata,
+            node_uplink_for(metadata),
+        );
+    }
+    drop(daemon);
 }

@@ -170,7 +170,7 @@ pub struct Daemon {
     tasks: Tasks,
     /// What the node edge guard follows: the rules, the allowed pods' addresses.
     edge_rules: watch::Sender<RuleSet>,
-    pod_addresses: watch::Sender<PodAddresses>,
+    pod_addresses: watch::Sender<Option<PodAddresses>>,
 }
 
 impl Daemon {
@@ -178,8 +178,8 @@ impl Daemon {
     /// knows pods calls it; without, no pod is let through the node).
     pub fn publish_pod_addresses(&self, addresses: PodAddresses) {
         self.pod_addresses.send_if_modified(|current| {
-            let changed = *current != addresses;
-            *current = addresses;
+            let changed = current.as_ref() != Some(&addresses);
+            *current = Some(addresses);
             changed
         });
     }
@@ -396,7 +396,11 @@ async fn start(
         &metrics,
     );
     let (edge_rules, rules_seen) = watch::channel(common.rules.clone());
-    let (pod_addresses, addresses_seen) = watch::channel(PodAddresses::new());
+    // A mode that syncs with an API knows its allowed pods only then; until
+    // it publishes them the pinned interface map stays. Standalone mode
+    // has none.
+    let initial = (!reporting.needs_sync).then(PodAddresses::new);
+    let (pod_addresses, addresses_seen) = watch::channel(initial);
     if edge_hook.is_some() {
         tasks.spawn(
             "node edge guard",

@@ -43,8 +43,9 @@ pub struct EdgeTargets {
     pub uplinks: BTreeSet<Interface>,
     /// The allowed interfaces that are bridge ports: their ingress marks.
     pub bridge_ports: BTreeSet<Interface>,
-    /// Allowed pods' interfaces and what they may do.
-    pub allowed: InterfaceAccess,
+    /// Allowed pods' interfaces and what they may do; `None` keeps what
+    /// the pinned map holds (Kubernetes mode, before its first sync).
+    pub allowed: Option<InterfaceAccess>,
 }
 
 /// The clsact filter preference and handle of ours (kernels before 6.6).
@@ -185,11 +186,11 @@ impl EdgePrograms {
                 Role::BridgePort => result.bridge_ports.insert(interface.clone()),
             };
         }
-        // Bridge ports of pods no longer allowed keep the program: without
-        // a map entry it marks nothing.
-        self.attached.retain(|(role, interface)| {
-            *role == Role::BridgePort || wanted.contains(&(*role, interface.clone()))
-        });
+        // What is no longer wanted is forgotten (and attached again if it
+        // comes back): a bridge port of a pod no longer allowed marks
+        // nothing without its map entry, and interfaces come and go.
+        self.attached
+            .retain(|attachment| wanted.contains(attachment));
         self.remove_stale_links(&wanted);
         result
     }
@@ -220,11 +221,7 @@ impl EdgePrograms {
             let name = entry.file_name().to_string_lossy().into_owned();
             let keep = wanted.iter().any(|(role, interface)| {
                 name == format!("{}-{}", role.pin_prefix(), interface.index)
-            }) || (name.starts_with(Role::BridgePort.pin_prefix())
-                && self
-                    .attached
-                    .iter()
-                    .any(|(_, i)| name.ends_with(&format!("-{}", i.index))));
+            });
             if !keep {
                 let _ = std::fs::remove_file(entry.path());
             }

@@ -268,7 +268,9 @@ impl Enforcer {
         let Some(programs) = &mut self.edge else {
             return Ok(EdgeAttached::default());
         };
-        self.interfaces.sync(&plan.allowed)?;
+        if let Some(allowed) = &plan.allowed {
+            self.interfaces.sync(allowed)?;
+        }
         Ok(programs.apply(plan))
     }
 

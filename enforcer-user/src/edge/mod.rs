@@ -106,7 +106,7 @@ fn read_plan(denied: &[IpNet], pods: &PodAddresses) -> Result<EdgePlan, netlink:
 pub async fn run(
     handle: EnforcerHandle,
     mut rules: watch::Receiver<RuleSet>,
-    mut pods: watch::Receiver<PodAddresses>,
+    mut pods: watch::Receiver<Option<PodAddresses>>,
     metrics: Arc<Metrics>,
 ) {
     let changes = match RouteSocket::changes().and_then(|socket| {
@@ -123,9 +123,17 @@ pub async fn run(
     let mut last: Option<EdgePlan> = None;
     loop {
         let denied = denied_prefixes(&rules.borrow_and_update());
+        // `None`: the mode has not said yet which pods are allowed (before
+        // Kubernetes mode's first sync); the pinned map stays as it was.
         let wanted = pods.borrow_and_update().clone();
-        let resync = match tokio::task::spawn_blocking(move || read_plan(&denied, &wanted)).await {
-            Ok(Ok(plan)) => {
+        let known = wanted.is_some();
+        let addresses = wanted.unwrap_or_default();
+        let resync = match tokio::task::spawn_blocking(move || read_plan(&denied, &addresses)).await
+        {
+            Ok(Ok(mut plan)) => {
+                if !known {
+                    plan.targets.allowed = None;
+                }
                 let unplaced = !plan.unplaced.is_empty();
                 if last.as_ref() != Some(&plan) {
                     apply(&handle, &plan, &metrics).await;
@@ -166,7 +174,7 @@ async fn apply(handle: &EnforcerHandle, plan: &EdgePlan, metrics: &Metrics) {
             info!(
                 uplinks = %names(&attached.uplinks),
                 bridge_ports = %names(&attached.bridge_ports),
-                allowed_interfaces = plan.targets.allowed.len(),
+                allowed_interfaces = plan.targets.allowed.as_ref().map_or(0, |a| a.len()),
                 waiting_for_interface = plan.unplaced.len(),
                 "node edge guard updated"
             );

@@ -19,6 +19,7 @@ use std::{
 
 use ipnet::IpNet;
 
+use crate::bpf::maps::InterfaceAccess;
 use crate::{
     bpf::{
         edge::{EdgeTargets, Interface},
@@ -75,11 +76,13 @@ pub fn plan(
     let mut plan = EdgePlan {
         targets: EdgeTargets {
             uplinks,
+            allowed: Some(InterfaceAccess::new()),
             ..EdgeTargets::default()
         },
         ..EdgePlan::default()
     };
     let mut netns_access: BTreeMap<i32, Access> = BTreeMap::new();
+    let mut allowed = InterfaceAccess::new();
     for (address, access) in pods {
         match owners
             .get(address)
@@ -110,7 +113,7 @@ pub fn plan(
         let Some(access) = link.peer_netnsid.and_then(|id| netns_access.get(&id)) else {
             continue;
         };
-        plan.targets.allowed.insert(link.index, *access);
+        allowed.insert(link.index, *access);
         if link
             .master
             .and_then(|m| by_index.get(&m))
@@ -119,6 +122,7 @@ pub fn plan(
             plan.targets.bridge_ports.insert(interface(link));
         }
     }
+    plan.targets.allowed = Some(allowed);
     plan
 }
 
@@ -255,7 +259,7 @@ mod tests {
         ]);
         let plan = plan(&links, &[], &[], &pods, &netns);
         assert_eq!(
-            plan.targets.allowed,
+            plan.targets.allowed.unwrap(),
             BTreeMap::from([(10, Access::Allow), (12, Access::Audit)])
         );
         assert_eq!(names(&plan.targets.bridge_ports), ["vethpod1"]);
@@ -279,7 +283,7 @@ mod tests {
         ]);
         let plan = plan(&links, &[], &[], &pods, &netns);
         assert!(
-            plan.targets.allowed.is_empty(),
+            plan.targets.allowed.as_ref().unwrap().is_empty(),
             "{:?}",
             plan.targets.allowed
         );
