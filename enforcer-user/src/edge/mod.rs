@@ -174,7 +174,7 @@ async fn apply(handle: &EnforcerHandle, plan: &EdgePlan, metrics: &Metrics) {
             info!(
                 uplinks = %names(&attached.uplinks),
                 bridge_ports = %names(&attached.bridge_ports),
-                allowed_interfaces = plan.targets.allowed.as_ref().map_or(0, |a| a.len()),
+                allowed_interfaces = plan.targets.allowed.as_ref().map_or(0, std::collections::BTreeMap::len),
                 waiting_for_interface = plan.unplaced.len(),
                 "node edge guard updated"
             );
