@@ -24,6 +24,20 @@ impl PinDir {
         &self.path
     }
 
+    /// Every entry inside, ours or not.
+    pub fn entries(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.path)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
     /// The generation directories inside (the daemon's own layout: `g-`
     /// directories, beside the node edge guard's `tc` links).
     pub fn generations(&self) -> Vec<String> {

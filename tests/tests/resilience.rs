@@ -214,7 +214,7 @@ fn uninstall_removes_everything_of_ours_and_nothing_else() {
     assert!(status.success(), "{}", uninstall.log());
     assert!(uninstall.log().contains("not-ours"), "{}", uninstall.log());
 
-    assert_eq!(world.pins.generations(), ["not-ours"]);
+    assert_eq!(world.pins.entries(), ["not-ours"]);
     assert_eq!(
         world.attempt(&world.blocked, &tcp).outcome,
         Outcome::Reached
