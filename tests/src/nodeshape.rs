@@ -91,6 +91,17 @@ pub mod addrs {
         (IpAddr::V6(CLUSTER_IP_ORDINARY_V6), IpAddr::V6(SERVER_V6)),
     ];
 
+    /// (endpoint, ClusterIP) of the metadata Service, each family.
+    pub const METADATA_SERVICES: [(IpAddr, IpAddr); 2] = [
+        (IpAddr::V4(METADATA_V4), IpAddr::V4(CLUSTER_IP_METADATA_V4)),
+        (IpAddr::V6(METADATA_V6), IpAddr::V6(CLUSTER_IP_METADATA_V6)),
+    ];
+    /// (endpoint, ClusterIP) of the ordinary Service, each family.
+    pub const ORDINARY_SERVICES: [(IpAddr, IpAddr); 2] = [
+        (IpAddr::V4(SERVER_V4), IpAddr::V4(CLUSTER_IP_ORDINARY_V4)),
+        (IpAddr::V6(SERVER_V6), IpAddr::V6(CLUSTER_IP_ORDINARY_V6)),
+    ];
+
     /// The node's uplink address of `dest`'s family: what upstream sees as
     /// the source of masqueraded traffic.
     pub fn node_uplink_for(dest: IpAddr) -> IpAddr {
@@ -613,6 +624,32 @@ impl NodeShape {
             pod.addr_for(dest)
         } else {
             addrs::node_uplink_for(dest)
+        }
+    }
+
+    /// Ordinary traffic from `pod` arrives, both families: directly (TCP
+    /// and UDP) and through the ordinary Service, whose ClusterIP never
+    /// leaves the node (DNAT happened there).
+    ///
+    /// # Panics
+    /// When it does not.
+    pub fn assert_ordinary_routes(&self, pod: &Pod) {
+        let client = pod.probe();
+        for (server, cluster_ip) in addrs::ORDINARY_SERVICES {
+            let direct = self.source_past_node(pod, server);
+            self.assert_arrives_from(&client, ("tcp", server, &[]), server, direct);
+            self.assert_arrives_from(&client, ("udp", server, &[]), server, direct);
+            self.assert_arrives_from(
+                &client,
+                ("tcp", cluster_ip, &[]),
+                server,
+                addrs::node_uplink_for(server),
+            );
+            assert_eq!(
+                self.upstream.packets(None, cluster_ip).expect("sniffer"),
+                0,
+                "a ClusterIP reached upstream"
+            );
         }
     }
 

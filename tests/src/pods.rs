@@ -138,3 +138,32 @@ pub fn taint_keys(node: &Node) -> Vec<String> {
         .map(|taints| taints.iter().map(|t| t.key.clone()).collect())
         .unwrap_or_default()
 }
+
+/// Stores what a fake node's API server holds at start: the node, the
+/// namespaces `kube-system` and `team` (neither permitting the label by
+/// itself; `kube-system` is the daemon's default allowed namespace), and
+/// `pods` with the allow label or without; with `with_cgroups`, also makes
+/// each pod's container cgroup below `root` in `driver`'s layout.
+///
+/// # Panics
+/// When the API server or the cgroup tree refuses.
+pub fn populate(
+    api: &imds_guard_test_apiserver::FakeApiServer,
+    root: &mut crate::TestCgroup,
+    node_name: &str,
+    driver: Driver,
+    pods: &[(&TestPod, bool)],
+    with_cgroups: bool,
+) {
+    api.apply_node(node(node_name, &[])).expect("node");
+    for ns in ["kube-system", "team"] {
+        api.apply_namespace(namespace(ns, false))
+            .expect("namespace");
+    }
+    for (pod, allow) in pods {
+        api.apply_pod(pod.object(*allow)).expect("pod");
+        if with_cgroups {
+            root.child(&pod.container_dir(driver)).expect("pod cgroup");
+        }
+    }
+}

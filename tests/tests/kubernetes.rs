@@ -77,17 +77,7 @@ impl Node {
         // The kubelet makes the base before any pod runs.
         root.child(driver.base()).expect("pod base");
         let api = FakeApiServer::start_with(options).expect("API server");
-        api.apply_node(pods::node(NODE, &[])).expect("node");
-        for ns in ["kube-system", "team"] {
-            api.apply_namespace(namespace(ns, false))
-                .expect("namespace");
-        }
-        for (pod, allow) in pods {
-            api.apply_pod(pod.object(*allow)).expect("pod");
-            if with_cgroups {
-                root.child(&pod.container_dir(driver)).expect("pod cgroup");
-            }
-        }
+        pods::populate(&api, &mut root, NODE, driver, pods, with_cgroups);
         let kubeconfig = std::env::temp_dir().join(imds_guard_tests::unique_name("kubeconfig"));
         api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
         let pins = PinDir::new("k8s");

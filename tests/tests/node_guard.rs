@@ -6,7 +6,6 @@
 //! ordinary traffic, allowlisted pods and the node itself keep their way.
 
 use std::{
-    net::IpAddr,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -15,7 +14,7 @@ use imds_guard_tests::{
     Daemon, NodeShape, Outcome, PinDir, Pod, TempFile, TestCgroup,
     apiserver::FakeApiServer,
     nodeshape::addrs::{self, node_uplink_for},
-    pods::{self, Driver, TestPod, namespace},
+    pods::{self, Driver, TestPod},
     require_root,
 };
 
@@ -54,26 +53,13 @@ impl GuardedNode {
     }
 }
 
-fn metadata_pairs() -> [(IpAddr, IpAddr); 2] {
-    [
-        (
-            IpAddr::V4(addrs::METADATA_V4),
-            IpAddr::V4(addrs::CLUSTER_IP_METADATA_V4),
-        ),
-        (
-            IpAddr::V6(addrs::METADATA_V6),
-            IpAddr::V6(addrs::CLUSTER_IP_METADATA_V6),
-        ),
-    ]
-}
-
 /// Every forwarded route from `pod` to the metadata address is closed:
 /// direct TCP and UDP (the pod's process is in no guarded cgroup, so only
 /// the node can refuse it), the Service translated to it, `AF_PACKET` raw and
 /// dgram frames; both families.
 fn assert_forwarded_routes_closed(shape: &NodeShape, pod: &Pod) {
     let client = pod.probe();
-    for (metadata, cluster_ip) in metadata_pairs() {
+    for (metadata, cluster_ip) in addrs::METADATA_SERVICES {
         let frames = pod.packet_args(metadata);
         let timeout = ["--timeout-ms".to_owned(), "300".to_owned()];
         for attempt in [
@@ -88,37 +74,12 @@ fn assert_forwarded_routes_closed(shape: &NodeShape, pod: &Pod) {
     }
 }
 
-/// Ordinary destinations, directly and through a Service, both families.
-fn assert_ordinary_routes_open(shape: &NodeShape, pod: &Pod) {
-    let client = pod.probe();
-    for (server, cluster_ip) in [
-        (
-            IpAddr::V4(addrs::SERVER_V4),
-            IpAddr::V4(addrs::CLUSTER_IP_ORDINARY_V4),
-        ),
-        (
-            IpAddr::V6(addrs::SERVER_V6),
-            IpAddr::V6(addrs::CLUSTER_IP_ORDINARY_V6),
-        ),
-    ] {
-        let direct = shape.source_past_node(pod, server);
-        shape.assert_arrives_from(&client, ("tcp", server, &[]), server, direct);
-        shape.assert_arrives_from(&client, ("udp", server, &[]), server, direct);
-        shape.assert_arrives_from(
-            &client,
-            ("tcp", cluster_ip, &[]),
-            server,
-            node_uplink_for(server),
-        );
-    }
-}
-
 #[test]
 fn routed_veth_forwarded_routes_are_closed() {
     require_root();
     let mut node = GuardedNode::standalone(NodeShape::routed_veth().unwrap());
     assert_forwarded_routes_closed(&node.shape, node.shape.pod());
-    assert_ordinary_routes_open(&node.shape, node.shape.pod());
+    node.shape.assert_ordinary_routes(node.shape.pod());
     // Reported like the socket hooks' refusals, by the pod's interface.
     node.daemon
         .wait_for_log("hook=\"forward\"", ATTACH_TIMEOUT)
@@ -137,7 +98,7 @@ fn redirect_past_netfilter_forwarded_routes_are_closed() {
     require_root();
     let node = GuardedNode::standalone(NodeShape::redirect_past_netfilter().unwrap());
     assert_forwarded_routes_closed(&node.shape, node.shape.pod());
-    assert_ordinary_routes_open(&node.shape, node.shape.pod());
+    node.shape.assert_ordinary_routes(node.shape.pod());
 }
 
 /// Both pods of the bridge, and the overlay: a VXLAN datagram to the
@@ -150,10 +111,10 @@ fn bridge_vxlan_forwarded_and_decapsulated_routes_are_closed() {
     let shape = &node.shape;
     for pod in &shape.pods {
         assert_forwarded_routes_closed(shape, pod);
-        assert_ordinary_routes_open(shape, pod);
+        shape.assert_ordinary_routes(pod);
     }
     let (pod, other) = (&shape.pods[0], &shape.pods[1]);
-    for (metadata, _) in metadata_pairs() {
+    for (metadata, _) in addrs::METADATA_SERVICES {
         for inner_source in [None, Some(other.addr_for(metadata))] {
             let mut args = shape.vxlan_args(pod, metadata, inner_source).unwrap();
             args.extend(["--timeout-ms".to_owned(), "300".to_owned()]);
@@ -189,15 +150,7 @@ impl KubeNode {
             .expect("API server in the node's namespace");
         let mut root = TestCgroup::new("node").expect("cgroup root");
         root.child(DRIVER.base()).expect("pod base");
-        api.apply_node(pods::node(NODE, &[])).expect("node");
-        for ns in ["kube-system", "team"] {
-            api.apply_namespace(namespace(ns, false))
-                .expect("namespace");
-        }
-        for (pod, allow) in pods {
-            api.apply_pod(pod.object(*allow)).expect("pod");
-            root.child(&pod.container_dir(DRIVER)).expect("pod cgroup");
-        }
+        pods::populate(&api, &mut root, NODE, DRIVER, pods, true);
         let kubeconfig = TempFile::new("kubeconfig", &api.kubeconfig()).expect("kubeconfig");
         let pins = PinDir::new("node-guard-k8s");
         let mut daemon = Daemon::kubernetes(NODE, root.path(), pins.path(), kubeconfig.path())
@@ -256,7 +209,7 @@ fn test_pod(index: u32, name: &str, ns: &str, pod: &Pod) -> TestPod {
 fn assert_allowed_routes_open(node: &KubeNode, pod: &Pod, cgroup: &std::path::Path) {
     let shape = &node.shape;
     let client = pod.probe_in(cgroup);
-    for (metadata, cluster_ip) in metadata_pairs() {
+    for (metadata, cluster_ip) in addrs::METADATA_SERVICES {
         let direct = shape.source_past_node(pod, metadata);
         shape.assert_arrives_from(&client, ("tcp", metadata, &[]), metadata, direct);
         shape.assert_arrives_from(
@@ -275,7 +228,7 @@ fn assert_allowed_routes_open(node: &KubeNode, pod: &Pod, cgroup: &std::path::Pa
 fn assert_blocked(node: &KubeNode, pod: &Pod, cgroup: &std::path::Path) {
     let shape = &node.shape;
     let client = pod.probe_in(cgroup);
-    for (metadata, cluster_ip) in metadata_pairs() {
+    for (metadata, cluster_ip) in addrs::METADATA_SERVICES {
         let outcome = shape.assert_never_arrives(&client, ("tcp", metadata, &[]), metadata);
         assert_eq!(outcome, Outcome::Refused("EPERM".to_owned()));
         let timeout = ["--timeout-ms".to_owned(), "300".to_owned()];
@@ -321,7 +274,7 @@ fn bridge_lets_only_the_allowlisted_pods_port_through() {
     assert_blocked(&node, blocked, &cgroup);
     let shape = &node.shape;
     let client = blocked.probe_in(&cgroup);
-    for (metadata, _) in metadata_pairs() {
+    for (metadata, _) in addrs::METADATA_SERVICES {
         let spoofed = blocked.packet_args_from(allowed.addr_for(metadata));
         shape.assert_never_arrives(&client, ("packet-raw", metadata, &spoofed), metadata);
         let mut args = shape
@@ -350,7 +303,7 @@ fn host_network_frames_are_judged_by_their_socket_cgroup() {
         netns: &shape.node,
         cgroup: Some(&cgroup),
     };
-    for (metadata, _) in metadata_pairs() {
+    for (metadata, _) in addrs::METADATA_SERVICES {
         let node_source = node_uplink_for(metadata);
         shape.assert_arrives_from(
             &shape.host_network_probe(),
@@ -399,7 +352,7 @@ fn the_guard_stays_after_stop_and_goes_with_uninstall() {
     require_root();
     let mut node = GuardedNode::standalone(NodeShape::routed_veth().unwrap());
     let shape = &node.shape;
-    let (metadata, cluster_ip) = metadata_pairs()[0];
+    let (metadata, cluster_ip) = addrs::METADATA_SERVICES[0];
     let timeout = ["--timeout-ms".to_owned(), "300".to_owned()];
     let through_service = ("tcp", cluster_ip, &timeout[..]);
     node.daemon.stop().expect("stop");
@@ -445,7 +398,7 @@ fn a_restart_without_the_api_server_keeps_allowlisted_pods_through() {
         .expect("the guard is back on the uplink");
     let cgroup = node.cgroup_of(&agent);
     let shape = &node.shape;
-    for (metadata, _) in metadata_pairs() {
+    for (metadata, _) in addrs::METADATA_SERVICES {
         shape.assert_arrives_from(
             &shape.pod().probe_in(&cgroup),
             ("tcp", metadata, &[]),

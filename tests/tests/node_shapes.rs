@@ -28,46 +28,11 @@ fn assert_forwarded_and_snated(
     shape.assert_arrives_from(&client, attempt, seen_at, node_uplink_for(seen_at));
 }
 
-/// Ordinary traffic and the ordinary Service, both families, from `pod`.
-fn assert_ordinary_routes(shape: &NodeShape, pod: &Pod) {
-    for (server, cluster_ip) in [
-        (
-            IpAddr::V4(addrs::SERVER_V4),
-            IpAddr::V4(addrs::CLUSTER_IP_ORDINARY_V4),
-        ),
-        (
-            IpAddr::V6(addrs::SERVER_V6),
-            IpAddr::V6(addrs::CLUSTER_IP_ORDINARY_V6),
-        ),
-    ] {
-        let direct = shape.source_past_node(pod, server);
-        let client = pod.probe();
-        shape.assert_arrives_from(&client, ("tcp", server, &[]), server, direct);
-        shape.assert_arrives_from(&client, ("udp", server, &[]), server, direct);
-        assert_forwarded_and_snated(shape, pod, ("tcp", cluster_ip, &[]), server);
-        // DNAT happened on the node: the ClusterIP never left it.
-        assert_eq!(
-            shape.upstream.packets(None, cluster_ip).unwrap(),
-            0,
-            "a ClusterIP reached upstream"
-        );
-    }
-}
-
 /// The routes the node edge guard must close, measured open: direct TCP,
 /// the Service whose endpoint is the metadata address, `AF_PACKET` raw and
 /// dgram frames; both families.
 fn assert_metadata_routes_open(shape: &NodeShape, pod: &Pod) {
-    for (metadata, cluster_ip) in [
-        (
-            IpAddr::V4(addrs::METADATA_V4),
-            IpAddr::V4(addrs::CLUSTER_IP_METADATA_V4),
-        ),
-        (
-            IpAddr::V6(addrs::METADATA_V6),
-            IpAddr::V6(addrs::CLUSTER_IP_METADATA_V6),
-        ),
-    ] {
+    for (metadata, cluster_ip) in addrs::METADATA_SERVICES {
         let direct = shape.source_past_node(pod, metadata);
         let client = pod.probe();
         shape.assert_arrives_from(&client, ("tcp", metadata, &[]), metadata, direct);
@@ -83,7 +48,7 @@ fn assert_metadata_routes_open(shape: &NodeShape, pod: &Pod) {
 fn routed_veth_shape_forwards_nats_and_dnats() {
     require_root();
     let shape = NodeShape::routed_veth().unwrap();
-    assert_ordinary_routes(&shape, shape.pod());
+    shape.assert_ordinary_routes(shape.pod());
 }
 
 #[test]
@@ -101,7 +66,7 @@ fn routed_veth_shape_has_open_metadata_routes() {
 fn redirect_shape_bypasses_netfilter_but_dnats_services() {
     require_root();
     let shape = NodeShape::redirect_past_netfilter().unwrap();
-    assert_ordinary_routes(&shape, shape.pod());
+    shape.assert_ordinary_routes(shape.pod());
 }
 
 #[test]
@@ -116,7 +81,7 @@ fn bridge_vxlan_shape_forwards_nats_and_dnats() {
     require_root();
     let shape = NodeShape::bridge_vxlan().unwrap();
     for pod in &shape.pods {
-        assert_ordinary_routes(&shape, pod);
+        shape.assert_ordinary_routes(pod);
     }
 }
 

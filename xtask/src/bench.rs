@@ -104,19 +104,27 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `imds-bench-traffic` arguments for TCP bulk throughput to the sink on
+/// `server`, and for TCP connects to its accepting port.
+fn tcp_traffic(server: &str) -> [[&str; 5]; 2] {
+    [
+        ["bulk", server, SINK_PORT, "--seconds", BULK_SECONDS],
+        [
+            "connect-rate",
+            server,
+            ACCEPT_PORT,
+            "--seconds",
+            RATE_SECONDS,
+        ],
+    ]
+}
+
 /// Every figure, in order.
 fn measure(stage: &BenchStage) -> anyhow::Result<Vec<Row>> {
     let default = stage.default_rules()?;
     let scale = stage.scale_rules()?;
     let server = addrs::SERVER_V4.to_string();
-    let bulk = ["bulk", &server, SINK_PORT, "--seconds", BULK_SECONDS];
-    let connects = [
-        "connect-rate",
-        &server,
-        ACCEPT_PORT,
-        "--seconds",
-        RATE_SECONDS,
-    ];
+    let [bulk, connects] = tcp_traffic(&server);
     let datagrams = ["udp-rate", &server, SINK_PORT, "--seconds", RATE_SECONDS];
     let connects_name = "TCP connect-and-close rate";
     let datagrams_name = "UDP sendto rate, 16-byte datagrams";

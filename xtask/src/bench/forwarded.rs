@@ -8,9 +8,10 @@ use imds_guard_tests::{Daemon, NodeShape, PinDir, TestCgroup, nodeshape::addrs};
 use serde::Serialize;
 
 use super::{
-    BULK_SECONDS, RATE_SECONDS, ROUNDS, progress,
+    ROUNDS, progress,
     report::{Row, Target, median},
-    stage::{ACCEPT_PORT, SINK_PORT, start_sink, traffic_in},
+    stage::{start_sink, traffic_in},
+    tcp_traffic,
     traffic::{Ratio, Unit, ratios, successful_per_second},
 };
 
@@ -71,14 +72,7 @@ pub fn figures(number: &str) -> anyhow::Result<Vec<Row>> {
         shape,
     };
     let server = addrs::SERVER_V4.to_string();
-    let bulk = ["bulk", &server, SINK_PORT, "--seconds", BULK_SECONDS];
-    let connects = [
-        "connect-rate",
-        &server,
-        ACCEPT_PORT,
-        "--seconds",
-        RATE_SECONDS,
-    ];
+    let [bulk, connects] = tcp_traffic(&server);
     let mut rows = Vec::new();
     for (name, unit, args, min_ratio) in [
         (
