@@ -79,6 +79,12 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         machine.load_before,
         wall.as_secs_f64()
     );
+    if let Some(figures) = wanted_figures() {
+        println!(
+            "only figures {} (IMDS_GUARD_BENCH_FIGURES)",
+            figures.join(", ")
+        );
+    }
     println!();
     print!("{}", table(&rows));
     let missed = rows.iter().filter(|r| r.missed()).count();
@@ -119,8 +125,15 @@ fn tcp_traffic(server: &str) -> [[&str; 5]; 2] {
     ]
 }
 
-/// Every figure, in order.
+/// Every figure, in order; with `IMDS_GUARD_BENCH_FIGURES` (say `4,9`) only
+/// those, for work on one of them (a partial run says so in its table).
 fn measure(stage: &BenchStage) -> anyhow::Result<Vec<Row>> {
+    let wanted = wanted_figures();
+    let wants = |figure: &str| {
+        wanted
+            .as_ref()
+            .is_none_or(|list| list.iter().any(|f| f == figure))
+    };
     let default = stage.default_rules()?;
     let scale = stage.scale_rules()?;
     let server = addrs::SERVER_V4.to_string();
@@ -129,60 +142,87 @@ fn measure(stage: &BenchStage) -> anyhow::Result<Vec<Row>> {
     let connects_name = "TCP connect-and-close rate";
     let datagrams_name = "UDP sendto rate, 16-byte datagrams";
 
-    let mut rows = vec![
-        ratio_figure(
+    let mut rows = Vec::new();
+    if wants("1") {
+        rows.push(ratio_figure(
             stage,
             &default,
             "1 TCP bulk throughput, client to server",
             Unit::Bytes,
             &bulk,
             0.99,
-        )?,
-        ratio_figure(
+        )?);
+    }
+    if wants("2") {
+        rows.push(ratio_figure(
             stage,
             &default,
             &format!("2 {connects_name}"),
             Unit::Calls,
             &connects,
             0.97,
-        )?,
-        ratio_figure(
+        )?);
+    }
+    if wants("3") {
+        rows.push(ratio_figure(
             stage,
             &default,
             &format!("3 {datagrams_name}"),
             Unit::Calls,
             &datagrams,
             0.97,
-        )?,
-    ];
-    rows.extend(programs::figures(stage, &default, "4")?);
-    rows.extend(traffic::blocked_connect_figures(stage, &default)?);
-    rows.push(ratio_figure(
-        stage,
-        &scale,
-        &format!("6 {connects_name}, {SCALE}"),
-        Unit::Calls,
-        &connects,
-        0.97,
-    )?);
-    rows.push(ratio_figure(
-        stage,
-        &scale,
-        &format!("6 {datagrams_name}, {SCALE}"),
-        Unit::Calls,
-        &datagrams,
-        0.97,
-    )?);
-    rows.extend(programs::figures(stage, &scale, "6 at scale:")?);
-    for rules in [&default, &scale] {
-        rows.push(daemon::memory_figure(stage, rules)?);
+        )?);
     }
-    rows.extend(kubernetes::figures()?);
-    for rules in [&default, &scale] {
-        rows.push(daemon::start_figure(stage, rules)?);
+    if wants("4") {
+        rows.extend(programs::figures(stage, &default, "4")?);
     }
-    rows.extend(forwarded::figures("9")?);
+    if wants("5") {
+        rows.extend(traffic::blocked_connect_figures(stage, &default)?);
+    }
+    if wants("6") {
+        rows.push(ratio_figure(
+            stage,
+            &scale,
+            &format!("6 {connects_name}, {SCALE}"),
+            Unit::Calls,
+            &connects,
+            0.97,
+        )?);
+        rows.push(ratio_figure(
+            stage,
+            &scale,
+            &format!("6 {datagrams_name}, {SCALE}"),
+            Unit::Calls,
+            &datagrams,
+            0.97,
+        )?);
+        rows.extend(programs::figures(stage, &scale, "6 at scale:")?);
+    }
+    if wants("7") {
+        for rules in [&default, &scale] {
+            rows.push(daemon::memory_figure(stage, rules)?);
+        }
+        rows.extend(kubernetes::figures()?);
+    }
+    if wants("8") {
+        for rules in [&default, &scale] {
+            rows.push(daemon::start_figure(stage, rules)?);
+        }
+    }
+    if wants("9") {
+        rows.extend(forwarded::figures("9")?);
+    }
     Ok(rows)
+}
+
+/// The figure numbers `IMDS_GUARD_BENCH_FIGURES` names, if set.
+fn wanted_figures() -> Option<Vec<String>> {
+    let list = std::env::var("IMDS_GUARD_BENCH_FIGURES").ok()?;
+    Some(
+        list.split(',')
+            .map(|figure| figure.trim().to_owned())
+            .collect(),
+    )
 }
 
 fn progress(what: &str) {
