@@ -66,7 +66,8 @@ impl IpPacket for SkBuffContext {
 
     /// A cgroup_skb program's packet data starts at the IP header. Only a
     /// constant `offset` passes verifiers without CAP_PERFMON, which refuse
-    /// variable offsets into packets.
+    /// variable offsets into packets (and before 5.11 any packet pointer
+    /// comparison: [`Copied`] is for those).
     #[inline(always)]
     fn in_place<T>(&self, offset: usize) -> Option<T> {
         // SAFETY: the program's own context.
@@ -81,6 +82,26 @@ impl IpPacket for SkBuffContext {
         }
         // SAFETY: within the packet's linear part, checked just above.
         Some(unsafe { ((data + offset) as *const T).read_unaligned() })
+    }
+}
+
+/// A cgroup_skb program's packet, read only through the helper.
+pub struct Copied<'a>(pub &'a SkBuffContext);
+
+impl IpPacket for Copied<'_> {
+    #[inline(always)]
+    fn ethertype(&self) -> u16 {
+        self.0.ethertype()
+    }
+
+    #[inline(always)]
+    fn copy(&self, offset: u32, to: *mut u8, len: u32) -> c_long {
+        self.0.copy(offset, to, len)
+    }
+
+    #[inline(always)]
+    fn in_place<T>(&self, _offset: usize) -> Option<T> {
+        None
     }
 }
 
