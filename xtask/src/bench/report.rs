@@ -34,14 +34,46 @@ impl Target {
     }
 }
 
-/// In bench.json as the table shows it (`≥ 0.99`, `< 50 ns`).
-fn as_text<S: Serializer>(target: &Target, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.collect_str(target)
+/// One target of a row, judged: on what (`with/floor`; empty for the
+/// row's result), and whether it was met or missed within noise.
+#[derive(Debug)]
+struct Judgement {
+    on: &'static str,
+    target: Target,
+    met: bool,
+    /// Missed, but the bracket reaches the target.
+    within_noise: bool,
+}
+
+impl fmt::Display for Judgement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.on.is_empty() {
+            write!(f, "{}", self.target)
+        } else {
+            write!(f, "{} {}", self.on, self.target)
+        }
+    }
+}
+
+/// In bench.json as the table shows it (`≥ 0.99`, `with/floor ≥ 0.97; with/peer ≥ 1`).
+fn as_text<S: Serializer>(judged: &[Judgement], serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&targets_text(judged))
+}
+
+fn targets_text(judged: &[Judgement]) -> String {
+    if judged.is_empty() {
+        return Target::None.to_string();
+    }
+    judged
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// One line of the report; `raw` holds the numbers behind it. `result` is
-/// with/without for ratio figures, which also fill `vs_floor` (with/floor)
-/// and `peer_ratio` (peer/without).
+/// with/without for ratio figures, which also fill `vs_floor` (with/floor),
+/// `vs_peer` (with/peer) and `peer_ratio` (peer/without).
 #[derive(Debug, Serialize)]
 pub struct Row {
     figure: String,
@@ -51,11 +83,13 @@ pub struct Row {
     with: String,
     result: String,
     vs_floor: String,
+    vs_peer: String,
     peer_ratio: String,
-    #[serde(serialize_with = "as_text")]
-    target: Target,
+    #[serde(rename = "target", serialize_with = "as_text")]
+    judged: Vec<Judgement>,
+    /// Every target met; `None` for a row without one.
     pub met: Option<bool>,
-    /// Missed, but the bracket reaches the target.
+    /// Missed, but every missed target's bracket reaches it.
     pub within_noise: bool,
     raw: serde_json::Value,
 }
@@ -70,8 +104,9 @@ impl Row {
             with: "-".to_owned(),
             result: result.into(),
             vs_floor: "-".to_owned(),
+            vs_peer: "-".to_owned(),
             peer_ratio: "-".to_owned(),
-            target: Target::None,
+            judged: Vec::new(),
             met: None,
             within_noise: false,
             raw: serde_json::Value::Null,
@@ -94,33 +129,50 @@ impl Row {
         }
     }
 
-    /// The ratios against the floor and of the peer against nothing.
-    pub fn ratios(self, vs_floor: String, peer_ratio: String) -> Row {
+    /// The ratios against the floor and the peer, and of the peer against nothing.
+    pub fn ratios(self, vs_floor: String, vs_peer: String, peer_ratio: String) -> Row {
         Row {
             vs_floor,
+            vs_peer,
             peer_ratio,
             ..self
         }
     }
 
+    /// Judges the row's result against `target`.
     pub fn target(self, target: Target, value: f64) -> Row {
-        Row {
-            target,
-            met: target.met(value),
-            ..self
-        }
+        self.target_bracketed("", target, value, [value, value])
     }
 
-    /// [`Row::target`] on a median, with the bracket `[low, high]` around
-    /// it: a miss whose bracket reaches the target is within noise.
-    pub fn target_bracketed(self, target: Target, value: f64, low: f64, high: f64) -> Row {
-        let row = self.target(target, value);
-        let within_noise = row.met == Some(false)
-            && (target.met(low) == Some(true) || target.met(high) == Some(true));
-        Row {
+    /// Judges `value` (what `on` names, a median; empty for the row's
+    /// result) against `target`, with the bracket `[low, high]` around
+    /// it: a miss whose bracket reaches the target is within noise. A row
+    /// may have several targets; it meets them only all together.
+    pub fn target_bracketed(
+        mut self,
+        on: &'static str,
+        target: Target,
+        value: f64,
+        [low, high]: [f64; 2],
+    ) -> Row {
+        let Some(met) = target.met(value) else {
+            return self;
+        };
+        let within_noise =
+            !met && (target.met(low) == Some(true) || target.met(high) == Some(true));
+        self.judged.push(Judgement {
+            on,
+            target,
+            met,
             within_noise,
-            ..row
-        }
+        });
+        self.met = Some(self.judged.iter().all(|judged| judged.met));
+        self.within_noise = self.met == Some(false)
+            && self
+                .judged
+                .iter()
+                .all(|judged| judged.met || judged.within_noise);
+        self
     }
 
     /// A miss not explained by the machine's noise.
@@ -154,14 +206,15 @@ impl Row {
             self.with.clone(),
             self.result.clone(),
             self.vs_floor.clone(),
+            self.vs_peer.clone(),
             self.peer_ratio.clone(),
-            self.target.to_string(),
+            targets_text(&self.judged),
             self.met_text().to_owned(),
         ]
     }
 }
 
-const COLUMNS: usize = 10;
+const COLUMNS: usize = 11;
 
 /// The rows as aligned columns, with a header.
 pub fn table(rows: &[Row]) -> String {
@@ -173,6 +226,7 @@ pub fn table(rows: &[Row]) -> String {
         "with",
         "with/without",
         "with/floor",
+        "with/peer",
         "peer/without",
         "target",
         "met",
@@ -303,8 +357,9 @@ mod tests {
             Row::new("1 a figure", "0.950")
                 .sides("10/s".to_owned(), "9/s".to_owned())
                 .others("9/s".to_owned(), "8/s".to_owned())
-                .ratios("1.000".to_owned(), "0.800".to_owned())
-                .target_bracketed(Target::AtLeast(0.97), 0.95, 0.9, 0.98)
+                .ratios("1.000".to_owned(), "1.100".to_owned(), "0.800".to_owned())
+                .target_bracketed("with/floor", Target::AtLeast(0.97), 0.96, [0.9, 0.98])
+                .target_bracketed("with/peer", Target::AtLeast(1.0), 1.1, [1.0, 1.2])
                 .raw(serde_json::json!({"ratio": 0.95, "nan": f64::NAN}))
                 .unwrap(),
             Row::new("2 another", "1.0 µs").target(Target::Below(50.0, "µs"), 1.0),
@@ -312,17 +367,18 @@ mod tests {
         assert!(!rows[0].missed());
         assert_eq!(
             table(&rows),
-            "figure      without  floor  peer  with  with/without  with/floor  peer/without  target   met\n\
-             1 a figure  10/s     9/s    8/s   9/s   0.950         1.000       0.800         ≥ 0.97   noise\n\
-             2 another   -        -      -     -     1.0 µs        -           -             < 50 µs  yes\n"
+            "figure      without  floor  peer  with  with/without  with/floor  with/peer  peer/without  target                            met\n\
+             1 a figure  10/s     9/s    8/s   9/s   0.950         1.000       1.100      0.800         with/floor ≥ 0.97; with/peer ≥ 1  noise\n\
+             2 another   -        -      -     -     1.0 µs        -           -          -             < 50 µs                           yes\n"
         );
         let json = serde_json::to_value(&rows[0]).unwrap();
         assert_eq!(
             json,
             serde_json::json!({
                 "figure": "1 a figure", "without": "10/s", "floor": "9/s", "peer": "8/s",
-                "with": "9/s", "result": "0.950", "vs_floor": "1.000", "peer_ratio": "0.800",
-                "target": "≥ 0.97", "met": false, "within_noise": true,
+                "with": "9/s", "result": "0.950", "vs_floor": "1.000", "vs_peer": "1.100",
+                "peer_ratio": "0.800", "target": "with/floor ≥ 0.97; with/peer ≥ 1",
+                "met": false, "within_noise": true,
                 "raw": {"ratio": 0.95, "nan": null},
             })
         );
