@@ -29,10 +29,33 @@ use imds_guard_tests::addrs;
 
 use self::{
     report::{Machine, Report, Row, load_average, table},
-    stage::{ACCEPT_PORT, BenchStage, SCALE, SINK_PORT},
-    traffic::{Unit, ratio_figure},
+    stage::{ACCEPT_PORT, BenchStage, SCALE, SINK_PORT, Scale},
+    traffic::{LocalTraffic, Unit, ratio_figure},
 };
 use crate::{build_release, interrupt::catch_interrupts, is_root, setup, target_dir};
+
+/// Figure 10's points: deny rules growing at a small allow list, then
+/// allow entries growing at the smallest deny list (the daemon's two
+/// defaults: the bench always denies both metadata families).
+const SCALING: [Scale; 5] = [
+    Scale { deny: 2, allow: 10 },
+    Scale {
+        deny: 100,
+        allow: 10,
+    },
+    Scale {
+        deny: 1000,
+        allow: 10,
+    },
+    Scale {
+        deny: 2,
+        allow: 1000,
+    },
+    Scale {
+        deny: 2,
+        allow: 10_000,
+    },
+];
 
 /// Rounds of "without" and "with" per ratio figure: many short ones, since
 /// other work on a small machine comes in bursts, and a burst then spoils
@@ -135,43 +158,38 @@ fn measure(stage: &BenchStage) -> anyhow::Result<Vec<Row>> {
             .is_none_or(|list| list.iter().any(|f| f == figure))
     };
     let default = stage.default_rules()?;
-    let scale = stage.scale_rules()?;
+    let scale = stage.rules(SCALE)?;
     let server = addrs::SERVER_V4.to_string();
     let [bulk, connects] = tcp_traffic(&server);
     let datagrams = ["udp-rate", &server, SINK_PORT, "--seconds", RATE_SECONDS];
-    let connects_name = "TCP connect-and-close rate";
-    let datagrams_name = "UDP sendto rate, 16-byte datagrams";
-
-    let mut rows = Vec::new();
-    if wants("1") {
-        rows.push(ratio_figure(
-            stage,
-            &default,
-            "1 TCP bulk throughput, client to server",
-            Unit::Bytes,
-            &bulk,
-            0.99,
-        )?);
-    }
-    if wants("2") {
-        rows.push(ratio_figure(
-            stage,
-            &default,
-            &format!("2 {connects_name}"),
-            Unit::Calls,
-            &connects,
-            0.97,
-        )?);
-    }
-    if wants("3") {
-        rows.push(ratio_figure(
-            stage,
-            &default,
-            &format!("3 {datagrams_name}"),
+    let traffic: [(&str, Unit, &[&str]); 3] = [
+        ("TCP bulk throughput, client to server", Unit::Bytes, &bulk),
+        ("TCP connect-and-close rate", Unit::Calls, &connects),
+        (
+            "UDP sendto rate, 16-byte datagrams",
             Unit::Calls,
             &datagrams,
-            0.97,
-        )?);
+        ),
+    ];
+    let at_default = LocalTraffic {
+        stage,
+        rules: &default,
+    };
+    let at_scale = LocalTraffic {
+        stage,
+        rules: &scale,
+    };
+
+    let mut rows = Vec::new();
+    for (number, (name, unit, args)) in ["1", "2", "3"].into_iter().zip(traffic) {
+        if wants(number) {
+            rows.push(ratio_figure(
+                &at_default,
+                &format!("{number} {name}"),
+                unit,
+                args,
+            )?);
+        }
     }
     if wants("4") {
         rows.extend(programs::figures(stage, &default, "4")?);
@@ -180,22 +198,14 @@ fn measure(stage: &BenchStage) -> anyhow::Result<Vec<Row>> {
         rows.extend(traffic::blocked_connect_figures(stage, &default)?);
     }
     if wants("6") {
-        rows.push(ratio_figure(
-            stage,
-            &scale,
-            &format!("6 {connects_name}, {SCALE}"),
-            Unit::Calls,
-            &connects,
-            0.97,
-        )?);
-        rows.push(ratio_figure(
-            stage,
-            &scale,
-            &format!("6 {datagrams_name}, {SCALE}"),
-            Unit::Calls,
-            &datagrams,
-            0.97,
-        )?);
+        for (name, unit, args) in traffic {
+            rows.push(ratio_figure(
+                &at_scale,
+                &format!("6 {name}, {SCALE}"),
+                unit,
+                args,
+            )?);
+        }
         rows.extend(programs::figures(stage, &scale, "6 at scale:")?);
     }
     if wants("7") {
@@ -210,7 +220,14 @@ fn measure(stage: &BenchStage) -> anyhow::Result<Vec<Row>> {
         }
     }
     if wants("9") {
-        rows.extend(forwarded::figures("9")?);
+        rows.extend(forwarded::figures("9", [&default, &scale])?);
+    }
+    if wants("10") {
+        let scales = SCALING
+            .iter()
+            .map(|&scale| stage.rules(scale))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        rows.extend(programs::scaling_figures(stage, &scales, "10")?);
     }
     Ok(rows)
 }
