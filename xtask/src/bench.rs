@@ -28,7 +28,7 @@ use anyhow::{Context as _, bail};
 use imds_guard_tests::addrs;
 
 use self::{
-    report::{Machine, Report, Row, load_average, table},
+    report::{Machine, Report, Row, chart, load_average, table},
     stage::{ACCEPT_PORT, BenchStage, SCALE, SINK_PORT, Scale},
     traffic::{LocalTraffic, Unit, ratio_figure},
 };
@@ -110,6 +110,8 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     }
     println!();
     print!("{}", table(&rows));
+    println!();
+    print!("{}", chart(&rows));
     let missed = rows.iter().filter(|r| r.missed()).count();
     let noise = rows.iter().filter(|r| r.within_noise).count();
     println!();

@@ -1,7 +1,10 @@
 //! What the benchmark reports: its rows with their targets, the table
 //! printed at the end, the machine it ran on, and `bench.json` (serde).
 
-use std::{fmt, path::Path};
+use std::{
+    fmt::{self, Write as _},
+    path::Path,
+};
 
 use anyhow::Context as _;
 use serde::{Serialize, Serializer};
@@ -91,6 +94,9 @@ pub struct Row {
     pub met: Option<bool>,
     /// Missed, but every missed target's bracket reaches it.
     pub within_noise: bool,
+    /// For the chart: the floor's, ours and the peer's medians against nothing.
+    #[serde(skip)]
+    charted: Option<[f64; 3]>,
     raw: serde_json::Value,
 }
 
@@ -109,6 +115,7 @@ impl Row {
             judged: Vec::new(),
             met: None,
             within_noise: false,
+            charted: None,
             raw: serde_json::Value::Null,
         }
     }
@@ -135,6 +142,15 @@ impl Row {
             vs_floor,
             vs_peer,
             peer_ratio,
+            ..self
+        }
+    }
+
+    /// Puts the row in the chart: the floor's, ours and the peer's
+    /// throughput against nothing's.
+    pub fn charted(self, floor: f64, with: f64, peer: f64) -> Row {
+        Row {
+            charted: Some([floor, with, peer]),
             ..self
         }
     }
@@ -254,6 +270,52 @@ pub fn table(rows: &[Row]) -> String {
     text
 }
 
+/// Where the chart's axis starts and ends (ratios against nothing), and
+/// how many characters lie between.
+const CHART_FROM: f64 = 0.7;
+const CHART_TO: f64 = 1.1;
+const CHART_WIDTH: usize = 48;
+
+/// The charted rows as bars, a glance at every traffic figure: floor, ours
+/// and the peer against nothing (1.000), on an axis from [`CHART_FROM`].
+pub fn chart(rows: &[Row]) -> String {
+    let charted: Vec<(&str, [f64; 3])> = rows
+        .iter()
+        .filter_map(|row| row.charted.map(|bars| (row.figure.as_str(), bars)))
+        .collect();
+    let mut text = String::new();
+    if charted.is_empty() {
+        return text;
+    }
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss,
+        reason = "a bar's length, clamped to 0..=CHART_WIDTH"
+    )]
+    let bar = |ratio: f64| -> String {
+        let fraction = ((ratio - CHART_FROM) / (CHART_TO - CHART_FROM)).clamp(0.0, 1.0);
+        "█".repeat((fraction * CHART_WIDTH as f64).round() as usize)
+    };
+    let one = {
+        let mut axis = format!("{CHART_FROM:<.1}");
+        let at_one = bar(1.0).chars().count();
+        axis.push_str(&" ".repeat(at_one.saturating_sub(axis.len())));
+        axis.push_str("1.0");
+        axis.push_str(&" ".repeat(CHART_WIDTH.saturating_sub(axis.len())));
+        let _ = write!(axis, "{CHART_TO:.1}");
+        axis
+    };
+    let _ = writeln!(text, "{:>7}{one}", "");
+    for (figure, bars) in charted {
+        let _ = writeln!(text, "{figure}");
+        for (side, ratio) in ["floor", "with", "peer"].into_iter().zip(bars) {
+            let _ = writeln!(text, "  {side:<5}|{:<CHART_WIDTH$}| {ratio:.3}", bar(ratio));
+        }
+    }
+    text
+}
+
 /// When and where the run happened.
 pub struct Machine {
     pub date: String,
@@ -342,6 +404,32 @@ pub fn median(values: &[f64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_chart_draws_floor_ours_and_the_peer_against_nothing() {
+        let rows = [
+            Row::new("1 a figure", "0.990").charted(1.0, 0.99, 0.9),
+            Row::new("4 not charted", "1.0 ns"),
+        ];
+        let text = chart(&rows);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        assert!(lines[0].trim_start().starts_with("0.7"), "{text}");
+        assert!(lines[0].trim_end().ends_with("1.1"), "{text}");
+        assert_eq!(lines[1], "1 a figure");
+        let length = |line: &str| line.chars().filter(|c| *c == '█').count();
+        // 0.3 of the 0.4 axis, 0.29, 0.2: 36, 35 and 24 of 48 characters.
+        assert_eq!(
+            [lines[2], lines[3], lines[4]].map(length),
+            [36, 35, 24],
+            "{text}"
+        );
+        assert!(
+            lines[4].starts_with("  peer ") && lines[4].ends_with("| 0.900"),
+            "{text}"
+        );
+        assert!(chart(&rows[1..]).is_empty());
+    }
 
     #[test]
     fn quantiles_interpolate() {

@@ -211,7 +211,13 @@ pub fn ratio_figure(
     let with_vs_floor = Ratio::new(ratios(&samples.with, &samples.floor));
     let with_vs_peer = Ratio::new(ratios(&samples.with, &samples.peer));
     let peer_vs_without = Ratio::new(ratios(&samples.peer, &samples.without));
+    let floor_vs_without = median(&ratios(&samples.floor, &samples.without));
     Row::new(figure, with_vs_without.show())
+        .charted(
+            floor_vs_without,
+            with_vs_without.median,
+            peer_vs_without.median,
+        )
         .sides(
             unit.show(median(&samples.without)),
             unit.show(median(&samples.with)),
