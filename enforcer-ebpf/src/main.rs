@@ -187,16 +187,24 @@ impl Attempt {
 
     /// Reads a socket call's destination. `ipv6` selects `user_ip6` over `user_ip4`.
     #[inline(always)]
-    fn from_sock_addr(ctx: &SockAddrContext, ipv6: bool) -> Attempt {
+    fn sock_addr_destination(ctx: &SockAddrContext, ipv6: bool) -> AddrWords {
         // SAFETY: the kernel hands every cgroup_sock_addr program a valid context.
         let addr: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
-        let destination = if ipv6 {
+        if ipv6 {
             // `::ffff:a.b.c.d` already has the trie's IPv4-mapped form, so a
             // mapped destination meets the IPv4 rules with no extra step.
             AddrWords::from_user_ip6(addr.user_ip6)
         } else {
             AddrWords::ipv4_mapped(addr.user_ip4.to_ne_bytes())
-        };
+        }
+    }
+
+    /// Reads a socket call's protocol class and port, its destination read
+    /// already: only for a destination that has a rule.
+    #[inline(always)]
+    fn from_sock_addr(ctx: &SockAddrContext, ipv6: bool, destination: AddrWords) -> Attempt {
+        // SAFETY: the kernel hands every cgroup_sock_addr program a valid context.
+        let addr: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
         // user_port holds the port in network byte order in its low 16 bits.
         let port_number = u16::from_be(addr.user_port as u16);
         let ip_protocol = addr.protocol as u8;
@@ -218,8 +226,8 @@ impl Attempt {
 
 #[inline(always)]
 fn try_sock_addr(ctx: &SockAddrContext, ipv6: bool, hook: Hook) -> i32 {
-    let attempt = Attempt::from_sock_addr(ctx, ipv6);
-    match maps::rule_for(attempt.destination) {
+    let destination = Attempt::sock_addr_destination(ctx, ipv6);
+    match maps::rule_for(destination) {
         None => ALLOW,
         // Inlined: an outlined closure hands its result back through a
         // stack pointer, field by field (see node.rs).
@@ -228,7 +236,8 @@ fn try_sock_addr(ctx: &SockAddrContext, ipv6: bool, hook: Hook) -> i32 {
             hook,
             #[inline(always)]
             || cgroup_sender(&Subject::Current),
-            || Ok(attempt),
+            #[inline(always)]
+            || Ok(Attempt::from_sock_addr(ctx, ipv6, destination)),
         )),
     }
 }
