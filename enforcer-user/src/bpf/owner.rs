@@ -121,7 +121,13 @@ impl Enforcer {
         };
         let (mut enforcer, started) = match pins::plan(&key, &pins.generations()?) {
             StartPlan::Adopt { current, stale } => {
-                let enforcer = Enforcer::open(pins, &current)?;
+                let mut enforcer = Enforcer::open(pins, &current)?;
+                // What this start enforces; an installed generation is filled
+                // before it is attached.
+                enforcer.rules.sync(settings.rules)?;
+                if let Some(allowed) = settings.allowed {
+                    enforcer.allowed.sync(allowed)?;
+                }
                 // Ours is attached: the others can go.
                 for generation in &stale {
                     pins.remove_generation(generation)?;
@@ -161,10 +167,6 @@ impl Enforcer {
                 (enforcer, started)
             }
         };
-        enforcer.rules.sync(settings.rules)?;
-        if let Some(allowed) = settings.allowed {
-            enforcer.allowed.sync(allowed)?;
-        }
         let generation = started.generation();
         if settings.node_guard {
             let prog_pin = |program: &str| pins.program_pin(generation, program);
