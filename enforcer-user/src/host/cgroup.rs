@@ -3,7 +3,7 @@
 
 use std::{
     collections::HashMap,
-    ffi::{OsStr, OsString},
+    ffi::OsStr,
     fs::File,
     os::{
         fd::OwnedFd,
@@ -165,19 +165,15 @@ impl CgroupMount {
     /// [`CgroupMount::cgroup_id`] gives it; the first refusal comes with
     /// the index of its path.
     pub fn cgroup_ids(&self, paths: &[&Path]) -> Result<Vec<u64>, (usize, CgroupError)> {
-        let listings = match &self.beneath {
-            Some(beneath) if beneath.listable => beneath.list_parents(paths),
-            _ => HashMap::new(),
+        let listed = match &self.beneath {
+            Some(beneath) if beneath.listable => beneath.listed(paths),
+            _ => vec![None; paths.len()],
         };
         paths
             .iter()
+            .zip(listed)
             .enumerate()
-            .map(|(index, path)| {
-                let listed = self.beneath.as_ref().and_then(|beneath| {
-                    let below = names_below(path, &beneath.canonical)?;
-                    let children = listings.get(below.parent()?)?;
-                    children.get(below.file_name()?).copied()
-                });
+            .map(|(index, (path, listed))| {
                 listed
                     .map_or_else(|| self.cgroup_id(path), Ok)
                     .map_err(|err| (index, err))
@@ -208,52 +204,68 @@ impl Beneath {
         Some(nix::sys::stat::fstat(&cgroup).ok()?.st_ino)
     }
 
-    /// The listings of the parents that hold enough of `paths` to be worth
-    /// listing, by parent below the mount.
-    fn list_parents<'p>(&self, paths: &[&'p Path]) -> HashMap<&'p Path, Children> {
-        let mut wanted: HashMap<&Path, u64> = HashMap::new();
-        for path in paths {
-            if let Some(parent) = names_below(path, &self.canonical).and_then(Path::parent) {
-                *wanted.entry(parent).or_default() += 1;
-            }
+    /// The ids of `paths` that listings of their parents settle, in order:
+    /// a parent holding enough of them to be worth listing is listed once.
+    fn listed(&self, paths: &[&Path]) -> Vec<Option<u64>> {
+        // Each path as (parent, name) below the mount, borrowed: no
+        // allocation for each of many entries.
+        let split: Vec<Option<(&OsStr, &OsStr)>> = paths
+            .iter()
+            .map(|path| {
+                let below = names_below(path, &self.canonical)?;
+                Some((below.parent()?.as_os_str(), below.file_name()?))
+            })
+            .collect();
+        let mut wanted: HashMap<&OsStr, HashMap<&OsStr, Option<u64>>> = HashMap::new();
+        for &(parent, name) in split.iter().flatten() {
+            wanted.entry(parent).or_default().insert(name, None);
         }
-        wanted
-            .into_iter()
-            .filter_map(|(parent, wanted)| Some((parent, self.list(parent, wanted)?)))
+        for (parent, children) in &mut wanted {
+            self.list(Path::new(parent), children);
+        }
+        split
+            .iter()
+            .map(|&entry| {
+                let (parent, name) = entry?;
+                *wanted.get(parent)?.get(name)?
+            })
             .collect()
     }
 
-    /// The child cgroups of `parent` (below the mount), when listing them
-    /// costs less than looking up `wanted` of them one by one.
-    fn list(&self, parent: &Path, wanted: u64) -> Option<Children> {
+    /// Fills in the ids of `children` (by name) of `parent` (below the
+    /// mount) from one listing of it, when that costs less than looking
+    /// them up one by one; a name the listing lacks is left to the lookup.
+    fn list(&self, parent: &Path, children: &mut HashMap<&OsStr, Option<u64>>) {
         let below = if parent.as_os_str().is_empty() {
             Path::new(".")
         } else {
             parent
         };
-        let dir = self.open(below, OFlag::O_RDONLY)?;
+        let Some(dir) = self.open(below, OFlag::O_RDONLY) else {
+            return;
+        };
         // A cgroup directory's link count is its child cgroups plus two.
-        let subdirs = nix::sys::stat::fstat(&dir).ok()?.st_nlink.saturating_sub(2);
-        if !worth_listing(wanted, subdirs) {
-            return None;
+        let Ok(stat) = nix::sys::stat::fstat(&dir) else {
+            return;
+        };
+        let wanted = u64::try_from(children.len()).unwrap_or(u64::MAX);
+        if !worth_listing(wanted, stat.st_nlink.saturating_sub(2)) {
+            return;
         }
-        let mut children = Children::new();
-        for entry in nix::dir::Dir::from_fd(dir).ok()?.iter() {
-            // A listing cut short would name too few: look each up instead.
-            let entry = entry.ok()?;
+        let Ok(mut dir) = nix::dir::Dir::from_fd(dir) else {
+            return;
+        };
+        // A listing cut short by an error leaves the rest to the lookup.
+        for entry in dir.iter().map_while(Result::ok) {
             let name = OsStr::from_bytes(entry.file_name().to_bytes());
-            let is_child =
-                entry.file_type() == Some(nix::dir::Type::Directory) && name != "." && name != "..";
-            if is_child {
-                children.insert(name.to_owned(), entry.ino());
+            if entry.file_type() == Some(nix::dir::Type::Directory)
+                && let Some(id) = children.get_mut(name)
+            {
+                *id = Some(entry.ino());
             }
         }
-        Some(children)
     }
 }
-
-/// A parent's child cgroups: name to id.
-type Children = HashMap<OsString, u64>;
 
 /// How many child cgroups one listing reads in the time of one lookup
 /// (measured: a lookup by name costs 2-5 µs, a listing 0.1-0.2 µs a child).
@@ -312,8 +324,6 @@ pub fn find_by_id(root: &Path, id: u64) -> Option<PathBuf> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
 
     /// A directory tree under the temporary directory, removed on drop.
@@ -403,25 +413,28 @@ mod tests {
         std::fs::write(tree.0.join("p/file"), "").expect("write");
         std::os::unix::fs::symlink(tree.0.join("p/00"), tree.0.join("p/link")).expect("symlink");
         let beneath = tree.beneath();
-        let wanted: Vec<PathBuf> = names.iter().map(|name| tree.0.join(name)).collect();
-        let paths: Vec<&Path> = wanted.iter().map(PathBuf::as_path).collect();
-        let listings = beneath.list_parents(&paths);
-        let children = listings.get(Path::new("p")).expect("p is listed");
-        // The directories, each with its id; not the file, the symlink, `.` or `..`.
-        let listed: BTreeMap<&OsStr, u64> = children
-            .iter()
-            .map(|(name, id)| (name.as_os_str(), *id))
-            .collect();
-        let expected: BTreeMap<&OsStr, u64> = names
-            .iter()
-            .map(|name| {
-                let child = Path::new(name).file_name().expect("a name");
-                (child, tree.ino(name))
-            })
-            .collect();
-        assert_eq!(listed, expected);
-        // Two of forty children are not worth a listing.
-        assert!(beneath.list_parents(&paths[..2]).is_empty());
+        let mut written: Vec<PathBuf> = names.iter().map(|name| tree.0.join(name)).collect();
+        // Relative, twice, and what the listing must not name.
+        written.extend(["p/07", "p/07", "p/file", "p/link", "p/missing"].map(PathBuf::from));
+        let paths: Vec<&Path> = written.iter().map(PathBuf::as_path).collect();
+        let mut expected: Vec<Option<u64>> =
+            names.iter().map(|name| Some(tree.ino(name))).collect();
+        expected.extend([
+            Some(tree.ino("p/07")),
+            Some(tree.ino("p/07")),
+            None,
+            None,
+            None,
+        ]);
+        assert_eq!(beneath.listed(&paths), expected);
+        // Two of forty children are not worth a listing: lookups name them.
+        assert_eq!(beneath.listed(&paths[..2]), [None, None]);
+        let mount = CgroupMount {
+            path: tree.0.clone(),
+            beneath: Some(beneath),
+        };
+        let short: Vec<u64> = names[..2].iter().map(|name| tree.ino(name)).collect();
+        assert_eq!(mount.cgroup_ids(&paths[..2]).expect("named"), short);
     }
 
     #[test]
