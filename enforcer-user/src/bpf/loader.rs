@@ -134,11 +134,16 @@ pub fn pin_node_programs(
 /// kernels that charge it: checked (and raised where allowed) before any
 /// map exists, so a refusal leaves nothing behind.
 pub fn ensure_memlock() -> Result<memlock::Memlock, BpfError> {
+    let release = kernel::release();
+    // Parsing the object for its maps' shapes is for those kernels only.
+    if !memlock::charges(&release) {
+        return Ok(memlock::Memlock::NotCharged);
+    }
     let shapes = memlock::shapes(EBPF_OBJECT).map_err(|e| BpfError::Load {
         source: EbpfError::ParseError(e),
     })?;
     let cpus = kernel::possible_cpus();
-    memlock::ensure(&kernel::release(), memlock::need(&shapes, cpus), cpus).map_err(BpfError::from)
+    memlock::ensure(&release, memlock::need(&shapes, cpus), cpus).map_err(BpfError::from)
 }
 
 /// Attaches every program to `cgroup` and pins each link at the path
