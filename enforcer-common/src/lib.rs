@@ -49,8 +49,12 @@ pub mod names {
     /// Global `u64` set at load time: the guarded cgroup's id, so the node
     /// programs judge only sockets of that subtree.
     pub const GUARDED_CGROUP_ID: &str = "GUARDED_CGROUP_ID";
-    /// The `cgroup_skb` egress program.
+    /// The `cgroup_skb` egress program...
     pub const PROG_EGRESS: &str = "imds_guard_egress";
+    /// ...and its variant that reads packets only through a helper, loaded
+    /// in its place where the verifier refuses the in-place read. Either is
+    /// the generation's egress program, pinned under [`PROG_EGRESS`]'s name.
+    pub const PROG_EGRESS_COPYING: &str = "imds_guard_egress_copying";
     /// The `cgroup_sock_addr` programs.
     pub const PROG_CONNECT4: &str = "imds_guard_connect4";
     pub const PROG_CONNECT6: &str = "imds_guard_connect6";

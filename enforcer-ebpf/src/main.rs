@@ -148,18 +148,27 @@ fn cgroup_verdict(refused: bool) -> i32 {
 #[cgroup_skb(egress)]
 pub fn imds_guard_egress(ctx: SkBuffContext) -> i32 {
     // A packet whose destination cannot be read has no destination to deny.
-    try_imds_guard_egress(&ctx).unwrap_or(ALLOW)
+    try_imds_guard_egress(&ctx, &ctx).unwrap_or(ALLOW)
 }
 
-fn try_imds_guard_egress(ctx: &SkBuffContext) -> Result<i32, c_long> {
-    let destination = packet::read_destination(ctx)?;
+/// The same program, every read through a helper, for verifiers that
+/// refuse the in-place read's packet pointer comparison without
+/// CAP_PERFMON (Linux 5.10's): the loader falls back to it.
+#[cgroup_skb(egress)]
+pub fn imds_guard_egress_copying(ctx: SkBuffContext) -> i32 {
+    try_imds_guard_egress(&ctx, &packet::Copied(&ctx)).unwrap_or(ALLOW)
+}
+
+#[inline(always)]
+fn try_imds_guard_egress(ctx: &SkBuffContext, packet: &impl IpPacket) -> Result<i32, c_long> {
+    let destination = packet::read_destination(packet)?;
     let Some(rule) = maps::rule_for(destination) else {
         return Ok(ALLOW);
     };
     let subject = Subject::Skb(ctx.skb.skb);
     let sender = || cgroup_sender(&subject);
     Ok(cgroup_verdict(refuses(rule, Hook::Egress, sender, || {
-        Attempt::from_packet(ctx, destination)
+        Attempt::from_packet(packet, destination)
     })))
 }
 

@@ -46,6 +46,10 @@ pub trait IpPacket {
     /// Copies `len` bytes from `offset` past the start of the IP header to
     /// `to`; 0 or a negative error, as the helpers return.
     fn copy(&self, offset: u32, to: *mut u8, len: u32) -> c_long;
+    /// Reads a `T` at `offset` past the start of the IP header straight
+    /// from the packet, without a helper call, where the packet's linear
+    /// part starts at that header and holds those bytes; `None` otherwise.
+    fn in_place<T>(&self, offset: usize) -> Option<T>;
 }
 
 impl IpPacket for SkBuffContext {
@@ -58,6 +62,46 @@ impl IpPacket for SkBuffContext {
     fn copy(&self, offset: u32, to: *mut u8, len: u32) -> c_long {
         // SAFETY: the program's own context; `to` holds `len` bytes.
         unsafe { bpf_skb_load_bytes(self.skb.skb.cast(), offset, to.cast(), len) }
+    }
+
+    /// A cgroup_skb program's packet data starts at the IP header. Only a
+    /// constant `offset` passes verifiers without CAP_PERFMON, which refuse
+    /// variable offsets into packets (and before 5.11 any packet pointer
+    /// comparison: [`Copied`] is for those).
+    #[inline(always)]
+    fn in_place<T>(&self, offset: usize) -> Option<T> {
+        // SAFETY: the program's own context.
+        let (data, end) = unsafe {
+            (
+                (*self.skb.skb).data as usize,
+                (*self.skb.skb).data_end as usize,
+            )
+        };
+        if data + offset + size_of::<T>() > end {
+            return None;
+        }
+        // SAFETY: within the packet's linear part, checked just above.
+        Some(unsafe { ((data + offset) as *const T).read_unaligned() })
+    }
+}
+
+/// A cgroup_skb program's packet, read only through the helper.
+pub struct Copied<'a>(pub &'a SkBuffContext);
+
+impl IpPacket for Copied<'_> {
+    #[inline(always)]
+    fn ethertype(&self) -> u16 {
+        self.0.ethertype()
+    }
+
+    #[inline(always)]
+    fn copy(&self, offset: u32, to: *mut u8, len: u32) -> c_long {
+        self.0.copy(offset, to, len)
+    }
+
+    #[inline(always)]
+    fn in_place<T>(&self, _offset: usize) -> Option<T> {
+        None
     }
 }
 
@@ -84,14 +128,25 @@ impl IpPacket for NetworkHeader<'_> {
             )
         }
     }
+
+    /// A tc program's packet data starts at the link layer, whose length
+    /// only the kernel's network-header offset knows.
+    #[inline(always)]
+    fn in_place<T>(&self, _offset: usize) -> Option<T> {
+        None
+    }
 }
 
-/// Reads a `T` onto the stack. Only for a program's first read (the
-/// destination): a helper's write into a stack slot that held a spilled
-/// register is refused by verifiers before 7.x without CAP_PERFMON, and
-/// before anything else nothing is spilled.
+/// Reads a `T`, in place where the packet allows it (no helper call: the
+/// cost every ordinary packet pays), else onto the stack. Only for a
+/// program's first read (the destination): a helper's write into a stack
+/// slot that held a spilled register is refused by verifiers before 7.x
+/// without CAP_PERFMON, and before anything else nothing is spilled.
 #[inline(always)]
 fn load_first<T>(ctx: &impl IpPacket, offset: u32) -> Result<T, c_long> {
+    if let Some(value) = ctx.in_place(offset as usize) {
+        return Ok(value);
+    }
     let mut value = core::mem::MaybeUninit::<T>::uninit();
     let result = ctx.copy(offset, value.as_mut_ptr().cast(), size_of::<T>() as u32);
     if result == 0 {

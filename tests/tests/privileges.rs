@@ -1,6 +1,8 @@
 //! The daemon started with exactly the DaemonSet's privileges (CAP_BPF and
 //! CAP_NET_ADMIN, `no_new_privs`, a 64 KiB `RLIMIT_MEMLOCK`), whatever the test
-//! run's are: from kernel 5.11 it enforces. Before 5.11 the kernel charges
+//! run's are: from kernel 5.11 it enforces, its egress program reading
+//! packets in place (the verifier allows that without CAP_PERFMON from
+//! 5.11; 5.10's refuses, and the daemon falls back to copying). Before 5.11 the kernel charges
 //! BPF maps to `RLIMIT_MEMLOCK`, which the daemon cannot raise without
 //! CAP_SYS_RESOURCE: it must refuse to start, name the limit and its need,
 //! and leave no map or program behind, however often it is restarted (a
@@ -22,6 +24,9 @@ use imds_guard_tests::{
 
 /// The first kernel that charges BPF maps to memory cgroups instead.
 const FIRST_MEMCG_KERNEL: (u32, u32) = (5, 11);
+
+/// What the daemon logs when it falls back to the copying egress program.
+const EGRESS_COPYING: &str = "the egress program copies what it reads";
 
 /// Refused starts in a row, as a crash loop makes them.
 const REFUSED_STARTS: usize = 3;
@@ -58,6 +63,12 @@ fn daemonset_privileges_enforce_or_refuse_naming_memlock_leaving_nothing() {
                 "with the DaemonSet's privileges on kernel {kernel:?} imds-guard must start: {err}"
             );
         }
+        assert_eq!(
+            daemon.count_log(EGRESS_COPYING),
+            0,
+            "from 5.11 the egress program reads packets in place with the DaemonSet's grant:\n{}",
+            daemon.log()
+        );
         let world = World { daemon, stage };
         let tcp = case("tcp", addrs::METADATA_V4, HTTP);
         assert_eq!(world.attempt(&world.blocked, &tcp).outcome, eperm());

@@ -28,11 +28,34 @@ use anyhow::{Context as _, bail};
 use imds_guard_tests::addrs;
 
 use self::{
-    report::{Machine, Report, Row, load_average, table},
-    stage::{ACCEPT_PORT, BenchStage, SCALE, SINK_PORT},
-    traffic::{Unit, ratio_figure},
+    report::{Machine, Report, Row, chart, load_average, table},
+    stage::{ACCEPT_PORT, BenchStage, SCALE, SINK_PORT, Scale},
+    traffic::{LocalTraffic, Unit, ratio_figure},
 };
 use crate::{build_release, interrupt::catch_interrupts, is_root, setup, target_dir};
+
+/// Figure 10's points: deny rules growing at a small allow list, then
+/// allow entries growing at the smallest deny list (the daemon's two
+/// defaults: the bench always denies both metadata families).
+const SCALING: [Scale; 5] = [
+    Scale { deny: 2, allow: 10 },
+    Scale {
+        deny: 100,
+        allow: 10,
+    },
+    Scale {
+        deny: 1000,
+        allow: 10,
+    },
+    Scale {
+        deny: 2,
+        allow: 1000,
+    },
+    Scale {
+        deny: 2,
+        allow: 10_000,
+    },
+];
 
 /// Rounds of "without" and "with" per ratio figure: many short ones, since
 /// other work on a small machine comes in bursts, and a burst then spoils
@@ -79,8 +102,16 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         machine.load_before,
         wall.as_secs_f64()
     );
+    if let Some(figures) = wanted_figures() {
+        println!(
+            "only figures {} (IMDS_GUARD_BENCH_FIGURES)",
+            figures.join(", ")
+        );
+    }
     println!();
     print!("{}", table(&rows));
+    println!();
+    print!("{}", chart(&rows));
     let missed = rows.iter().filter(|r| r.missed()).count();
     let noise = rows.iter().filter(|r| r.within_noise).count();
     println!();
@@ -119,70 +150,98 @@ fn tcp_traffic(server: &str) -> [[&str; 5]; 2] {
     ]
 }
 
-/// Every figure, in order.
+/// Every figure, in order; with `IMDS_GUARD_BENCH_FIGURES` (say `4,9`) only
+/// those, for work on one of them (a partial run says so in its table).
 fn measure(stage: &BenchStage) -> anyhow::Result<Vec<Row>> {
+    let wanted = wanted_figures();
+    let wants = |figure: &str| {
+        wanted
+            .as_ref()
+            .is_none_or(|list| list.iter().any(|f| f == figure))
+    };
     let default = stage.default_rules()?;
-    let scale = stage.scale_rules()?;
+    let scale = stage.rules(SCALE)?;
     let server = addrs::SERVER_V4.to_string();
     let [bulk, connects] = tcp_traffic(&server);
     let datagrams = ["udp-rate", &server, SINK_PORT, "--seconds", RATE_SECONDS];
-    let connects_name = "TCP connect-and-close rate";
-    let datagrams_name = "UDP sendto rate, 16-byte datagrams";
-
-    let mut rows = vec![
-        ratio_figure(
-            stage,
-            &default,
-            "1 TCP bulk throughput, client to server",
-            Unit::Bytes,
-            &bulk,
-            0.99,
-        )?,
-        ratio_figure(
-            stage,
-            &default,
-            &format!("2 {connects_name}"),
-            Unit::Calls,
-            &connects,
-            0.97,
-        )?,
-        ratio_figure(
-            stage,
-            &default,
-            &format!("3 {datagrams_name}"),
+    let traffic: [(&str, Unit, &[&str]); 3] = [
+        ("TCP bulk throughput, client to server", Unit::Bytes, &bulk),
+        ("TCP connect-and-close rate", Unit::Calls, &connects),
+        (
+            "UDP sendto rate, 16-byte datagrams",
             Unit::Calls,
             &datagrams,
-            0.97,
-        )?,
+        ),
     ];
-    rows.extend(programs::figures(stage, &default, "4")?);
-    rows.extend(traffic::blocked_connect_figures(stage, &default)?);
-    rows.push(ratio_figure(
+    let at_default = LocalTraffic {
         stage,
-        &scale,
-        &format!("6 {connects_name}, {SCALE}"),
-        Unit::Calls,
-        &connects,
-        0.97,
-    )?);
-    rows.push(ratio_figure(
+        rules: &default,
+    };
+    let at_scale = LocalTraffic {
         stage,
-        &scale,
-        &format!("6 {datagrams_name}, {SCALE}"),
-        Unit::Calls,
-        &datagrams,
-        0.97,
-    )?);
-    rows.extend(programs::figures(stage, &scale, "6 at scale:")?);
-    for rules in [&default, &scale] {
-        rows.push(daemon::memory_figure(stage, rules)?);
+        rules: &scale,
+    };
+
+    let mut rows = Vec::new();
+    for (number, (name, unit, args)) in ["1", "2", "3"].into_iter().zip(traffic) {
+        if wants(number) {
+            rows.push(ratio_figure(
+                &at_default,
+                &format!("{number} {name}"),
+                unit,
+                args,
+            )?);
+        }
     }
-    rows.extend(kubernetes::figures()?);
-    for rules in [&default, &scale] {
-        rows.push(daemon::start_figure(stage, rules)?);
+    if wants("4") {
+        rows.extend(programs::figures(stage, &default, "4")?);
     }
-    rows.extend(forwarded::figures("9")?);
+    if wants("5") {
+        rows.extend(traffic::blocked_connect_figures(stage, &default)?);
+    }
+    if wants("6") {
+        for (name, unit, args) in traffic {
+            rows.push(ratio_figure(
+                &at_scale,
+                &format!("6 {name}, {SCALE}"),
+                unit,
+                args,
+            )?);
+        }
+        rows.extend(programs::figures(stage, &scale, "6 at scale:")?);
+    }
+    if wants("7") {
+        for rules in [&default, &scale] {
+            rows.push(daemon::memory_figure(stage, rules)?);
+        }
+        rows.extend(kubernetes::figures()?);
+    }
+    if wants("8") {
+        for rules in [&default, &scale] {
+            rows.push(daemon::start_figure(stage, rules)?);
+        }
+    }
+    if wants("9") {
+        rows.extend(forwarded::figures("9", [&default, &scale])?);
+    }
+    if wants("10") {
+        let scales = SCALING
+            .iter()
+            .map(|&scale| stage.rules(scale))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        rows.extend(programs::scaling_figures(stage, &scales, "10")?);
+    }
     Ok(rows)
+}
+
+/// The figure numbers `IMDS_GUARD_BENCH_FIGURES` names, if set.
+fn wanted_figures() -> Option<Vec<String>> {
+    let list = std::env::var("IMDS_GUARD_BENCH_FIGURES").ok()?;
+    Some(
+        list.split(',')
+            .map(|figure| figure.trim().to_owned())
+            .collect(),
+    )
 }
 
 fn progress(what: &str) {

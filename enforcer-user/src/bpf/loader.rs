@@ -125,10 +125,7 @@ pub fn create_maps(
 /// verifier's work, the longest part of a start, which needs nothing of
 /// the maps' contents.
 pub fn load_programs(ebpf: &mut Ebpf, refuse_packet_sockets: bool) -> Result<(), BpfError> {
-    let egress: &mut CgroupSkb = program(ebpf, names::PROG_EGRESS)?;
-    egress
-        .load()
-        .map_err(|source| refusal::program_error(names::PROG_EGRESS, source))?;
+    load_egress(ebpf)?;
     for name in names::SOCK_ADDR_PROGRAMS {
         let hook: &mut CgroupSockAddr = program(ebpf, name)?;
         hook.load()
@@ -151,6 +148,37 @@ pub fn load_programs(ebpf: &mut Ebpf, refuse_packet_sockets: bool) -> Result<(),
             .map_err(|source| refusal::program_error(name, source))?;
     }
     Ok(())
+}
+
+/// Loads the egress program that reads packets in place, or, where this
+/// kernel's verifier refuses that without CAP_PERFMON (Linux 5.10), the
+/// variant that copies what it reads through a helper.
+fn load_egress(ebpf: &mut Ebpf) -> Result<(), BpfError> {
+    let in_place: &mut CgroupSkb = program(ebpf, names::PROG_EGRESS)?;
+    let Err(refused) = in_place.load() else {
+        return Ok(());
+    };
+    let name = names::PROG_EGRESS_COPYING;
+    tracing::info!(
+        program = name,
+        "the verifier refuses reading packets in place here; the egress program copies what it reads"
+    );
+    tracing::debug!(error = %refused, "the in-place egress program");
+    let copying: &mut CgroupSkb = program(ebpf, name)?;
+    copying
+        .load()
+        .map_err(|source| refusal::program_error(name, source))
+}
+
+/// The generation's egress program: whichever [`load_egress`] loaded.
+fn loaded_egress(ebpf: &mut Ebpf) -> Result<&mut CgroupSkb, BpfError> {
+    let in_place: &mut CgroupSkb = program(ebpf, names::PROG_EGRESS)?;
+    let name = if in_place.fd().is_ok() {
+        names::PROG_EGRESS
+    } else {
+        names::PROG_EGRESS_COPYING
+    };
+    program(ebpf, name)
 }
 
 /// The LSM hook the socket program runs on.
@@ -212,7 +240,7 @@ pub fn attach_pinned(
     // `Single` links: AllowMultiple is refused (EINVAL) with link-based attach
     // here, and single links of other owners (or of our previous generation,
     // during an upgrade) still coexist on the cgroup, their verdicts AND-ed.
-    let egress: &mut CgroupSkb = program(ebpf, names::PROG_EGRESS)?;
+    let egress = loaded_egress(ebpf)?;
     let id = egress
         .attach(
             cgroup.file(),
@@ -264,7 +292,7 @@ pub fn attach_lsm_pinned(
 
 /// The egress program, for `BPF_PROG_TEST_RUN`.
 pub fn egress_program(ebpf: &mut Ebpf) -> Result<&mut CgroupSkb, BpfError> {
-    program(ebpf, names::PROG_EGRESS)
+    loaded_egress(ebpf)
 }
 
 fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, BpfError>
@@ -332,7 +360,7 @@ mod tests {
         let contract: BTreeSet<&str> = names::PROGRAMS
             .into_iter()
             .chain(names::NODE_PROGRAMS)
-            .chain([names::PROG_SOCKET_CREATE])
+            .chain([names::PROG_SOCKET_CREATE, names::PROG_EGRESS_COPYING])
             .collect();
         assert_eq!(programs, contract);
     }

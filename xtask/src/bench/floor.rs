@@ -6,7 +6,10 @@
 //! aya 0.14 builds programs only from an ELF object, so these two
 //! instructions go to the kernel through bpf(2) directly: `BPF_PROG_LOAD`
 //! with each hook's program type and expected attach type, then
-//! `BPF_LINK_CREATE` on the cgroup. Nothing is pinned: the links live as
+//! `BPF_LINK_CREATE` on the cgroup. The node edge guard's floor is the
+//! same on its uplink: a tc program with no verdict (`r0 = -1`, what ours
+//! returns for what it lets through), attached through tcx as the daemon
+//! attaches there on Linux 6.6 and later. Nothing is pinned: the links live as
 //! long as their descriptors, so dropping [`Floor`] (also while unwinding
 //! or after an interrupt's error) detaches them, and so does our death.
 
@@ -18,9 +21,12 @@ use std::{
 
 use anyhow::Context as _;
 use enforcer_common::names::{
-    PROG_CONNECT4, PROG_CONNECT6, PROG_EGRESS, PROG_SENDMSG4, PROG_SENDMSG6, PROGRAMS,
+    PROG_CONNECT4, PROG_CONNECT6, PROG_EGRESS, PROG_SENDMSG4, PROG_SENDMSG6, PROG_UPLINK, PROGRAMS,
 };
-use imds_guard_tests::bpf::{BPF_LINK_CREATE, BPF_OBJ_GET_INFO_BY_FD, bpf, bpf_fd, load_program};
+use imds_guard_tests::{
+    bpf::{BPF_LINK_CREATE, BPF_OBJ_GET_INFO_BY_FD, bpf, bpf_fd, load_program},
+    netns::Netns,
+};
 
 use super::programs::Program;
 
@@ -31,10 +37,18 @@ const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 const BPF_CGROUP_INET6_CONNECT: u32 = 11;
 const BPF_CGROUP_UDP4_SENDMSG: u32 = 14;
 const BPF_CGROUP_UDP6_SENDMSG: u32 = 15;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+const BPF_TCX_EGRESS: u32 = 47;
 
 /// `r0 = 1; exit`: 1 is "allow" for `cgroup_skb` and `sock_addr` programs alike.
 const ALLOW: [u8; 16] = [
     0xb7, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, // mov64 r0, 1
+    0x95, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // exit
+];
+
+/// `r0 = -1; exit`: -1 is tcx's "next", no verdict of this program's.
+const NO_VERDICT: [u8; 16] = [
+    0xb7, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, // mov64 r0, -1
     0x95, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // exit
 ];
 
@@ -71,7 +85,8 @@ const HOOKS: [(&str, u32, u32); 5] = [
 #[repr(C)]
 struct LinkCreateAttr {
     prog_fd: u32,
-    target_fd: u32,
+    /// A cgroup's descriptor, or for tcx an interface index.
+    target: u32,
     attach_type: u32,
     flags: u32,
 }
@@ -101,7 +116,7 @@ fn program_id(prog: &OwnedFd) -> anyhow::Result<u32> {
     Ok(info[1])
 }
 
-/// The five floor programs, attached to a cgroup while this lives.
+/// The floor's programs, attached while this lives.
 pub struct Floor {
     pub programs: Vec<Program>,
     /// Each link, and the program it holds; closing both detaches.
@@ -124,7 +139,7 @@ impl Floor {
             )?;
             let attr = LinkCreateAttr {
                 prog_fd: raw(&prog),
-                target_fd: raw(&dir),
+                target: raw(&dir),
                 attach_type,
                 flags: 0,
             };
@@ -143,6 +158,38 @@ impl Floor {
         Ok(Floor {
             programs,
             _attached: attached,
+        })
+    }
+
+    /// A no-verdict program on `uplink`'s egress in `netns`, the node
+    /// edge guard's hook.
+    pub fn attach_uplink(netns: &Netns, uplink: &str) -> anyhow::Result<Floor> {
+        // `IFINDEX: NAME@PEER: ...`
+        let link = netns.ip(&["-o", "link", "show", "dev", uplink])?;
+        let ifindex: u32 = link
+            .split(':')
+            .next()
+            .and_then(|index| index.trim().parse().ok())
+            .with_context(|| format!("no interface index for {uplink}: {link}"))?;
+        let prog = load_program(BPF_PROG_TYPE_SCHED_CLS, 0, "floor_uplink", &NO_VERDICT)?;
+        let attr = LinkCreateAttr {
+            prog_fd: raw(&prog),
+            target: ifindex,
+            attach_type: BPF_TCX_EGRESS,
+            flags: 0,
+        };
+        // The interface index is looked up in the caller's network namespace.
+        let link = netns
+            .run_inside(|| bpf_fd(BPF_LINK_CREATE, &attr))?
+            .with_context(|| {
+                format!("attaching the floor program to {uplink}'s egress through tcx (Linux 6.6 or later)")
+            })?;
+        Ok(Floor {
+            programs: vec![Program {
+                name: PROG_UPLINK,
+                id: program_id(&prog)?,
+            }],
+            _attached: vec![(link, prog)],
         })
     }
 }

@@ -1,20 +1,25 @@
-//! Figure 7: what the node edge guard costs traffic the node forwards. A
+//! Figure 9: what the node edge guard costs traffic the node forwards. A
 //! pod of a routed node-shaped sandbox sends to an ordinary upstream
-//! server through the node, without and with the guard on the node's
-//! uplink (a standalone daemon in the node's namespace, as the hostNetwork
-//! DaemonSet runs), round after round, in alternating order.
+//! server through the node, on the four sides of every ratio figure: no
+//! guard, the floor (a no-verdict tc program on the uplink), the peer
+//! (nftables in the node's forward hook, as an iptables-based CNI's
+//! network policies) and the guard on the uplink (a standalone daemon in the
+//! node's namespace, as the hostNetwork DaemonSet runs).
 
 use imds_guard_tests::{Daemon, NodeShape, PinDir, TestCgroup, nodeshape::addrs};
-use serde::Serialize;
 
 use super::{
-    ROUNDS, progress,
-    report::{Row, Target, median},
-    stage::{start_sink, traffic_in},
+    floor::Floor,
+    peer::{self, Judged, Peer},
+    progress,
+    report::Row,
+    stage::{Rules, start_sink, traffic_in},
     tcp_traffic,
-    traffic::{Ratio, Unit, ratios, successful_per_second},
+    traffic::{Arena, Side, Unit, ratio_figure, successful_per_second},
 };
 
+/// The node's interface to upstream, in the routed shape.
+const UPLINK: &str = "uplink";
 /// The daemon's log line once the guard is on the uplink.
 const GUARD_UPDATED: &str = "node edge guard updated uplinks=uplink";
 const ATTACH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -29,40 +34,59 @@ struct EdgeBench {
     shape: NodeShape,
 }
 
-impl EdgeBench {
+/// The edge bench under one set of deny rules.
+struct Forwarded<'a> {
+    bench: &'a EdgeBench,
+    rules: &'a Rules,
+    peer_ruleset: String,
+}
+
+impl Forwarded<'_> {
     fn per_second(&self, args: &[&str]) -> anyhow::Result<f64> {
-        let fields = traffic_in(&self.shape.pod().netns, None, args)?;
+        let fields = traffic_in(&self.bench.shape.pod().netns, None, args)?;
         successful_per_second(&fields, args)
     }
 
     /// Measures once with the guard on the uplink, then removes it
-    /// (`uninstall` in the node's namespace) so the next "without" has none.
+    /// (`uninstall` in the node's namespace) so the next side has none.
     fn with_guard(&self, args: &[&str]) -> anyhow::Result<f64> {
-        let mut daemon = Daemon::standalone(self.guarded.path(), self.pins.path())
-            .netns(&self.shape.node)
+        let bench = self.bench;
+        let deny: Vec<&str> = self.rules.deny_args.iter().map(String::as_str).collect();
+        let mut daemon = Daemon::standalone(bench.guarded.path(), bench.pins.path())
+            .args(&deny)
+            .netns(&bench.shape.node)
             .start()?;
         daemon.wait_for_log(GUARD_UPDATED, ATTACH_TIMEOUT)?;
         let measured = self.per_second(args);
         daemon.stop()?;
-        let pins = self.pins.path().display().to_string();
+        let pins = bench.pins.path().display().to_string();
         Daemon::command(["uninstall", "--bpffs-dir", &pins])
-            .netns(&self.shape.node)
+            .netns(&bench.shape.node)
             .run_to_end()?;
         measured
     }
 }
 
-#[derive(Serialize)]
-struct ForwardedRaw {
-    unit: &'static str,
-    command: String,
-    without: Vec<f64>,
-    with: Vec<f64>,
-    with_vs_without: Ratio,
+impl Arena for Forwarded<'_> {
+    fn measure(&self, side: Side, args: &[&str]) -> anyhow::Result<f64> {
+        let node = &self.bench.shape.node;
+        match side {
+            Side::Without => self.per_second(args),
+            Side::Floor => {
+                let _floor = Floor::attach_uplink(node, UPLINK)?;
+                self.per_second(args)
+            }
+            Side::Peer => {
+                let _peer = Peer::apply(node, &self.peer_ruleset)?;
+                self.per_second(args)
+            }
+            Side::With => self.with_guard(args),
+        }
+    }
 }
 
-/// Forwarded TCP bulk throughput and connect rate, with/without the guard.
-pub fn figures(number: &str) -> anyhow::Result<Vec<Row>> {
+/// Forwarded TCP bulk throughput and connect rate under each of `rules`.
+pub fn figures(number: &str, rules: [&Rules; 2]) -> anyhow::Result<Vec<Row>> {
     progress("building a routed node-shaped sandbox for the forwarded figures");
     let shape = NodeShape::routed_veth()?;
     let bench = EdgeBench {
@@ -74,49 +98,30 @@ pub fn figures(number: &str) -> anyhow::Result<Vec<Row>> {
     let server = addrs::SERVER_V4.to_string();
     let [bulk, connects] = tcp_traffic(&server);
     let mut rows = Vec::new();
-    for (name, unit, args, min_ratio) in [
-        (
-            "TCP bulk throughput, pod to upstream through the node",
-            Unit::Bytes,
-            &bulk[..],
-            0.99,
-        ),
-        (
-            "TCP connect-and-close rate, pod to upstream through the node",
-            Unit::Calls,
-            &connects[..],
-            0.97,
-        ),
-    ] {
-        let figure = format!("{number} forwarded {name}");
-        progress(&format!(
-            "{figure}: {ROUNDS} rounds without and with the node edge guard"
-        ));
-        let (mut without, mut with) = (Vec::new(), Vec::new());
-        for round in 0..ROUNDS {
-            // Alternate which goes first, so a drift weighs on both alike.
-            if round % 2 == 0 {
-                without.push(bench.per_second(args)?);
-                with.push(bench.with_guard(args)?);
-            } else {
-                with.push(bench.with_guard(args)?);
-                without.push(bench.per_second(args)?);
-            }
+    for rules in rules {
+        let arena = Forwarded {
+            bench: &bench,
+            rules,
+            peer_ruleset: peer::ruleset(&Judged::Forwarded { uplink: UPLINK }, &rules.deny)?,
+        };
+        // The forwarded traffic meets the deny rules only: allow entries
+        // are local cgroups'.
+        let deny_count = rules.deny.len();
+        for (name, unit, args) in [
+            (
+                "TCP bulk throughput, pod to upstream through the node",
+                Unit::Bytes,
+                &bulk[..],
+            ),
+            (
+                "TCP connect-and-close rate, pod to upstream through the node",
+                Unit::Calls,
+                &connects[..],
+            ),
+        ] {
+            let figure = format!("{number} forwarded {name}, {deny_count} deny rules");
+            rows.push(ratio_figure(&arena, &figure, unit, args)?);
         }
-        let ratio = Ratio::new(ratios(&with, &without));
-        let [low, high] = ratio.quartiles;
-        rows.push(
-            Row::new(&figure, ratio.show())
-                .sides(unit.show(median(&without)), unit.show(median(&with)))
-                .target_bracketed(Target::AtLeast(min_ratio), ratio.median, low, high)
-                .raw(ForwardedRaw {
-                    unit: unit.name(),
-                    command: args.join(" "),
-                    without,
-                    with,
-                    with_vs_without: ratio,
-                })?,
-        );
     }
     Ok(rows)
 }

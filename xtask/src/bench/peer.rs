@@ -14,6 +14,10 @@
 //! no ancestor at level d and matches nothing. Those rules come first; then
 //! the guarded cgroup, at its level, jumps to the deny rules.
 //!
+//! For forwarded traffic (the node edge guard's figures) the same deny
+//! rules sit in the node's forward hook instead, for packets leaving the
+//! uplink, as an iptables-based CNI judges pod traffic in its FORWARD chain.
+//!
 //! The deny rules take the bench's own forms only, `PREFIX` and `PREFIX
 //! except-ports=LIST`: port exceptions return before the deny sets, which
 //! matches our longest-prefix semantics as long as no other deny rule
@@ -87,13 +91,28 @@ fn parse_deny(rule: &str) -> anyhow::Result<Deny> {
     })
 }
 
-/// The ruleset for `guarded` with these deny rules and allowlisted cgroups.
-pub fn ruleset(guarded: &Path, deny: &[String], allow: &[PathBuf]) -> anyhow::Result<String> {
-    let cgroup2 = cgroup2_mount()?;
+/// What the peer's rules judge, and so where they hook in.
+pub enum Judged<'a> {
+    /// Local sockets in `guarded`'s subtree, in the output hook, with the
+    /// allow list by cgroup.
+    Sockets {
+        guarded: &'a Path,
+        allow: &'a [PathBuf],
+    },
+    /// Packets the node forwards out of `uplink`, in the forward hook, as
+    /// an iptables-based CNI's network policies judge pod traffic.
+    Forwarded { uplink: &'a str },
+}
+
+/// The ruleset judging `judged` by these deny rules.
+pub fn ruleset(judged: &Judged, deny: &[String]) -> anyhow::Result<String> {
     let mut by_level: BTreeMap<usize, Vec<String>> = BTreeMap::new();
-    for dir in allow {
-        let (level, path) = nft_cgroup(&cgroup2, dir)?;
-        by_level.entry(level).or_default().push(path);
+    if let Judged::Sockets { allow, .. } = judged {
+        let cgroup2 = cgroup2_mount()?;
+        for dir in *allow {
+            let (level, path) = nft_cgroup(&cgroup2, dir)?;
+            by_level.entry(level).or_default().push(path);
+        }
     }
     let rules = deny
         .iter()
@@ -128,20 +147,29 @@ pub fn ruleset(guarded: &Path, deny: &[String], allow: &[PathBuf]) -> anyhow::Re
             )?;
         }
     }
-    text.push_str(
-        "  chain output {\n    type filter hook output priority filter; policy accept;\n",
-    );
-    for level in by_level.keys() {
-        writeln!(
+    match judged {
+        Judged::Sockets { guarded, .. } => {
+            text.push_str(
+                "  chain output {\n    type filter hook output priority filter; policy accept;\n",
+            );
+            for level in by_level.keys() {
+                writeln!(
+                    text,
+                    "    socket cgroupv2 level {level} @allow_level_{level} accept"
+                )?;
+            }
+            let (guarded_level, guarded_path) = nft_cgroup(&cgroup2_mount()?, guarded)?;
+            writeln!(
+                text,
+                "    socket cgroupv2 level {guarded_level} {guarded_path} jump guarded\n  }}"
+            )?;
+        }
+        Judged::Forwarded { uplink } => writeln!(
             text,
-            "    socket cgroupv2 level {level} @allow_level_{level} accept"
-        )?;
+            "  chain forward {{\n    type filter hook forward priority filter; policy accept;\n    \
+             oifname {uplink:?} jump guarded\n  }}"
+        )?,
     }
-    let (guarded_level, guarded_path) = nft_cgroup(&cgroup2, guarded)?;
-    writeln!(
-        text,
-        "    socket cgroupv2 level {guarded_level} {guarded_path} jump guarded\n  }}"
-    )?;
     text.push_str("  chain guarded {\n");
     for rule in &rules {
         if let Some(ports) = &rule.except_ports {
@@ -171,12 +199,12 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// Loads `ruleset` (from [`ruleset`]) into `client`'s nftables.
-    pub fn apply(client: &Netns, ruleset: &str) -> anyhow::Result<Peer> {
+    /// Loads `ruleset` (from [`ruleset`]) into `netns`'s nftables.
+    pub fn apply(netns: &Netns, ruleset: &str) -> anyhow::Result<Peer> {
         let file = TempFile::new("bench-peer", ruleset)?;
         // nsenter, not `ip netns exec`: that remounts /sys, and nft reads
         // the cgroups' paths below /sys/fs/cgroup.
-        let netns = format!("--net={}", client.path().display());
+        let netns = format!("--net={}", netns.path().display());
         // `nft -f` is atomic: when it fails there is nothing to delete.
         if let Err(err) = imds_guard_tests::run("nsenter", &[&netns, "nft", "-f", &file.arg()]) {
             bail!("loading the nftables peer: {err}");
@@ -208,5 +236,22 @@ mod tests {
         assert_eq!(rule.except_ports.as_deref(), Some("53"));
         assert!(parse_deny("fd00:ec2::254/128").unwrap().v6);
         assert!(parse_deny("169.254.169.254/32 proto=tcp").is_err());
+    }
+
+    #[test]
+    fn the_forward_peer_judges_what_leaves_the_uplink() {
+        let deny = ["169.254.169.254/32 except-ports=53", "fd00:ec2::254/128"].map(str::to_owned);
+        let text = ruleset(&Judged::Forwarded { uplink: "uplink" }, &deny).unwrap();
+        for line in [
+            "type filter hook forward priority filter; policy accept;",
+            "oifname \"uplink\" jump guarded",
+            "ip daddr 169.254.169.254/32 meta l4proto { tcp, udp } th dport { 53 } return",
+            "set deny_v6 { type ipv6_addr; flags interval; elements = { fd00:ec2::254/128 } }",
+            "ip6 daddr @deny_v6 jump refuse",
+            "meta l4proto tcp reject with tcp reset",
+        ] {
+            assert!(text.contains(line), "{line:?} not in\n{text}");
+        }
+        assert!(!text.contains("cgroupv2"), "{text}");
     }
 }

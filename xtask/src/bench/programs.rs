@@ -17,13 +17,16 @@ use imds_guard_tests::addrs;
 use serde::Serialize;
 
 use super::{
-    progress,
-    report::{Row, Target},
+    ROUNDS, progress,
+    report::{Row, Target, median, quantile},
     stage::{ACCEPT_PORT, BenchStage, Rules, SINK_PORT},
 };
 
-/// Each step of the traffic behind the program-cost figures.
-const MIX_SECONDS: &str = "1";
+/// Each step of the traffic behind the program-cost figures: short, as
+/// there are [`ROUNDS`] of them on each side.
+const MIX_SECONDS: &str = "0.3";
+/// The most a program may add to the floor's run time, per run.
+const MAX_OVER_FLOOR_NS: f64 = 20.0;
 
 /// One of our programs, as the kernel knows it.
 #[derive(Clone, Debug)]
@@ -183,73 +186,221 @@ fn traffic_mix(stage: &BenchStage, v4: Ipv4Addr, v6: Ipv6Addr, denied: bool) -> 
     Ok(())
 }
 
-/// Each program's average run time, for ordinary and for denied traffic,
-/// and for ordinary traffic over the floor's: the same traffic through the
-/// allow-at-once programs on the same hooks, timed the same way (the
-/// kernel's timing, two clock reads a run, is in both and cancels).
+/// One round of the program-cost phases: the floor's programs and ours
+/// under ordinary traffic, ours under denied traffic.
+struct Round {
+    floor: Vec<ProgramRuns>,
+    ordinary: Vec<ProgramRuns>,
+    denied: Vec<ProgramRuns>,
+}
+
+/// [`ROUNDS`] rounds of the floor's and our programs' run times, which
+/// goes first alternating, so a drift in the machine weighs on both alike.
+fn rounds(stage: &BenchStage, rules: &Rules) -> anyhow::Result<Vec<Round>> {
+    let stats = Stats::enable()?;
+    let floor_runs = || -> anyhow::Result<Vec<ProgramRuns>> {
+        let floor = stage.floor_on()?;
+        runs_during(&floor.programs, "ordinary", || {
+            traffic_mix(stage, addrs::SERVER_V4, addrs::SERVER_V6, false)
+        })
+    };
+    let our_runs = || -> anyhow::Result<[Vec<ProgramRuns>; 2]> {
+        let daemon = stage.enforcement_on(rules)?;
+        let programs = pinned(stage.stage.pins.path())?;
+        let ordinary = runs_during(&programs, "ordinary", || {
+            traffic_mix(stage, addrs::SERVER_V4, addrs::SERVER_V6, false)
+        })?;
+        let denied = runs_during(&programs, "denied", || {
+            traffic_mix(stage, addrs::METADATA_V4, addrs::METADATA_V6, true)
+        })?;
+        stage.enforcement_off(daemon)?;
+        Ok([ordinary, denied])
+    };
+    let mut rounds = Vec::new();
+    for round in 0..ROUNDS {
+        let (floor, [ordinary, denied]) = if round % 2 == 0 {
+            let floor = floor_runs()?;
+            (floor, our_runs()?)
+        } else {
+            let ours = our_runs()?;
+            (floor_runs()?, ours)
+        };
+        rounds.push(Round {
+            floor,
+            ordinary,
+            denied,
+        });
+    }
+    drop(stats);
+    Ok(rounds)
+}
+
+/// One program's figures across the rounds: each round's average run time
+/// (ours, the floor's, ours over the floor's; and under denied traffic).
+#[derive(Serialize)]
+struct ProgramCost {
+    program: &'static str,
+    ordinary_ns: Vec<f64>,
+    floor_ns: Vec<f64>,
+    over_floor_ns: Vec<f64>,
+    denied_ns: Vec<f64>,
+    runs: [u64; 3],
+}
+
+impl ProgramCost {
+    /// The median run time over the floor's, and the middle half of the rounds'.
+    fn over_floor(&self) -> (f64, [f64; 2]) {
+        let over = &self.over_floor_ns;
+        (median(over), [quantile(over, 0.25), quantile(over, 0.75)])
+    }
+}
+
+/// Each program's cost across `rounds`, in [`PROGRAMS`]' order. A round in
+/// which a program did not run has no average and leaves no number.
+fn costs(rounds: &[Round]) -> anyhow::Result<Vec<ProgramCost>> {
+    PROGRAMS
+        .iter()
+        .map(|&name| {
+            let mut cost = ProgramCost {
+                program: name,
+                ordinary_ns: Vec::new(),
+                floor_ns: Vec::new(),
+                over_floor_ns: Vec::new(),
+                denied_ns: Vec::new(),
+                runs: [0; 3],
+            };
+            for round in rounds {
+                let find = |runs: &[ProgramRuns]| -> anyhow::Result<(f64, u64)> {
+                    let found = runs
+                        .iter()
+                        .find(|runs| runs.program == name)
+                        .with_context(|| format!("no runs of {name}"))?;
+                    Ok((found.average_ns, found.runs))
+                };
+                let [(ordinary, ran), (floor, floor_ran), (denied, denied_ran)] = [
+                    find(&round.ordinary)?,
+                    find(&round.floor)?,
+                    find(&round.denied)?,
+                ];
+                if ran > 0 && floor_ran > 0 {
+                    cost.ordinary_ns.push(ordinary);
+                    cost.floor_ns.push(floor);
+                    cost.over_floor_ns.push(ordinary - floor);
+                }
+                if denied_ran > 0 {
+                    cost.denied_ns.push(denied);
+                }
+                cost.runs[0] += ran;
+                cost.runs[1] += floor_ran;
+                cost.runs[2] += denied_ran;
+            }
+            ensure!(
+                !cost.over_floor_ns.is_empty() && !cost.denied_ns.is_empty(),
+                "{name} never ran on both sides of a round"
+            );
+            Ok(cost)
+        })
+        .collect()
+}
+
+/// Each program's median run time per run for ordinary traffic, against
+/// the floor's (the same traffic through the allow-at-once programs on the
+/// same hooks, timed the same way: the kernel's timing, two clock reads a
+/// run, is in both and cancels), and for denied traffic.
 pub fn figures(stage: &BenchStage, rules: &Rules, prefix: &str) -> anyhow::Result<Vec<Row>> {
     progress(&format!(
-        "{prefix} program run times from the kernel's BPF statistics ({})",
+        "{prefix} program run times from the kernel's BPF statistics, {ROUNDS} rounds ({})",
         rules.name
     ));
-    let stats = Stats::enable()?;
-    let floor = stage.floor_on()?;
-    let floor_runs = runs_during(&floor.programs, "ordinary", || {
-        traffic_mix(stage, addrs::SERVER_V4, addrs::SERVER_V6, false)
-    })?;
-    drop(floor);
-    let daemon = stage.enforcement_on(rules)?;
-    let programs = pinned(stage.stage.pins.path())?;
-    let ordinary = runs_during(&programs, "ordinary", || {
-        traffic_mix(stage, addrs::SERVER_V4, addrs::SERVER_V6, false)
-    })?;
-    let denied = runs_during(&programs, "denied", || {
-        traffic_mix(stage, addrs::METADATA_V4, addrs::METADATA_V6, true)
-    })?;
-    stage.enforcement_off(daemon)?;
-    drop(stats);
+    let costs = costs(&rounds(stage, rules)?)?;
     let mut rows = Vec::new();
-    for program in ordinary {
-        let figure = format!("{prefix} {} run time, ordinary traffic", program.program);
-        let floor = floor_runs
-            .iter()
-            .find(|floor| floor.program == program.program)
-            .with_context(|| format!("no floor program for {}", program.program))?;
-        let row = if program.runs == 0 || floor.runs == 0 {
-            Row::new(figure, "did not run")
-        } else {
-            let over = program.average_ns - floor.average_ns;
+    for cost in &costs {
+        let (over, bracket) = cost.over_floor();
+        let [low, high] = bracket;
+        let shown = |ns: &[f64], runs: u64| format!("{runs} runs, {:.1} ns", median(ns));
+        rows.push(
             Row::new(
-                figure,
-                format!("{:.1} ns/run, {over:.1} over the floor", program.average_ns),
+                format!("{prefix} {} run time, ordinary traffic", cost.program),
+                format!(
+                    "{:.1} ns/run, {over:.1} [{low:.1}–{high:.1}] over the floor",
+                    median(&cost.ordinary_ns)
+                ),
             )
-            .target(Target::Below(20.0, "ns"), over)
-        };
-        let shown = |runs: &ProgramRuns| format!("{} runs, {:.1} ns", runs.runs, runs.average_ns);
-        let row = row
-            .sides("-".to_owned(), shown(&program))
-            .others(shown(floor), "-".to_owned());
-        rows.push(row.raw(FloorRuns {
-            with: &program,
-            floor,
-        })?);
+            .sides("-".to_owned(), shown(&cost.ordinary_ns, cost.runs[0]))
+            .others(shown(&cost.floor_ns, cost.runs[1]), "-".to_owned())
+            .target_bracketed("", Target::Below(MAX_OVER_FLOOR_NS, "ns"), over, bracket)
+            .raw(cost)?,
+        );
     }
-    for program in denied {
-        let figure = format!("{prefix} {} run time, denied traffic", program.program);
-        let row = if program.runs == 0 {
-            Row::new(figure, "did not run")
-        } else {
-            Row::new(figure, format!("{:.1} ns/run", program.average_ns))
-        };
-        let with = format!("{} runs", program.runs);
-        rows.push(row.sides("-".to_owned(), with).raw(program)?);
+    for cost in &costs {
+        rows.push(
+            Row::new(
+                format!("{prefix} {} run time, denied traffic", cost.program),
+                format!("{:.1} ns/run", median(&cost.denied_ns)),
+            )
+            .sides("-".to_owned(), format!("{} runs", cost.runs[2])),
+        );
     }
     Ok(rows)
 }
 
-/// The numbers behind an ordinary-traffic run-time row.
-#[derive(Serialize)]
-struct FloorRuns<'a> {
-    with: &'a ProgramRuns,
-    floor: &'a ProgramRuns,
+/// How the programs' cost moves with the rules' size: for each of
+/// `scales`, every program's median run time over the floor's under
+/// ordinary traffic (judged on the worst) and its run time under denied
+/// traffic, each in one row.
+pub fn scaling_figures(
+    stage: &BenchStage,
+    scales: &[Rules],
+    number: &str,
+) -> anyhow::Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for rules in scales {
+        progress(&format!(
+            "{number} program run times, {ROUNDS} rounds ({})",
+            rules.name
+        ));
+        let costs = costs(&rounds(stage, rules)?)?;
+        let listed = |value: &dyn Fn(&ProgramCost) -> f64| -> String {
+            costs
+                .iter()
+                .map(|cost| {
+                    format!(
+                        "{} {:.1}",
+                        cost.program.trim_start_matches("imds_guard_"),
+                        value(cost)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let worst = |pick: &dyn Fn(&ProgramCost) -> f64| {
+            costs.iter().map(pick).fold(f64::NEG_INFINITY, f64::max)
+        };
+        let over = worst(&|cost| cost.over_floor().0);
+        let bracket = [
+            worst(&|cost| cost.over_floor().1[0]),
+            worst(&|cost| cost.over_floor().1[1]),
+        ];
+        rows.push(
+            Row::new(
+                format!(
+                    "{number} {}: ns over the floor, ordinary traffic (worst program)",
+                    rules.name
+                ),
+                format!("{} ns", listed(&|cost| cost.over_floor().0)),
+            )
+            .target_bracketed(
+                "worst",
+                Target::Below(MAX_OVER_FLOOR_NS, "ns"),
+                over,
+                bracket,
+            )
+            .raw(&costs)?,
+        );
+        rows.push(Row::new(
+            format!("{number} {}: ns per run, denied traffic", rules.name),
+            format!("{} ns", listed(&|cost| median(&cost.denied_ns))),
+        ));
+    }
+    Ok(rows)
 }

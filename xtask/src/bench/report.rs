@@ -1,7 +1,10 @@
 //! What the benchmark reports: its rows with their targets, the table
 //! printed at the end, the machine it ran on, and `bench.json` (serde).
 
-use std::{fmt, path::Path};
+use std::{
+    fmt::{self, Write as _},
+    path::Path,
+};
 
 use anyhow::Context as _;
 use serde::{Serialize, Serializer};
@@ -34,14 +37,46 @@ impl Target {
     }
 }
 
-/// In bench.json as the table shows it (`≥ 0.99`, `< 50 ns`).
-fn as_text<S: Serializer>(target: &Target, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.collect_str(target)
+/// One target of a row, judged: on what (`with/floor`; empty for the
+/// row's result), and whether it was met or missed within noise.
+#[derive(Debug)]
+struct Judgement {
+    on: &'static str,
+    target: Target,
+    met: bool,
+    /// Missed, but the bracket reaches the target.
+    within_noise: bool,
+}
+
+impl fmt::Display for Judgement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.on.is_empty() {
+            write!(f, "{}", self.target)
+        } else {
+            write!(f, "{} {}", self.on, self.target)
+        }
+    }
+}
+
+/// In bench.json as the table shows it (`≥ 0.99`, `with/floor ≥ 0.97; with/peer ≥ 1`).
+fn as_text<S: Serializer>(judged: &[Judgement], serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&targets_text(judged))
+}
+
+fn targets_text(judged: &[Judgement]) -> String {
+    if judged.is_empty() {
+        return Target::None.to_string();
+    }
+    judged
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// One line of the report; `raw` holds the numbers behind it. `result` is
-/// with/without for ratio figures, which also fill `vs_floor` (with/floor)
-/// and `peer_ratio` (peer/without).
+/// with/without for ratio figures, which also fill `vs_floor` (with/floor),
+/// `vs_peer` (with/peer) and `peer_ratio` (peer/without).
 #[derive(Debug, Serialize)]
 pub struct Row {
     figure: String,
@@ -51,12 +86,17 @@ pub struct Row {
     with: String,
     result: String,
     vs_floor: String,
+    vs_peer: String,
     peer_ratio: String,
-    #[serde(serialize_with = "as_text")]
-    target: Target,
+    #[serde(rename = "target", serialize_with = "as_text")]
+    judged: Vec<Judgement>,
+    /// Every target met; `None` for a row without one.
     pub met: Option<bool>,
-    /// Missed, but the bracket reaches the target.
+    /// Missed, but every missed target's bracket reaches it.
     pub within_noise: bool,
+    /// For the chart: the floor's, ours and the peer's medians against nothing.
+    #[serde(skip)]
+    charted: Option<[f64; 3]>,
     raw: serde_json::Value,
 }
 
@@ -70,10 +110,12 @@ impl Row {
             with: "-".to_owned(),
             result: result.into(),
             vs_floor: "-".to_owned(),
+            vs_peer: "-".to_owned(),
             peer_ratio: "-".to_owned(),
-            target: Target::None,
+            judged: Vec::new(),
             met: None,
             within_noise: false,
+            charted: None,
             raw: serde_json::Value::Null,
         }
     }
@@ -94,33 +136,59 @@ impl Row {
         }
     }
 
-    /// The ratios against the floor and of the peer against nothing.
-    pub fn ratios(self, vs_floor: String, peer_ratio: String) -> Row {
+    /// The ratios against the floor and the peer, and of the peer against nothing.
+    pub fn ratios(self, vs_floor: String, vs_peer: String, peer_ratio: String) -> Row {
         Row {
             vs_floor,
+            vs_peer,
             peer_ratio,
             ..self
         }
     }
 
-    pub fn target(self, target: Target, value: f64) -> Row {
+    /// Puts the row in the chart: the floor's, ours and the peer's
+    /// throughput against nothing's.
+    pub fn charted(self, floor: f64, with: f64, peer: f64) -> Row {
         Row {
-            target,
-            met: target.met(value),
+            charted: Some([floor, with, peer]),
             ..self
         }
     }
 
-    /// [`Row::target`] on a median, with the bracket `[low, high]` around
-    /// it: a miss whose bracket reaches the target is within noise.
-    pub fn target_bracketed(self, target: Target, value: f64, low: f64, high: f64) -> Row {
-        let row = self.target(target, value);
-        let within_noise = row.met == Some(false)
-            && (target.met(low) == Some(true) || target.met(high) == Some(true));
-        Row {
+    /// Judges the row's result against `target`.
+    pub fn target(self, target: Target, value: f64) -> Row {
+        self.target_bracketed("", target, value, [value, value])
+    }
+
+    /// Judges `value` (what `on` names, a median; empty for the row's
+    /// result) against `target`, with the bracket `[low, high]` around
+    /// it: a miss whose bracket reaches the target is within noise. A row
+    /// may have several targets; it meets them only all together.
+    pub fn target_bracketed(
+        mut self,
+        on: &'static str,
+        target: Target,
+        value: f64,
+        [low, high]: [f64; 2],
+    ) -> Row {
+        let Some(met) = target.met(value) else {
+            return self;
+        };
+        let within_noise =
+            !met && (target.met(low) == Some(true) || target.met(high) == Some(true));
+        self.judged.push(Judgement {
+            on,
+            target,
+            met,
             within_noise,
-            ..row
-        }
+        });
+        self.met = Some(self.judged.iter().all(|judged| judged.met));
+        self.within_noise = self.met == Some(false)
+            && self
+                .judged
+                .iter()
+                .all(|judged| judged.met || judged.within_noise);
+        self
     }
 
     /// A miss not explained by the machine's noise.
@@ -154,14 +222,15 @@ impl Row {
             self.with.clone(),
             self.result.clone(),
             self.vs_floor.clone(),
+            self.vs_peer.clone(),
             self.peer_ratio.clone(),
-            self.target.to_string(),
+            targets_text(&self.judged),
             self.met_text().to_owned(),
         ]
     }
 }
 
-const COLUMNS: usize = 10;
+const COLUMNS: usize = 11;
 
 /// The rows as aligned columns, with a header.
 pub fn table(rows: &[Row]) -> String {
@@ -173,6 +242,7 @@ pub fn table(rows: &[Row]) -> String {
         "with",
         "with/without",
         "with/floor",
+        "with/peer",
         "peer/without",
         "target",
         "met",
@@ -196,6 +266,52 @@ pub fn table(rows: &[Row]) -> String {
             .collect();
         text.push_str(padded.join("  ").trim_end());
         text.push('\n');
+    }
+    text
+}
+
+/// Where the chart's axis starts and ends (ratios against nothing), and
+/// how many characters lie between.
+const CHART_FROM: f64 = 0.7;
+const CHART_TO: f64 = 1.1;
+const CHART_WIDTH: usize = 48;
+
+/// The charted rows as bars, a glance at every traffic figure: floor, ours
+/// and the peer against nothing (1.000), on an axis from [`CHART_FROM`].
+pub fn chart(rows: &[Row]) -> String {
+    let charted: Vec<(&str, [f64; 3])> = rows
+        .iter()
+        .filter_map(|row| row.charted.map(|bars| (row.figure.as_str(), bars)))
+        .collect();
+    let mut text = String::new();
+    if charted.is_empty() {
+        return text;
+    }
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss,
+        reason = "a bar's length, clamped to 0..=CHART_WIDTH"
+    )]
+    let bar = |ratio: f64| -> String {
+        let fraction = ((ratio - CHART_FROM) / (CHART_TO - CHART_FROM)).clamp(0.0, 1.0);
+        "█".repeat((fraction * CHART_WIDTH as f64).round() as usize)
+    };
+    let one = {
+        let mut axis = format!("{CHART_FROM:<.1}");
+        let at_one = bar(1.0).chars().count();
+        axis.push_str(&" ".repeat(at_one.saturating_sub(axis.len())));
+        axis.push_str("1.0");
+        axis.push_str(&" ".repeat(CHART_WIDTH.saturating_sub(axis.len())));
+        let _ = write!(axis, "{CHART_TO:.1}");
+        axis
+    };
+    let _ = writeln!(text, "{:>7}{one}", "");
+    for (figure, bars) in charted {
+        let _ = writeln!(text, "{figure}");
+        for (side, ratio) in ["floor", "with", "peer"].into_iter().zip(bars) {
+            let _ = writeln!(text, "  {side:<5}|{:<CHART_WIDTH$}| {ratio:.3}", bar(ratio));
+        }
     }
     text
 }
@@ -290,6 +406,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_chart_draws_floor_ours_and_the_peer_against_nothing() {
+        let rows = [
+            Row::new("1 a figure", "0.990").charted(1.0, 0.99, 0.9),
+            Row::new("4 not charted", "1.0 ns"),
+        ];
+        let text = chart(&rows);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        assert!(lines[0].trim_start().starts_with("0.7"), "{text}");
+        assert!(lines[0].trim_end().ends_with("1.1"), "{text}");
+        assert_eq!(lines[1], "1 a figure");
+        let length = |line: &str| line.chars().filter(|c| *c == '█').count();
+        // 0.3 of the 0.4 axis, 0.29, 0.2: 36, 35 and 24 of 48 characters.
+        assert_eq!(
+            [lines[2], lines[3], lines[4]].map(length),
+            [36, 35, 24],
+            "{text}"
+        );
+        assert!(
+            lines[4].starts_with("  peer ") && lines[4].ends_with("| 0.900"),
+            "{text}"
+        );
+        assert!(chart(&rows[1..]).is_empty());
+    }
+
+    #[test]
     fn quantiles_interpolate() {
         assert!((median(&[3.0, 1.0, 2.0]) - 2.0).abs() < 1e-9);
         assert!((median(&[1.0, 2.0, 3.0, 4.0]) - 2.5).abs() < 1e-9);
@@ -303,8 +445,9 @@ mod tests {
             Row::new("1 a figure", "0.950")
                 .sides("10/s".to_owned(), "9/s".to_owned())
                 .others("9/s".to_owned(), "8/s".to_owned())
-                .ratios("1.000".to_owned(), "0.800".to_owned())
-                .target_bracketed(Target::AtLeast(0.97), 0.95, 0.9, 0.98)
+                .ratios("1.000".to_owned(), "1.100".to_owned(), "0.800".to_owned())
+                .target_bracketed("with/floor", Target::AtLeast(0.97), 0.96, [0.9, 0.98])
+                .target_bracketed("with/peer", Target::AtLeast(1.0), 1.1, [1.0, 1.2])
                 .raw(serde_json::json!({"ratio": 0.95, "nan": f64::NAN}))
                 .unwrap(),
             Row::new("2 another", "1.0 µs").target(Target::Below(50.0, "µs"), 1.0),
@@ -312,17 +455,18 @@ mod tests {
         assert!(!rows[0].missed());
         assert_eq!(
             table(&rows),
-            "figure      without  floor  peer  with  with/without  with/floor  peer/without  target   met\n\
-             1 a figure  10/s     9/s    8/s   9/s   0.950         1.000       0.800         ≥ 0.97   noise\n\
-             2 another   -        -      -     -     1.0 µs        -           -             < 50 µs  yes\n"
+            "figure      without  floor  peer  with  with/without  with/floor  with/peer  peer/without  target                            met\n\
+             1 a figure  10/s     9/s    8/s   9/s   0.950         1.000       1.100      0.800         with/floor ≥ 0.97; with/peer ≥ 1  noise\n\
+             2 another   -        -      -     -     1.0 µs        -           -          -             < 50 µs                           yes\n"
         );
         let json = serde_json::to_value(&rows[0]).unwrap();
         assert_eq!(
             json,
             serde_json::json!({
                 "figure": "1 a figure", "without": "10/s", "floor": "9/s", "peer": "8/s",
-                "with": "9/s", "result": "0.950", "vs_floor": "1.000", "peer_ratio": "0.800",
-                "target": "≥ 0.97", "met": false, "within_noise": true,
+                "with": "9/s", "result": "0.950", "vs_floor": "1.000", "vs_peer": "1.100",
+                "peer_ratio": "0.800", "target": "with/floor ≥ 0.97; with/peer ≥ 1",
+                "met": false, "within_noise": true,
                 "raw": {"ratio": 0.95, "nan": null},
             })
         );

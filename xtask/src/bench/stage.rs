@@ -22,7 +22,7 @@ use imds_guard_tests::{
 
 use super::{
     floor::Floor,
-    peer::{self, Peer},
+    peer::{self, Judged, Peer},
     programs, progress,
 };
 use crate::interrupt::interrupted;
@@ -34,9 +34,11 @@ pub const ACCEPT_PORT: &str = "5002";
 /// Longer than any run: the sink is killed when the benchmark ends, and
 /// this only bounds it should that fail.
 const SINK_LIFETIME_SECONDS: &str = "1800";
-const SCALE_DENY_RULES: usize = 1000;
-const SCALE_ALLOW_ENTRIES: usize = 10_000;
-pub const SCALE: &str = "1,000 deny rules + 10,000 allow entries";
+/// The rules "at scale": deny rules and allow entries, counting the defaults.
+pub const SCALE: Scale = Scale {
+    deny: 1000,
+    allow: 10_000,
+};
 /// The daemon's deny rules when it is given none (enforcer-user's
 /// `config::presets::DEFAULT_DENY`, which xtask cannot link): the peer's
 /// deny list for the default rules, and kept under `--deny` at scale.
@@ -53,8 +55,7 @@ const DETACH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Fields drop in order: the sink before the stage's namespaces.
 pub struct BenchStage {
     _sink: Server,
-    allow_file: TempFile,
-    /// The large allow list's cgroups, for the peer.
+    /// The large allow list's cgroups.
     allow_entries: Vec<PathBuf>,
     _allowlisted: TestCgroup,
     pub stage: Stage,
@@ -63,9 +64,41 @@ pub struct BenchStage {
 /// What is enforced: the daemon's arguments after `--cgroup DIR`, and the
 /// same rules as the peer's nftables ruleset.
 pub struct Rules {
-    pub name: &'static str,
-    args: Vec<String>,
+    pub name: String,
+    /// `--deny` flags (none: the daemon's defaults)...
+    pub deny_args: Vec<String>,
+    /// ...and the deny rules they make, for the peers.
+    pub deny: Vec<String>,
+    allow_args: Vec<String>,
     peer_ruleset: String,
+    /// The allow list beyond the stage's own allowed cgroup, if any.
+    _allow_file: Option<TempFile>,
+}
+
+/// How many deny rules and allow entries, counting the defaults (the
+/// daemon's two deny rules, the stage's allowed cgroup).
+#[derive(Clone, Copy)]
+pub struct Scale {
+    pub deny: usize,
+    pub allow: usize,
+}
+
+impl std::fmt::Display for Scale {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let thousands = |n: usize| {
+            if n >= 1000 {
+                format!("{},{:03}", n / 1000, n % 1000)
+            } else {
+                n.to_string()
+            }
+        };
+        write!(
+            f,
+            "{} deny rules + {} allow entries",
+            thousands(self.deny),
+            thousands(self.allow)
+        )
+    }
 }
 
 impl BenchStage {
@@ -74,23 +107,20 @@ impl BenchStage {
         let stage = Stage::new("bench")?;
         let sink = start_sink(&stage.sandbox.server)?;
         make_dropping(&stage.sandbox.client)?;
+        let entries = SCALE.allow - 1;
         progress(&format!(
-            "making {SCALE_ALLOW_ENTRIES} empty cgroups for the large allow list"
+            "making {entries} empty cgroups for the large allow list"
         ));
         let mut allowlisted = TestCgroup::new("bench-allow")?;
-        let mut allow_list = String::new();
         let mut allow_entries = Vec::new();
-        for entry in 0..SCALE_ALLOW_ENTRIES {
+        for entry in 0..entries {
             if entry % 1000 == 0 {
                 interrupted()?;
             }
-            let dir = allowlisted.child(&format!("{entry:05}"))?;
-            writeln!(allow_list, "{}", dir.display())?;
-            allow_entries.push(dir);
+            allow_entries.push(allowlisted.child(&format!("{entry:05}"))?);
         }
         Ok(BenchStage {
             _sink: sink,
-            allow_file: TempFile::new("bench-allow", &allow_list)?,
             allow_entries,
             _allowlisted: allowlisted,
             stage,
@@ -98,43 +128,70 @@ impl BenchStage {
     }
 
     pub fn default_rules(&self) -> anyhow::Result<Rules> {
-        let deny = DEFAULT_DENY.map(str::to_owned);
+        let deny = DEFAULT_DENY.map(str::to_owned).to_vec();
         Ok(Rules {
-            name: "default rules",
-            args: vec!["--allow".to_owned(), "{allowed}".to_owned()],
+            name: "default rules".to_owned(),
+            deny_args: Vec::new(),
+            allow_args: vec!["--allow".to_owned(), "{allowed}".to_owned()],
             peer_ruleset: peer::ruleset(
-                &self.stage.guarded,
+                &Judged::Sockets {
+                    guarded: &self.stage.guarded,
+                    allow: std::slice::from_ref(&self.stage.allowed),
+                },
                 &deny,
-                std::slice::from_ref(&self.stage.allowed),
             )?,
+            deny,
+            _allow_file: None,
         })
     }
 
-    /// Many deny rules (plus the two defaults, which `--deny` replaces) and
-    /// a long allow list.
-    pub fn scale_rules(&self) -> anyhow::Result<Rules> {
-        let many = (0..SCALE_DENY_RULES).map(|n| format!("169.254.{}.{}/32", n / 250, n % 250 + 1));
+    /// `scale.deny` deny rules (the two defaults, the rest /32s that
+    /// ordinary traffic never meets) and `scale.allow` allow entries (the
+    /// stage's allowed cgroup, the rest empty ones from the large list).
+    pub fn rules(&self, scale: Scale) -> anyhow::Result<Rules> {
+        let extra = scale
+            .deny
+            .checked_sub(DEFAULT_DENY.len())
+            .with_context(|| format!("at least the {} default deny rules", DEFAULT_DENY.len()))?;
+        let many = (0..extra).map(|n| format!("169.254.{}.{}/32", n / 250, n % 250 + 1));
         let deny: Vec<String> = DEFAULT_DENY
             .map(str::to_owned)
             .into_iter()
             .chain(many)
             .collect();
-        let mut args = vec![
-            "--allow".to_owned(),
-            "{allowed}".to_owned(),
-            "--allow-file".to_owned(),
-            self.allow_file.arg(),
-        ];
-        for rule in &deny {
-            args.extend(["--deny".to_owned(), rule.clone()]);
+        let entries = self
+            .allow_entries
+            .get(..scale.allow.saturating_sub(1))
+            .with_context(|| format!("at most {} allow entries", SCALE.allow))?;
+        let mut allow_list = String::new();
+        for dir in entries {
+            writeln!(allow_list, "{}", dir.display())?;
         }
+        let allow_file = TempFile::new("bench-allow", &allow_list)?;
         let allow: Vec<PathBuf> = std::iter::once(self.stage.allowed.clone())
-            .chain(self.allow_entries.iter().cloned())
+            .chain(entries.iter().cloned())
             .collect();
         Ok(Rules {
-            name: SCALE,
-            args,
-            peer_ruleset: peer::ruleset(&self.stage.guarded, &deny, &allow)?,
+            name: scale.to_string(),
+            deny_args: deny
+                .iter()
+                .flat_map(|rule| ["--deny".to_owned(), rule.clone()])
+                .collect(),
+            allow_args: vec![
+                "--allow".to_owned(),
+                "{allowed}".to_owned(),
+                "--allow-file".to_owned(),
+                allow_file.arg(),
+            ],
+            peer_ruleset: peer::ruleset(
+                &Judged::Sockets {
+                    guarded: &self.stage.guarded,
+                    allow: &allow,
+                },
+                &deny,
+            )?,
+            deny,
+            _allow_file: Some(allow_file),
         })
     }
 
@@ -150,7 +207,12 @@ impl BenchStage {
 
     /// The daemon with these rules, to start.
     pub fn daemon(&self, rules: &Rules) -> DaemonBuilder {
-        let args: Vec<&str> = rules.args.iter().map(String::as_str).collect();
+        let args: Vec<&str> = rules
+            .allow_args
+            .iter()
+            .chain(&rules.deny_args)
+            .map(String::as_str)
+            .collect();
         self.stage.daemon(&args)
     }
 
