@@ -230,7 +230,7 @@ fn a_long_allow_file_allows_every_entry_and_a_bad_entry_names_its_line() {
         .collect();
     let listing: String = jobs
         .iter()
-        .map(|dir| format!("{}\n", dir.display()))
+        .map(|dir| dir.display().to_string() + "\n")
         .collect();
     let missing = stage.guarded.join("jobs/no-such-job");
     let bad = format!(

@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context as _, ensure};
 use imds_guard_tests::{
-    Daemon, DaemonBuilder, Server, TempFile, TestCgroup,
+    Daemon, DaemonBuilder, Server, TempFile,
     daemon::run_to_end,
     netns::Netns,
     probe::{binary, spawn_in},
@@ -55,9 +55,9 @@ const DETACH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Fields drop in order: the sink before the stage's namespaces.
 pub struct BenchStage {
     _sink: Server,
-    /// The large allow list's cgroups.
+    /// The large allow list's cgroups, under the guarded one (so traffic
+    /// from them shows their entries are in).
     allow_entries: Vec<PathBuf>,
-    _allowlisted: TestCgroup,
     pub stage: Stage,
 }
 
@@ -73,6 +73,8 @@ pub struct Rules {
     peer_ruleset: String,
     /// The allow list beyond the stage's own allowed cgroup, if any.
     _allow_file: Option<TempFile>,
+    /// The allow list's last cgroup, the last one the daemon lists.
+    pub last_allowed: PathBuf,
 }
 
 /// How many deny rules and allow entries, counting the defaults (the
@@ -104,25 +106,23 @@ impl std::fmt::Display for Scale {
 impl BenchStage {
     pub fn new() -> anyhow::Result<BenchStage> {
         progress("building the sandbox and the traffic sink");
-        let stage = Stage::new("bench")?;
+        let mut stage = Stage::new("bench")?;
         let sink = start_sink(&stage.sandbox.server)?;
         make_dropping(&stage.sandbox.client)?;
         let entries = SCALE.allow - 1;
         progress(&format!(
             "making {entries} empty cgroups for the large allow list"
         ));
-        let mut allowlisted = TestCgroup::new("bench-allow")?;
         let mut allow_entries = Vec::new();
         for entry in 0..entries {
             if entry % 1000 == 0 {
                 interrupted()?;
             }
-            allow_entries.push(allowlisted.child(&format!("{entry:05}"))?);
+            allow_entries.push(stage.guarded_child(&format!("allow/{entry:05}"))?);
         }
         Ok(BenchStage {
             _sink: sink,
             allow_entries,
-            _allowlisted: allowlisted,
             stage,
         })
     }
@@ -142,6 +142,7 @@ impl BenchStage {
             )?,
             deny,
             _allow_file: None,
+            last_allowed: self.stage.allowed.clone(),
         })
     }
 
@@ -171,6 +172,7 @@ impl BenchStage {
         let allow: Vec<PathBuf> = std::iter::once(self.stage.allowed.clone())
             .chain(entries.iter().cloned())
             .collect();
+        let last_allowed = entries.last().unwrap_or(&self.stage.allowed).clone();
         Ok(Rules {
             name: scale.to_string(),
             deny_args: deny
@@ -192,6 +194,7 @@ impl BenchStage {
             )?,
             deny,
             _allow_file: Some(allow_file),
+            last_allowed,
         })
     }
 
@@ -328,7 +331,7 @@ pub struct Fields {
 }
 
 impl Fields {
-    fn parse(stdout: &str) -> anyhow::Result<Fields> {
+    pub fn parse(stdout: &str) -> anyhow::Result<Fields> {
         let line = stdout
             .lines()
             .last()
