@@ -68,7 +68,7 @@ pub fn memory_figure(stage: &BenchStage, rules: &Rules) -> anyhow::Result<Row> {
 /// and would hang until this), and paced so that the probes take little of
 /// the CPU the daemon starts on (the figure's resolution).
 const PROBE_TIMEOUT_MS: &str = "2";
-const PROBE_PAUSE_US: &str = "200";
+const PROBE_PAUSE_US: &str = "500";
 
 /// From spawning the daemon to the first moment it enforces, median of
 /// [`STARTS`] starts: a connect from the stage's blocked cgroup to the fake
