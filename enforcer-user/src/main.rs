@@ -136,9 +136,9 @@ impl<S: Args> EnforcingArgs<S> {
 
 /// Runs a mode; the configuration is checked before anything touches the kernel.
 fn enforce<M: app::DaemonMode>(sources: Sources) -> anyhow::Result<()> {
-    let loader = LoaderAhead::start();
+    let ahead = LoaderAhead::start();
     let checked = app::check::<M>(&sources)?;
-    runtime()?.block_on(app::run::<M>(sources, checked, loader))?;
+    runtime()?.block_on(app::run::<M>(sources, checked, ahead))?;
     Ok(())
 }
 

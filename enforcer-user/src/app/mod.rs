@@ -199,12 +199,12 @@ pub fn check<M: DaemonMode>(sources: &Sources) -> Result<Settings<M::Settings>, 
 
 /// Runs a mode until SIGTERM or SIGINT. The programs stay pinned and
 /// attached when it returns: only `imds-guard uninstall` removes them.
-/// `checked` is what [`check`] returned; `loader` is made ahead, while the
-/// settings and the host are checked.
+/// `checked` is what [`check`] returned; the eBPF loader is made `ahead`,
+/// while the settings and the host are checked.
 pub async fn run<M: DaemonMode>(
     sources: Sources,
     checked: Settings<M::Settings>,
-    loader: LoaderAhead,
+    ahead: LoaderAhead,
 ) -> Result<(), AppError> {
     // The files are looked at before the settings are read from them, so a
     // change in between shows as a change at the first poll.
@@ -227,7 +227,7 @@ pub async fn run<M: DaemonMode>(
             node_guard: settings.common.node_guard == Switch::On,
             refuse_packet_sockets: settings.common.refuse_packet_sockets == Switch::On,
         },
-        loader,
+        ahead,
     )?;
     log_start(&started, &target.cgroup, &settings.common);
     if let Some(allowed) = &target.allowed {

@@ -57,11 +57,10 @@ fn kernel_value(mode: Mode) -> u32 {
     }
 }
 
-/// aya's loader, made on a thread of its own from the start of a start:
-/// making one reads and parses the kernel's BTF (megabytes, about a
-/// quarter of a start), which then overlaps checking the configuration,
-/// the host and the allow list. Dropped unused when the pinned generation
-/// is adopted.
+/// aya's loader, made on a thread of its own as the daemon begins: making
+/// one reads and parses the kernel's BTF (megabytes, about a quarter of a
+/// start), which then overlaps checking the configuration, the host and
+/// the allow list. Dropped unused when the pinned generation is adopted.
 pub struct LoaderAhead(Option<std::thread::JoinHandle<EbpfLoader<'static>>>);
 
 impl LoaderAhead {
@@ -106,7 +105,7 @@ pub fn create_maps(
     map_pins: Option<&dyn Fn(&str) -> PathBuf>,
 ) -> Result<Ebpf, BpfError> {
     let mode_value = kernel_value(mode);
-    // Shortened to borrow what is set below.
+    // Its lifetime shortened, to borrow what is set below.
     let mut loader: EbpfLoader<'_> = loader;
     loader.override_global(names::ENFORCE_MODE, &mode_value, true);
     loader.override_global(names::GUARDED_CGROUP_ID, &guarded_cgroup_id, true);

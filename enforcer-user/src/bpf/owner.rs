@@ -111,11 +111,11 @@ pub struct StartSettings<'a> {
 
 impl Enforcer {
     /// Adopts the pinned generation of this build, or installs a new one
-    /// (with `loader`) before removing the old, so the subtree is never
-    /// unenforced.
+    /// (with the loader made `ahead`) before removing the old, so the
+    /// subtree is never unenforced.
     pub fn start(
         settings: &StartSettings<'_>,
-        loader: LoaderAhead,
+        ahead: LoaderAhead,
     ) -> Result<(Enforcer, Started), EnforcerError> {
         let pins = settings.pins;
         let key = GenerationKey {
@@ -146,7 +146,7 @@ impl Enforcer {
             StartPlan::Install { carry_from, stale } => {
                 let generation = pins.new_generation_name(&key);
                 let installed =
-                    Enforcer::install(settings, loader, &generation, carry_from.as_deref());
+                    Enforcer::install(settings, ahead, &generation, carry_from.as_deref());
                 let enforcer = match installed {
                     Ok(enforcer) => enforcer,
                     Err(err) => {
@@ -207,7 +207,7 @@ impl Enforcer {
     /// generations are attached for a moment, and their verdicts are AND-ed.
     fn install(
         settings: &StartSettings<'_>,
-        loader: LoaderAhead,
+        ahead: LoaderAhead,
         generation: &str,
         carry_from: Option<&str>,
     ) -> Result<Enforcer, EnforcerError> {
@@ -223,7 +223,7 @@ impl Enforcer {
         pins.create_generation_dir(generation)?;
         let map_pin = |map: &str| pins.map_pin(generation, map);
         let mut ebpf = loader::create_maps(
-            loader.take(),
+            ahead.take(),
             settings.mode,
             settings.cgroup.id(),
             Some(&map_pin),
