@@ -96,7 +96,7 @@ pub fn start_figure(stage: &BenchStage, rules: &Rules) -> anyhow::Result<Row> {
     let log_line_median_ms = median(&log_line_ms);
     Row::new(
         format!(
-            "8 daemon start to enforcing (blocked refused, last allowlisted reaches), median, {}",
+            "8 daemon start to enforcing, by traffic, median, {}",
             rules.name
         ),
         format!("{median_ms:.1} ms (log line {log_line_median_ms:.1} ms)"),
@@ -174,7 +174,7 @@ fn time_start(stage: &BenchStage, rules: &Rules) -> anyhow::Result<StartTimes> {
         std::thread::sleep(Duration::from_micros(200));
     };
     stage.enforcement_off(daemon)?;
-    let refused_at = refused_at.context("refused before reached")?;
+    let refused_at = refused_at.context("the allowlisted probe ended before the refusal")?;
     ensure!(
         refused_at > spawned,
         "the blocked cgroup was refused before imds-guard was spawned"
