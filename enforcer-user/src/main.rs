@@ -5,7 +5,7 @@ use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use enforcer_user::{
     app,
-    bpf::pins::PinRoot,
+    bpf::{loader::LoaderAhead, pins::PinRoot},
     config::{self, KubernetesSection, Layer, Sources, StandaloneSection},
     host::privilege,
     k8s::mode::KubernetesMode,
@@ -136,8 +136,9 @@ impl<S: Args> EnforcingArgs<S> {
 
 /// Runs a mode; the configuration is checked before anything touches the kernel.
 fn enforce<M: app::DaemonMode>(sources: Sources) -> anyhow::Result<()> {
-    app::check::<M>(&sources)?;
-    runtime()?.block_on(app::run::<M>(sources))?;
+    let ahead = LoaderAhead::start();
+    let checked = app::check::<M>(&sources)?;
+    runtime()?.block_on(app::run::<M>(sources, checked, ahead))?;
     Ok(())
 }
 

@@ -14,7 +14,7 @@ use crate::{
         owner::EnforcerError,
     },
     config::{Settings, Standalone},
-    host::cgroup::{CgroupDir, CgroupError},
+    host::cgroup::{CgroupDir, CgroupError, CgroupMount},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -53,27 +53,30 @@ pub fn parse_allow_file(text: &str) -> Vec<(usize, PathBuf)> {
 /// allowed, every `audit` directory audited (unless also allowed). Any bad
 /// entry fails the whole set, so a typo never changes the map.
 fn listed_cgroups(settings: &Standalone, mount: &Path) -> Result<CgroupAccess, StandaloneError> {
+    let mount = CgroupMount::new(mount);
     let mut listed = CgroupAccess::new();
     for dir in &settings.audit {
-        listed.insert(CgroupDir::open(dir, mount)?.id(), Access::Audit);
+        listed.insert(mount.cgroup_id(dir)?, Access::Audit);
     }
     for dir in &settings.allow {
-        listed.insert(CgroupDir::open(dir, mount)?.id(), Access::Allow);
+        listed.insert(mount.cgroup_id(dir)?, Access::Allow);
     }
     if let Some(path) = &settings.allow_file {
         let text = std::fs::read_to_string(path).map_err(|source| StandaloneError::AllowFile {
             path: path.clone(),
             source,
         })?;
-        for (line, dir) in parse_allow_file(&text) {
-            let cgroup =
-                CgroupDir::open(&dir, mount).map_err(|source| StandaloneError::AllowFileEntry {
+        let entries = parse_allow_file(&text);
+        let dirs: Vec<&Path> = entries.iter().map(|(_, dir)| dir.as_path()).collect();
+        let ids =
+            mount
+                .cgroup_ids(&dirs)
+                .map_err(|(index, source)| StandaloneError::AllowFileEntry {
                     path: path.clone(),
-                    line,
+                    line: entries[index].0,
                     source,
                 })?;
-            listed.insert(cgroup.id(), Access::Allow);
-        }
+        listed.extend(ids.into_iter().map(|id| (id, Access::Allow)));
     }
     Ok(listed)
 }

@@ -67,6 +67,14 @@ pub fn unique_name(tag: &str) -> String {
     )
 }
 
+/// `CLOCK_MONOTONIC` in nanoseconds, which processes compare: Rust's
+/// `Instant` reads the same clock but cannot be turned into a number.
+pub fn monotonic_ns() -> std::io::Result<u64> {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
+    let nanos = i128::from(now.tv_sec()) * 1_000_000_000 + i128::from(now.tv_nsec());
+    u64::try_from(nanos).map_err(std::io::Error::other)
+}
+
 /// Runs a command to completion, turning a non-zero exit into an error that
 /// carries its stderr.
 pub fn run(program: &str, args: &[&str]) -> Result<String> {

@@ -17,7 +17,7 @@ use crate::{
 pub struct Stage {
     pub pins: PinDir,
     _server: Server,
-    _cgroups: TestCgroup,
+    cgroups: TestCgroup,
     pub sandbox: Sandbox,
     /// The attach point: everything below loses metadata access...
     pub guarded: PathBuf,
@@ -55,7 +55,7 @@ impl Stage {
         Ok(Stage {
             pins: PinDir::new(tag),
             _server: server,
-            _cgroups: cgroups,
+            cgroups,
             sandbox,
             guarded,
             allowed,
@@ -63,6 +63,12 @@ impl Stage {
             blocked,
             outside,
         })
+    }
+
+    /// Makes `relative` (which may nest) below the guarded cgroup; removed
+    /// with the stage.
+    pub fn guarded_child(&mut self, relative: &str) -> crate::Result<PathBuf> {
+        self.cgroups.child(&format!("guarded/{relative}"))
     }
 
     /// `imds-guard standalone` on this stage (protecting `guarded`,

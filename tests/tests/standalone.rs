@@ -217,6 +217,62 @@ fn removing_an_allow_entry_cuts_an_open_connection() {
 }
 
 #[test]
+fn a_long_allow_file_allows_every_entry_and_a_bad_entry_names_its_line() {
+    let mut stage = Stage::set_up();
+    // Siblings enough for the daemon to name them from one listing of
+    // their parent: a name missing from it must still be refused.
+    let jobs: Vec<PathBuf> = (0..200)
+        .map(|n| {
+            stage
+                .guarded_child(&format!("jobs/{n:03}"))
+                .expect("cgroup")
+        })
+        .collect();
+    let listing: String = jobs
+        .iter()
+        .map(|dir| dir.display().to_string() + "\n")
+        .collect();
+    let missing = stage.guarded.join("jobs/no-such-job");
+    let bad = format!(
+        "{listing}# and one that is not there:\n{}\n",
+        missing.display()
+    );
+    let allow_file = TempFile::new("allow", &bad).expect("allow file");
+    let mut refused = stage
+        .daemon(&["--allow-file", &allow_file.arg()])
+        .spawn()
+        .expect("spawn");
+    let status = refused.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert!(!status.success(), "a bad entry refuses the start");
+    let log = refused.log();
+    let want = format!(
+        "allow file {}, line 202: cannot read {}",
+        allow_file.arg(),
+        missing.display()
+    );
+    assert!(log.contains(&want), "log lacks {want:?}:\n{log}");
+    let tcp = case("tcp", addrs::METADATA_V4, HTTP);
+    let result = stage.attempt(&jobs[199], &tcp);
+    assert_eq!(
+        result.outcome,
+        Outcome::Reached,
+        "nothing attached: {result:?}"
+    );
+
+    allow_file.write(&listing).expect("write");
+    let _daemon = stage
+        .daemon(&["--allow-file", &allow_file.arg()])
+        .start()
+        .expect("imds-guard starts");
+    for job in [&jobs[0], &jobs[117], &jobs[199]] {
+        let result = stage.attempt(job, &tcp);
+        assert_eq!(result.outcome, Outcome::Reached, "{job:?}: {result:?}");
+    }
+    let result = stage.attempt(&stage.blocked, &tcp);
+    assert_eq!(result.outcome, eperm(), "{result:?}");
+}
+
+#[test]
 fn audit_mode_lets_traffic_through_and_counts_it() {
     let mut world = World::new(&[
         "--allow",

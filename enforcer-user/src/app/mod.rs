@@ -19,6 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     bpf::{
+        loader::LoaderAhead,
         maps::{Access, CgroupAccess},
         owner::{Enforcer, EnforcerError, EnforcerHandle, StartSettings, Started},
         pins::PinRoot,
@@ -191,17 +192,23 @@ impl Daemon {
 }
 
 /// Checks everything that needs no privilege: a bad configuration exits
-/// here, before the kernel is touched.
-pub fn check<M: DaemonMode>(sources: &Sources) -> Result<(), ConfigError> {
-    Settings::<M::Settings>::resolve(sources).map(|_| ())
+/// here, before the kernel is touched. Returns the settings checked.
+pub fn check<M: DaemonMode>(sources: &Sources) -> Result<Settings<M::Settings>, ConfigError> {
+    Settings::<M::Settings>::resolve(sources)
 }
 
 /// Runs a mode until SIGTERM or SIGINT. The programs stay pinned and
 /// attached when it returns: only `imds-guard uninstall` removes them.
-pub async fn run<M: DaemonMode>(sources: Sources) -> Result<(), AppError> {
+/// `checked` is what [`check`] returned; the eBPF loader is made `ahead`,
+/// while the settings and the host are checked.
+pub async fn run<M: DaemonMode>(
+    sources: Sources,
+    checked: Settings<M::Settings>,
+    ahead: LoaderAhead,
+) -> Result<(), AppError> {
     // The files are looked at before the settings are read from them, so a
     // change in between shows as a change at the first poll.
-    let mut seen = WatchedFiles::read::<M>(&sources, &Settings::resolve(&sources)?);
+    let mut seen = WatchedFiles::read::<M>(&sources, &checked);
     let mut settings = Settings::<M::Settings>::resolve(&sources)?;
     let cgroup_root = check_host(&settings.common)?;
     let (mut mode, target) = M::prepare(&settings, &cgroup_root)
@@ -210,15 +217,18 @@ pub async fn run<M: DaemonMode>(sources: Sources) -> Result<(), AppError> {
     let mut signals = Signals::listen()?;
 
     let pins = PinRoot::new(&settings.common.bpffs_dir);
-    let (enforcer, started) = Enforcer::start(&StartSettings {
-        pins: &pins,
-        mode: settings.common.mode,
-        rules: &settings.common.rules,
-        cgroup: &target.cgroup,
-        allowed: target.allowed.as_ref(),
-        node_guard: settings.common.node_guard == Switch::On,
-        refuse_packet_sockets: settings.common.refuse_packet_sockets == Switch::On,
-    })?;
+    let (enforcer, started) = Enforcer::start(
+        &StartSettings {
+            pins: &pins,
+            mode: settings.common.mode,
+            rules: &settings.common.rules,
+            cgroup: &target.cgroup,
+            allowed: target.allowed.as_ref(),
+            node_guard: settings.common.node_guard == Switch::On,
+            refuse_packet_sockets: settings.common.refuse_packet_sockets == Switch::On,
+        },
+        ahead,
+    )?;
     log_start(&started, &target.cgroup, &settings.common);
     if let Some(allowed) = &target.allowed {
         info!(allowed = allowed.len(), "allow list applied");

@@ -57,18 +57,56 @@ fn kernel_value(mode: Mode) -> u32 {
     }
 }
 
-/// Loads the object and every program into the kernel, unattached. The mode
-/// is a load-time constant, so the verifier drops the other mode's path;
-/// so is the guarded cgroup, whose sockets alone the node programs judge.
-/// With `map_pins`, each map is created pinned at the path it gives.
+/// aya's loader, made on a thread of its own as the daemon begins: making
+/// one reads and parses the kernel's BTF (megabytes, about a quarter of a
+/// start), which then overlaps checking the configuration, the host and
+/// the allow list. Dropped unused when the pinned generation is adopted.
+pub struct LoaderAhead(Option<std::thread::JoinHandle<EbpfLoader<'static>>>);
+
+impl LoaderAhead {
+    pub fn start() -> LoaderAhead {
+        let thread = std::thread::Builder::new()
+            .name("ebpf-loader".to_owned())
+            .spawn(EbpfLoader::new);
+        LoaderAhead(thread.ok())
+    }
+
+    /// The loader made ahead, or one made now when its thread could not
+    /// be started or did not finish.
+    pub fn take(self) -> EbpfLoader<'static> {
+        self.0
+            .and_then(|thread| thread.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+/// Loads the object and every program into the kernel, unattached: both
+/// halves of a start, [`create_maps`] then [`load_programs`].
 pub fn load(
     mode: Mode,
     guarded_cgroup_id: u64,
     refuse_packet_sockets: bool,
     map_pins: Option<&dyn Fn(&str) -> PathBuf>,
 ) -> Result<Ebpf, BpfError> {
+    let mut ebpf = create_maps(EbpfLoader::new(), mode, guarded_cgroup_id, map_pins)?;
+    load_programs(&mut ebpf, refuse_packet_sockets)?;
+    Ok(ebpf)
+}
+
+/// Creates the object's maps with `loader`, the programs not yet loaded.
+/// The mode is a load-time constant, so the verifier drops the other
+/// mode's path; so is the guarded cgroup, whose sockets alone the node
+/// programs judge. With `map_pins`, each map is created pinned at the path
+/// it gives.
+pub fn create_maps(
+    loader: EbpfLoader<'static>,
+    mode: Mode,
+    guarded_cgroup_id: u64,
+    map_pins: Option<&dyn Fn(&str) -> PathBuf>,
+) -> Result<Ebpf, BpfError> {
     let mode_value = kernel_value(mode);
-    let mut loader = EbpfLoader::new();
+    // Its lifetime shortened, to borrow what is set below.
+    let mut loader: EbpfLoader<'_> = loader;
     loader.override_global(names::ENFORCE_MODE, &mode_value, true);
     loader.override_global(names::GUARDED_CGROUP_ID, &guarded_cgroup_id, true);
     let pin_paths: Vec<(&str, PathBuf)> = map_pins
@@ -77,17 +115,23 @@ pub fn load(
     for (map, path) in &pin_paths {
         loader.map_pin_path(map, path.as_path());
     }
-    let mut ebpf = loader
+    loader
         .load(EBPF_OBJECT)
-        .map_err(|source| refusal::load_error(source, EBPF_OBJECT))?;
-    load_egress(&mut ebpf)?;
+        .map_err(|source| refusal::load_error(source, EBPF_OBJECT))
+}
+
+/// Loads every program of `ebpf` into the kernel, unattached: the
+/// verifier's work, the longest part of a start, which needs nothing of
+/// the maps' contents.
+pub fn load_programs(ebpf: &mut Ebpf, refuse_packet_sockets: bool) -> Result<(), BpfError> {
+    load_egress(ebpf)?;
     for name in names::SOCK_ADDR_PROGRAMS {
-        let hook: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+        let hook: &mut CgroupSockAddr = program(ebpf, name)?;
         hook.load()
             .map_err(|source| refusal::program_error(name, source))?;
     }
     for name in names::NODE_PROGRAMS {
-        let classifier: &mut SchedClassifier = program(&mut ebpf, name)?;
+        let classifier: &mut SchedClassifier = program(ebpf, name)?;
         classifier
             .load()
             .map_err(|source| refusal::program_error(name, source))?;
@@ -98,11 +142,11 @@ pub fn load(
             name,
             reason: format!("reading the kernel's BTF: {e}"),
         })?;
-        let lsm: &mut Lsm = program(&mut ebpf, name)?;
+        let lsm: &mut Lsm = program(ebpf, name)?;
         lsm.load(SOCKET_CREATE_HOOK, &btf)
             .map_err(|source| refusal::program_error(name, source))?;
     }
-    Ok(ebpf)
+    Ok(())
 }
 
 /// Loads the egress program that reads packets in place, or, where this
@@ -162,11 +206,16 @@ pub fn pin_node_programs(
 /// kernels that charge it: checked (and raised where allowed) before any
 /// map exists, so a refusal leaves nothing behind.
 pub fn ensure_memlock() -> Result<memlock::Memlock, BpfError> {
+    let release = kernel::release();
+    // Parsing the object for its maps' shapes is for those kernels only.
+    if !memlock::charges(&release) {
+        return Ok(memlock::Memlock::NotCharged);
+    }
     let shapes = memlock::shapes(EBPF_OBJECT).map_err(|e| BpfError::Load {
         source: EbpfError::ParseError(e),
     })?;
     let cpus = kernel::possible_cpus();
-    memlock::ensure(&kernel::release(), memlock::need(&shapes, cpus), cpus).map_err(BpfError::from)
+    memlock::ensure(&release, memlock::need(&shapes, cpus), cpus).map_err(BpfError::from)
 }
 
 /// Attaches every program to `cgroup` and pins each link at the path

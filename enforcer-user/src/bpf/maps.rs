@@ -41,19 +41,25 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> BpfError {
     move |source| BpfError::Map { name, source }
 }
 
-/// The destination rule trie.
 /// The destination rules: the trie, and the pre-filter of buckets that
 /// lets ordinary destinations skip it.
 pub struct DestRulesMap {
     trie: LpmTrie<MapData, AddrBytes, DestRule>,
     buckets: Array<MapData, u64>,
+    /// Just created and not written yet: the trie is empty and every
+    /// bucket clear, so the first sync reads neither back (2,048 bucket
+    /// reads and a walk of the trie a start).
+    fresh: bool,
 }
 
 impl DestRulesMap {
+    /// The maps of an object just loaded (a new generation's pins are
+    /// new: its name is unique), so empty.
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, BpfError> {
         Ok(DestRulesMap {
             trie: take_map(ebpf, names::DEST_RULES)?,
             buckets: take_map(ebpf, names::DEST_BUCKETS)?,
+            fresh: true,
         })
     }
 
@@ -62,6 +68,7 @@ impl DestRulesMap {
         Ok(DestRulesMap {
             trie: open_pinned(&pin(names::DEST_RULES), names::DEST_RULES)?,
             buckets: open_pinned(&pin(names::DEST_BUCKETS), names::DEST_BUCKETS)?,
+            fresh: false,
         })
     }
 
@@ -90,10 +97,15 @@ impl DestRulesMap {
     /// ones go. No moment has fewer rules in force than either set.
     pub fn sync(&mut self, rules: &RuleSet) -> Result<(), BpfError> {
         let err = map_err(names::DEST_RULES);
-        let present_words: Vec<u64> = (0..BUCKET_WORDS)
-            .map(|i| self.buckets.get(&i, 0))
-            .collect::<Result<_, _>>()
-            .map_err(map_err(names::DEST_BUCKETS))?;
+        let fresh = std::mem::replace(&mut self.fresh, false);
+        let present_words: Vec<u64> = if fresh {
+            vec![0; BUCKET_WORDS as usize]
+        } else {
+            (0..BUCKET_WORDS)
+                .map(|i| self.buckets.get(&i, 0))
+                .collect::<Result<_, _>>()
+                .map_err(map_err(names::DEST_BUCKETS))?
+        };
         let words = rules.bucket_words();
         let union: Vec<u64> = words
             .iter()
@@ -111,11 +123,13 @@ impl DestRulesMap {
                 .insert(&Key::new(len, addr), value, 0)
                 .map_err(&err)?;
         }
-        let present: Vec<Key<AddrBytes>> =
-            self.trie.keys().collect::<Result<_, _>>().map_err(&err)?;
-        for key in present {
-            if !wanted.contains_key(&(key.prefix_len(), key.data())) {
-                self.trie.remove(&key).map_err(&err)?;
+        if !fresh {
+            let present: Vec<Key<AddrBytes>> =
+                self.trie.keys().collect::<Result<_, _>>().map_err(&err)?;
+            for key in present {
+                if !wanted.contains_key(&(key.prefix_len(), key.data())) {
+                    self.trie.remove(&key).map_err(&err)?;
+                }
             }
         }
         self.write_buckets(&words, &union)

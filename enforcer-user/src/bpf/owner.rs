@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{
     BpfError,
     edge::{self, EdgeAttached, EdgePrograms, EdgeTargets},
-    loader,
+    loader::{self, LoaderAhead},
     maps::{
         CgroupAccess, CgroupAllowMap, CountersMap, DestRulesMap, DroppedEvents, EventRing,
         InterfaceAllowMap,
@@ -111,8 +111,12 @@ pub struct StartSettings<'a> {
 
 impl Enforcer {
     /// Adopts the pinned generation of this build, or installs a new one
-    /// before removing the old, so the subtree is never unenforced.
-    pub fn start(settings: &StartSettings<'_>) -> Result<(Enforcer, Started), EnforcerError> {
+    /// (with the loader made `ahead`) before removing the old, so the
+    /// subtree is never unenforced.
+    pub fn start(
+        settings: &StartSettings<'_>,
+        ahead: LoaderAhead,
+    ) -> Result<(Enforcer, Started), EnforcerError> {
         let pins = settings.pins;
         let key = GenerationKey {
             object_hash: loader::generation_fingerprint(settings.refuse_packet_sockets),
@@ -121,7 +125,13 @@ impl Enforcer {
         };
         let (mut enforcer, started) = match pins::plan(&key, &pins.generations()?) {
             StartPlan::Adopt { current, stale } => {
-                let enforcer = Enforcer::open(pins, &current)?;
+                let mut enforcer = Enforcer::open(pins, &current)?;
+                // What this start enforces; an installed generation is filled
+                // before it is attached.
+                enforcer.rules.sync(settings.rules)?;
+                if let Some(allowed) = settings.allowed {
+                    enforcer.allowed.sync(allowed)?;
+                }
                 // Ours is attached: the others can go.
                 for generation in &stale {
                     pins.remove_generation(generation)?;
@@ -135,8 +145,9 @@ impl Enforcer {
             }
             StartPlan::Install { carry_from, stale } => {
                 let generation = pins.new_generation_name(&key);
-                let enforcer = match Enforcer::install(settings, &generation, carry_from.as_deref())
-                {
+                let installed =
+                    Enforcer::install(settings, ahead, &generation, carry_from.as_deref());
+                let enforcer = match installed {
                     Ok(enforcer) => enforcer,
                     Err(err) => {
                         // A refused start leaves nothing behind: a daemon in a
@@ -161,10 +172,6 @@ impl Enforcer {
                 (enforcer, started)
             }
         };
-        enforcer.rules.sync(settings.rules)?;
-        if let Some(allowed) = settings.allowed {
-            enforcer.allowed.sync(allowed)?;
-        }
         let generation = started.generation();
         if settings.node_guard {
             let prog_pin = |program: &str| pins.program_pin(generation, program);
@@ -200,6 +207,7 @@ impl Enforcer {
     /// generations are attached for a moment, and their verdicts are AND-ed.
     fn install(
         settings: &StartSettings<'_>,
+        ahead: LoaderAhead,
         generation: &str,
         carry_from: Option<&str>,
     ) -> Result<Enforcer, EnforcerError> {
@@ -214,10 +222,10 @@ impl Enforcer {
         }
         pins.create_generation_dir(generation)?;
         let map_pin = |map: &str| pins.map_pin(generation, map);
-        let mut ebpf = loader::load(
+        let mut ebpf = loader::create_maps(
+            ahead.take(),
             settings.mode,
             settings.cgroup.id(),
-            settings.refuse_packet_sockets,
             Some(&map_pin),
         )?;
         let mut enforcer = Enforcer {
@@ -229,15 +237,16 @@ impl Enforcer {
             interfaces: InterfaceAllowMap::take(&mut ebpf)?,
             edge: None,
         };
-        enforcer.rules.sync(settings.rules)?;
-        if let Some(old) = carry_from {
-            let old = Enforcer::open(pins, old)?;
-            enforcer.allowed.sync(&old.allowed.entries()?)?;
-            enforcer.counters.add(&old.counters.read()?)?;
-        }
-        if let Some(allowed) = settings.allowed {
-            enforcer.allowed.sync(allowed)?;
-        }
+        // The maps are filled while the verifier checks the programs:
+        // neither needs the other, and nothing is attached before both end.
+        std::thread::scope(|scope| {
+            let filling = scope.spawn(|| enforcer.fill(settings, carry_from));
+            let verified = loader::load_programs(&mut ebpf, settings.refuse_packet_sockets);
+            let filled = filling
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            verified.map_err(EnforcerError::from).and(filled)
+        })?;
         // Before the links: a generation with all its links is complete.
         let program_pin = |program: &str| pins.program_pin(generation, program);
         loader::pin_node_programs(&mut ebpf, &program_pin)?;
@@ -247,6 +256,25 @@ impl Enforcer {
         }
         loader::attach_pinned(&mut ebpf, settings.cgroup, &link_pin)?;
         Ok(enforcer)
+    }
+
+    /// Fills a new generation's maps: the rules, the allow list and
+    /// counters of `carry_from` if any, then the allow list of this start.
+    fn fill(
+        &mut self,
+        settings: &StartSettings<'_>,
+        carry_from: Option<&str>,
+    ) -> Result<(), EnforcerError> {
+        self.rules.sync(settings.rules)?;
+        if let Some(old) = carry_from {
+            let old = Enforcer::open(settings.pins, old)?;
+            self.allowed.sync(&old.allowed.entries()?)?;
+            self.counters.add(&old.counters.read()?)?;
+        }
+        if let Some(allowed) = settings.allowed {
+            self.allowed.sync(allowed)?;
+        }
+        Ok(())
     }
 
     /// The ring buffer, for the one task that reads events.

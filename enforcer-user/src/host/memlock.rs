@@ -160,14 +160,19 @@ pub enum Memlock {
     Enough { need: u64, limit: u64 },
 }
 
+/// Whether kernel `kernel` (a release string) charges BPF maps to
+/// `RLIMIT_MEMLOCK`.
+pub fn charges(kernel: &str) -> bool {
+    super::kernel::version(kernel).is_some_and(|v| v < FIRST_MEMCG_KERNEL)
+}
+
 /// On kernels that charge `RLIMIT_MEMLOCK`, makes sure `need` bytes fit:
 /// raises the limit to unlimited where `CAP_SYS_RESOURCE` allows, or the soft
 /// limit up to the hard one, and otherwise refuses. The kernel counts what
 /// every process of this user has locked, so the check is necessary, not
 /// always sufficient: a later EPERM still names the need.
 pub fn ensure(kernel: &str, need: u64, cpus: u64) -> Result<Memlock, MemlockError> {
-    let charged = super::kernel::version(kernel).is_some_and(|v| v < FIRST_MEMCG_KERNEL);
-    if !charged {
+    if !charges(kernel) {
         return Ok(Memlock::NotCharged);
     }
     let (soft, hard) = current_limit().unwrap_or((0, 0));
@@ -239,8 +244,10 @@ mod tests {
     #[test]
     fn kernels_from_5_11_need_no_memlock() {
         for kernel in ["5.11.0", "6.1.0-40-amd64", "7.3.1"] {
+            assert!(!charges(kernel), "{kernel}");
             assert_eq!(ensure(kernel, u64::MAX, 2), Ok(Memlock::NotCharged));
         }
+        assert!(charges("5.10.0-39-amd64"));
     }
 
     #[test]

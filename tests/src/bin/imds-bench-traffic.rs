@@ -17,6 +17,13 @@
 //!                                        one connect after another, outcome counts
 //!                                        (refused: EPERM; reset: ECONNREFUSED, as a
 //!                                        firewall's TCP reset answers) and p50_ns, p99_ns, max_ns of the connect call
+//! until-refused ADDR PORT [--timeout-ms T] [--pause-us P] --seconds S
+//!                                        connects until one succeeds (prints `open`),
+//!                                        then until one fails with EPERM: refused_ns
+//!                                        (CLOCK_MONOTONIC) and both waits' attempts
+//! until-reached ADDR PORT [--timeout-ms T] [--pause-us P] --seconds S
+//!                                        after a line on stdin, connects until one
+//!                                        succeeds: reached_ns (CLOCK_MONOTONIC), attempts
 //! sink --port P --accept-port Q --seconds S
 //!                                        on [::] (IPv4 too): TCP P and UDP P read and
 //!                                        discard, TCP Q accepts and closes; prints
@@ -30,7 +37,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use imds_guard_tests::hostns::in_host_netns;
+use imds_guard_tests::{hostns::in_host_netns, monotonic_ns};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 /// Every run ends by itself: no subcommand may ask for more than this.
@@ -44,6 +51,7 @@ const DATAGRAM: &[u8] = b"imds-bench-16by\n";
 const USAGE: &str = "usage: imds-bench-traffic bulk|connect-rate|udp-rate ADDR PORT --seconds S\n       \
      imds-bench-traffic ping-rate ADDR --seconds S\n       \
      imds-bench-traffic blocked-connect ADDR PORT --count N [--timeout-ms T] --seconds S\n       \
+     imds-bench-traffic until-refused|until-reached ADDR PORT [--timeout-ms T] [--pause-us P] --seconds S\n       \
      imds-bench-traffic sink --port P --accept-port Q --seconds S";
 
 #[derive(Debug)]
@@ -53,6 +61,8 @@ struct Options {
     timeout: Duration,
     port: Option<u16>,
     accept_port: Option<u16>,
+    /// `until-refused` and `until-reached`: the pause between attempts.
+    pause: Duration,
 }
 
 impl Options {
@@ -63,6 +73,7 @@ impl Options {
             timeout: Duration::from_secs(1),
             port: None,
             accept_port: None,
+            pause: Duration::from_micros(200),
         };
         for pair in args.chunks(2) {
             let [flag, value] = pair else {
@@ -77,6 +88,9 @@ impl Options {
                 }
                 "--port" => options.port = Some(number(flag, value, u16::MAX)?),
                 "--accept-port" => options.accept_port = Some(number(flag, value, u16::MAX)?),
+                "--pause-us" => {
+                    options.pause = Duration::from_micros(number(flag, value, 1_000_000)?);
+                }
                 other => return Err(format!("unknown option {other}")),
             }
         }
@@ -142,6 +156,8 @@ fn client(command: &str, args: &[String]) -> Result<String, String> {
         "udp-rate" => udp_rate(addr, &options).map_err(io),
         "ping-rate" => ping_rate(addr, &options).map_err(io),
         "blocked-connect" => blocked_connect(addr, &options).map_err(io),
+        "until-refused" => until_refused(addr, &options),
+        "until-reached" => until_reached(addr, &options),
         other => Err(format!("unknown subcommand {other}")),
     }
 }
@@ -330,6 +346,70 @@ fn blocked_connect(addr: SocketAddr, options: &Options) -> std::io::Result<Strin
         percentile(&latencies, 990).as_nanos(),
         latencies.last().copied().unwrap_or_default().as_nanos(),
     ))
+}
+
+/// Connects (one every `--pause-us`) until one ends as `wanted` says,
+/// within `--seconds` from `started`; `what` names the wait in the error
+/// when none did. Returns when (`CLOCK_MONOTONIC` ns, as that connect
+/// returned) and after how many attempts.
+fn connect_until(
+    addr: SocketAddr,
+    options: &Options,
+    started: Instant,
+    what: &str,
+    wanted: impl Fn(&std::io::Result<()>) -> bool,
+) -> Result<(u64, u32), String> {
+    let io = |err: std::io::Error| format!("{what} {addr}: {err}");
+    let mut attempts = 0;
+    let mut last = None;
+    while started.elapsed() < options.seconds {
+        let (result, _) = connect_once(addr, options.timeout).map_err(io)?;
+        attempts += 1;
+        if wanted(&result) {
+            return Ok((monotonic_ns().map_err(io)?, attempts));
+        }
+        last = Some(result.map_or_else(|err| errno_name(&err), |()| "connected".to_owned()));
+        std::thread::sleep(options.pause);
+    }
+    Err(format!(
+        "{what} {addr}: not within {:?} ({attempts} attempts, the last {})",
+        options.seconds,
+        last.unwrap_or_else(|| "none".to_owned())
+    ))
+}
+
+/// From a cgroup the daemon is about to refuse: connects until one reaches
+/// the server (then prints `open`: nothing enforces yet, and whoever waits
+/// for it starts the daemon), then until one is refused with EPERM.
+fn until_refused(addr: SocketAddr, options: &Options) -> Result<String, String> {
+    let started = Instant::now();
+    let (_, open_attempts) = connect_until(addr, options, started, "reaching", Result::is_ok)?;
+    println!("open");
+    std::io::stdout()
+        .flush()
+        .map_err(|err| format!("until-refused: {err}"))?;
+    let refused =
+        |r: &std::io::Result<()>| matches!(r, Err(err) if err.raw_os_error() == Some(libc::EPERM));
+    let (refused_ns, refused_attempts) =
+        connect_until(addr, options, started, "refused with EPERM", refused)?;
+    Ok(format!(
+        "refused_ns={refused_ns} open_attempts={open_attempts} refused_attempts={refused_attempts}"
+    ))
+}
+
+/// Once a line comes on stdin (whoever runs this says when to begin),
+/// connects until one reaches the server. Run from an allowlisted cgroup:
+/// the programs judge the connecting task's cgroup, and moving a process
+/// between cgroups waits for an RCU grace period (milliseconds), so this
+/// waits in place.
+fn until_reached(addr: SocketAddr, options: &Options) -> Result<String, String> {
+    let mut go = String::new();
+    std::io::stdin()
+        .read_line(&mut go)
+        .map_err(|err| format!("until-reached: {err}"))?;
+    let (reached_ns, attempts) =
+        connect_until(addr, options, Instant::now(), "reaching", Result::is_ok)?;
+    Ok(format!("reached_ns={reached_ns} attempts={attempts}"))
 }
 
 fn sink(options: &Options) -> Result<(), String> {

@@ -73,6 +73,8 @@ pub struct Rules {
     peer_ruleset: String,
     /// The allow list beyond the stage's own allowed cgroup, if any.
     _allow_file: Option<TempFile>,
+    /// The allow list's last cgroup, the last one the daemon lists.
+    pub last_allowed: PathBuf,
 }
 
 /// How many deny rules and allow entries, counting the defaults (the
@@ -104,7 +106,7 @@ impl std::fmt::Display for Scale {
 impl BenchStage {
     pub fn new() -> anyhow::Result<BenchStage> {
         progress("building the sandbox and the traffic sink");
-        let stage = Stage::new("bench")?;
+        let mut stage = Stage::new("bench")?;
         let sink = start_sink(&stage.sandbox.server)?;
         make_dropping(&stage.sandbox.client)?;
         let entries = SCALE.allow - 1;
@@ -113,12 +115,17 @@ impl BenchStage {
         ));
         let mut allowlisted = TestCgroup::new("bench-allow")?;
         let mut allow_entries = Vec::new();
-        for entry in 0..entries {
+        for entry in 0..entries - 1 {
             if entry % 1000 == 0 {
                 interrupted()?;
             }
             allow_entries.push(allowlisted.child(&format!("{entry:05}"))?);
         }
+        // The last under the guarded cgroup, so that traffic from it shows
+        // the whole list is in (figure 8); the rest outside, so that every
+        // rule set guards the same small subtree (attaching costs the kernel
+        // work for each cgroup below).
+        allow_entries.push(stage.guarded_child("allow-last")?);
         Ok(BenchStage {
             _sink: sink,
             allow_entries,
@@ -142,6 +149,7 @@ impl BenchStage {
             )?,
             deny,
             _allow_file: None,
+            last_allowed: self.stage.allowed.clone(),
         })
     }
 
@@ -171,6 +179,7 @@ impl BenchStage {
         let allow: Vec<PathBuf> = std::iter::once(self.stage.allowed.clone())
             .chain(entries.iter().cloned())
             .collect();
+        let last_allowed = entries.last().unwrap_or(&self.stage.allowed).clone();
         Ok(Rules {
             name: scale.to_string(),
             deny_args: deny
@@ -192,6 +201,7 @@ impl BenchStage {
             )?,
             deny,
             _allow_file: Some(allow_file),
+            last_allowed,
         })
     }
 
@@ -328,7 +338,7 @@ pub struct Fields {
 }
 
 impl Fields {
-    fn parse(stdout: &str) -> anyhow::Result<Fields> {
+    pub fn parse(stdout: &str) -> anyhow::Result<Fields> {
         let line = stdout
             .lines()
             .last()
