@@ -39,6 +39,11 @@ pub enum IpHeader {
     V6(&'static [u8; IPV6_HEADER_LEN]),
 }
 
+/// What packet bytes may be read as: any bit pattern is a valid value.
+pub trait AnyBits: Copy {}
+impl AnyBits for [u8; 4] {}
+impl AnyBits for [u64; 2] {}
+
 /// A packet read from its IP header on.
 pub trait IpPacket {
     /// `skb->protocol`, host byte order.
@@ -49,7 +54,7 @@ pub trait IpPacket {
     /// Reads a `T` at `offset` past the start of the IP header straight
     /// from the packet, without a helper call, where the packet's linear
     /// part starts at that header and holds those bytes; `None` otherwise.
-    fn in_place<T>(&self, offset: usize) -> Option<T>;
+    fn in_place<T: AnyBits>(&self, offset: usize) -> Option<T>;
 }
 
 impl IpPacket for SkBuffContext {
@@ -69,7 +74,7 @@ impl IpPacket for SkBuffContext {
     /// variable offsets into packets (and before 5.11 any packet pointer
     /// comparison: [`Copied`] is for those).
     #[inline(always)]
-    fn in_place<T>(&self, offset: usize) -> Option<T> {
+    fn in_place<T: AnyBits>(&self, offset: usize) -> Option<T> {
         // SAFETY: the program's own context.
         let (data, end) = unsafe {
             (
@@ -100,7 +105,7 @@ impl IpPacket for Copied<'_> {
     }
 
     #[inline(always)]
-    fn in_place<T>(&self, _offset: usize) -> Option<T> {
+    fn in_place<T: AnyBits>(&self, _offset: usize) -> Option<T> {
         None
     }
 }
@@ -132,7 +137,7 @@ impl IpPacket for NetworkHeader<'_> {
     /// A tc program's packet data starts at the link layer, whose length
     /// only the kernel's network-header offset knows.
     #[inline(always)]
-    fn in_place<T>(&self, _offset: usize) -> Option<T> {
+    fn in_place<T: AnyBits>(&self, _offset: usize) -> Option<T> {
         None
     }
 }
@@ -143,7 +148,7 @@ impl IpPacket for NetworkHeader<'_> {
 /// slot that held a spilled register is refused by verifiers before 7.x
 /// without CAP_PERFMON, and before anything else nothing is spilled.
 #[inline(always)]
-fn load_first<T>(ctx: &impl IpPacket, offset: u32) -> Result<T, c_long> {
+fn load_first<T: AnyBits>(ctx: &impl IpPacket, offset: u32) -> Result<T, c_long> {
     if let Some(value) = ctx.in_place(offset as usize) {
         return Ok(value);
     }

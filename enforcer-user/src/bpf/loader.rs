@@ -158,11 +158,14 @@ fn load_egress(ebpf: &mut Ebpf) -> Result<(), BpfError> {
         return Ok(());
     };
     let name = names::PROG_EGRESS_COPYING;
+    // Said at info with the verifier's reason: a new kernel refusing the
+    // in-place read for another cause would cost every packet a helper call.
+    let reason = refusal::program_error(names::PROG_EGRESS, refused);
     tracing::info!(
         program = name,
+        %reason,
         "the verifier refuses reading packets in place here; the egress program copies what it reads"
     );
-    tracing::debug!(error = %refused, "the in-place egress program");
     let copying: &mut CgroupSkb = program(ebpf, name)?;
     copying
         .load()
