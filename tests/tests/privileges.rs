@@ -2,7 +2,8 @@
 //! CAP_NET_ADMIN, `no_new_privs`, a 64 KiB `RLIMIT_MEMLOCK`), whatever the test
 //! run's are: from kernel 5.11 it enforces, its egress program reading
 //! packets in place (the verifier allows that without CAP_PERFMON from
-//! 5.11; 5.10's refuses, and the daemon falls back to copying). Before 5.11 the kernel charges
+//! 5.11; 5.10's refuses, and under the kernel-5.10 overlay's grant the
+//! daemon falls back to copying). Before 5.11 the kernel charges
 //! BPF maps to `RLIMIT_MEMLOCK`, which the daemon cannot raise without
 //! CAP_SYS_RESOURCE: it must refuse to start, name the limit and its need,
 //! and leave no map or program behind, however often it is restarted (a

@@ -153,7 +153,7 @@ fn time_start(stage: &BenchStage, rules: &Rules) -> anyhow::Result<StartTimes> {
     let deadline = Instant::now() + START_TIMEOUT;
     let mut log_line = None;
     let mut refused_at = None;
-    let (reached_at, log_line) = loop {
+    let (reached_at, log_line, refused_at) = loop {
         if log_line.is_none() && daemon.count_log(ENFORCING) > 0 {
             log_line = Some(monotonic_ns()?);
         }
@@ -163,8 +163,11 @@ fn time_start(stage: &BenchStage, rules: &Rules) -> anyhow::Result<StartTimes> {
             refused_at = Some(fields.count("refused_ns")?);
             reached.go()?;
         }
-        if let (Some(fields), Some(log_line)) = (reached.finished()?, log_line) {
-            break (fields.count("reached_ns")?, log_line);
+        // `reached` was told to go only once `refused_at` was set.
+        if let (Some(fields), Some(log_line), Some(refused_at)) =
+            (reached.finished()?, log_line, refused_at)
+        {
+            break (fields.count("reached_ns")?, log_line, refused_at);
         }
         ensure!(
             Instant::now() < deadline,
@@ -174,7 +177,6 @@ fn time_start(stage: &BenchStage, rules: &Rules) -> anyhow::Result<StartTimes> {
         std::thread::sleep(Duration::from_micros(200));
     };
     stage.enforcement_off(daemon)?;
-    let refused_at = refused_at.context("the allowlisted probe ended before the refusal")?;
     ensure!(
         refused_at > spawned,
         "the blocked cgroup was refused before imds-guard was spawned"

@@ -167,12 +167,23 @@ impl BenchStage {
             .into_iter()
             .chain(many)
             .collect();
-        let entries = self
+        // Beyond the stage's allowed cgroup: some of the large list, and
+        // always its last entry, the one under the guarded cgroup, so that
+        // traffic from the last entry can fail when the list is not all in.
+        let count = scale.allow.saturating_sub(1);
+        let (last, outside) = self
             .allow_entries
-            .get(..scale.allow.saturating_sub(1))
-            .with_context(|| format!("at most {} allow entries", SCALE.allow))?;
+            .split_last()
+            .context("the large allow list is empty")?;
+        let entries: Vec<PathBuf> = outside
+            .get(..count.saturating_sub(1))
+            .with_context(|| format!("at most {} allow entries", SCALE.allow))?
+            .iter()
+            .chain((count > 0).then_some(last))
+            .cloned()
+            .collect();
         let mut allow_list = String::new();
-        for dir in entries {
+        for dir in &entries {
             writeln!(allow_list, "{}", dir.display())?;
         }
         let allow_file = TempFile::new("bench-allow", &allow_list)?;
