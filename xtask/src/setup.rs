@@ -115,9 +115,18 @@ fn check_tool(program: &str, args: &[&str], package: &str) -> anyhow::Result<()>
     println!("  installing: {package}");
     // A machine's package lists may be older than the archive (a 404 on
     // install): refresh them first, which only happens when installing.
-    output("apt-get", &["update", "-q"]).context("apt-get update failed")?;
-    output("apt-get", &["install", "-y", "-q", package]).with_context(|| {
+    apt_get(&["update", "-q"]).context("apt-get update failed")?;
+    apt_get(&["install", "-y", "-q", package]).with_context(|| {
         format!("`{program}` is missing and apt-get could not install {package}")
     })?;
     Ok(())
+}
+
+/// apt-get, waiting for another apt on the machine (an unattended upgrade,
+/// a second setup) to release the dpkg lock rather than failing at once.
+fn apt_get(args: &[&str]) -> anyhow::Result<String> {
+    output(
+        "apt-get",
+        &[["-o", "DPkg::Lock::Timeout=600"].as_slice(), args].concat(),
+    )
 }
