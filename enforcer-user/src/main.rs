@@ -9,7 +9,7 @@ use enforcer_user::{
     config::{self, KubernetesSection, Layer, Sources, StandaloneSection},
     host::privilege,
     k8s::mode::KubernetesMode,
-    report::status,
+    report::{explain, status},
     standalone::StandaloneMode,
 };
 use tracing_subscriber::EnvFilter;
@@ -29,7 +29,7 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum StatusOutput {
+enum OutputFormat {
     Text,
     Json,
 }
@@ -71,8 +71,23 @@ enum Command {
         #[arg(long, default_value = config::DEFAULT_STATUS_SOCKET)]
         daemon: PathBuf,
         /// Output format.
-        #[arg(long, value_enum, default_value_t = StatusOutput::Text)]
-        output: StatusOutput,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        output: OutputFormat,
+    },
+    /// Say why a pod on this node is blocked or allowed, asking the local daemon
+    /// (from a workstation: `kubectl imds-guard explain`).
+    Explain {
+        /// The pod: pod/NAME or NAME.
+        pod: String,
+        /// The pod's namespace.
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// The daemon's node-local --status-socket.
+        #[arg(long, default_value = config::DEFAULT_STATUS_SOCKET)]
+        daemon: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        output: OutputFormat,
     },
     /// Detach every program and remove every pin imds-guard made.
     Uninstall {
@@ -165,8 +180,21 @@ fn run(command: Command) -> anyhow::Result<()> {
         } => {
             let state = status::read(&bpffs_dir, cgroup_root.as_deref(), Some(&daemon))?;
             match output {
-                StatusOutput::Text => print!("{}", status::render(&state)),
-                StatusOutput::Json => println!("{}", serde_json::to_string_pretty(&state)?),
+                OutputFormat::Text => print!("{}", status::render(&state)),
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&state)?),
+            }
+        }
+        Command::Explain {
+            pod,
+            namespace,
+            daemon,
+            output,
+        } => {
+            let name = explain::pod_name(&pod).map_err(anyhow::Error::msg)?;
+            let explanation = explain::ask_node_local(&daemon, &namespace, name)?;
+            match output {
+                OutputFormat::Text => print!("{}", explain::render(&explanation)),
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&explanation)?),
             }
         }
         Command::Uninstall { bpffs_dir } => {

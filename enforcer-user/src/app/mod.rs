@@ -33,6 +33,7 @@ use crate::{
     },
     report::{
         events::{self, Namer, PodNames, PodNotice, Reporter},
+        explain::{ExplainRequest, RecentAttempts},
         http::{self, Endpoints, Health, ListenError},
         metrics::{self, Metrics},
     },
@@ -86,6 +87,8 @@ pub struct Reporting {
     pub pod_notices: Option<mpsc::Sender<PodNotice>>,
     /// Whether readiness waits for the mode's first sync.
     pub needs_sync: bool,
+    /// Where `explain` questions go (a mode that knows pods answers them).
+    pub explain: Option<mpsc::Sender<ExplainRequest>>,
 }
 
 /// What differs between the daemon's modes. The skeleton calls these in
@@ -388,9 +391,15 @@ async fn start(
         handle.clone(),
         reporting.needs_sync,
     ));
+    let recent_attempts = RecentAttempts::default();
     if let Some(ring) = events {
         let namer = Namer::new(target.path().to_path_buf(), reporting.pods.clone());
-        let reporter = Reporter::new(namer, Arc::clone(&metrics), reporting.pod_notices);
+        let reporter = Reporter::new(
+            namer,
+            Arc::clone(&metrics),
+            recent_attempts.clone(),
+            reporting.pod_notices,
+        );
         tasks.spawn("event reader", events::read_events(ring, reporter));
     }
     // Before anything is served: a probe that answers 200 implies the
@@ -426,6 +435,8 @@ async fn start(
         metrics: Arc::clone(&metrics),
         health: Arc::clone(&health),
         pods: reporting.pods,
+        explain: reporting.explain,
+        recent_attempts,
     });
     for listener in listeners {
         let endpoints = Arc::clone(&endpoints);

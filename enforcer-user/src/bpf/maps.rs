@@ -146,6 +146,14 @@ pub enum Access {
 }
 
 impl Access {
+    /// As `explain` shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Access::Allow => "allow",
+            Access::Audit => "audit",
+        }
+    }
+
     fn code(self) -> u32 {
         match self {
             Access::Allow => ACCESS_ALLOW,

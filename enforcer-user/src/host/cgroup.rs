@@ -2,7 +2,7 @@
 //! reports (the inode number of the cgroup directory).
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     ffi::OsStr,
     fs::File,
     os::{
@@ -302,13 +302,36 @@ fn names_below<'a>(path: &'a Path, mount: &Path) -> Option<&'a Path> {
 /// Finds the directory of the cgroup with id `id` below `root` (inclusive),
 /// for naming cgroups in reports. Unreadable directories are skipped.
 pub fn find_by_id(root: &Path, id: u64) -> Option<PathBuf> {
+    let mut found = None;
+    walk(root, |dir, ino| {
+        if ino == id {
+            found = Some(dir.to_path_buf());
+        }
+        found.is_none()
+    });
+    found
+}
+
+/// The ids of `root` and every cgroup below it.
+pub fn subtree_ids(root: &Path) -> BTreeSet<u64> {
+    let mut ids = BTreeSet::new();
+    walk(root, |_, ino| {
+        ids.insert(ino);
+        true
+    });
+    ids
+}
+
+/// Visits `root` and the directories below it with their inode (the
+/// cgroup id) until `visit` returns false; unreadable ones are skipped.
+fn walk(root: &Path, mut visit: impl FnMut(&Path, u64) -> bool) {
     let mut pending = vec![root.to_path_buf()];
     while let Some(dir) = pending.pop() {
         let Ok(meta) = std::fs::metadata(&dir) else {
             continue;
         };
-        if meta.ino() == id {
-            return Some(dir);
+        if !visit(&dir, meta.ino()) {
+            return;
         }
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
@@ -320,7 +343,6 @@ pub fn find_by_id(root: &Path, id: u64) -> Option<PathBuf> {
                 .map(|e| e.path()),
         );
     }
-    None
 }
 
 #[cfg(test)]

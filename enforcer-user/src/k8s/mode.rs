@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use crate::{
     app::{Daemon, DaemonMode, Reporting, Target},
-    bpf::owner::EnforcerError,
+    bpf::{maps::Access, owner::EnforcerError},
     config::{Kubernetes, Settings},
     host::{
         cgroup::{CgroupDir, CgroupError},
@@ -38,6 +38,7 @@ use crate::{
     },
     report::{
         events::{PodNames, PodNotice},
+        explain::{ExplainRequest, Outcome, PodFacts, PodQuery, PolicyTerms},
         metrics::ErrorKind,
     },
 };
@@ -79,6 +80,8 @@ pub enum ClusterChange {
     Probed(bool),
     /// The startup taint removal ended.
     TaintRemoved(Result<bool, kube::Error>),
+    /// `explain` asks about a pod.
+    Explain(ExplainRequest),
 }
 
 /// How long the probe waits for the API server.
@@ -108,7 +111,13 @@ pub struct KubernetesMode {
     taint_failures: u32,
     taint_removal: Option<BoxFuture<'static, Result<bool, kube::Error>>>,
     announced_sync: bool,
+    /// `explain`'s questions, from the endpoints.
+    explain_requests: mpsc::Receiver<ExplainRequest>,
+    explain_sender: mpsc::Sender<ExplainRequest>,
 }
+
+/// `explain` questions waiting at most; more wait for room.
+const EXPLAIN_QUEUE: usize = 16;
 
 fn unix_now() -> i64 {
     std::time::SystemTime::now()
@@ -251,9 +260,46 @@ impl KubernetesMode {
     }
 }
 
+impl KubernetesMode {
+    /// What the policy made of a pod on this node, and where its cgroup is.
+    fn explain(&self, query: &PodQuery, settings: &Settings<Kubernetes>) -> Option<PodFacts> {
+        let pod = match query {
+            PodQuery::Uid(uid) => self.view.pod(uid),
+            PodQuery::Name { namespace, name } => self.view.pod_named(namespace, name),
+        }?;
+        let policy = &settings.mode.policy;
+        let namespace_labels = self.view.namespace_labels(&pod.namespace);
+        let pod_label = pod.labels.get(&policy.label_key).cloned();
+        let outcome = match self.view.decide(pod, policy).access {
+            Some(Access::Allow) => Outcome::Allowed,
+            Some(Access::Audit) => Outcome::Audited,
+            None if pod_label.as_ref() == Some(&policy.pod_allow_value) => Outcome::LabelIgnored,
+            None => Outcome::Blocked,
+        };
+        Some(PodFacts {
+            node: settings.mode.node_name.clone(),
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            uid: pod.uid.clone(),
+            policy: PolicyTerms {
+                label_key: policy.label_key.clone(),
+                pod_allow_value: policy.pod_allow_value.clone(),
+                namespace_allow_value: policy.namespace_allow_value.clone(),
+                mode_label_key: policy.mode_label_key.clone(),
+            },
+            pod_label,
+            permission: policy.permission(&pod.namespace, namespace_labels),
+            audit_namespace: policy.audits(namespace_labels),
+            outcome,
+            pod_subtree: self.reconciler.layout().base.clone(),
+            cgroup: self.reconciler.pod_cgroup(pod),
+        })
+    }
+}
+
 /// The API client: from `--kubeconfig`, else as kubectl finds it
 /// (`KUBECONFIG`, `~/.kube/config`), else in-cluster.
-async fn client(path: Option<&Path>) -> Result<Client, KubernetesError> {
+pub async fn client(path: Option<&Path>) -> Result<Client, KubernetesError> {
     let config = match path {
         Some(path) => {
             let kubeconfig_error = |source| KubernetesError::Kubeconfig {
@@ -307,6 +353,7 @@ impl DaemonMode for KubernetesMode {
         // After the node's own checks, before anything is loaded.
         let client = client(settings.mode.kubeconfig.as_deref()).await?;
         let (notices, notice_queue) = mpsc::channel(notify::QUEUE);
+        let (explain_sender, explain_requests) = mpsc::channel(EXPLAIN_QUEUE);
         let mode = KubernetesMode {
             reconciler: Reconciler::new(layout, notices.clone()),
             view: ClusterView::default(),
@@ -322,6 +369,8 @@ impl DaemonMode for KubernetesMode {
             taint_failures: 0,
             taint_removal: None,
             announced_sync: false,
+            explain_requests,
+            explain_sender,
         };
         Ok((mode, target))
     }
@@ -331,6 +380,7 @@ impl DaemonMode for KubernetesMode {
             pods: Some(self.pods.clone()),
             pod_notices: Some(self.notices.clone()),
             needs_sync: true,
+            explain: Some(self.explain_sender.clone()),
         }
     }
 
@@ -374,6 +424,7 @@ impl DaemonMode for KubernetesMode {
             () = sleep_until(deadline) => Ok(ClusterChange::Due),
             reachable = finish(&mut self.probe) => Ok(ClusterChange::Probed(reachable)),
             removed = finish(&mut self.taint_removal) => Ok(ClusterChange::TaintRemoved(removed)),
+            Some(request) = self.explain_requests.recv() => Ok(ClusterChange::Explain(request)),
         }
     }
 
@@ -384,6 +435,11 @@ impl DaemonMode for KubernetesMode {
         daemon: &Daemon,
     ) -> Result<(), KubernetesError> {
         match change {
+            ClusterChange::Explain(request) => {
+                // The asker may have given up already.
+                let _ = request.reply.send(self.explain(&request.pod, settings));
+                return Ok(());
+            }
             ClusterChange::Watch(updates) => {
                 let mut touched = Vec::new();
                 for update in updates {

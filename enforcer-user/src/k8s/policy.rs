@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use crate::{
     bpf::maps::Access,
     config::labels::{AUDIT_MODE_VALUE, LabelPolicy},
+    report::explain::Permission,
 };
 
 /// What the policy says of one pod.
@@ -31,15 +32,35 @@ impl LabelPolicy {
         if pod_labels.get(&self.label_key) != Some(&self.pod_allow_value) {
             return Verdict::Blocked;
         }
-        let permitted = self.allow_namespaces.contains(namespace)
-            || namespace_labels
-                .and_then(|labels| labels.get(&self.label_key))
-                .is_some_and(|v| *v == self.namespace_allow_value);
-        if permitted {
-            Verdict::Allowed
-        } else {
-            Verdict::LabelIgnored
+        match self.permission(namespace, namespace_labels) {
+            Permission::Listed | Permission::NamespaceLabel => Verdict::Allowed,
+            Permission::NotPermitted | Permission::NamespaceUnknown => Verdict::LabelIgnored,
         }
+    }
+
+    /// Whether, and why, `namespace` lets its pods ask for access.
+    pub fn permission(
+        &self,
+        namespace: &str,
+        namespace_labels: Option<&BTreeMap<String, String>>,
+    ) -> Permission {
+        if self.allow_namespaces.contains(namespace) {
+            return Permission::Listed;
+        }
+        match namespace_labels {
+            None => Permission::NamespaceUnknown,
+            Some(labels) if labels.get(&self.label_key) == Some(&self.namespace_allow_value) => {
+                Permission::NamespaceLabel
+            }
+            Some(_) => Permission::NotPermitted,
+        }
+    }
+
+    /// Whether the namespace's labels put it in audit mode.
+    pub fn audits(&self, namespace_labels: Option<&BTreeMap<String, String>>) -> bool {
+        namespace_labels
+            .and_then(|labels| labels.get(&self.mode_label_key))
+            .is_some_and(|v| v == AUDIT_MODE_VALUE)
     }
 }
 
@@ -55,10 +76,7 @@ impl LabelPolicy {
         if verdict == Verdict::Allowed {
             return Some(Access::Allow);
         }
-        namespace_labels
-            .and_then(|labels| labels.get(&self.mode_label_key))
-            .is_some_and(|v| v == AUDIT_MODE_VALUE)
-            .then_some(Access::Audit)
+        self.audits(namespace_labels).then_some(Access::Audit)
     }
 }
 
@@ -98,6 +116,23 @@ mod tests {
         ];
         for (i, (pod, namespace, ns_labels, want)) in cases.into_iter().enumerate() {
             assert_eq!(policy.decide(pod, namespace, ns_labels), want, "case {i}");
+        }
+    }
+
+    #[test]
+    fn permissions_say_why() {
+        let policy = LabelPolicy::default();
+        let opted_in = labels(&[("imds-guard.io/metadata-access", "allow-pods")]);
+        let other = labels(&[("imds-guard.io/metadata-access", "allow")]);
+        let cases = [
+            ("kube-system", None, Permission::Listed),
+            ("kube-system", Some(&other), Permission::Listed),
+            ("team-a", Some(&opted_in), Permission::NamespaceLabel),
+            ("team-a", Some(&other), Permission::NotPermitted),
+            ("team-a", None, Permission::NamespaceUnknown),
+        ];
+        for (namespace, ns_labels, want) in cases {
+            assert_eq!(policy.permission(namespace, ns_labels), want, "{namespace}");
         }
     }
 

@@ -27,6 +27,7 @@ use crate::{
     },
     report::{
         events::{PodNotice, PodRef},
+        explain::FoundCgroup,
         metrics::ErrorKind,
     },
 };
@@ -50,6 +51,13 @@ struct Listed {
     qos: Option<Qos>,
     cgroup: Option<u64>,
     pod_ips: Vec<IpAddr>,
+}
+
+/// The cgroup of the pod with cgroup UID `uid`, if it exists.
+fn find_cgroup(layout: &PodLayout, uid: &str, qos: Option<Qos>) -> Option<FoundCgroup> {
+    let path = layout.find_pod_dir(uid, qos, &RealDirs)?;
+    let id = std::fs::metadata(&path).ok()?.ino();
+    Some(FoundCgroup { id, path })
 }
 
 /// Makes the allow map hold the cgroups of the pods the policy lists.
@@ -183,13 +191,15 @@ impl Reconciler {
     fn find_missing_cgroups(&mut self) {
         for listed in self.listed.values_mut() {
             if listed.cgroup.is_none() {
-                listed.cgroup = self
-                    .layout
-                    .find_pod_dir(&listed.cgroup_uid, listed.qos, &RealDirs)
-                    .and_then(|dir| std::fs::metadata(dir).ok())
-                    .map(|m| m.ino());
+                listed.cgroup =
+                    find_cgroup(&self.layout, &listed.cgroup_uid, listed.qos).map(|found| found.id);
             }
         }
+    }
+
+    /// The pod's cgroup as it is now, for `explain`.
+    pub fn pod_cgroup(&self, pod: &PodEntry) -> Option<FoundCgroup> {
+        find_cgroup(&self.layout, &pod.cgroup_uid, pod.qos)
     }
 
     /// Writes the map if what it should hold changed. A failed write is

@@ -201,6 +201,18 @@ impl ClusterView {
         self.pods.get(uid)
     }
 
+    /// The pod named `name` in `namespace`, if it is on this node.
+    pub fn pod_named(&self, namespace: &str, name: &str) -> Option<&PodEntry> {
+        self.pods
+            .values()
+            .find(|p| p.namespace == namespace && p.name == name)
+    }
+
+    /// The labels of `namespace`, once the namespace watch has seen it.
+    pub fn namespace_labels(&self, namespace: &str) -> Option<&BTreeMap<String, String>> {
+        self.namespaces.get(namespace)
+    }
+
     pub fn uids(&self) -> impl Iterator<Item = &str> {
         self.pods.keys().map(String::as_str)
     }

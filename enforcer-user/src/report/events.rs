@@ -6,7 +6,7 @@ use std::{
     net::{IpAddr, Ipv6Addr},
     path::PathBuf,
     sync::{Arc, Mutex, PoisonError, RwLock},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use enforcer_common::{
@@ -20,7 +20,10 @@ use tracing::warn;
 use crate::{
     bpf::maps::EventRing,
     host::{cgroup, identity::identify},
-    report::metrics::{AttemptLabels, Metrics},
+    report::{
+        explain::{Attempt, RecentAttempts, unix_seconds},
+        metrics::{AttemptLabels, Metrics},
+    },
 };
 
 /// Who made an attempt, as far as we can tell.
@@ -223,6 +226,7 @@ struct Window {
 pub struct Reporter {
     namer: Namer,
     metrics: Arc<Metrics>,
+    recent: RecentAttempts,
     windows: HashMap<Key, Window>,
     pod_events: Option<mpsc::Sender<PodNotice>>,
 }
@@ -231,11 +235,13 @@ impl Reporter {
     pub fn new(
         namer: Namer,
         metrics: Arc<Metrics>,
+        recent: RecentAttempts,
         pod_events: Option<mpsc::Sender<PodNotice>>,
     ) -> Reporter {
         Reporter {
             namer,
             metrics,
+            recent,
             windows: HashMap::new(),
             pod_events,
         }
@@ -245,6 +251,15 @@ impl Reporter {
         let workload = self.namer.workload(event.cgroup_id);
         let destination = destination(event);
         let verdict = verdict_name(event.verdict);
+        self.recent.record(
+            event.cgroup_id,
+            Attempt {
+                at: unix_seconds(SystemTime::now()),
+                destination: destination.clone(),
+                hook: hook_name(event.hook).to_owned(),
+                verdict: verdict.to_owned(),
+            },
+        );
         self.metrics.count_attempt(AttemptLabels {
             namespace: workload.namespace.clone().unwrap_or_default(),
             pod: workload.pod.clone().unwrap_or_default(),
@@ -391,7 +406,12 @@ mod tests {
         let (sender, mut receiver) = mpsc::channel(16);
         let metrics = Arc::new(Metrics::new());
         let namer = Namer::new(PathBuf::from("/nonexistent"), None);
-        let mut reporter = Reporter::new(namer, Arc::clone(&metrics), Some(sender));
+        let mut reporter = Reporter::new(
+            namer,
+            Arc::clone(&metrics),
+            RecentAttempts::default(),
+            Some(sender),
+        );
         let start = Instant::now();
         for _ in 0..5 {
             reporter.record(&event(7, 80, 1), start);

@@ -1,6 +1,7 @@
 //! The daemon's HTTP endpoints: `/metrics`, `/healthz` (programs attached,
 //! daemon responsive), `/readyz` (also synced with the API server), and
-//! `/pods` (this node's pods by UID, for `imds-guard status`).
+//! `/pods` (this node's pods by UID, for `imds-guard status`), and
+//! `/explain` (why a pod is blocked or allowed, for `imds-guard explain`).
 //!
 //! The TCP listener serves the first three only: the DaemonSet shares the
 //! node's network, so every pod on the node reaches it. `/pods` names the
@@ -27,6 +28,7 @@ use hyper_util::rt::TokioIo;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, UnixListener},
+    sync::{mpsc, oneshot},
     task::JoinSet,
 };
 use tokio_util::sync::CancellationToken;
@@ -34,7 +36,13 @@ use tracing::warn;
 
 use crate::{
     bpf::{owner::EnforcerHandle, pins::PinRoot},
-    report::{events::PodNames, metrics::Metrics},
+    host::cgroup,
+    report::{
+        events::PodNames,
+        explain::{ExplainRequest, Explanation, Guard, PodQuery, RecentAttempts, Refusals},
+        metrics::Metrics,
+        status,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +106,19 @@ impl Health {
             .count()
     }
 
+    /// The routes to denied destinations besides pod sockets, and whether
+    /// this node closes each one.
+    pub fn guards(&self) -> Vec<Guard> {
+        status::edge_status(&self.pins, &self.generation)
+            .routes
+            .into_iter()
+            .map(|r| Guard {
+                what: r.what.to_owned(),
+                closed: r.guarded,
+            })
+            .collect()
+    }
+
     /// Why the daemon is not live, if it is not.
     async fn not_live(&self) -> Option<String> {
         let attached = self.programs_attached();
@@ -142,6 +163,85 @@ pub struct Endpoints {
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     pub pods: Option<PodNames>,
+    /// Where `explain` asks the mode; `None` in a mode without pods.
+    pub explain: Option<mpsc::Sender<ExplainRequest>>,
+    pub recent_attempts: RecentAttempts,
+}
+
+/// How long `explain` waits for the mode's answer.
+const EXPLAIN_WITHIN: Duration = Duration::from_secs(2);
+
+impl Endpoints {
+    /// Why a pod is blocked or allowed, as JSON; 404 for a pod not on this node.
+    async fn explain(&self, pod: PodQuery) -> Response<Full<Bytes>> {
+        let Some(asker) = &self.explain else {
+            return text(
+                StatusCode::NOT_FOUND,
+                "explain needs Kubernetes mode (imds-guard run)\n".to_owned(),
+            );
+        };
+        let (reply, answer) = oneshot::channel();
+        let sent = asker.send(ExplainRequest { pod, reply }).await.is_ok();
+        let facts = match tokio::time::timeout(EXPLAIN_WITHIN, answer).await {
+            Ok(Ok(facts)) if sent => facts,
+            _ => {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the daemon did not answer within 2 s\n".to_owned(),
+                );
+            }
+        };
+        let Some(facts) = facts else {
+            return text(
+                StatusCode::NOT_FOUND,
+                "no such pod on this node (as the daemon's pod watch has it)\n".to_owned(),
+            );
+        };
+        let snapshot = match self.health.handle.snapshot().await {
+            Ok(snapshot) => snapshot,
+            Err(err) => {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("enforcer: {err}\n"),
+                );
+            }
+        };
+        let cgroup_ids = facts
+            .cgroup
+            .as_ref()
+            .map(|c| cgroup::subtree_ids(&c.path))
+            .unwrap_or_default();
+        let refusals = cgroup_ids
+            .iter()
+            .filter_map(|id| snapshot.counters.get(id))
+            .fold(Refusals::default(), |sum, c| Refusals {
+                connect: sum.connect + c.connect,
+                sendmsg: sum.sendmsg + c.sendmsg,
+                egress: sum.egress + c.egress,
+            });
+        let explanation = Explanation {
+            allow_map_entry: facts
+                .cgroup
+                .as_ref()
+                .and_then(|c| snapshot.allowed.get(&c.id))
+                .map(|access| access.name().to_owned()),
+            programs_attached: self.health.programs_attached(),
+            programs_expected: PROGRAMS.len(),
+            guards: self.health.guards(),
+            refusals,
+            recent_attempts: self.recent_attempts.of(&cgroup_ids),
+            pod: facts,
+        };
+        let mut response = text(
+            StatusCode::OK,
+            serde_json::to_string(&explanation).unwrap_or_default(),
+        );
+        response.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/json"),
+        );
+        response
+    }
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -156,6 +256,9 @@ fn verdict(problem: Option<String>) -> Response<Full<Bytes>> {
         Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
     }
 }
+
+/// `/explain/<pod uid>`, served to both audiences.
+pub const EXPLAIN_BY_UID: &str = "/explain/";
 
 /// Who a listener serves: anyone on the network, or the node's root.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,6 +287,34 @@ async fn route(
         }
         "/healthz" => verdict(endpoints.health.not_live().await),
         "/readyz" => verdict(endpoints.health.not_ready().await),
+        path if path.starts_with(EXPLAIN_BY_UID) => {
+            let uid = &path[EXPLAIN_BY_UID.len()..];
+            endpoints.explain(PodQuery::Uid(uid.to_owned())).await
+        }
+        // By name only node-locally: over the network the UID, which only
+        // those who may read the pod know, is what asks (README, "explain").
+        "/explain" if audience == Audience::NodeLocal => {
+            let mut namespace = None;
+            let mut name = None;
+            for (key, value) in
+                form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
+            {
+                match key.as_ref() {
+                    "namespace" => namespace = Some(value.into_owned()),
+                    "name" => name = Some(value.into_owned()),
+                    _ => {}
+                }
+            }
+            match (namespace, name) {
+                (Some(namespace), Some(name)) => {
+                    endpoints.explain(PodQuery::Name { namespace, name }).await
+                }
+                _ => text(
+                    StatusCode::BAD_REQUEST,
+                    "explain needs ?namespace=NS&name=NAME\n".to_owned(),
+                ),
+            }
+        }
         "/pods" if audience == Audience::NodeLocal => {
             let pods = endpoints
                 .pods
@@ -197,6 +328,33 @@ async fn route(
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n".to_owned()),
     }
+}
+
+/// How long a node-local client waits for the daemon.
+const NODE_LOCAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `GET path` on the daemon's node-local socket: the status code and body.
+/// (The CLI's side; plain HTTP/1.1 with `Connection: close` is all it needs.)
+pub fn get_node_local(socket: &Path, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
+    stream.set_write_timeout(Some(NODE_LOCAL_TIMEOUT))?;
+    stream.set_read_timeout(Some(NODE_LOCAL_TIMEOUT))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: imds-guard\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let malformed =
+        || std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed HTTP response");
+    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(malformed)?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(malformed)?;
+    Ok((status, body.to_owned()))
 }
 
 /// A bound listener of either kind, with who it serves.

@@ -4,10 +4,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{Read as _, Write as _},
-    os::unix::net::UnixStream,
     path::{Path, PathBuf},
-    time::Duration,
 };
 
 use serde::Serialize;
@@ -21,7 +18,7 @@ use crate::{
     },
     config::rules::Rule,
     host::{cgroup, identity::identify, netlink::RouteSocket},
-    report::events::PodIndex,
+    report::{events::PodIndex, http},
 };
 use enforcer_common::{FORWARDED_KEY, names};
 
@@ -74,7 +71,7 @@ pub struct RouteEntry {
 
 /// Reads where our tc programs are attached (an unreadable network counts
 /// as none: every route is then reported open).
-fn edge_status(root: &PinRoot, generation: &str) -> EdgeStatus {
+pub(crate) fn edge_status(root: &PinRoot, generation: &str) -> EdgeStatus {
     let attached = RouteSocket::open()
         .and_then(|mut socket| {
             let interfaces: Vec<Interface> = socket
@@ -134,17 +131,8 @@ pub struct CounterEntry {
 
 /// This node's pods by UID, from `/pods` on the daemon's node-local socket.
 fn daemon_pods(socket: &Path) -> Option<PodIndex> {
-    let timeout = Duration::from_secs(2);
-    let mut stream = UnixStream::connect(socket).ok()?;
-    stream.set_write_timeout(Some(timeout)).ok()?;
-    stream.set_read_timeout(Some(timeout)).ok()?;
-    stream
-        .write_all(b"GET /pods HTTP/1.1\r\nHost: imds-guard\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (_, body) = response.split_once("\r\n\r\n")?;
-    serde_json::from_str(body).ok()
+    let (status, body) = http::get_node_local(socket, "/pods").ok()?;
+    (status == 200).then(|| serde_json::from_str(&body).ok())?
 }
 
 struct Namer {
