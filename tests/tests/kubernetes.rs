@@ -22,7 +22,7 @@ use enforcer_user::{
 };
 use imds_guard_test_apiserver::{ApiServerOptions, FakeApiServer, ResourceKind, Verb};
 use imds_guard_tests::{
-    Daemon, Outcome, PinDir, Probe, Sandbox, Server, TestCgroup, addrs,
+    Daemon, Outcome, PinDir, Probe, Sandbox, Server, TempFile, TestCgroup, addrs,
     pods::{self, Driver, TestPod, namespace},
     require_root,
     stage::{HTTP, eperm},
@@ -799,4 +799,236 @@ fn a_node_costs_the_api_server_only_its_watch_renewals() {
             end - opened
         );
     }
+}
+
+/// The daemon's pod in its namespace, as the DaemonSet makes it on `NODE`,
+/// with `port` its HTTP port (the test daemon listens on loopback, so its
+/// pod IP is loopback: the test API server proxies nowhere else).
+fn daemon_pod(port: u16) -> k8s_openapi::api::core::v1::Pod {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": "imds-guard-x7k2p", "namespace": "imds-guard", "uid": "daemon-pod-uid",
+            "labels": {"app.kubernetes.io/name": "imds-guard"},
+        },
+        "spec": {
+            "nodeName": NODE, "hostNetwork": true,
+            "containers": [{"name": "imds-guard", "image": "imds-guard:0.1.0",
+                "ports": [{"name": "http-metrics", "containerPort": port}]}],
+        },
+        "status": {"phase": "Running", "podIP": "127.0.0.1"},
+    }))
+    .expect("daemon pod object")
+}
+
+/// `kubectl imds-guard ARGS` as a workstation runs it: its exit, output and errors.
+fn kubectl_plugin(kubeconfig: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let plugin = imds_guard_tests::probe::binary("kubectl-imds_guard").expect("plugin binary");
+    let output = std::process::Command::new(plugin)
+        .args(args)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .env_remove("KUBECONFIG")
+        .output()
+        .expect("run the kubectl plugin");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn explain_says_why_on_the_node_and_through_the_api_servers_pod_proxy() {
+    let agent = test_pod(91, "agent", "kube-system");
+    let web = test_pod(92, "web", "team");
+    let asks = test_pod(93, "asks", "team");
+    let sidecar = test_pod(94, "sidecar", "opted");
+    let users = [("alice-token", "alice", true), ("bob-token", "bob", false)]
+        .into_iter()
+        .map(|(token, name, may_proxy)| {
+            (
+                token.to_owned(),
+                imds_guard_test_apiserver::User {
+                    name: name.to_owned(),
+                    may_proxy,
+                },
+            )
+        })
+        .collect();
+    let options = ApiServerOptions {
+        users,
+        ..ApiServerOptions::default()
+    };
+    // The daemon replaces the file with its socket; dropping it removes that.
+    let socket = TempFile::new("status.sock", "").expect("socket path");
+    let socket_arg = socket.arg();
+    let mut node = Node::start_with(
+        Driver::Systemd,
+        &[
+            (&agent, true),
+            (&web, false),
+            (&asks, true),
+            (&sidecar, true),
+        ],
+        true,
+        &options,
+        &["--status-socket", &socket_arg],
+        |api, _| {
+            api.apply_namespace(namespace("opted", true))
+                .expect("namespace");
+        },
+    );
+    node.eventually(&sidecar, &reached());
+    for _ in 0..2 {
+        assert_eq!(node.attempt(&web), eperm());
+    }
+    let on_node = |pod: &TestPod, output: &str| {
+        imds_guard_tests::daemon::run_to_end(&[
+            "explain",
+            &format!("pod/{}", pod.name),
+            "-n",
+            &pod.namespace,
+            "--daemon",
+            &socket_arg,
+            "--output",
+            output,
+        ])
+        .expect("imds-guard explain")
+    };
+    // On the node: the blocked pod, as JSON, field by field.
+    let web_cgroup = node.cgroup_of(&web);
+    let pod_dir = web_cgroup.parent().expect("pod cgroup");
+    wait_until(
+        "the attempts to reach explain",
+        Duration::from_secs(5),
+        || {
+            let json: serde_json::Value =
+                serde_json::from_str(&on_node(&web, "json")).expect("explain json");
+            json["recent_attempts"]
+                .as_array()
+                .is_some_and(|a| a.len() >= 2)
+        },
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&on_node(&web, "json")).expect("explain json");
+    assert_eq!(json["uid"], web.uid.as_str(), "{json:#}");
+    assert_eq!(json["node"], NODE);
+    assert_eq!(json["outcome"], "blocked");
+    assert_eq!(json["pod_label"], serde_json::Value::Null);
+    assert_eq!(json["permission"], "not-permitted");
+    assert_eq!(
+        json["cgroup"]["path"].as_str(),
+        Some(pod_dir.to_str().expect("utf-8 path"))
+    );
+    assert_eq!(json["allow_map_entry"], serde_json::Value::Null);
+    assert_eq!(json["programs_attached"], json["programs_expected"]);
+    assert!(json["refusals"]["connect"].as_u64() >= Some(2), "{json:#}");
+    let attempt = &json["recent_attempts"][0];
+    assert_eq!(
+        (
+            &attempt["destination"],
+            &attempt["hook"],
+            &attempt["verdict"]
+        ),
+        (
+            &serde_json::json!("169.254.169.254:80"),
+            &serde_json::json!("connect"),
+            &serde_json::json!("refused")
+        ),
+        "{json:#}"
+    );
+    // As text, each decision with what made it.
+    let cases = [
+        (
+            &agent,
+            "ALLOWED: the pod has the label imds-guard.io/metadata-access=allow and namespace kube-system is listed in allowNamespaces",
+        ),
+        (
+            &asks,
+            "BLOCKED: the pod has the label imds-guard.io/metadata-access=allow, but namespace team does not permit its pods to ask",
+        ),
+        (
+            &web,
+            "BLOCKED: the pod does not have the label imds-guard.io/metadata-access=allow",
+        ),
+    ];
+    for (pod, want) in cases {
+        let text = on_node(pod, "text");
+        assert!(text.contains(want), "{}: {text}", pod.name);
+    }
+    assert!(on_node(&agent, "text").contains("allow map   entry allow"));
+    let unknown = imds_guard_tests::daemon::run_to_end(&[
+        "explain",
+        "pod/nobody",
+        "-n",
+        "team",
+        "--daemon",
+        &socket_arg,
+    ]);
+    assert!(
+        format!("{unknown:?}").contains("no such pod on this node"),
+        "{unknown:?}"
+    );
+    // From a workstation: the plugin reads the pod with the user's token,
+    // finds the daemon pod on its node and asks it through the pod proxy.
+    let port = node.daemon.http_address().expect("http address").port();
+    node.api.apply_pod(daemon_pod(port)).expect("daemon pod");
+    let kubeconfig_of = |token: &str| {
+        TempFile::new("kubeconfig-user", &node.api.kubeconfig_as(Some(token))).expect("kubeconfig")
+    };
+    let alice = kubeconfig_of("alice-token");
+    let (ok, out, err) = kubectl_plugin(
+        alice.path(),
+        &["explain", "pod/sidecar", "-n", "opted", "-o", "json"],
+    );
+    assert!(ok, "{err}");
+    let json: serde_json::Value = serde_json::from_str(&out).expect("plugin json");
+    assert_eq!(
+        (
+            &json["outcome"],
+            &json["permission"],
+            &json["allow_map_entry"]
+        ),
+        (
+            &serde_json::json!("allowed"),
+            &serde_json::json!("namespace-label"),
+            &serde_json::json!("allow")
+        ),
+        "{json:#}"
+    );
+    let (ok, out, err) = kubectl_plugin(alice.path(), &["explain", "web", "-n", "team"]);
+    assert!(ok, "{err}");
+    // Shown with --nocapture: the README's example is this output.
+    println!("kubectl imds-guard explain web -n team\n{out}");
+    assert!(
+        out.contains("BLOCKED: the pod does not have the label"),
+        "{out}"
+    );
+    assert!(out.contains("refused     connect "), "{out}");
+    assert!(
+        node.api
+            .requests()
+            .iter()
+            .any(|r| r.verb == Verb::Proxy && r.name.as_deref() == Some("imds-guard-x7k2p")),
+        "the plugin went through the pod proxy"
+    );
+    // A user without pods/proxy is refused by the API server, and told what to ask for.
+    let bob = kubeconfig_of("bob-token");
+    let (ok, _, err) = kubectl_plugin(bob.path(), &["explain", "web", "-n", "team"]);
+    assert!(!ok);
+    assert!(
+        err.contains("User \"bob\" cannot get resource \"pods/proxy\"")
+            && err.contains("imds-guard-explain"),
+        "{err}"
+    );
+    let (ok, _, err) = kubectl_plugin(alice.path(), &["explain", "pod/nobody", "-n", "team"]);
+    assert!(!ok);
+    assert!(err.contains("cannot read pod team/nobody"), "{err}");
+    // Over the network the daemon answers by UID only: by name, not at all.
+    let (status, _) = node
+        .daemon
+        .http_get("/explain?namespace=team&name=web")
+        .expect("http");
+    assert_eq!(status, 404);
 }

@@ -19,6 +19,7 @@ use enforcer_user::{
         rules::Action,
     },
     k8s::{API_ACCESS, STARTUP_TAINT_ACCESS},
+    report::explain::EXPLAIN_ACCESS,
 };
 use kube_cel::{KubeCelExt as _, cel};
 use serde_json::{Value, json};
@@ -521,7 +522,7 @@ fn test_harness_runs_the_daemon_with_the_daemonsets_capabilities() {
     );
 }
 
-/// What a ClusterRole grants, as (API group, resource, verb).
+/// What a ClusterRole or Role grants, as (API group, resource, verb).
 fn granted(role: &Value) -> BTreeSet<(String, String, String)> {
     let mut granted = BTreeSet::new();
     for rule in at(role, "/rules").as_array().expect("a list") {
@@ -602,6 +603,15 @@ fn cluster_role_grants_exactly_the_api_access_the_daemon_uses() {
         &tainted,
         "imds-guard-startup-taint",
         "imds-guard-startup-taint",
+    );
+    // What `kubectl imds-guard explain` needs, in the daemon's namespace
+    // only, and bound to no one by the manifests.
+    let explain = find(&docs, "Role", "imds-guard-explain");
+    assert_eq!(at(explain, "/metadata/namespace"), "imds-guard");
+    assert_eq!(granted(explain), used(&EXPLAIN_ACCESS));
+    assert!(
+        !docs.iter().any(|d| d["kind"] == "RoleBinding"),
+        "the explain Role is the administrator's to bind"
     );
 }
 

@@ -409,6 +409,12 @@ pub enum ExplainError {
     Request(#[source] http::Error),
 }
 
+/// The API access the kubectl plugin uses in the daemon's namespace, beyond
+/// reading the pod asked about: (API group, resource, verbs). The Role
+/// imds-guard-explain must grant exactly this; a test checks it.
+pub const EXPLAIN_ACCESS: [(&str, &str, &[&str]); 2] =
+    [("", "pods", &["list"]), ("", "pods/proxy", &["get"])];
+
 /// The daemon pods' label, as deploy/base/daemonset.yaml sets it.
 pub const DAEMON_LABEL: &str = "app.kubernetes.io/name=imds-guard";
 /// The daemon container's HTTP port, as deploy/base/daemonset.yaml names it.

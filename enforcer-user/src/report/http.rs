@@ -1,11 +1,15 @@
 //! The daemon's HTTP endpoints: `/metrics`, `/healthz` (programs attached,
-//! daemon responsive), `/readyz` (also synced with the API server), and
-//! `/pods` (this node's pods by UID, for `imds-guard status`), and
-//! `/explain` (why a pod is blocked or allowed, for `imds-guard explain`).
+//! daemon responsive), `/readyz` (also synced with the API server), `/pods`
+//! (this node's pods by UID, for `imds-guard status`), and `/explain` (why
+//! a pod is blocked or allowed, for `imds-guard explain` and the kubectl
+//! plugin).
 //!
-//! The TCP listener serves the first three only: the DaemonSet shares the
-//! node's network, so every pod on the node reaches it. `/pods` names the
-//! node's workloads and is served only on the node-local unix socket
+//! The DaemonSet shares the node's network, so every pod on the node
+//! reaches the TCP listener: it serves the probes, the metrics, and
+//! `/explain/<pod UID>` (the plugin's way in, through the API server's pod
+//! proxy, which authenticates and authorises the caller; the UID is known
+//! only to those who may read the pod). `/pods` and `/explain` by name tell
+//! about any pod and are served only on the node-local unix socket
 //! (`--status-socket`), which only the node's root can open.
 
 use std::{

@@ -3,7 +3,9 @@
 //! HTTP on loopback, with selectors, pagination, resourceVersion semantics,
 //! bookmarks, watch timeouts and 410 Gone; GET and JSON PATCH of `nodes`
 //! (the daemon's probe and startup taint); and CREATE and JSON merge PATCH
-//! of `events.k8s.io/v1` events, which is all kube's event `Recorder` does.
+//! of `events.k8s.io/v1` events, which is all kube's event `Recorder` does;
+//! GET of one pod and the pod proxy, with bearer-token users, which is what
+//! `kubectl imds-guard explain` uses (see `proxy`).
 //! Tests drive it from Rust: they write pods and namespaces, compact its
 //! history, stop and restart it on the same port, and read the stored events
 //! and what clients asked for.
@@ -12,12 +14,13 @@
 //! and a daemon in another process can talk to it alike; dropping it stops
 //! it. It binds loopback only.
 //!
-//! Not served: single-object GETs but of nodes, and other resources (404),
+//! Not served: single-object GETs but of nodes and pods, and other resources (404),
 //! other verbs (405; see `ResourceKind::verbs`), patch types other than
 //! JSON merge and JSON patch (415), generateName and resourceVersion
 //! preconditions on writes (the Recorder uses neither). A new resource is one more route in
 //! `serve::Target::parse`.
 
+mod proxy;
 mod selector;
 mod serve;
 mod store;
@@ -25,6 +28,7 @@ mod watch;
 mod write;
 
 use std::{
+    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr, TcpListener},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard, PoisonError, atomic::AtomicUsize, mpsc},
@@ -42,6 +46,7 @@ use tokio::{
     sync::oneshot,
 };
 
+pub use proxy::User;
 pub use store::ResourceKind;
 use store::{ObjectKey, Store};
 
@@ -86,6 +91,9 @@ pub struct ApiServerOptions {
     /// server ends watches after `--min-request-timeout` (30 to 60 min);
     /// tests shorten it to see renewals.
     pub max_watch_timeout: Option<Duration>,
+    /// Users by bearer token. A request without a token is served as
+    /// before, but for the pod proxy, which needs a user granted it.
+    pub users: BTreeMap<String, User>,
 }
 
 impl Default for ApiServerOptions {
@@ -94,6 +102,7 @@ impl Default for ApiServerOptions {
             bookmark_interval: Duration::from_secs(1),
             history_limit: 1000,
             max_watch_timeout: None,
+            users: BTreeMap::new(),
         }
     }
 }
@@ -109,6 +118,8 @@ pub enum Verb {
     Create,
     /// PATCH of one object.
     Patch,
+    /// A request through the pod proxy (`pods/NAME/proxy/...`).
+    Proxy,
 }
 
 /// A request the server received and served, as tests inspect it (even if
@@ -148,6 +159,7 @@ struct Shared {
     max_watch_timeout: Option<Duration>,
     /// Called with the node's name before a node PATCH is applied.
     node_patch_hook: Mutex<Option<NodePatchHook>>,
+    users: BTreeMap<String, User>,
 }
 
 type NodePatchHook = Box<dyn Fn(&str) + Send>;
@@ -204,6 +216,7 @@ impl FakeApiServer {
                 bookmark_interval: options.bookmark_interval,
                 max_watch_timeout: options.max_watch_timeout,
                 node_patch_hook: Mutex::new(None),
+                users: options.users.clone(),
             }),
             address: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             listening: None,
@@ -227,7 +240,13 @@ impl FakeApiServer {
     /// without credentials, one context (namespace `default`) that is the
     /// current context.
     pub fn kubeconfig(&self) -> String {
+        self.kubeconfig_as(None)
+    }
+
+    /// [`kubeconfig`](Self::kubeconfig) with the user's bearer token, if any.
+    pub fn kubeconfig_as(&self, token: Option<&str>) -> String {
         let url = self.url();
+        let user = token.map_or_else(|| "{}".to_owned(), |t| format!("{{token: {t}}}"));
         format!(
             "apiVersion: v1
 kind: Config
@@ -237,7 +256,7 @@ clusters:
     server: {url}
 users:
 - name: fake-apiserver
-  user: {{}}
+  user: {user}
 contexts:
 - name: fake-apiserver
   context:

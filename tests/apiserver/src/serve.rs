@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinSet};
 
 use super::{
-    ApiRequest, Shared, Verb, lock,
+    ApiRequest, Shared, Verb, lock, proxy,
     selector::{FieldSelector, LabelSelector, ObjectFilter},
     store::{Expired, ObjectKey, ResourceKind},
     watch, write,
@@ -67,6 +67,10 @@ async fn route(
     shared: &Arc<Shared>,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Failure> {
+    if let Some(answer) = proxy::serve(shared, &request).await {
+        return answer;
+    }
+    proxy::authenticate(shared, &request)?;
     let target = Target::parse(request.uri().path())
         .ok_or_else(|| Failure::not_found("the server could not find the requested resource"))?;
     let raw_query = request.uri().query().unwrap_or("");
@@ -117,6 +121,8 @@ async fn route(
             let namespace = target.namespace.unwrap_or_default();
             write::create(shared, target.resource, &namespace, request).await
         }
+        // Served above.
+        Verb::Proxy => Err(Failure::not_found("not a pod proxy path")),
         Verb::Patch => {
             let key = ObjectKey {
                 namespace: target.namespace.unwrap_or_default(),
@@ -174,6 +180,9 @@ impl Target {
             ("", ["namespaces"]) => (ResourceKind::Namespaces, None, None),
             ("", ["nodes", name]) => (ResourceKind::Nodes, None, Some(*name)),
             ("", ["namespaces", namespace, "pods"]) => (ResourceKind::Pods, Some(*namespace), None),
+            ("", ["namespaces", namespace, "pods", name]) => {
+                (ResourceKind::Pods, Some(*namespace), Some(*name))
+            }
             ("events.k8s.io", ["namespaces", namespace, "events"]) => {
                 (ResourceKind::Events, Some(*namespace), None)
             }

@@ -73,7 +73,8 @@ impl ResourceKind {
     /// only creates and patches events. Anything else is a 405.
     pub(crate) fn verbs(self) -> &'static [Verb] {
         match self {
-            ResourceKind::Pods | ResourceKind::Namespaces => &[Verb::List, Verb::Watch],
+            ResourceKind::Pods => &[Verb::List, Verb::Watch, Verb::Get],
+            ResourceKind::Namespaces => &[Verb::List, Verb::Watch],
             ResourceKind::Nodes => &[Verb::Get, Verb::Patch],
             ResourceKind::Events => &[Verb::Create, Verb::Patch],
         }
