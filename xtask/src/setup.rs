@@ -6,7 +6,7 @@ use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
 
-use crate::{is_root, sbom, toolchain};
+use crate::{is_root, sbom, test, toolchain};
 
 pub fn run(_root: &Path) -> anyhow::Result<()> {
     println!("setup: checking this machine");
@@ -22,6 +22,7 @@ pub fn run(_root: &Path) -> anyhow::Result<()> {
     check_tool("runc", &["--version"], "runc")?;
     ensure_kubernetes_validate()?;
     sbom::CYCLONEDX.ensure()?;
+    test::CARGO_DENY.ensure()?;
     kernel_matrix_tools()?;
     println!("setup: done");
     Ok(())
