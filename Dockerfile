@@ -8,6 +8,10 @@
 ARG RUST_VERSION=1.95
 FROM docker.io/library/rust:${RUST_VERSION}-bookworm AS build
 WORKDIR /src
+# The SBOM's tool, before the sources so that a change to them does not
+# build it again: xtask/src/sbom.rs's pin (its test holds the two equal).
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    cargo install --locked --version 0.5.9 cargo-cyclonedx
 COPY . .
 # The project's own setup of the build toolchain: the nightly pinned in
 # enforcer-ebpf/nightly.toml (which aya-build runs; the rust image carries
@@ -20,7 +24,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked -p enforcer-user --bin imds-guard \
     && install -D -m 0755 target/release/imds-guard /out/imds-guard
 # The SBOM of what was just built: the same sources, Cargo.lock and
-# features (`xtask sbom` installs the pinned cargo-cyclonedx when missing).
+# features, checked against Cargo.lock.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo --locked xtask sbom /out/sbom.cdx.json
 

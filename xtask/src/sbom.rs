@@ -387,13 +387,23 @@ mod tests {
         assert_eq!(packages, expected);
     }
 
-    /// The Dockerfile generates the SBOM beside the binary and copies it
-    /// to where the label and the README say it is.
+    /// The Dockerfile installs our cargo-cyclonedx, generates the SBOM
+    /// beside the binary and copies it to where the label and the README
+    /// say it is.
     #[test]
     fn the_dockerfile_ships_the_sbom_it_generates() {
         let root = crate::workspace_root().unwrap();
         let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
         let (build, runtime) = dockerfile.rsplit_once("\nFROM ").unwrap();
+        let (before_sources, _) = build.split_once("\nCOPY . .\n").unwrap();
+        let install = format!(
+            "cargo install --locked --version {} {}",
+            CYCLONEDX.version, CYCLONEDX.krate
+        );
+        assert!(
+            before_sources.lines().any(|line| line.trim() == install),
+            "{before_sources}"
+        );
         assert!(
             build.contains("cargo --locked xtask sbom /out/sbom.cdx.json\n"),
             "{build}"
