@@ -47,7 +47,7 @@ pub const SBOM_LABEL: &str = "imds-guard.sbom";
 /// (the Dockerfile carries the fixed title and description): the OCI
 /// annotation keys for source, revision, version, licences and creation,
 /// and where the SBOM is.
-pub fn labels(root: &Path) -> anyhow::Result<Vec<(&'static str, String)>> {
+pub fn labels(root: &Path) -> anyhow::Result<Vec<Label>> {
     let mut labels = vec![
         ("org.opencontainers.image.revision", revision(root)),
         (
@@ -167,36 +167,45 @@ fn source_url(remote: &str) -> Option<String> {
     Some(format!("https://{host}/{path}"))
 }
 
+/// A label's key and value.
+pub type Label = (&'static str, String);
+
 /// The arguments of `<engine> build` for the image, run in the workspace
 /// root (the Vagrant harness runs them inside its VM).
 pub fn build_args(root: &Path) -> anyhow::Result<Vec<String>> {
+    Ok(build_args_labelled(&labels(root)?))
+}
+
+fn build_args_labelled(labels: &[Label]) -> Vec<String> {
     let mut args: Vec<String> = ["build", "--file", "Dockerfile", "--tag"]
         .map(str::to_owned)
         .into();
     args.push(reference());
     // .git stays out of the build context: what it says comes in as labels.
-    for (key, value) in labels(root)? {
+    for (key, value) in labels {
         args.extend(["--label".to_owned(), format!("{key}={value}")]);
     }
     args.push(".".to_owned());
-    Ok(args)
+    args
 }
 
 /// Builds the image with `engine`, then checks what it carries; returns
 /// its reference.
 pub fn build(root: &Path, engine: &str) -> anyhow::Result<String> {
-    let args = build_args(root)?;
+    let labels = labels(root)?;
+    let args = build_args_labelled(&labels);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     run_in(root, engine, &args, &[("DOCKER_BUILDKIT", "1")])?;
     let reference = reference();
-    verify(root, engine, &reference)?;
+    verify(root, engine, &reference, &labels)?;
     println!("image: built {reference}");
     Ok(reference)
 }
 
 /// Reads the built image's labels and its SBOM back from the engine: the
-/// SBOM is checked as the tests check a generated one.
-fn verify(root: &Path, engine: &str, reference: &str) -> anyhow::Result<()> {
+/// labels must be the ones given, the SBOM is checked as the tests check
+/// a generated one.
+fn verify(root: &Path, engine: &str, reference: &str, labels: &[Label]) -> anyhow::Result<()> {
     let found = output(
         engine,
         &[
@@ -209,13 +218,12 @@ fn verify(root: &Path, engine: &str, reference: &str) -> anyhow::Result<()> {
     )?;
     let found: serde_json::Value =
         serde_json::from_str(&found).context("reading the image's labels")?;
-    for key in [
-        "org.opencontainers.image.revision",
-        "org.opencontainers.image.version",
-        SBOM_LABEL,
-    ] {
-        if found[key].as_str().is_none_or(str::is_empty) {
-            bail!("the built image {reference} has no {key} label: {found}");
+    for (key, value) in labels {
+        if found[key] != value.as_str() {
+            bail!(
+                "the built image {reference} has the label {key}={}, not {value:?}",
+                found[key]
+            );
         }
     }
     // distroless has no shell to cat with: copy the file out of a container
@@ -328,6 +336,92 @@ mod tests {
         );
         assert_eq!(label(SBOM_LABEL), sbom::IN_IMAGE);
         assert_eq!(args.last().map(String::as_str), Some("."));
+    }
+
+    /// A script standing in for docker or podman (no engine runs here),
+    /// answering what `verify` asks about an image whose labels are
+    /// `dir`/labels.json and whose files are under `dir`/rootfs.
+    fn fake_engine(dir: &Path) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let engine = dir.join("engine");
+        let dir = dir.display();
+        let script = format!(
+            "#!/bin/sh\ncase \"$1\" in\n\
+             image) cat '{dir}/labels.json' ;;\n\
+             create) echo fake-container ;;\n\
+             cp) cp \"{dir}/rootfs${{2#fake-container:}}\" \"$3\" ;;\n\
+             rm) ;;\n\
+             *) exit 2 ;;\n\
+             esac\n"
+        );
+        std::fs::write(&engine, script).unwrap();
+        std::fs::set_permissions(&engine, std::fs::Permissions::from_mode(0o755)).unwrap();
+        engine
+    }
+
+    #[test]
+    fn a_built_image_is_checked_for_its_labels_and_its_sbom() {
+        let root = crate::workspace_root().unwrap();
+        let dir =
+            std::env::temp_dir().join(format!("imds-guard-fake-engine-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let in_rootfs = dir
+            .join("rootfs")
+            .join(sbom::IN_IMAGE.trim_start_matches('/'));
+        std::fs::create_dir_all(in_rootfs.parent().unwrap()).unwrap();
+        sbom::generate(&root, &in_rootfs).unwrap();
+        let labels = labels(&root).unwrap();
+        let found: serde_json::Map<String, serde_json::Value> = labels
+            .iter()
+            .map(|(key, value)| ((*key).to_owned(), value.as_str().into()))
+            .collect();
+        let write_labels = |found: &serde_json::Map<String, serde_json::Value>| {
+            std::fs::write(
+                dir.join("labels.json"),
+                serde_json::to_string(found).unwrap(),
+            )
+            .unwrap();
+        };
+        write_labels(&found);
+        let engine = fake_engine(&dir);
+        let engine = engine.to_str().unwrap();
+        let verify =
+            || verify(&root, engine, "imds-guard:test", &labels).map_err(|e| format!("{e:#}"));
+        verify().unwrap();
+
+        let mut other = found.clone();
+        other.insert(
+            "org.opencontainers.image.revision".to_owned(),
+            "0123abc".into(),
+        );
+        write_labels(&other);
+        let err = verify().unwrap_err();
+        assert!(
+            err.contains("org.opencontainers.image.revision=\"0123abc\""),
+            "{err}"
+        );
+        write_labels(&found);
+
+        let sbom_text = std::fs::read_to_string(&in_rootfs).unwrap();
+        let wrong = sbom_text.replace(
+            "\"name\": \"enforcer-user\"",
+            "\"name\": \"something-else\"",
+        );
+        assert_ne!(wrong, sbom_text);
+        std::fs::write(&in_rootfs, wrong).unwrap();
+        let err = verify().unwrap_err();
+        assert!(
+            err.contains("the SBOM in imds-guard:test") && err.contains("something-else"),
+            "{err}"
+        );
+
+        std::fs::remove_file(&in_rootfs).unwrap();
+        let err = verify().unwrap_err();
+        assert!(
+            err.contains(&format!("imds-guard:test has no {}", sbom::IN_IMAGE)),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

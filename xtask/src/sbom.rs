@@ -6,6 +6,7 @@
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
+    sync::atomic::{AtomicUsize, Ordering},
 };
 
 use anyhow::{Context as _, bail};
@@ -44,8 +45,19 @@ pub fn run(root: &Path, out: &Path) -> anyhow::Result<()> {
 /// file into every workspace member's directory, under the name given:
 /// the daemon's is moved to `out`, the others removed.
 pub fn generate(root: &Path, out: &Path) -> anyhow::Result<()> {
+    generate_as(root, out, &scratch_name())
+}
+
+/// A name no other generation uses, in this process (tests run in
+/// parallel) or another.
+fn scratch_name() -> String {
+    static COUNT: AtomicUsize = AtomicUsize::new(0);
+    let count = COUNT.fetch_add(1, Ordering::Relaxed);
+    format!("imds-guard-sbom-{}-{count}.cdx", std::process::id())
+}
+
+fn generate_as(root: &Path, out: &Path, name: &str) -> anyhow::Result<()> {
     CYCLONEDX.require()?;
-    let name = format!("imds-guard-sbom-{}.cdx", std::process::id());
     let written = written_files(root, &format!("{name}.json"))?;
     let generated = run_in(
         root,
@@ -59,7 +71,7 @@ pub fn generate(root: &Path, out: &Path) -> anyhow::Result<()> {
             "--spec-version",
             SPEC_VERSION,
             "--override-filename",
-            &name,
+            name,
             "--quiet",
         ],
         &[],
@@ -261,7 +273,8 @@ mod tests {
         let root = crate::workspace_root().unwrap();
         let out =
             std::env::temp_dir().join(format!("imds-guard-sbom-test-{}.json", std::process::id()));
-        generate(&root, &out).unwrap();
+        let name = scratch_name();
+        generate_as(&root, &out, &name).unwrap();
         let sbom = Sbom::read(&out).unwrap();
         std::fs::remove_file(&out).unwrap();
         sbom.check(&root).unwrap();
@@ -308,12 +321,7 @@ mod tests {
         );
 
         // Nothing left in the members' directories.
-        for (_, path) in written_files(
-            &root,
-            &format!("imds-guard-sbom-{}.cdx.json", std::process::id()),
-        )
-        .unwrap()
-        {
+        for (_, path) in written_files(&root, &format!("{name}.json")).unwrap() {
             assert!(!path.exists(), "{} left behind", path.display());
         }
     }
