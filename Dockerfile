@@ -1,12 +1,17 @@
 # syntax=docker/dockerfile:1
 # The imds-guard daemon image. Built by `cargo xtask image` (docker or
-# podman), which passes VERSION and REVISION.
+# podman), which adds the labels naming its source, revision, version,
+# licences, creation time and SBOM (xtask/src/image.rs).
 
 # Build: Debian bookworm, so the binary links against the glibc the runtime
 # image has.
 ARG RUST_VERSION=1.95
 FROM docker.io/library/rust:${RUST_VERSION}-bookworm AS build
 WORKDIR /src
+# The SBOM's tool, before the sources so that a change to them does not
+# build it again: xtask/src/sbom.rs's pin (its test holds the two equal).
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    cargo install --locked --version 0.5.9 cargo-cyclonedx
 COPY . .
 # The project's own setup of the build toolchain: the nightly pinned in
 # enforcer-ebpf/nightly.toml (which aya-build runs; the rust image carries
@@ -18,17 +23,17 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p enforcer-user --bin imds-guard \
     && install -D -m 0755 target/release/imds-guard /out/imds-guard
+# The SBOM of what was just built: the same sources, Cargo.lock and
+# features, checked against Cargo.lock.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    cargo --locked xtask sbom /out/sbom.cdx.json
 
 # Runtime: glibc and libgcc_s (what `ldd imds-guard` lists), no shell, no
 # package manager. The default user is root: the DaemonSet runs it
 # as uid 0 with every capability dropped but BPF and NET_ADMIN.
 FROM gcr.io/distroless/cc-debian12
-ARG VERSION=unknown
-ARG REVISION=unknown
 LABEL org.opencontainers.image.title="imds-guard" \
-      org.opencontainers.image.description="Keeps Kubernetes pods away from the cloud instance metadata API (eBPF, cgroup v2)" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.licenses="MIT OR Apache-2.0"
+      org.opencontainers.image.description="Keeps Kubernetes pods away from the cloud instance metadata API (eBPF, cgroup v2)"
 COPY --from=build /out/imds-guard /usr/local/bin/imds-guard
+COPY --from=build /out/sbom.cdx.json /usr/share/doc/imds-guard/sbom.cdx.json
 ENTRYPOINT ["/usr/local/bin/imds-guard"]

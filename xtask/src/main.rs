@@ -8,6 +8,7 @@ mod image;
 mod interrupt;
 mod kernels;
 mod kind;
+mod sbom;
 mod setup;
 mod test;
 mod toolchain;
@@ -46,6 +47,8 @@ enum Task {
     Bench,
     /// The daemon's container image (Dockerfile), with docker or podman.
     Image,
+    /// The daemon's CycloneDX SBOM, written to OUT and checked (the image build runs it).
+    Sbom { out: PathBuf },
     /// The image on two kind clusters (systemd and cgroupfs drivers), checked from real pods.
     KindE2e,
     /// The same checks on a single-node k3s cluster in a Vagrant VM.
@@ -73,6 +76,7 @@ fn main() -> anyhow::Result<()> {
         Task::Demo | Task::Bench => with_sandbox(&root),
         Task::SetupToolchain => toolchain::ensure(),
         Task::Image => image::run(&root),
+        Task::Sbom { out } => sbom::run(&root, &out),
         Task::KindE2e => kind::run(&root),
         Task::VagrantE2e => vagrant::run(&root),
         Task::Kernels => kernels::run(&root),

@@ -6,7 +6,7 @@ use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
 
-use crate::{is_root, toolchain};
+use crate::{is_root, sbom, test, toolchain};
 
 pub fn run(_root: &Path) -> anyhow::Result<()> {
     println!("setup: checking this machine");
@@ -21,6 +21,8 @@ pub fn run(_root: &Path) -> anyhow::Result<()> {
     check_tool("crun", &["--version"], "crun")?;
     check_tool("runc", &["--version"], "runc")?;
     ensure_kubernetes_validate()?;
+    sbom::CYCLONEDX.ensure()?;
+    test::CARGO_DENY.ensure()?;
     kernel_matrix_tools()?;
     println!("setup: done");
     Ok(())
@@ -102,6 +104,62 @@ fn ensure_kubernetes_validate() -> anyhow::Result<()> {
         bail!("pip installed kubernetes-validate, but it is not on PATH");
     }
     Ok(())
+}
+
+/// A cargo subcommand from crates.io, pinned: a newer release may read the
+/// same input differently (cargo-deny's config, cargo-cyclonedx's output).
+pub(crate) struct CargoTool {
+    pub krate: &'static str,
+    /// What `cargo <subcommand>` runs it as.
+    pub subcommand: &'static str,
+    pub version: &'static str,
+    /// What the project uses it for, said when installing it.
+    pub purpose: &'static str,
+}
+
+impl CargoTool {
+    /// Whether `cargo <subcommand> --version` says our version.
+    fn installed(&self) -> bool {
+        output("cargo", &[self.subcommand, "--version"]).is_ok_and(|said| {
+            said.split_whitespace()
+                .any(|word| word.trim_start_matches('v') == self.version)
+        })
+    }
+
+    /// Installs the pinned version when it is not the one installed.
+    pub fn ensure(&self) -> anyhow::Result<()> {
+        let Self { krate, version, .. } = self;
+        if self.installed() {
+            println!("  ok: {krate} {version}");
+            return Ok(());
+        }
+        println!(
+            "  installing: {krate} {version} ({}, a few minutes)",
+            self.purpose
+        );
+        let status = Command::new("cargo")
+            .args(["install", "--locked", "--version", version, krate])
+            .status()
+            .with_context(|| format!("running cargo install {krate}"))?;
+        if !status.success() || !self.installed() {
+            bail!("`cargo install --locked --version {version} {krate}` failed ({status})");
+        }
+        Ok(())
+    }
+
+    /// Fails, naming the fix, unless the pinned version is installed.
+    pub fn require(&self) -> anyhow::Result<()> {
+        if self.installed() {
+            return Ok(());
+        }
+        bail!(
+            "`cargo {}` is not {} {} ({}): `cargo xtask setup` installs it",
+            self.subcommand,
+            self.krate,
+            self.version,
+            self.purpose
+        )
+    }
 }
 
 fn check_tool(program: &str, args: &[&str], package: &str) -> anyhow::Result<()> {

@@ -5,7 +5,9 @@ use std::{path::Path, time::Instant};
 use anyhow::{Context as _, bail};
 
 use crate::{
-    WORKSPACE, build_binaries, cargo, in_ci, is_root, kernels, run_in, setup, target_dir,
+    WORKSPACE, build_binaries, cargo, in_ci, is_root, kernels, run_in,
+    setup::{self, CargoTool},
+    target_dir,
     toolchain::{self, Pin},
 };
 
@@ -16,11 +18,38 @@ use crate::{
 /// which the workspace's unit tests run.)
 const UNPRIVILEGED_TEST_FILES: [&str; 1] = ["manifests"];
 
-/// Formatting and clippy, in two passes: the workspace without the eBPF
-/// crate, then the eBPF crate alone for its own target (built together,
-/// feature unification would give it std and two panic handlers).
+pub const CARGO_DENY: CargoTool = CargoTool {
+    krate: "cargo-deny",
+    subcommand: "deny",
+    version: "0.20.2",
+    purpose: "lint's licence and duplicate checks",
+};
+
+/// deny.toml's licence and duplicate policy, offline; its warnings (an
+/// allowed licence no crate has, a skip no longer needed) fail too, so the
+/// policy stays what the tree is.
+const DENY_CHECK: [&str; 7] = [
+    "deny",
+    "--offline",
+    "check",
+    "-D",
+    "warnings",
+    "licenses",
+    "bans",
+];
+
+/// Formatting, deny.toml's licence and duplicate-version policy, and
+/// clippy, in two passes: the workspace without the eBPF crate, then the
+/// eBPF crate alone for its own target (built together, feature
+/// unification would give it std and two panic handlers).
 pub fn lint(root: &Path) -> anyhow::Result<()> {
     cargo(root, &["fmt", "--all", "--check"])?;
+    // cargo-deny reads the whole graph, every platform's crates too: fetch
+    // them, then check offline. Its advisories check is left out: it needs
+    // the advisory database from GitHub.
+    cargo(root, &["fetch", "--locked"])?;
+    CARGO_DENY.require()?;
+    cargo(root, &DENY_CHECK)?;
     let mut clippy = vec!["clippy"];
     clippy.extend(WORKSPACE);
     clippy.extend(["--all-targets", "--", "-D", "warnings"]);
@@ -136,6 +165,52 @@ fn unprivileged(root: &Path) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs lint's cargo-deny check with `policy` as deny.toml: whether it
+    /// passed, and what it said.
+    fn deny_check(root: &Path, policy: &str) -> (bool, String) {
+        let config =
+            std::env::temp_dir().join(format!("imds-guard-deny-{}.toml", std::process::id()));
+        std::fs::write(&config, policy).unwrap();
+        let config_arg = config.to_string_lossy();
+        let mut args = DENY_CHECK.to_vec();
+        args.splice(2..2, ["--config", &config_arg]);
+        let out = std::process::Command::new("cargo")
+            .args(&args)
+            .current_dir(root)
+            .output()
+            .unwrap();
+        std::fs::remove_file(&config).unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// The policy as shipped passes, and each check can fail: without a
+    /// skip, its duplicate is named; without an allowed licence, the
+    /// crates under it.
+    #[test]
+    fn deny_toml_passes_and_fails_without_a_skip_or_a_licence() {
+        CARGO_DENY.require().unwrap();
+        let root = crate::workspace_root().unwrap();
+        let policy = std::fs::read_to_string(root.join("deny.toml")).unwrap();
+        let (passed, said) = deny_check(&root, &policy);
+        assert!(passed, "{said}");
+        for (line, named) in [
+            ("{ crate = \"getrandom@0.2.17\"", "getrandom"),
+            ("\"ISC\",", "rustls-webpki"),
+        ] {
+            let without = policy
+                .lines()
+                .filter(|l| !l.trim_start().starts_with(line))
+                .collect::<Vec<_>>()
+                .join("\n");
+            assert_ne!(without.len(), policy.len(), "no {line} in deny.toml");
+            let (passed, said) = deny_check(&root, &without);
+            assert!(!passed && said.contains(named), "without {line}: {said}");
+        }
+    }
 
     #[test]
     fn a_run_without_root_names_every_file_it_skips_and_only_those() {

@@ -71,7 +71,7 @@ impl Vm {
 
     /// Builds the image in the VM and hands it to k3s.
     fn load_image(&self) -> anyhow::Result<()> {
-        let args = image::build_args(&self.root);
+        let args = image::build_args(&self.root)?;
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let build = remote_command("sudo DOCKER_BUILDKIT=1 docker", &args);
         println!("vagrant-e2e: building {} in the VM", image::reference());
