@@ -883,35 +883,45 @@ fn explain_says_why_on_the_node_and_through_the_api_servers_pod_proxy() {
     for _ in 0..2 {
         assert_eq!(node.attempt(&web), eperm());
     }
-    let on_node = |pod: &TestPod, output: &str| {
-        imds_guard_tests::daemon::run_to_end(&[
-            "explain",
-            &format!("pod/{}", pod.name),
-            "-n",
-            &pod.namespace,
-            "--daemon",
-            &socket_arg,
-            "--output",
-            output,
-        ])
-        .expect("imds-guard explain")
-    };
-    // On the node: the blocked pod, as JSON, field by field.
-    let web_cgroup = node.cgroup_of(&web);
+    explain_on_the_node(&node, &socket_arg, [&agent, &asks, &web]);
+    explain_through_the_pod_proxy(&mut node);
+}
+
+/// `imds-guard explain` on the node, asking the daemon at `socket`.
+fn explain_on_node(socket: &str, pod: &TestPod, output: &str) -> String {
+    imds_guard_tests::daemon::run_to_end(&[
+        "explain",
+        &format!("pod/{}", pod.name),
+        "-n",
+        &pod.namespace,
+        "--daemon",
+        socket,
+        "--output",
+        output,
+    ])
+    .expect("imds-guard explain")
+}
+
+/// On the node: why each of an allowed pod, a pod its namespace does not
+/// permit and a pod without the label (refused twice) is where it is.
+fn explain_on_the_node(node: &Node, socket_arg: &str, [agent, asks, web]: [&TestPod; 3]) {
+    let on_node = |pod: &TestPod, output: &str| explain_on_node(socket_arg, pod, output);
+    // The blocked pod, as JSON, field by field.
+    let web_cgroup = node.cgroup_of(web);
     let pod_dir = web_cgroup.parent().expect("pod cgroup");
     wait_until(
         "the attempts to reach explain",
         Duration::from_secs(5),
         || {
             let json: serde_json::Value =
-                serde_json::from_str(&on_node(&web, "json")).expect("explain json");
+                serde_json::from_str(&on_node(web, "json")).expect("explain json");
             json["recent_attempts"]
                 .as_array()
                 .is_some_and(|a| a.len() >= 2)
         },
     );
     let json: serde_json::Value =
-        serde_json::from_str(&on_node(&web, "json")).expect("explain json");
+        serde_json::from_str(&on_node(web, "json")).expect("explain json");
     assert_eq!(json["uid"], web.uid.as_str(), "{json:#}");
     assert_eq!(json["node"], NODE);
     assert_eq!(json["outcome"], "blocked");
@@ -941,15 +951,15 @@ fn explain_says_why_on_the_node_and_through_the_api_servers_pod_proxy() {
     // As text, each decision with what made it.
     let cases = [
         (
-            &agent,
+            agent,
             "ALLOWED: the pod has the label imds-guard.io/metadata-access=allow and namespace kube-system is listed in allowNamespaces",
         ),
         (
-            &asks,
+            asks,
             "BLOCKED: the pod has the label imds-guard.io/metadata-access=allow, but namespace team does not permit its pods to ask",
         ),
         (
-            &web,
+            web,
             "BLOCKED: the pod does not have the label imds-guard.io/metadata-access=allow",
         ),
     ];
@@ -957,20 +967,25 @@ fn explain_says_why_on_the_node_and_through_the_api_servers_pod_proxy() {
         let text = on_node(pod, "text");
         assert!(text.contains(want), "{}: {text}", pod.name);
     }
-    assert!(on_node(&agent, "text").contains("allow map   entry allow"));
+    assert!(on_node(agent, "text").contains("allow map   entry allow"));
     let unknown = imds_guard_tests::daemon::run_to_end(&[
         "explain",
         "pod/nobody",
         "-n",
         "team",
         "--daemon",
-        &socket_arg,
+        socket_arg,
     ]);
     assert!(
         format!("{unknown:?}").contains("no such pod on this node"),
         "{unknown:?}"
     );
-    // From a workstation: the plugin reads the pod with the user's token,
+}
+
+/// From a workstation: `kubectl imds-guard` with a user's kubeconfig, for
+/// a user who may use the pod proxy and one who may not.
+fn explain_through_the_pod_proxy(node: &mut Node) {
+    // The plugin reads the pod with the user's token,
     // finds the daemon pod on its node and asks it through the pod proxy.
     let port = node.daemon.http_address().expect("http address").port();
     node.api.apply_pod(daemon_pod(port)).expect("daemon pod");

@@ -3,8 +3,14 @@
 //! and nothing more, with a configuration the daemon accepts, and an
 //! admission policy that rejects every metadata address the daemon denies.
 //!
-//! Needs kubectl and kubernetes-validate (`cargo xtask setup` installs the
-//! latter); no root, no cluster.
+//! And the optional monitoring bundle (deploy/monitoring): valid against
+//! the prometheus-operator CRD schemas, every alert passing its promtool
+//! unit tests, the dashboard what its generator builds.
+//!
+//! Needs kubectl, kubernetes-validate, promtool (Debian's prometheus),
+//! python3 with cloudcoil-models-prometheus-operator and
+//! grafana-foundation-sdk (`cargo xtask setup` installs all but kubectl);
+//! no root, no cluster.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -21,6 +27,7 @@ use enforcer_user::{
     k8s::{API_ACCESS, STARTUP_TAINT_ACCESS},
     report::explain::EXPLAIN_ACCESS,
 };
+use imds_guard_tests::monitoring;
 use kube_cel::{KubeCelExt as _, cel};
 use serde_json::{Value, json};
 
@@ -959,4 +966,191 @@ fn node_taint_policy_lets_the_daemon_remove_only_its_taint_from_only_its_node() 
     for (what, claim, old, new) in rejected {
         assert!(!failures(claim, old, new).is_empty(), "{what} was admitted");
     }
+}
+
+const MONITORING: &str = "deploy/monitoring";
+
+/// Runs `tests/monitoring/validate_operator_crds.py` on `objects`: for each
+/// `Kind/name`, `None` when valid, or the problems it names.
+fn validate_operator_objects(objects: &[Value]) -> HashMap<String, Option<String>> {
+    let (_, report) = run_tool(
+        "python3",
+        &["tests/monitoring/validate_operator_crds.py"],
+        &serde_json::to_string(objects).expect("serializable"),
+        "install cloudcoil-models-prometheus-operator with `cargo xtask setup`",
+    );
+    let mut verdicts = HashMap::new();
+    let mut current: Option<String> = None;
+    for line in report.lines() {
+        if let Some(name) = line.strip_prefix("valid: ") {
+            verdicts.insert(name.to_owned(), None);
+            current = None;
+        } else if let Some(name) = line.strip_prefix("invalid: ") {
+            verdicts.insert(name.to_owned(), Some(String::new()));
+            current = Some(name.to_owned());
+        } else if let Some(problems) = current.as_ref().and_then(|n| verdicts.get_mut(n)) {
+            problems.get_or_insert_default().push_str(line);
+            problems.get_or_insert_default().push('\n');
+        } else {
+            panic!("the validator said {line:?} in:\n{report}");
+        }
+    }
+    assert_eq!(verdicts.len(), objects.len(), "{report}");
+    verdicts
+}
+
+/// One run of the validator (importing the models takes seconds) checks
+/// the bundle and that the check bites: a misspelled field and a wrongly
+/// typed one are each named, not passed over.
+#[test]
+fn the_monitoring_bundle_is_valid_against_its_schemas() {
+    let (yaml, docs) = render(MONITORING);
+    let (operator, kubernetes): (Vec<Value>, Vec<Value>) = docs
+        .into_iter()
+        .partition(|d| d["apiVersion"] == "monitoring.coreos.com/v1");
+    let kinds: BTreeSet<String> = operator
+        .iter()
+        .map(|d| d["kind"].as_str().expect("kind").to_owned())
+        .collect();
+    assert_eq!(kinds, set(&["PodMonitor", "PrometheusRule"]), "{yaml}");
+    let mut misspelled = find(&operator, "PodMonitor", "imds-guard").clone();
+    misspelled["metadata"]["name"] = json!("misspelled");
+    let endpoint = misspelled["spec"]["podMetricsEndpoints"][0]
+        .as_object_mut()
+        .expect("an endpoint");
+    let interval = endpoint.remove("interval").expect("an interval");
+    endpoint.insert("intervall".to_owned(), interval);
+    let mut mistyped = find(&operator, "PrometheusRule", "imds-guard").clone();
+    mistyped["metadata"]["name"] = json!("mistyped");
+    mistyped["spec"]["groups"][0]["rules"][0]["for"] = json!("one minute");
+    let mut checked = operator.clone();
+    checked.extend([misspelled, mistyped]);
+    let verdicts = validate_operator_objects(&checked);
+    for shipped in ["PodMonitor/imds-guard", "PrometheusRule/imds-guard"] {
+        assert_eq!(verdicts[shipped], None, "{shipped}: {verdicts:?}");
+    }
+    for (name, named) in [
+        (
+            "PodMonitor/misspelled",
+            "unknown field spec.podMetricsEndpoints[0].intervall",
+        ),
+        ("PrometheusRule/mistyped", "spec.groups.0.rules.0.for"),
+    ] {
+        let problems = verdicts[name].as_deref().unwrap_or_default();
+        assert!(
+            problems.contains(named),
+            "{name}: {named} not reported: {verdicts:?}"
+        );
+    }
+    // The rest is the dashboard's ConfigMap, for Grafana's sidecar.
+    let configmap = find(&kubernetes, "ConfigMap", "imds-guard-dashboard");
+    assert_eq!(configmap["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(configmap["metadata"]["namespace"], "imds-guard");
+    let shipped: Value = serde_json::from_str(
+        configmap["data"]["imds-guard.json"]
+            .as_str()
+            .expect("the dashboard JSON"),
+    )
+    .expect("JSON");
+    assert_eq!(shipped, monitoring::dashboard());
+    let texts: Vec<String> = kubernetes
+        .iter()
+        .map(|d| serde_yaml_ng::to_string(d).expect("serializable"))
+        .collect();
+    validate(MONITORING, &texts.join("---\n"));
+    // The scrape finds the DaemonSet's pods and port.
+    let pod_monitor = find(&operator, "PodMonitor", "imds-guard");
+    let deployed = base();
+    let template = at(daemonset(&deployed), "/spec/template");
+    assert_eq!(
+        at(pod_monitor, "/spec/selector/matchLabels"),
+        at(template, "/metadata/labels")
+    );
+    assert_eq!(
+        at(pod_monitor, "/spec/podMetricsEndpoints/0/port"),
+        at(template, "/spec/containers/0/ports/0/name")
+    );
+}
+
+/// Writes the `PrometheusRule`'s groups as a rule file, and the promtool unit
+/// tests beside it, into a directory of their own.
+fn promtool_dir(rule_file: &Value) -> PathBuf {
+    let dir = std::env::temp_dir().join(imds_guard_tests::unique_name("promtool"));
+    std::fs::create_dir_all(&dir).expect("a temporary directory");
+    std::fs::write(
+        dir.join("rules.yaml"),
+        serde_yaml_ng::to_string(rule_file).expect("serializable"),
+    )
+    .expect("writing rules.yaml");
+    std::fs::copy(
+        workspace_root().join("tests/monitoring/alerts.test.yaml"),
+        dir.join("alerts.test.yaml"),
+    )
+    .expect("copying the alert tests");
+    dir
+}
+
+fn promtool_test(rule_file: &Value) -> (bool, String) {
+    let dir = promtool_dir(rule_file);
+    let rules = dir.join("rules.yaml").display().to_string();
+    let tests = dir.join("alerts.test.yaml").display().to_string();
+    let hint = "install Debian's prometheus package (cargo xtask setup)";
+    let (checked, check) = run_tool("promtool", &["check", "rules", &rules], "", hint);
+    let result = if checked {
+        run_tool("promtool", &["test", "rules", &tests], "", hint)
+    } else {
+        (false, check)
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+#[test]
+fn every_alert_passes_its_promtool_unit_tests() {
+    let rule_file = monitoring::rule_file();
+    let (ok, report) = promtool_test(&rule_file);
+    assert!(ok, "{report}");
+    // Every alert is tested there.
+    let tests = std::fs::read_to_string(workspace_root().join("tests/monitoring/alerts.test.yaml"))
+        .expect("the alert tests");
+    for (alert, _) in monitoring::alerts(&rule_file) {
+        assert!(
+            tests.contains(&format!("alertname: {alert}")),
+            "{alert} has no promtool test"
+        );
+    }
+    // And they bite: an alert that never fires fails them.
+    let mut silenced = rule_file.clone();
+    silenced["groups"][0]["rules"][0]["expr"] = json!("vector(0) > 1");
+    let (ok, report) = promtool_test(&silenced);
+    assert!(!ok, "a silenced alert passed:\n{report}");
+}
+
+#[test]
+fn the_dashboard_is_what_its_generator_builds() {
+    let (ok, generated) = run_tool(
+        "python3",
+        &["deploy/monitoring/dashboards/generate.py"],
+        "",
+        "install grafana-foundation-sdk with `cargo xtask setup`",
+    );
+    assert!(ok, "{generated}");
+    let committed = std::fs::read_to_string(
+        workspace_root().join("deploy/monitoring/dashboards/imds-guard.json"),
+    )
+    .expect("the committed dashboard");
+    assert!(
+        generated == committed,
+        "deploy/monitoring/dashboards/imds-guard.json is not what generate.py builds: run\n  \
+         python3 deploy/monitoring/dashboards/generate.py > deploy/monitoring/dashboards/imds-guard.json"
+    );
+    // Every panel with data queries the daemon's metrics.
+    let queries = monitoring::dashboard_queries(&monitoring::dashboard());
+    assert!(queries.len() >= 10, "{queries:?}");
+    assert!(
+        queries
+            .iter()
+            .all(|q| !monitoring::metric_names(q).is_empty()),
+        "{queries:?}"
+    );
 }

@@ -23,6 +23,11 @@ pub fn run(_root: &Path) -> anyhow::Result<()> {
     ensure_kubernetes_validate()?;
     sbom::CYCLONEDX.ensure()?;
     test::CARGO_DENY.ensure()?;
+    // tests/tests/manifests.rs unit-tests the alert rules with promtool;
+    // tests/tests/monitoring.rs runs the prometheus server.
+    check_tool("promtool", &["--version"], "prometheus")?;
+    check_tool("prometheus", &["--version"], "prometheus")?;
+    ensure_python_packages()?;
     kernel_matrix_tools()?;
     println!("setup: done");
     Ok(())
@@ -160,6 +165,44 @@ impl CargoTool {
             self.purpose
         )
     }
+}
+
+/// The Python packages the monitoring bundle's checks import, by name and
+/// version: the prometheus-operator CRD models
+/// (`tests/monitoring/validate_operator_crds.py`) and Grafana's SDK
+/// (deploy/monitoring/dashboards/generate.py). Pinned: the committed
+/// dashboard is what this SDK version writes.
+const PYTHON_PACKAGES: [(&str, &str); 2] = [
+    ("cloudcoil-models-prometheus-operator", "0.80.1.0"),
+    ("grafana-foundation-sdk", "1769699998!10.1.0"),
+];
+
+fn ensure_python_packages() -> anyhow::Result<()> {
+    for (package, version) in PYTHON_PACKAGES {
+        let installed = || {
+            output(
+                "python3",
+                &[
+                    "-c",
+                    "import importlib.metadata, sys; print(importlib.metadata.version(sys.argv[1]))",
+                    package,
+                ],
+            )
+            .is_ok_and(|found| found.trim() == version)
+        };
+        if installed() {
+            println!("  ok: {package} {version} (python3)");
+            continue;
+        }
+        let requirement = format!("{package}=={version}");
+        println!("  installing: {requirement} (pip)");
+        output("pip", &["install", "--quiet", &requirement])
+            .with_context(|| format!("`pip install {requirement}` failed"))?;
+        if !installed() {
+            bail!("pip installed {requirement}, but python3 does not find it");
+        }
+    }
+    Ok(())
 }
 
 fn check_tool(program: &str, args: &[&str], package: &str) -> anyhow::Result<()> {

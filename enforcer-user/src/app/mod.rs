@@ -456,9 +456,6 @@ async fn start(
 
 /// Sets the gauges that mirror the maps from what the kernel holds now.
 async fn refresh_metrics_once(health: &Health, metrics: &Metrics) {
-    metrics
-        .programs_attached
-        .set(metrics::gauge_count(health.programs_attached()));
     match health.handle.snapshot().await {
         Ok(snapshot) => {
             let audited = snapshot

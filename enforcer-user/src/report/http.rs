@@ -123,39 +123,70 @@ impl Health {
             .collect()
     }
 
+    /// Looks at everything the probes judge, once.
+    pub async fn assess(&self) -> Assessment {
+        let stopped_tasks = self
+            .stopped_tasks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let enforcer_problem =
+            match tokio::time::timeout(RESPONSIVE_WITHIN, self.handle.snapshot()).await {
+                Ok(Ok(_)) => None,
+                Ok(Err(err)) => Some(format!("enforcer: {err}")),
+                Err(_) => Some("enforcer did not answer within a second".to_owned()),
+            };
+        Assessment {
+            programs_attached: self.programs_attached(),
+            stopped_tasks,
+            enforcer_problem,
+            synced: self.synced.load(Ordering::Relaxed),
+            api_reachable: self.api_reachable.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What the probes found. `/healthz`, `/readyz` and the health gauges of
+/// `/metrics` all judge it with the methods below, so they cannot disagree.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Assessment {
+    /// Programs of the generation in force attached (of [`PROGRAMS`]).
+    pub programs_attached: usize,
+    /// The daemon's tasks that stopped while it runs.
+    pub stopped_tasks: Vec<&'static str>,
+    /// Why the enforcer task did not answer, if it did not.
+    pub enforcer_problem: Option<String>,
+    /// The first lists are reconciled (always, outside Kubernetes mode).
+    pub synced: bool,
+    /// The last watch request succeeded (always, outside Kubernetes mode).
+    pub api_reachable: bool,
+}
+
+impl Assessment {
     /// Why the daemon is not live, if it is not.
-    async fn not_live(&self) -> Option<String> {
-        let attached = self.programs_attached();
-        if attached < PROGRAMS.len() {
+    pub fn not_live(&self) -> Option<String> {
+        if self.programs_attached < PROGRAMS.len() {
             return Some(format!(
-                "{attached} of {} programs attached",
+                "{} of {} programs attached",
+                self.programs_attached,
                 PROGRAMS.len()
             ));
         }
-        {
-            let stopped = self
-                .stopped_tasks
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if !stopped.is_empty() {
-                return Some(format!("task stopped: {}", stopped.join(", ")));
-            }
+        if !self.stopped_tasks.is_empty() {
+            return Some(format!("task stopped: {}", self.stopped_tasks.join(", ")));
         }
-        match tokio::time::timeout(RESPONSIVE_WITHIN, self.handle.snapshot()).await {
-            Ok(Ok(_)) => None,
-            Ok(Err(err)) => Some(format!("enforcer: {err}")),
-            Err(_) => Some("enforcer did not answer within a second".to_owned()),
-        }
+        self.enforcer_problem.clone()
     }
 
-    async fn not_ready(&self) -> Option<String> {
-        if let Some(why) = self.not_live().await {
+    /// Why the daemon is not ready, if it is not.
+    pub fn not_ready(&self) -> Option<String> {
+        if let Some(why) = self.not_live() {
             return Some(why);
         }
-        if !self.synced.load(Ordering::Relaxed) {
+        if !self.synced {
             return Some("not synced with the API server yet".to_owned());
         }
-        if !self.api_reachable.load(Ordering::Relaxed) {
+        if !self.api_reachable {
             return Some("the API server is not reachable".to_owned());
         }
         None
@@ -280,6 +311,10 @@ async fn route(
 ) -> Response<Full<Bytes>> {
     match request.uri().path() {
         "/metrics" => {
+            // Health gauges as the probes would answer now.
+            endpoints
+                .metrics
+                .set_health(&endpoints.health.assess().await);
             let mut response = text(StatusCode::OK, endpoints.metrics.render());
             if let Ok(value) = "application/openmetrics-text; version=1.0.0; charset=utf-8".parse()
             {
@@ -289,8 +324,8 @@ async fn route(
             }
             response
         }
-        "/healthz" => verdict(endpoints.health.not_live().await),
-        "/readyz" => verdict(endpoints.health.not_ready().await),
+        "/healthz" => verdict(endpoints.health.assess().await.not_live()),
+        "/readyz" => verdict(endpoints.health.assess().await.not_ready()),
         path if path.starts_with(EXPLAIN_BY_UID) => {
             let uid = &path[EXPLAIN_BY_UID.len()..];
             endpoints.explain(PodQuery::Uid(uid.to_owned())).await
@@ -455,4 +490,63 @@ pub async fn serve(listener: Listener, endpoints: Arc<Endpoints>, cancel: Cancel
         });
     }
     while connections.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+impl Assessment {
+    /// Everything fine, for tests to change one fact of.
+    pub(crate) fn healthy() -> Assessment {
+        Assessment {
+            programs_attached: PROGRAMS.len(),
+            stopped_tasks: Vec::new(),
+            enforcer_problem: None,
+            synced: true,
+            api_reachable: true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_needs_liveness_sync_and_the_api_server() {
+        assert_eq!(Assessment::healthy().not_live(), None);
+        assert_eq!(Assessment::healthy().not_ready(), None);
+        let detached = Assessment {
+            programs_attached: PROGRAMS.len() - 1,
+            ..Assessment::healthy()
+        };
+        let why = detached.not_live().expect("not live");
+        assert!(why.contains("programs attached"), "{why}");
+        assert_eq!(detached.not_ready(), Some(why));
+        let stopped = Assessment {
+            stopped_tasks: vec!["http server"],
+            ..Assessment::healthy()
+        };
+        assert_eq!(
+            stopped.not_live().as_deref(),
+            Some("task stopped: http server")
+        );
+        let unanswered = Assessment {
+            enforcer_problem: Some("enforcer did not answer within a second".to_owned()),
+            ..Assessment::healthy()
+        };
+        assert!(unanswered.not_live().is_some());
+        // Sync and the API server decide readiness only.
+        for not_ready in [
+            Assessment {
+                synced: false,
+                ..Assessment::healthy()
+            },
+            Assessment {
+                api_reachable: false,
+                ..Assessment::healthy()
+            },
+        ] {
+            assert_eq!(not_ready.not_live(), None);
+            assert!(not_ready.not_ready().is_some(), "{not_ready:?}");
+        }
+    }
 }

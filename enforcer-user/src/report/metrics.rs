@@ -1,5 +1,7 @@
 //! Prometheus metrics (`prometheus-client`), served on `/metrics`.
 
+use crate::report::http::Assessment;
+
 use std::{
     collections::HashSet,
     sync::{
@@ -8,6 +10,7 @@ use std::{
     },
 };
 
+use enforcer_common::names::PROGRAMS;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -46,6 +49,13 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    const ALL: [ErrorKind; 4] = [
+        ErrorKind::MapWrite,
+        ErrorKind::Watch,
+        ErrorKind::Taint,
+        ErrorKind::Edge,
+    ];
+
     fn label(self) -> &'static str {
         match self {
             ErrorKind::MapWrite => "map_write",
@@ -69,7 +79,10 @@ pub struct Metrics {
     pub allowlisted: Gauge,
     pub audited: Gauge,
     pub rules: Gauge,
-    pub programs_attached: Gauge,
+    programs_attached: Gauge,
+    programs_expected: Gauge,
+    ready: Gauge,
+    api_reachable: Gauge,
     events_dropped: Counter,
     events_dropped_seen: AtomicU64,
     pub reconcile_seconds: Histogram,
@@ -118,6 +131,9 @@ impl Metrics {
             audited: Gauge::default(),
             rules: Gauge::default(),
             programs_attached: Gauge::default(),
+            programs_expected: Gauge::default(),
+            ready: Gauge::default(),
+            api_reachable: Gauge::default(),
             events_dropped: Counter::default(),
             events_dropped_seen: AtomicU64::new(0),
             reconcile_seconds: Histogram::new(latency_buckets()),
@@ -158,11 +174,7 @@ impl Metrics {
             metrics.errors.clone(),
         );
         registry.register("rules", "Destination rules loaded", metrics.rules.clone());
-        registry.register(
-            "programs_attached",
-            "eBPF programs attached (pinned links of the generation in force)",
-            metrics.programs_attached.clone(),
-        );
+        metrics.register_health(&mut registry);
         registry.register(
             "events_dropped",
             "Events the kernel did not send (per-cgroup rate limit or full ring)",
@@ -180,13 +192,47 @@ impl Metrics {
         );
         registry.register(
             "last_sync_timestamp_seconds",
-            "Unix time of the last successful reconcile with the API server",
+            "Unix time of the last reconcile put in force; it stays old on an idle node (imds_guard_api_reachable says whether the watches work)",
             metrics.last_sync_timestamp.clone(),
         );
+        // Every kind is exported from the start: an error counter that
+        // first appears at 1 shows no increase to an alert rule.
+        for kind in ErrorKind::ALL {
+            drop(
+                metrics
+                    .errors
+                    .get_or_create(&ErrorLabels { kind: kind.label() }),
+            );
+        }
         Metrics {
             registry,
             ..metrics
         }
+    }
+
+    /// The gauges [`Metrics::set_health`] sets at each scrape.
+    fn register_health(&self, registry: &mut Registry) {
+        registry.register(
+            "programs_attached",
+            "eBPF programs attached (pinned links of the generation in force)",
+            self.programs_attached.clone(),
+        );
+        self.programs_expected.set(gauge_count(PROGRAMS.len()));
+        registry.register(
+            "programs_expected",
+            "eBPF programs a fully enforced node has attached",
+            self.programs_expected.clone(),
+        );
+        registry.register(
+            "ready",
+            "Whether the daemon is ready (1), as /readyz answers: programs attached, responsive, synced and the API server reachable",
+            self.ready.clone(),
+        );
+        registry.register(
+            "api_reachable",
+            "Whether the last watch request to the API server succeeded (1); always 1 outside Kubernetes mode",
+            self.api_reachable.clone(),
+        );
     }
 
     /// Counts one attempt; past the cardinality bound the workload becomes `_other`.
@@ -219,6 +265,15 @@ impl Metrics {
         if kernel_total > before {
             self.events_dropped.inc_by(kernel_total - before);
         }
+    }
+
+    /// Sets the health gauges from what the probes found, judged as
+    /// `/readyz` judges it.
+    pub fn set_health(&self, assessment: &Assessment) {
+        self.programs_attached
+            .set(gauge_count(assessment.programs_attached));
+        self.ready.set(i64::from(assessment.not_ready().is_none()));
+        self.api_reachable.set(i64::from(assessment.api_reachable));
     }
 
     /// Records whether `route` is guarded on this node.
@@ -291,5 +346,63 @@ mod tests {
                 .render()
                 .contains("imds_guard_events_dropped_total 12")
         );
+    }
+
+    #[test]
+    fn errors_of_every_kind_start_at_zero() {
+        let text = Metrics::new().render();
+        for kind in ["map_write", "watch", "taint", "edge"] {
+            let series = format!("imds_guard_errors_total{{kind=\"{kind}\"}} 0");
+            assert!(text.contains(&series), "{series} not in\n{text}");
+        }
+    }
+
+    #[test]
+    fn health_gauges_agree_with_readiness() {
+        let metrics = Metrics::new();
+        let expected = format!("imds_guard_programs_expected {}", PROGRAMS.len());
+        assert!(metrics.render().contains(&expected));
+        let cases = [
+            (Assessment::healthy(), 1, 1),
+            (
+                Assessment {
+                    api_reachable: false,
+                    ..Assessment::healthy()
+                },
+                0,
+                0,
+            ),
+            (
+                Assessment {
+                    synced: false,
+                    ..Assessment::healthy()
+                },
+                0,
+                1,
+            ),
+            (
+                Assessment {
+                    programs_attached: PROGRAMS.len() - 2,
+                    ..Assessment::healthy()
+                },
+                0,
+                1,
+            ),
+        ];
+        for (assessment, ready, reachable) in cases {
+            metrics.set_health(&assessment);
+            let text = metrics.render();
+            assert_eq!(assessment.not_ready().is_none(), ready == 1);
+            for series in [
+                format!("imds_guard_ready {ready}"),
+                format!("imds_guard_api_reachable {reachable}"),
+                format!(
+                    "imds_guard_programs_attached {}",
+                    assessment.programs_attached
+                ),
+            ] {
+                assert!(text.contains(&series), "{series} not in\n{text}");
+            }
+        }
     }
 }
