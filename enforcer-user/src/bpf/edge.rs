@@ -86,8 +86,12 @@ pub enum TcHook {
 
 impl TcHook {
     pub fn of_this_kernel() -> TcHook {
-        let release = kernel::release();
-        if kernel::version(&release).is_some_and(|v| v >= (6, 6)) {
+        TcHook::of_kernel(&kernel::release())
+    }
+
+    /// tcx from Linux 6.6, clsact before.
+    pub fn of_kernel(release: &str) -> TcHook {
+        if kernel::version(release).is_some_and(|v| v >= (6, 6)) {
             TcHook::Tcx
         } else {
             TcHook::Clsact

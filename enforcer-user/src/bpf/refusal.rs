@@ -6,7 +6,10 @@
 use aya::{EbpfError, maps::MapError, programs::ProgramError};
 
 use super::BpfError;
-use crate::host::{kernel, memlock};
+use crate::host::{
+    kernel, memlock,
+    privilege::{self, SeccompMode},
+};
 
 /// Names the cause of a failed object load where it can be told: a map the
 /// kernel refused to create is a seccomp filter, the memlock limit, or a
@@ -30,22 +33,11 @@ pub(super) fn load_error(source: EbpfError, object: &[u8]) -> BpfError {
 /// Why the kernel said EPERM to a process that holds `CAP_BPF` (privileges
 /// are checked before loading).
 fn refusal_cause(object: &[u8]) -> String {
-    if bpf_syscall_filtered() {
-        let seccomp = std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .is_some_and(|s| seccomp_filtering(&s));
-        return if seccomp {
-            "this process's seccomp filter refuses the bpf system call. The container \
-             runtime's profile must allow bpf for a process with CAP_BPF (containerd's \
-             default profile does from 1.7 and 1.6.13, Docker's from 23.0); CRI-O's \
-             default allows it only with CAP_SYS_ADMIN: use a Localhost profile that \
-             allows bpf"
-                .to_owned()
-        } else {
-            "something refuses the bpf system call before the kernel reads it (a \
-             security module such as SELinux or Lockdown)"
-                .to_owned()
-        };
+    if privilege::bpf_syscall_refused() {
+        return privilege::bpf_refusal_cause(
+            privilege::seccomp_mode() == Some(SeccompMode::Filter),
+        )
+        .to_owned();
     }
     let release = kernel::release();
     if kernel::version(&release).is_some_and(|v| v < memlock::FIRST_MEMCG_KERNEL) {
@@ -62,32 +54,6 @@ fn refusal_cause(object: &[u8]) -> String {
     "the kernel refused although this process holds CAP_BPF: a security module \
      (SELinux, AppArmor, Lockdown) may forbid BPF maps here"
         .to_owned()
-}
-
-/// Whether a `bpf()` call the kernel would reject as malformed (EINVAL) is
-/// refused with EPERM instead: then something in front of the kernel, a
-/// seccomp filter or a security module, refuses every `bpf()` call.
-fn bpf_syscall_filtered() -> bool {
-    // No such command: the kernel answers EINVAL once it gets to look.
-    const NO_SUCH_COMMAND: libc::c_long = 0x7fff;
-    // SAFETY: a null attribute pointer with size 0 is never dereferenced.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            NO_SUCH_COMMAND,
-            std::ptr::null::<u8>(),
-            0usize,
-        )
-    };
-    ret < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-}
-
-/// Whether /proc/PID/status text says a seccomp filter is installed (mode 2).
-fn seccomp_filtering(status: &str) -> bool {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Seccomp:"))
-        .is_some_and(|mode| mode.trim() == "2")
 }
 
 /// The parts of a verifier log that explain a refusal.
@@ -223,14 +189,5 @@ processed 924 insns (limit 1000000) max_states_per_insn 4 total_states 32 peak_s
             !err.contains("5.7"),
             "no hint unrelated to the failure: {err}"
         );
-    }
-
-    #[test]
-    fn seccomp_mode_from_status() {
-        assert!(seccomp_filtering(
-            "Name:\tx\nSeccomp:\t2\nSeccomp_filters:\t1\n"
-        ));
-        assert!(!seccomp_filtering("Seccomp:\t0\n"));
-        assert!(!seccomp_filtering("Name:\tx\n"));
     }
 }

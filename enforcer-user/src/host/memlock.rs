@@ -130,7 +130,7 @@ pub enum MemlockError {
 }
 
 /// The current (soft, hard) `RLIMIT_MEMLOCK`.
-fn current_limit() -> std::io::Result<(u64, u64)> {
+pub fn current_limit() -> std::io::Result<(u64, u64)> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -151,7 +151,7 @@ fn set_limit(soft: u64, hard: u64) -> bool {
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const limit) == 0 }
 }
 
-/// What [`ensure`] did.
+/// What [`ensure`] did, or [`plan`] would do.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Memlock {
     /// The kernel charges memory cgroups: no limit applies.
@@ -166,34 +166,59 @@ pub fn charges(kernel: &str) -> bool {
     super::kernel::version(kernel).is_some_and(|v| v < FIRST_MEMCG_KERNEL)
 }
 
-/// On kernels that charge `RLIMIT_MEMLOCK`, makes sure `need` bytes fit:
-/// raises the limit to unlimited where `CAP_SYS_RESOURCE` allows, or the soft
-/// limit up to the hard one, and otherwise refuses. The kernel counts what
-/// every process of this user has locked, so the check is necessary, not
-/// always sufficient: a later EPERM still names the need.
-pub fn ensure(kernel: &str, need: u64, cpus: u64) -> Result<Memlock, MemlockError> {
+/// What a process whose `RLIMIT_MEMLOCK` is `(soft, hard)` does on kernel
+/// `kernel` to fit `need` bytes: nothing, raise the limit to unlimited
+/// where it may (`CAP_SYS_RESOURCE`), or the soft limit up to the hard one;
+/// otherwise it refuses.
+pub fn plan(
+    kernel: &str,
+    need: u64,
+    cpus: u64,
+    (soft, hard): (u64, u64),
+    may_raise_hard: bool,
+) -> Result<Memlock, MemlockError> {
     if !charges(kernel) {
-        return Ok(Memlock::NotCharged);
-    }
-    let (soft, hard) = current_limit().unwrap_or((0, 0));
-    if soft >= need {
-        return Ok(Memlock::Enough { need, limit: soft });
-    }
-    if set_limit(libc::RLIM_INFINITY, libc::RLIM_INFINITY) {
-        return Ok(Memlock::Enough {
+        Ok(Memlock::NotCharged)
+    } else if soft >= need {
+        Ok(Memlock::Enough { need, limit: soft })
+    } else if may_raise_hard {
+        Ok(Memlock::Enough {
             need,
             limit: libc::RLIM_INFINITY,
+        })
+    } else if hard >= need {
+        Ok(Memlock::Enough { need, limit: hard })
+    } else {
+        Err(MemlockError::TooLow {
+            kernel: kernel.to_owned(),
+            need,
+            limit: soft,
+            cpus,
+        })
+    }
+}
+
+/// On kernels that charge `RLIMIT_MEMLOCK`, makes sure `need` bytes fit,
+/// raising the limit as [`plan`] says. The kernel counts what every
+/// process of this user has locked, so the check is necessary, not always
+/// sufficient: a later EPERM still names the need.
+pub fn ensure(kernel: &str, need: u64, cpus: u64) -> Result<Memlock, MemlockError> {
+    let limits = current_limit().unwrap_or((0, 0));
+    let may_raise_hard = super::privilege::effective()
+        .is_ok_and(|caps| super::privilege::holds(caps, super::privilege::CAP_SYS_RESOURCE));
+    let planned = plan(kernel, need, cpus, limits, may_raise_hard)?;
+    if let Memlock::Enough { limit, .. } = planned
+        && limit != limits.0
+        && !set_limit(limit, limit.max(limits.1))
+    {
+        return Err(MemlockError::TooLow {
+            kernel: kernel.to_owned(),
+            need,
+            limit: limits.0,
+            cpus,
         });
     }
-    if hard >= need && set_limit(hard, hard) {
-        return Ok(Memlock::Enough { need, limit: hard });
-    }
-    Err(MemlockError::TooLow {
-        kernel: kernel.to_owned(),
-        need,
-        limit: soft,
-        cpus,
-    })
+    Ok(planned)
 }
 
 #[cfg(test)]
@@ -248,6 +273,38 @@ mod tests {
             assert_eq!(ensure(kernel, u64::MAX, 2), Ok(Memlock::NotCharged));
         }
         assert!(charges("5.10.0-39-amd64"));
+    }
+
+    #[test]
+    fn on_5_10_the_limit_is_kept_raised_or_the_start_refused() {
+        const NEED: u64 = 17 << 20;
+        const CONTAINER: (u64, u64) = (64 << 10, 64 << 10);
+        let cases = [
+            // Enough already, e.g. a runtime that sets LimitMEMLOCK=infinity.
+            ((NEED, NEED), false, Ok(NEED)),
+            // CAP_SYS_RESOURCE (the kernel-5.10 overlay) lifts both limits.
+            (CONTAINER, true, Ok(libc::RLIM_INFINITY)),
+            // Without it only the soft limit may rise, to the hard one.
+            ((64 << 10, NEED * 2), false, Ok(NEED * 2)),
+            // The DaemonSet's 64 KiB: refused.
+            (CONTAINER, false, Err(64 << 10)),
+        ];
+        for (limits, may_raise, want) in cases {
+            let got = plan("5.10.0-32-amd64", NEED, 2, limits, may_raise);
+            let got = match got {
+                Ok(Memlock::Enough { limit, need }) => {
+                    assert_eq!(need, NEED);
+                    Ok(limit)
+                }
+                Ok(Memlock::NotCharged) => panic!("5.10 charges"),
+                Err(MemlockError::TooLow { limit, .. }) => Err(limit),
+            };
+            assert_eq!(got, want, "{limits:?} {may_raise}");
+        }
+        assert_eq!(
+            plan("6.1.0", NEED, 2, CONTAINER, false),
+            Ok(Memlock::NotCharged)
+        );
     }
 
     #[test]

@@ -52,7 +52,7 @@ pub enum PreflightError {
 /// The active security modules, from securityfs or, where it is not
 /// mounted (a container), the kernel command line's `lsm=`; `None` when
 /// neither says.
-fn active_lsms() -> Option<String> {
+pub fn active_lsms() -> Option<String> {
     if let Ok(list) = std::fs::read_to_string("/sys/kernel/security/lsm") {
         return Some(list.trim().to_owned());
     }
@@ -68,37 +68,71 @@ fn lsm_from_cmdline(cmdline: &str) -> Option<&str> {
         .next_back()
 }
 
-/// What loading and running the BPF LSM program needs: `CAP_PERFMON` (or
-/// `CAP_SYS_ADMIN`) in `effective`, Linux 5.13 (the cgroup helper), the
-/// kernel's BTF, and `bpf` among the
-/// active security modules (when that cannot be read, the attach is tried
-/// and the start log says it could not tell).
+/// Where the kernel's BTF is, which BPF LSM programs are typed against.
+pub const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// What the BPF LSM program's load and run depend on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LsmFacts {
+    /// Effective capabilities.
+    pub effective: u64,
+    pub kernel: String,
+    /// Whether [`KERNEL_BTF`] exists.
+    pub kernel_btf: bool,
+    /// [`active_lsms`].
+    pub active_lsms: Option<String>,
+}
+
+impl LsmFacts {
+    /// This process on this machine.
+    pub fn of_this_process(effective: u64) -> LsmFacts {
+        LsmFacts {
+            effective,
+            kernel: super::kernel::release(),
+            kernel_btf: Path::new(KERNEL_BTF).exists(),
+            active_lsms: active_lsms(),
+        }
+    }
+
+    /// What loading and running the BPF LSM program needs: `CAP_PERFMON`
+    /// (or `CAP_SYS_ADMIN`), Linux 5.13 (the cgroup helper), the kernel's
+    /// BTF, and `bpf` among the active security modules. `Ok(false)` when
+    /// the active modules cannot be read (then the attach is tried).
+    pub fn check(&self) -> Result<bool, PreflightError> {
+        use super::privilege::{CAP_PERFMON, CAP_SYS_ADMIN, holds};
+        if !holds(self.effective, CAP_PERFMON) && !holds(self.effective, CAP_SYS_ADMIN) {
+            return Err(PreflightError::NoPerfmon);
+        }
+        if super::kernel::version(&self.kernel).is_none_or(|v| v < (5, 13)) {
+            return Err(PreflightError::LsmKernelTooOld {
+                kernel: self.kernel.clone(),
+            });
+        }
+        if !self.kernel_btf {
+            return Err(PreflightError::NoKernelBtf);
+        }
+        match &self.active_lsms {
+            Some(active) if !active.split(',').any(|m| m.trim() == "bpf") => {
+                Err(PreflightError::NoBpfLsm {
+                    active: active.clone(),
+                })
+            }
+            Some(_) => Ok(true),
+            None => Ok(false),
+        }
+    }
+}
+
+/// Checks this process and machine can run the BPF LSM program
+/// ([`LsmFacts::check`]).
 pub fn check_bpf_lsm(effective: u64) -> Result<(), PreflightError> {
-    const CAP_SYS_ADMIN: u32 = 21;
-    const CAP_PERFMON: u32 = 38;
-    if effective & ((1 << CAP_PERFMON) | (1 << CAP_SYS_ADMIN)) == 0 {
-        return Err(PreflightError::NoPerfmon);
+    if !LsmFacts::of_this_process(effective).check()? {
+        tracing::warn!(
+            "cannot tell whether the bpf LSM is active (no /sys/kernel/security/lsm, \
+             no lsm= on the command line): sockets are refused only if it is"
+        );
     }
-    let kernel = super::kernel::release();
-    if super::kernel::version(&kernel).is_none_or(|v| v < (5, 13)) {
-        return Err(PreflightError::LsmKernelTooOld { kernel });
-    }
-    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
-        return Err(PreflightError::NoKernelBtf);
-    }
-    match active_lsms() {
-        Some(active) if !active.split(',').any(|m| m.trim() == "bpf") => {
-            Err(PreflightError::NoBpfLsm { active })
-        }
-        Some(_) => Ok(()),
-        None => {
-            tracing::warn!(
-                "cannot tell whether the bpf LSM is active (no /sys/kernel/security/lsm, \
-                 no lsm= on the command line): sockets are refused only if it is"
-            );
-            Ok(())
-        }
-    }
+    Ok(())
 }
 
 /// Checks the cgroup setup of a node from its mountinfo and kernel release.

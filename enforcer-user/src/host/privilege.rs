@@ -21,16 +21,34 @@ pub enum PrivilegeError {
     Missing { missing: Vec<&'static str> },
 }
 
-const CAP_NET_ADMIN: u32 = 12;
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_BPF: u32 = 39;
+pub const CAP_NET_ADMIN: u32 = 12;
+pub const CAP_SYS_ADMIN: u32 = 21;
+pub const CAP_SYS_RESOURCE: u32 = 24;
+pub const CAP_PERFMON: u32 = 38;
+pub const CAP_BPF: u32 = 39;
+
+/// The capabilities that decide what imds-guard can do, by name: the two it
+/// needs, and those an overlay adds (`CAP_SYS_RESOURCE` for 5.10's memlock,
+/// `CAP_PERFMON` for the BPF LSM), and `CAP_SYS_ADMIN`, which implies all.
+pub const DECIDING: [(u32, &str); 5] = [
+    (CAP_BPF, "CAP_BPF"),
+    (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+    (CAP_PERFMON, "CAP_PERFMON"),
+    (CAP_SYS_RESOURCE, "CAP_SYS_RESOURCE"),
+    (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+];
+
+/// Whether `cap` is in the set `effective`.
+pub fn holds(effective: u64, cap: u32) -> bool {
+    effective & (1u64 << cap) != 0
+}
 
 /// The capabilities absent from an effective set (`CapEff` of
 /// /proc/self/status): `CAP_BPF` (or `CAP_SYS_ADMIN`, which implies it) to create
 /// maps and load programs, and `CAP_NET_ADMIN` to load and attach cgroup
 /// networking programs.
 pub fn missing_capabilities(effective: u64) -> Vec<&'static str> {
-    let has = |cap: u32| effective & (1u64 << cap) != 0;
+    let has = |cap: u32| holds(effective, cap);
     let mut missing = Vec::new();
     if !has(CAP_SYS_ADMIN) && !has(CAP_BPF) {
         missing.push("CAP_BPF");
@@ -69,6 +87,69 @@ pub fn check() -> Result<(), PrivilegeError> {
     }
 }
 
+/// A process's seccomp mode (`Seccomp:` of /proc/PID/status).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SeccompMode {
+    Disabled,
+    Strict,
+    Filter,
+}
+
+/// Parses the seccomp mode out of /proc/PID/status text.
+pub fn seccomp_mode_in(status: &str) -> Option<SeccompMode> {
+    match status
+        .lines()
+        .find_map(|line| line.strip_prefix("Seccomp:"))?
+        .trim()
+    {
+        "0" => Some(SeccompMode::Disabled),
+        "1" => Some(SeccompMode::Strict),
+        "2" => Some(SeccompMode::Filter),
+        _ => None,
+    }
+}
+
+/// This process's seccomp mode, if the kernel says.
+pub fn seccomp_mode() -> Option<SeccompMode> {
+    seccomp_mode_in(&std::fs::read_to_string("/proc/self/status").ok()?)
+}
+
+/// Whether a `bpf()` call the kernel would reject as malformed (EINVAL) is
+/// refused with EPERM instead: then something in front of the kernel, a
+/// seccomp filter or a security module, refuses every `bpf()` call. Only
+/// meaningful with `CAP_BPF`: kernels before 6.5 refuse every command
+/// with EPERM to a process without it when unprivileged BPF is off.
+pub fn bpf_syscall_refused() -> bool {
+    // No such command: the kernel answers EINVAL once it gets to look.
+    const NO_SUCH_COMMAND: libc::c_long = 0x7fff;
+    // SAFETY: a null attribute pointer with size 0 is never dereferenced.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            NO_SUCH_COMMAND,
+            std::ptr::null::<u8>(),
+            0usize,
+        )
+    };
+    ret < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// What refuses `bpf()` and the fix, told by whether a seccomp filter is
+/// installed.
+pub fn bpf_refusal_cause(seccomp_filter: bool) -> &'static str {
+    if seccomp_filter {
+        "this process's seccomp filter refuses the bpf system call. The container \
+         runtime's profile must allow bpf for a process with CAP_BPF (containerd's \
+         default profile does from 1.7 and 1.6.13, Docker's from 23.0); CRI-O's \
+         default allows it only with CAP_SYS_ADMIN: use a Localhost profile that \
+         allows bpf"
+    } else {
+        "something refuses the bpf system call before the kernel reads it (a \
+         security module such as SELinux or Lockdown)"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,5 +176,21 @@ mod tests {
         let status = "Name:\tcat\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n";
         assert_eq!(effective_capabilities(status), Some(0x1ff_ffff_ffff));
         assert_eq!(effective_capabilities("Name:\tcat\n"), None);
+    }
+
+    #[test]
+    fn reads_the_seccomp_mode_from_status() {
+        let cases = [
+            (
+                "Name:\tx\nSeccomp:\t2\nSeccomp_filters:\t1\n",
+                Some(SeccompMode::Filter),
+            ),
+            ("Seccomp:\t0\n", Some(SeccompMode::Disabled)),
+            ("Seccomp:\t1\n", Some(SeccompMode::Strict)),
+            ("Name:\tx\n", None),
+        ];
+        for (status, want) in cases {
+            assert_eq!(seccomp_mode_in(status), want, "{status:?}");
+        }
     }
 }
