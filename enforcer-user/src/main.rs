@@ -9,7 +9,7 @@ use enforcer_user::{
     config::{self, KubernetesSection, Layer, Sources, StandaloneSection},
     host::privilege,
     k8s::mode::KubernetesMode,
-    report::{explain, status},
+    report::{doctor, explain, status},
     standalone::StandaloneMode,
 };
 use tracing_subscriber::EnvFilter;
@@ -85,6 +85,20 @@ enum Command {
         /// The daemon's node-local --status-socket.
         #[arg(long, default_value = config::DEFAULT_STATUS_SOCKET)]
         daemon: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        output: OutputFormat,
+    },
+    /// Check this node before a start: everything a start checks and what the
+    /// kernel offers, each line ok, warn or fail with its fix; exits non-zero
+    /// on a fail. Run it with the daemon's privileges (in its container).
+    Doctor {
+        /// bpffs directory where the pins go.
+        #[arg(long, env = "IMDS_GUARD_BPFFS_DIR", default_value = config::DEFAULT_BPFFS_DIR)]
+        bpffs_dir: PathBuf,
+        /// Judge the node for refusePacketSockets (the BPF LSM program) too.
+        #[arg(long)]
+        refuse_packet_sockets: bool,
         /// Output format.
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         output: OutputFormat,
@@ -195,6 +209,24 @@ fn run(command: Command) -> anyhow::Result<()> {
             match output {
                 OutputFormat::Text => print!("{}", explain::render(&explanation)),
                 OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&explanation)?),
+            }
+        }
+        Command::Doctor {
+            bpffs_dir,
+            refuse_packet_sockets,
+            output,
+        } => {
+            let wants = doctor::Wants {
+                pin_root: bpffs_dir,
+                refuse_packet_sockets,
+            };
+            let findings = doctor::judge(&wants, &doctor::gather());
+            match output {
+                OutputFormat::Text => print!("{}", doctor::render(&findings)),
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&findings)?),
+            }
+            if doctor::failed(&findings) {
+                anyhow::bail!("doctor: this node cannot run imds-guard as asked (the fails above)");
             }
         }
         Command::Uninstall { bpffs_dir } => {

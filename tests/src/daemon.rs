@@ -141,14 +141,20 @@ impl DaemonBuilder {
         Ok(daemon)
     }
 
+    /// Runs a short command to the end, whatever its exit: its status and
+    /// both outputs.
+    pub fn output(self) -> Result<std::process::Output> {
+        let args = self.args.clone();
+        self.command()?
+            .output()
+            .map_err(|e| SandboxError::Process(format!("running imds-guard {args:?}: {e}")))
+    }
+
     /// Runs a short command to the end and returns its standard output; a
     /// failure carries its log.
     pub fn run_to_end(self) -> Result<String> {
         let args = self.args.clone();
-        let output = self
-            .command()?
-            .output()
-            .map_err(|e| SandboxError::Process(format!("running imds-guard {args:?}: {e}")))?;
+        let output = self.output()?;
         if !output.status.success() {
             return Err(SandboxError::Process(format!(
                 "imds-guard {args:?} failed ({}):\n{}",

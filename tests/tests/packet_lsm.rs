@@ -12,6 +12,7 @@
 
 use imds_guard_tests::{
     Outcome, addrs,
+    daemon::Daemon,
     stage::{World, case},
 };
 
@@ -27,6 +28,16 @@ fn packet_and_xdp_sockets_are_refused_in_the_subtree_unless_allowlisted() {
         bpf_lsm_active(),
         "the bpf LSM is not active here (/sys/kernel/security/lsm): this test runs in the \
          kernel matrix's guests, booted with lsm=...,bpf"
+    );
+    // Doctor, with the same grant, says the node can do it.
+    let doctor = Daemon::command(["doctor", "--refuse-packet-sockets"])
+        .output()
+        .expect("run imds-guard doctor");
+    let report = String::from_utf8_lossy(&doctor.stdout);
+    assert!(
+        doctor.status.success() && report.contains("refusePacketSockets can be enforced here"),
+        "{report}{}",
+        String::from_utf8_lossy(&doctor.stderr)
     );
     let world = World::new(&["--allow", "{allowed}", "--refuse-packet-sockets", "on"]);
     for action in ["packet-socket", "xdp-socket"] {

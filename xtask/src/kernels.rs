@@ -184,7 +184,13 @@ pub struct Run {
 }
 
 /// The test targets any guest runs.
-const TEST_TARGETS: [&str; 4] = ["standalone", "privileges", "node_guard", "packet_lsm"];
+const TEST_TARGETS: [&str; 5] = [
+    "standalone",
+    "privileges",
+    "node_guard",
+    "packet_lsm",
+    "doctor",
+];
 
 /// What a kernel runs: the traffic tests as root and with the DaemonSet's
 /// privileges, which kernels before 5.11 refuse (maps are charged to the
@@ -194,8 +200,8 @@ fn plan(version: &str) -> anyhow::Result<Vec<Run>> {
     let root = Run {
         id: "root",
         grant: Grant::Root,
-        expected: "enforces",
-        tests: &["standalone"],
+        expected: "enforces; doctor passes",
+        tests: &["standalone", "doctor"],
     };
     Ok(if major_minor(version)? < FIRST_MEMCG_KERNEL {
         vec![
@@ -203,14 +209,14 @@ fn plan(version: &str) -> anyhow::Result<Vec<Run>> {
             Run {
                 id: "daemonset",
                 grant: Grant::DaemonSet,
-                expected: "start refused naming RLIMIT_MEMLOCK, nothing left behind",
-                tests: &["privileges"],
+                expected: "start refused naming RLIMIT_MEMLOCK, nothing left behind; doctor fails memlock",
+                tests: &["privileges", "doctor"],
             },
             Run {
                 id: "overlay",
                 grant: Grant::Kernel510Overlay,
-                expected: "enforces; node edge guard closes the node's routes",
-                tests: &["standalone", "node_guard"],
+                expected: "enforces; node edge guard closes the node's routes; doctor passes",
+                tests: &["standalone", "node_guard", "doctor"],
             },
         ]
     } else {
@@ -219,13 +225,13 @@ fn plan(version: &str) -> anyhow::Result<Vec<Run>> {
             Run {
                 id: "daemonset",
                 grant: Grant::DaemonSet,
-                expected: "enforces; node edge guard closes the node's routes",
-                tests: &["privileges", "standalone", "node_guard"],
+                expected: "enforces; node edge guard closes the node's routes; doctor passes",
+                tests: &["privileges", "standalone", "node_guard", "doctor"],
             },
             Run {
                 id: "lsm",
                 grant: Grant::LsmOverlay,
-                expected: "refuses AF_PACKET and AF_XDP sockets in the subtree (bpf LSM)",
+                expected: "refuses AF_PACKET and AF_XDP sockets in the subtree (bpf LSM); doctor passes",
                 tests: &["packet_lsm"],
             },
         ]
