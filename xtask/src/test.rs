@@ -5,7 +5,7 @@ use std::{path::Path, time::Instant};
 use anyhow::{Context as _, bail};
 
 use crate::{
-    WORKSPACE, build_binaries, cargo, in_ci, is_root, kernels, run_in,
+    WORKSPACE, arch, build_binaries, cargo, in_ci, is_root, kernels, run_in,
     setup::{self, CargoTool},
     target_dir,
     toolchain::{self, Pin},
@@ -115,8 +115,14 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
             ("IMDS_GUARD_VARIANT_BIN_DIR", &variant_dir.to_string_lossy()),
         ],
     )?;
-    // The same traffic tests on the kernels nodes run, under qemu.
-    kernels::matrix(root)?;
+    // The same traffic tests on the kernels nodes run, under qemu, and
+    // beside them (a guest uses one core) the arm64 build's unit tests.
+    arch::check_tools()?;
+    let arm64 = arch::start_unit_tests(root)?;
+    let matrix = kernels::matrix(root);
+    let arm64 = arm64.finish();
+    matrix?;
+    arm64?;
     println!("test: everything passed in {:.0?}", started.elapsed());
     Ok(())
 }
@@ -149,6 +155,8 @@ fn unprivileged(root: &Path) -> anyhow::Result<()> {
         harness.extend(["--test", name]);
     }
     cargo(root, &harness)?;
+    arch::check_tools()?;
+    arch::start_unit_tests(root)?.finish()?;
     println!(
         "NOT ROOT: ran the unit tests and {}; skipped, since they need root \
          (network namespaces, cgroups, BPF):",

@@ -249,7 +249,10 @@ impl Beneath {
             return;
         };
         let wanted = u64::try_from(children.len()).unwrap_or(u64::MAX);
-        if !worth_listing(wanted, stat.st_nlink.saturating_sub(2)) {
+        // st_nlink is u64 on x86_64 and u32 on aarch64.
+        #[allow(clippy::useless_conversion)]
+        let links = u64::from(stat.st_nlink);
+        if !worth_listing(wanted, links.saturating_sub(2)) {
             return;
         }
         let Ok(mut dir) = nix::dir::Dir::from_fd(dir) else {

@@ -1,0 +1,183 @@
+//! arm64 (Graviton and Ampere nodes): the daemon cross-built for
+//! aarch64 (the linker is named in .cargo/config.toml), and its unit tests
+//! run on this `x86_64` machine under qemu user emulation. `cargo xtask test`
+//! runs them beside the kernel matrix, whose guests use one core of two.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{setup::output, target_dir};
+
+/// The Rust target of arm64 nodes.
+pub const AARCH64: &str = "aarch64-unknown-linux-gnu";
+
+/// The crates whose unit tests run for aarch64: everything the daemon is
+/// built from (the test harness and xtask run on the build machine only).
+const CRATES: [&str; 2] = ["enforcer-common", "enforcer-user"];
+
+/// Unit tests qemu-user cannot run, and why: it is the emulator, not
+/// arm64, that fails them.
+const NOT_UNDER_QEMU_USER: [(&str, &str); 2] = [
+    (
+        "host::cgroup::tests::the_short_lookup_finds_only_directories_reached_without_symlinks",
+        "openat2(2), which qemu 7.2's user mode does not emulate (ENOSYS)",
+    ),
+    (
+        "host::cgroup::tests::many_directories_in_one_parent_are_named_from_its_listing",
+        "openat2(2), which qemu 7.2's user mode does not emulate (ENOSYS)",
+    ),
+];
+
+/// How cargo runs aarch64 test binaries on this machine: qemu's user mode,
+/// with the cross toolchain's sysroot for the dynamic loader and glibc.
+const RUNNER: &str = "qemu-aarch64-static -L /usr/aarch64-linux-gnu";
+
+/// The aarch64 unit tests, running.
+pub struct UnitTests {
+    child: Child,
+    log: PathBuf,
+}
+
+/// The cargo arguments of the aarch64 unit-test run.
+fn test_args() -> Vec<&'static str> {
+    let mut args = vec!["test", "--locked", "--target", AARCH64, "--lib"];
+    for krate in CRATES {
+        args.extend(["-p", krate]);
+    }
+    // One job, at low priority: the kernel matrix's guest has the other core.
+    args.extend(["-j", "1", "--", "--exact"]);
+    for (test, _) in NOT_UNDER_QEMU_USER {
+        args.extend(["--skip", test]);
+    }
+    args
+}
+
+/// Starts building and running the aarch64 unit tests in a target
+/// directory of their own (so they do not wait for the other builds'
+/// lock), their output to a log.
+pub fn start_unit_tests(root: &Path) -> anyhow::Result<UnitTests> {
+    let target = target_dir(root)?.join(AARCH64);
+    std::fs::create_dir_all(&target).with_context(|| format!("creating {}", target.display()))?;
+    let log = target.join("unit-tests.log");
+    let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let err = out.try_clone()?;
+    let child = Command::new("nice")
+        .args(["-n", "10", "cargo"])
+        .args(test_args())
+        .current_dir(root)
+        .env("CARGO_TARGET_DIR", &target)
+        .env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER", RUNNER)
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .spawn()
+        .context("starting the aarch64 unit tests")?;
+    println!(
+        "arm64: unit tests building and running under qemu-user (log: {})",
+        log.display()
+    );
+    Ok(UnitTests { child, log })
+}
+
+impl UnitTests {
+    /// Waits for the run; says what passed and what was left out, or fails
+    /// with the end of its log.
+    pub fn finish(mut self) -> anyhow::Result<()> {
+        let status = self
+            .child
+            .wait()
+            .context("waiting for the aarch64 unit tests")?;
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        if !status.success() {
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!(
+                "the aarch64 unit tests failed ({status}); the end of {}:\n{}",
+                self.log.display(),
+                tail.join("\n")
+            );
+        }
+        let (passed, failed) = totals(&log);
+        if passed == 0 || failed != 0 {
+            bail!(
+                "the aarch64 unit tests reported {passed} passed, {failed} failed ({})",
+                self.log.display()
+            );
+        }
+        println!("arm64: {passed} unit tests passed under qemu-user (aarch64)");
+        for (test, why) in NOT_UNDER_QEMU_USER {
+            println!("arm64: not run under qemu-user: {test} (it needs {why})");
+        }
+        Ok(())
+    }
+}
+
+/// Passed and failed, summed over a cargo test log's `test result:` lines.
+fn totals(log: &str) -> (u64, u64) {
+    let count = |line: &str, what: &str| -> u64 {
+        line.split(';')
+            .find_map(|part| part.trim().strip_suffix(what))
+            .and_then(|n| n.trim().rsplit(' ').next().and_then(|n| n.parse().ok()))
+            .unwrap_or(0)
+    };
+    log.lines()
+        .filter(|line| line.starts_with("test result:"))
+        .fold((0, 0), |(passed, failed), line| {
+            (
+                passed + count(line, "passed"),
+                failed + count(line, "failed"),
+            )
+        })
+}
+
+/// Whether this machine can build and run them: the target's standard
+/// library, the cross linker, qemu's user mode.
+pub fn check_tools() -> anyhow::Result<()> {
+    let installed = output("rustup", &["target", "list", "--installed"])?;
+    if !installed.lines().any(|t| t.trim() == AARCH64) {
+        bail!("the {AARCH64} target is not installed: run `cargo xtask setup`");
+    }
+    for tool in ["aarch64-linux-gnu-gcc", "qemu-aarch64-static"] {
+        output(tool, &["--version"])
+            .with_context(|| format!("`{tool}` is missing: run `cargo xtask setup`"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_logs_results_add_up() {
+        let log = "\
+running 11 tests
+test result: ok. 11 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.05s
+test result: FAILED. 83 passed; 2 failed; 0 ignored; 0 measured; 2 filtered out; finished in 1.14s
+";
+        assert_eq!(totals(log), (94, 2));
+        assert_eq!(totals("error: could not compile"), (0, 0));
+    }
+
+    #[test]
+    fn the_skipped_tests_exist_and_only_they_are_skipped() {
+        let root = crate::workspace_root().unwrap();
+        let source =
+            std::fs::read_to_string(root.join("enforcer-user/src/host/cgroup.rs")).unwrap();
+        for (test, _) in NOT_UNDER_QEMU_USER {
+            let name = test.rsplit("::").next().unwrap();
+            assert!(source.contains(&format!("fn {name}()")), "{test}");
+        }
+        let args = test_args();
+        // With --exact a skip names one test, not every test containing it.
+        assert!(args.contains(&"--exact"));
+        assert_eq!(
+            args.iter().filter(|a| **a == "--skip").count(),
+            NOT_UNDER_QEMU_USER.len()
+        );
+    }
+}
