@@ -4,10 +4,30 @@
 # licences, creation time and SBOM (xtask/src/image.rs).
 
 # Build: Debian bookworm, so the binary links against the glibc the runtime
-# image has.
+# image has. It runs on the build machine ($BUILDPLATFORM) and compiles for
+# the image's platform ($TARGETARCH: amd64 or arm64, `--platform`), with
+# Debian's cross gcc as the linker when the two differ; the runtime stage
+# is then the platform's distroless image.
 ARG RUST_VERSION=1.95
-FROM docker.io/library/rust:${RUST_VERSION}-bookworm AS build
+FROM --platform=$BUILDPLATFORM docker.io/library/rust:${RUST_VERSION}-bookworm AS build
+ARG TARGETARCH
 WORKDIR /src
+# The Rust target of the image's platform (xtask/src/image.rs's PLATFORMS),
+# its standard library, and the cross linker (.cargo/config.toml names
+# aarch64-linux-gnu-gcc; x86_64's is given here, for arm64 build machines).
+RUN case "$TARGETARCH" in \
+      amd64) echo x86_64-unknown-linux-gnu ;; \
+      arm64) echo aarch64-unknown-linux-gnu ;; \
+      *) echo "imds-guard images are built for amd64 and arm64, not $TARGETARCH" >&2; exit 1 ;; \
+    esac > /rust-target \
+    && rustup target add "$(cat /rust-target)" \
+    && case "$TARGETARCH-$(uname -m)" in \
+      arm64-x86_64) apt-get update && apt-get install -y --no-install-recommends \
+        gcc-aarch64-linux-gnu libc6-dev-arm64-cross ;; \
+      amd64-aarch64) apt-get update && apt-get install -y --no-install-recommends \
+        gcc-x86-64-linux-gnu libc6-dev-amd64-cross ;; \
+    esac
+ENV CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER=x86_64-linux-gnu-gcc
 # The SBOM's tool, before the sources so that a change to them does not
 # build it again: xtask/src/sbom.rs's pin (its test holds the two equal).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
@@ -21,8 +41,8 @@ COPY . .
 RUN cargo --locked xtask setup-toolchain
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p enforcer-user --bin imds-guard \
-    && install -D -m 0755 target/release/imds-guard /out/imds-guard
+    cargo build --release --locked --target "$(cat /rust-target)" -p enforcer-user --bin imds-guard \
+    && install -D -m 0755 "target/$(cat /rust-target)/release/imds-guard" /out/imds-guard
 # The SBOM of what was just built: the same sources, Cargo.lock and
 # features, checked against Cargo.lock.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

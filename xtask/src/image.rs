@@ -1,6 +1,7 @@
 //! `cargo xtask image`: the daemon's container image (Dockerfile), built with
-//! docker or podman, tagged as deploy/ expects it, labelled with where it
-//! comes from, and carrying its SBOM (see `sbom`).
+//! docker or podman for linux/amd64 and linux/arm64, tagged as deploy/
+//! expects it, labelled with where it comes from, and carrying its SBOM
+//! (see `sbom`).
 
 use std::{
     path::Path,
@@ -15,6 +16,50 @@ use crate::{run_in, sbom, setup::output};
 pub fn reference() -> String {
     format!("imds-guard:{}", env!("CARGO_PKG_VERSION"))
 }
+
+/// A platform the image is built for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Platform {
+    /// The OCI architecture (`--platform linux/<arch>`, `TARGETARCH`).
+    pub arch: &'static str,
+    /// The Rust target the Dockerfile builds for it.
+    pub rust_target: &'static str,
+    /// The ELF header's `e_machine` of its binaries.
+    elf_machine: u16,
+}
+
+/// The nodes imds-guard runs on: `x86_64`, and arm64 (Graviton, Ampere).
+pub const PLATFORMS: [Platform; 2] = [
+    Platform {
+        arch: "amd64",
+        rust_target: "x86_64-unknown-linux-gnu",
+        elf_machine: 62,
+    },
+    Platform {
+        arch: "arm64",
+        rust_target: "aarch64-unknown-linux-gnu",
+        elf_machine: 183,
+    },
+];
+
+impl Platform {
+    /// `imds-guard:<version>-<arch>`; [`reference`] is also given to the
+    /// build machine's own.
+    pub fn reference(self) -> String {
+        format!("{}-{}", reference(), self.arch)
+    }
+
+    /// The platform of the machine this runs on.
+    fn this_machine() -> Option<Platform> {
+        let rust_arch = std::env::consts::ARCH;
+        PLATFORMS
+            .into_iter()
+            .find(|p| p.rust_target.starts_with(&format!("{rust_arch}-")))
+    }
+}
+
+/// Where the Dockerfile installs the daemon in the image.
+const BINARY_IN_IMAGE: &str = "/usr/local/bin/imds-guard";
 
 /// `engine` if it is installed and its engine answers (`docker info` fails
 /// when only the client is installed).
@@ -172,15 +217,24 @@ pub type Label = (&'static str, String);
 
 /// The arguments of `<engine> build` for the image, run in the workspace
 /// root (the Vagrant harness runs them inside its VM).
+/// Building the image for the machine that builds it, tagged [`reference`].
 pub fn build_args(root: &Path) -> anyhow::Result<Vec<String>> {
-    Ok(build_args_labelled(&labels(root)?))
+    Ok(build_args_labelled(&labels(root)?, None))
 }
 
-fn build_args_labelled(labels: &[Label]) -> Vec<String> {
-    let mut args: Vec<String> = ["build", "--file", "Dockerfile", "--tag"]
-        .map(str::to_owned)
-        .into();
-    args.push(reference());
+/// The engine's build arguments: for `platform` (tagged with its
+/// reference), or for the build machine's own (tagged [`reference`]).
+fn build_args_labelled(labels: &[Label], platform: Option<Platform>) -> Vec<String> {
+    let mut args: Vec<String> = ["build", "--file", "Dockerfile"].map(str::to_owned).into();
+    match platform {
+        Some(platform) => args.extend([
+            "--platform".to_owned(),
+            format!("linux/{}", platform.arch),
+            "--tag".to_owned(),
+            platform.reference(),
+        ]),
+        None => args.extend(["--tag".to_owned(), reference()]),
+    }
     // .git stays out of the build context: what it says comes in as labels.
     for (key, value) in labels {
         args.extend(["--label".to_owned(), format!("{key}={value}")]);
@@ -189,23 +243,60 @@ fn build_args_labelled(labels: &[Label]) -> Vec<String> {
     args
 }
 
-/// Builds the image with `engine`, then checks what it carries; returns
-/// its reference.
+/// Builds the image with `engine` for every platform (the build stage
+/// runs on this machine and cross-compiles), checks what each carries, and
+/// tags this machine's own as [`reference`], which it returns.
 pub fn build(root: &Path, engine: &str) -> anyhow::Result<String> {
     let labels = labels(root)?;
-    let args = build_args_labelled(&labels);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    run_in(root, engine, &args, &[("DOCKER_BUILDKIT", "1")])?;
+    for platform in PLATFORMS {
+        let args = build_args_labelled(&labels, Some(platform));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_in(root, engine, &args, &[("DOCKER_BUILDKIT", "1")])?;
+        verify(root, engine, platform, &labels)?;
+        println!("image: built {}", platform.reference());
+    }
+    let native = Platform::this_machine()
+        .context("this machine's architecture is none the image is built for")?;
     let reference = reference();
-    verify(root, engine, &reference, &labels)?;
-    println!("image: built {reference}");
+    run_in(root, engine, &["tag", &native.reference(), &reference], &[])?;
+    println!("image: {reference} is {}", native.reference());
     Ok(reference)
 }
 
-/// Reads the built image's labels and its SBOM back from the engine: the
-/// labels must be the ones given, the SBOM is checked as the tests check
-/// a generated one.
-fn verify(root: &Path, engine: &str, reference: &str, labels: &[Label]) -> anyhow::Result<()> {
+/// Copies `path` out of the image `reference` into a scratch file (the
+/// image has no shell to cat with: from a container that is created,
+/// never started).
+fn copy_out(engine: &str, reference: &str, path: &str) -> anyhow::Result<std::path::PathBuf> {
+    let container = output(engine, &["create", reference])?.trim().to_owned();
+    let name = path.rsplit('/').next().unwrap_or("file");
+    let scratch =
+        std::env::temp_dir().join(format!("imds-guard-image-{}-{name}", std::process::id()));
+    let copied = output(
+        engine,
+        &[
+            "cp",
+            &format!("{container}:{path}"),
+            &scratch.to_string_lossy(),
+        ],
+    );
+    let _ = output(engine, &["rm", &container]);
+    copied.with_context(|| format!("the built image {reference} has no {path}"))?;
+    Ok(scratch)
+}
+
+/// The ELF `e_machine` of a binary's header, if it is one.
+fn elf_machine(binary: &[u8]) -> Option<u16> {
+    let machine = binary.get(18..20)?;
+    binary
+        .starts_with(b"\x7fELF")
+        .then(|| u16::from_le_bytes([machine[0], machine[1]]))
+}
+
+/// Reads the built image's labels, architecture, binary and SBOM back from
+/// the engine: the labels must be the ones given, the image and its binary
+/// the platform's, the SBOM is checked as the tests check a generated one.
+fn verify(root: &Path, engine: &str, platform: Platform, labels: &[Label]) -> anyhow::Result<()> {
+    let reference = &platform.reference();
     let found = output(
         engine,
         &[
@@ -226,21 +317,34 @@ fn verify(root: &Path, engine: &str, reference: &str, labels: &[Label]) -> anyho
             );
         }
     }
-    // distroless has no shell to cat with: copy the file out of a container
-    // that is created, never started.
-    let container = output(engine, &["create", reference])?.trim().to_owned();
-    let scratch =
-        std::env::temp_dir().join(format!("imds-guard-image-sbom-{}", std::process::id()));
-    let copied = output(
+    let arch = output(
         engine,
         &[
-            "cp",
-            &format!("{container}:{}", sbom::IN_IMAGE),
-            &scratch.to_string_lossy(),
+            "image",
+            "inspect",
+            "--format",
+            "{{.Architecture}}",
+            reference,
         ],
-    );
-    let _ = output(engine, &["rm", &container]);
-    copied.with_context(|| format!("the built image {reference} has no {}", sbom::IN_IMAGE))?;
+    )?;
+    if arch.trim() != platform.arch {
+        bail!(
+            "the built image {reference} is for {}, not {}",
+            arch.trim(),
+            platform.arch
+        );
+    }
+    let binary = copy_out(engine, reference, BINARY_IN_IMAGE)?;
+    let machine = std::fs::read(&binary).ok().as_deref().and_then(elf_machine);
+    let _ = std::fs::remove_file(&binary);
+    if machine != Some(platform.elf_machine) {
+        bail!(
+            "{BINARY_IN_IMAGE} in {reference} is not a {} binary (ELF machine {machine:?}, not {})",
+            platform.rust_target,
+            platform.elf_machine
+        );
+    }
+    let scratch = copy_out(engine, reference, sbom::IN_IMAGE)?;
     let checked = sbom::Sbom::read(&scratch).and_then(|sbom| sbom.check(root));
     let _ = std::fs::remove_file(&scratch);
     checked.with_context(|| format!("the SBOM in {reference}"))
@@ -340,14 +444,15 @@ mod tests {
 
     /// A script standing in for docker or podman (no engine runs here),
     /// answering what `verify` asks about an image whose labels are
-    /// `dir`/labels.json and whose files are under `dir`/rootfs.
+    /// `dir`/labels.json, its architecture `dir`/arch and whose files are
+    /// under `dir`/rootfs.
     fn fake_engine(dir: &Path) -> std::path::PathBuf {
         use std::os::unix::fs::PermissionsExt as _;
         let engine = dir.join("engine");
         let dir = dir.display();
         let script = format!(
             "#!/bin/sh\ncase \"$1\" in\n\
-             image) cat '{dir}/labels.json' ;;\n\
+             image) case \"$4\" in *Architecture*) cat '{dir}/arch' ;; *) cat '{dir}/labels.json' ;; esac ;;\n\
              create) echo fake-container ;;\n\
              cp) cp \"{dir}/rootfs${{2#fake-container:}}\" \"$3\" ;;\n\
              rm) ;;\n\
@@ -383,11 +488,41 @@ mod tests {
             .unwrap();
         };
         write_labels(&found);
+        // An arm64 image: its architecture, and a binary whose ELF header
+        // says aarch64 (the first 20 bytes are all that is read).
+        let arm64 = PLATFORMS[1];
+        std::fs::write(dir.join("arch"), "arm64\n").unwrap();
+        let binary = dir
+            .join("rootfs")
+            .join(BINARY_IN_IMAGE.trim_start_matches('/'));
+        std::fs::create_dir_all(binary.parent().unwrap()).unwrap();
+        let elf = |machine: u16| {
+            let mut header = b"\x7fELF\x02\x01\x01".to_vec();
+            header.resize(18, 0);
+            header.extend(machine.to_le_bytes());
+            header
+        };
+        std::fs::write(&binary, elf(183)).unwrap();
         let engine = fake_engine(&dir);
         let engine = engine.to_str().unwrap();
-        let verify =
-            || verify(&root, engine, "imds-guard:test", &labels).map_err(|e| format!("{e:#}"));
+        let verify = || verify(&root, engine, arm64, &labels).map_err(|e| format!("{e:#}"));
         verify().unwrap();
+        let reference = arm64.reference();
+
+        std::fs::write(dir.join("arch"), "amd64\n").unwrap();
+        let err = verify().unwrap_err();
+        assert!(
+            err.contains(&format!("{reference} is for amd64, not arm64")),
+            "{err}"
+        );
+        std::fs::write(dir.join("arch"), "arm64\n").unwrap();
+        std::fs::write(&binary, elf(62)).unwrap();
+        let err = verify().unwrap_err();
+        assert!(
+            err.contains("is not a aarch64-unknown-linux-gnu binary"),
+            "{err}"
+        );
+        std::fs::write(&binary, elf(183)).unwrap();
 
         let mut other = found.clone();
         other.insert(
@@ -411,17 +546,43 @@ mod tests {
         std::fs::write(&in_rootfs, wrong).unwrap();
         let err = verify().unwrap_err();
         assert!(
-            err.contains("the SBOM in imds-guard:test") && err.contains("something-else"),
+            err.contains(&format!("the SBOM in {reference}")) && err.contains("something-else"),
             "{err}"
         );
 
         std::fs::remove_file(&in_rootfs).unwrap();
         let err = verify().unwrap_err();
         assert!(
-            err.contains(&format!("imds-guard:test has no {}", sbom::IN_IMAGE)),
+            err.contains(&format!("{reference} has no {}", sbom::IN_IMAGE)),
             "{err}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Each platform is built with its own tag, and the Dockerfile's build
+    /// stage runs on the build machine and compiles for the platform's
+    /// Rust target.
+    #[test]
+    fn each_platform_is_built_for_its_target() {
+        let args = build_args_labelled(&[], Some(PLATFORMS[1]));
+        let reference = format!("imds-guard:{}-arm64", env!("CARGO_PKG_VERSION"));
+        assert!(
+            args.windows(4)
+                .any(|w| w == ["--platform", "linux/arm64", "--tag", reference.as_str()]),
+            "{args:?}"
+        );
+        assert!(!build_args_labelled(&[], None).contains(&"--platform".to_owned()));
+        let root = crate::workspace_root().unwrap();
+        let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+        assert!(
+            dockerfile.contains("\nFROM --platform=$BUILDPLATFORM "),
+            "{dockerfile}"
+        );
+        for platform in PLATFORMS {
+            let mapping = format!("{}) echo {}", platform.arch, platform.rust_target);
+            assert!(dockerfile.contains(&mapping), "{mapping} in the Dockerfile");
+        }
+        assert!(Platform::this_machine().is_some());
     }
 
     #[test]

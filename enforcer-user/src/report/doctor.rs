@@ -164,6 +164,19 @@ const MAP_TYPES: [(&str, MapType); 7] = [
     ("ringbuf", MapType::RingBuf),
 ];
 
+/// An error and its causes, on one line (aya's syscall errors keep the
+/// errno in their source).
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(source) = cause {
+        text.push_str(": ");
+        text.push_str(&source.to_string());
+        cause = source.source();
+    }
+    text
+}
+
 /// Asks the kernel about each program and map type (loading a trivial
 /// program or creating a one-entry map, as libbpf's probes do).
 fn probe_features() -> Vec<Feature> {
@@ -173,13 +186,13 @@ fn probe_features() -> Vec<Feature> {
             name,
             used_for,
             required,
-            supported: aya::sys::is_program_supported(program).map_err(|e| e.to_string()),
+            supported: aya::sys::is_program_supported(program).map_err(|e| with_causes(&e)),
         });
     let maps = MAP_TYPES.into_iter().map(|(name, map)| Feature {
         name,
         used_for: "the object's maps",
         required: true,
-        supported: aya::sys::is_map_supported(map).map_err(|e| e.to_string()),
+        supported: aya::sys::is_map_supported(map).map_err(|e| with_causes(&e)),
     });
     programs.chain(maps).collect()
 }
