@@ -242,31 +242,7 @@ impl Daemon {
 
     /// `GET path` on the daemon's HTTP address: (status code, body).
     pub fn http_get(&mut self, path: &str) -> Result<(u16, String)> {
-        use std::io::{Read as _, Write as _};
-        let address = self.http_address()?;
-        let fail = |e: std::io::Error| SandboxError::Process(format!("GET {path}: {e}"));
-        let mut stream =
-            std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5)).map_err(fail)?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .map_err(fail)?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
-        )
-        .map_err(fail)?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).map_err(fail)?;
-        let status = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        Ok((status, body))
+        crate::http::get(self.http_address()?, path, Duration::from_secs(5))
     }
 
     /// The value of the metric line that starts with `series` (name and

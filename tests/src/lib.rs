@@ -15,6 +15,7 @@ pub mod cgroups;
 pub mod daemon;
 pub mod frames;
 pub mod hostns;
+pub mod http;
 pub mod monitoring;
 pub mod netns;
 pub mod nodeshape;

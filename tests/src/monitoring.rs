@@ -5,8 +5,7 @@
 
 use std::{
     collections::BTreeSet,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -244,25 +243,7 @@ impl Prometheus {
 
     /// `GET path` as HTTP/1.0 (a plain body, never chunked): status, body.
     fn get(&self, path: &str) -> Result<(u16, String)> {
-        let fail = |e: std::io::Error| SandboxError::Process(format!("prometheus GET {path}: {e}"));
-        let mut stream =
-            TcpStream::connect_timeout(&self.address, Duration::from_secs(5)).map_err(fail)?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .map_err(fail)?;
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: prometheus\r\n\r\n").map_err(fail)?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).map_err(fail)?;
-        let status = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        Ok((status, body))
+        crate::http::get(self.address, path, Duration::from_secs(10))
     }
 
     fn api(&self, path: &str) -> Result<Value> {

@@ -218,7 +218,7 @@ pub fn check_node(pin_root: &Path) -> Result<(), PreflightError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -236,7 +236,8 @@ mod tests {
         }
     }
 
-    fn mount(point: &str, fstype: &str, options: &str) -> Mount {
+    /// A writable mount, for tests that build a node's mount table.
+    pub(crate) fn mount(point: &str, fstype: &str, options: &str) -> Mount {
         Mount {
             point: point.into(),
             fstype: fstype.to_owned(),

@@ -622,18 +622,9 @@ pub fn render(findings: &[Finding]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::preflight::tests::mount;
 
     const DAEMONSET: u64 = (1 << privilege::CAP_BPF) | (1 << privilege::CAP_NET_ADMIN);
-
-    fn mount(point: &str, fstype: &str, options: &str) -> Mount {
-        Mount {
-            point: point.into(),
-            fstype: fstype.to_owned(),
-            options: "rw".to_owned(),
-            propagation: Vec::new(),
-            super_options: options.to_owned(),
-        }
-    }
 
     fn supported(name: &'static str) -> Feature {
         Feature {
