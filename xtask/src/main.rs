@@ -1,7 +1,7 @@
 //! `cargo xtask <task>`: everything the README promises, from a fresh clone.
 
-#[cfg(feature = "sandbox")]
 mod arch;
+#[cfg(feature = "sandbox")]
 mod bench;
 #[cfg(feature = "sandbox")]
 mod demo;
