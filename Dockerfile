@@ -43,10 +43,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --target "$(cat /rust-target)" -p enforcer-user --bin imds-guard \
     && install -D -m 0755 "target/$(cat /rust-target)/release/imds-guard" /out/imds-guard
-# The SBOM of what was just built: the same sources, Cargo.lock and
-# features, checked against Cargo.lock.
+# The SBOM of what was just built: the same sources, Cargo.lock, features
+# and target, checked against Cargo.lock.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    cargo --locked xtask sbom /out/sbom.cdx.json
+    cargo --locked xtask sbom /out/sbom.cdx.json --target "$(cat /rust-target)"
 
 # Runtime: glibc and libgcc_s (what `ldd imds-guard` lists), no shell, no
 # package manager. The default user is root: the DaemonSet runs it

@@ -16,6 +16,11 @@ use imds_guard_tests::{
 /// Under TCG (the kernel matrix) the verifier alone can take many seconds.
 const START_TIMEOUT: Duration = Duration::from_mins(1);
 
+/// Held by each test: doctor's probes create maps and programs, which
+/// kernels before 5.11 charge to uid 0's memlock count, so they run one
+/// doctor at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Every check doctor makes, in its order.
 const CHECKS: [&str; 11] = [
     "kernel",
@@ -104,6 +109,9 @@ fn doctor(privileges: &Privileges, args: &[&str]) -> Report {
 /// refused, for memlock) and with the kernel-5.10 overlay's.
 #[test]
 fn doctor_predicts_the_start_with_the_runs_privileges() {
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let stage = Stage::set_up();
     let privileges = Privileges::from_env().expect("privileges");
     let pins = stage
@@ -123,11 +131,15 @@ fn doctor_predicts_the_start_with_the_runs_privileges() {
     ] {
         assert_ne!(report.level(check), "fail", "{}", report.text);
     }
-    report.expect(
-        "bpf features",
-        "ok",
-        "cgroup_skb, cgroup_sock_addr, sched_cls",
-    );
+    // Where the memlock limit is too low for a start, it may be for the
+    // probes too (5.10 with the base DaemonSet); then they cannot be asked.
+    if report.level("memlock") == "ok" {
+        report.expect(
+            "bpf features",
+            "ok",
+            "cgroup_skb, cgroup_sock_addr, sched_cls",
+        );
+    }
     let mut daemon = stage
         .daemon(&["--allow", "{allowed}"])
         .privileges(&privileges)
@@ -157,6 +169,9 @@ fn doctor_predicts_the_start_with_the_runs_privileges() {
 /// exits non-zero.
 #[test]
 fn doctor_fails_naming_a_missing_capability_mount_profile_rule_and_lsm_grant() {
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let daemonset = Privileges::daemonset();
     let no_bpf = Privileges::named(&["NET_ADMIN"]).expect("privileges");
     let report = doctor(&no_bpf, &[]);

@@ -5,6 +5,7 @@
 
 use std::{
     fs::File,
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
 };
@@ -50,7 +51,7 @@ fn test_args() -> Vec<&'static str> {
         args.extend(["-p", krate]);
     }
     // One job, at low priority: the kernel matrix's guest has the other core.
-    args.extend(["-j", "1", "--", "--exact"]);
+    args.extend(["-j", "1", "--", "--test-threads", "1", "--exact"]);
     for (test, _) in NOT_UNDER_QEMU_USER {
         args.extend(["--skip", test]);
     }
@@ -69,6 +70,8 @@ pub fn start_unit_tests(root: &Path) -> anyhow::Result<UnitTests> {
     let child = Command::new("nice")
         .args(["-n", "10", "cargo"])
         .args(test_args())
+        // A group of its own, so that stopping it stops cargo's children too.
+        .process_group(0)
         .current_dir(root)
         .env("CARGO_TARGET_DIR", &target)
         .env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER", RUNNER)
@@ -81,6 +84,22 @@ pub fn start_unit_tests(root: &Path) -> anyhow::Result<UnitTests> {
         log.display()
     );
     Ok(UnitTests { child, log })
+}
+
+impl Drop for UnitTests {
+    /// Stops the run's whole process group if it is still going (the
+    /// matrix failed or was interrupted, or `finish` was never reached).
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            if let Ok(pid) = i32::try_from(self.child.id()) {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let _ = self.child.wait();
+        }
+    }
 }
 
 impl UnitTests {

