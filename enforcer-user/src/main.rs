@@ -220,7 +220,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 pin_root: bpffs_dir,
                 refuse_packet_sockets,
             };
-            let findings = doctor::judge(&wants, &doctor::gather());
+            let findings = doctor::judge(&wants, &doctor::gather(&wants));
             match output {
                 OutputFormat::Text => print!("{}", doctor::render(&findings)),
                 OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&findings)?),

@@ -178,10 +178,13 @@ fn with_causes(err: &dyn std::error::Error) -> String {
 }
 
 /// Asks the kernel about each program and map type (loading a trivial
-/// program or creating a one-entry map, as libbpf's probes do).
-fn probe_features() -> Vec<Feature> {
+/// program or creating a one-entry map, as libbpf's probes do). The LSM
+/// probe reads the kernel's whole BTF, seconds on a small or emulated
+/// machine: it is asked only when `refusePacketSockets` is.
+fn probe_features(wants: &Wants) -> Vec<Feature> {
     let programs = program_types()
         .into_iter()
+        .filter(|(name, ..)| *name != "lsm" || wants.refuse_packet_sockets)
         .map(|(name, used_for, required, program)| Feature {
             name,
             used_for,
@@ -198,7 +201,7 @@ fn probe_features() -> Vec<Feature> {
 }
 
 /// Reads everything [`judge`] looks at from this process and machine.
-pub fn gather() -> Facts {
+pub fn gather(wants: &Wants) -> Facts {
     let possible_cpus = kernel::possible_cpus();
     let release = kernel::release();
     let memlock_limits = memlock::current_limit().ok();
@@ -221,7 +224,7 @@ pub fn gather() -> Facts {
         memlock_limits,
         memlock_need,
         possible_cpus,
-        features: probe_features(),
+        features: probe_features(wants),
     }
 }
 
