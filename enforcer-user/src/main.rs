@@ -178,6 +178,19 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+/// Prints a report as its text rendering or as JSON.
+fn print_as<T: serde::Serialize + ?Sized>(
+    output: OutputFormat,
+    report: &T,
+    render: impl Fn(&T) -> String,
+) -> serde_json::Result<()> {
+    match output {
+        OutputFormat::Text => print!("{}", render(report)),
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(report)?),
+    }
+    Ok(())
+}
+
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Standalone(args) => {
@@ -193,10 +206,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             output,
         } => {
             let state = status::read(&bpffs_dir, cgroup_root.as_deref(), Some(&daemon))?;
-            match output {
-                OutputFormat::Text => print!("{}", status::render(&state)),
-                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&state)?),
-            }
+            print_as(output, &state, status::render)?;
         }
         Command::Explain {
             pod,
@@ -206,10 +216,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         } => {
             let name = explain::pod_name(&pod).map_err(anyhow::Error::msg)?;
             let explanation = explain::ask_node_local(&daemon, &namespace, name)?;
-            match output {
-                OutputFormat::Text => print!("{}", explain::render(&explanation)),
-                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&explanation)?),
-            }
+            print_as(output, &explanation, explain::render)?;
         }
         Command::Doctor {
             bpffs_dir,
@@ -221,10 +228,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 refuse_packet_sockets,
             };
             let findings = doctor::judge(&wants, &doctor::gather(&wants));
-            match output {
-                OutputFormat::Text => print!("{}", doctor::render(&findings)),
-                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&findings)?),
-            }
+            print_as(output, findings.as_slice(), doctor::render)?;
             if doctor::failed(&findings) {
                 anyhow::bail!("doctor: this node cannot run imds-guard as asked (the fails above)");
             }
