@@ -214,11 +214,17 @@ pub fn ensure_memlock() -> Result<memlock::Memlock, BpfError> {
     if !memlock::charges(&release) {
         return Ok(memlock::Memlock::NotCharged);
     }
-    let shapes = memlock::shapes(EBPF_OBJECT).map_err(|e| BpfError::Load {
+    let cpus = kernel::possible_cpus();
+    let need = memlock_need(cpus).map_err(|e| BpfError::Load {
         source: EbpfError::ParseError(e),
     })?;
-    let cpus = kernel::possible_cpus();
-    memlock::ensure(&release, memlock::need(&shapes, cpus), cpus).map_err(BpfError::from)
+    memlock::ensure(&release, need, cpus).map_err(BpfError::from)
+}
+
+/// What one generation's maps are charged, on kernels that charge
+/// `RLIMIT_MEMLOCK`, with `cpus` possible CPUs.
+pub fn memlock_need(cpus: u64) -> Result<u64, aya_obj::ParseError> {
+    memlock::shapes(EBPF_OBJECT).map(|shapes| memlock::need(&shapes, cpus))
 }
 
 /// Attaches every program to `cgroup` and pins each link at the path

@@ -68,6 +68,11 @@ fn lsm_from_cmdline(cmdline: &str) -> Option<&str> {
         .next_back()
 }
 
+/// Whether a list of active security modules (`lsm=`'s form) has `bpf`.
+pub fn bpf_lsm_listed(active: &str) -> bool {
+    active.split(',').any(|m| m.trim() == "bpf")
+}
+
 /// Where the kernel's BTF is, which BPF LSM programs are typed against.
 pub const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
 
@@ -112,11 +117,9 @@ impl LsmFacts {
             return Err(PreflightError::NoKernelBtf);
         }
         match &self.active_lsms {
-            Some(active) if !active.split(',').any(|m| m.trim() == "bpf") => {
-                Err(PreflightError::NoBpfLsm {
-                    active: active.clone(),
-                })
-            }
+            Some(active) if !bpf_lsm_listed(active) => Err(PreflightError::NoBpfLsm {
+                active: active.clone(),
+            }),
             Some(_) => Ok(true),
             None => Ok(false),
         }

@@ -43,17 +43,22 @@ pub fn holds(effective: u64, cap: u32) -> bool {
     effective & (1u64 << cap) != 0
 }
 
+/// Whether `effective` may create maps and load programs: `CAP_BPF`, or
+/// `CAP_SYS_ADMIN`, which implies it.
+pub fn bpf_capable(effective: u64) -> bool {
+    holds(effective, CAP_BPF) || holds(effective, CAP_SYS_ADMIN)
+}
+
 /// The capabilities absent from an effective set (`CapEff` of
 /// /proc/self/status): `CAP_BPF` (or `CAP_SYS_ADMIN`, which implies it) to create
 /// maps and load programs, and `CAP_NET_ADMIN` to load and attach cgroup
 /// networking programs.
 pub fn missing_capabilities(effective: u64) -> Vec<&'static str> {
-    let has = |cap: u32| holds(effective, cap);
     let mut missing = Vec::new();
-    if !has(CAP_SYS_ADMIN) && !has(CAP_BPF) {
+    if !bpf_capable(effective) {
         missing.push("CAP_BPF");
     }
-    if !has(CAP_NET_ADMIN) {
+    if !holds(effective, CAP_NET_ADMIN) {
         missing.push("CAP_NET_ADMIN");
     }
     missing
@@ -88,12 +93,21 @@ pub fn check() -> Result<(), PrivilegeError> {
 }
 
 /// A process's seccomp mode (`Seccomp:` of /proc/PID/status).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SeccompMode {
     Disabled,
     Strict,
     Filter,
+}
+
+impl SeccompMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            SeccompMode::Disabled => "disabled",
+            SeccompMode::Strict => "strict",
+            SeccompMode::Filter => "filter",
+        }
+    }
 }
 
 /// Parses the seccomp mode out of /proc/PID/status text.

@@ -205,12 +205,11 @@ pub fn gather(wants: &Wants) -> Facts {
     let possible_cpus = kernel::possible_cpus();
     let release = kernel::release();
     let memlock_limits = memlock::current_limit().ok();
-    let memlock_need =
-        memlock::shapes(loader::object()).map_or(0, |shapes| memlock::need(&shapes, possible_cpus));
+    let memlock_need = loader::memlock_need(possible_cpus).unwrap_or(0);
     // The probes create maps and programs, which kernels before 5.11
-    // charge to the memlock limit: raised first where a start would raise
-    // it (the line above judges the limit as it was).
-    let _ = memlock::ensure(&release, memlock_need, possible_cpus);
+    // charge to the memlock limit: raised first as a start raises it (the
+    // memlock line judges the limit as it was).
+    let _ = loader::ensure_memlock();
     Facts {
         kernel: release,
         mounts: mountinfo::parse(
@@ -350,10 +349,8 @@ fn seccomp(facts: &Facts) -> Finding {
     // Before 6.5 the kernel itself refuses every command without CAP_BPF
     // (or CAP_SYS_ADMIN) while unprivileged BPF is off; from 6.5 an EPERM
     // for an unknown command is never the kernel's.
-    let may_ask = facts.effective.is_some_and(|caps| {
-        privilege::holds(caps, privilege::CAP_BPF)
-            || privilege::holds(caps, privilege::CAP_SYS_ADMIN)
-    }) || kernel::version(&facts.kernel).is_some_and(|v| v >= (6, 5));
+    let may_ask = facts.effective.is_some_and(privilege::bpf_capable)
+        || kernel::version(&facts.kernel).is_some_and(|v| v >= (6, 5));
     if facts.bpf_refused && may_ask {
         return problem(
             "seccomp",
@@ -388,12 +385,7 @@ fn seccomp(facts: &Facts) -> Finding {
 }
 
 fn seccomp_name(mode: Option<SeccompMode>) -> &'static str {
-    match mode {
-        Some(SeccompMode::Disabled) => "disabled",
-        Some(SeccompMode::Strict) => "strict",
-        Some(SeccompMode::Filter) => "filter",
-        None => "unknown",
-    }
+    mode.map_or("unknown", SeccompMode::name)
 }
 
 fn memlock_limit(facts: &Facts) -> Finding {
@@ -528,18 +520,25 @@ fn tc_hook(facts: &Facts) -> Finding {
     )
 }
 
+impl Wants {
+    /// How much a missing piece of the BPF LSM weighs: a fail where
+    /// refusePacketSockets is wanted, a warn otherwise.
+    fn lsm_need(&self) -> Level {
+        if self.refuse_packet_sockets {
+            Level::Fail
+        } else {
+            Level::Warn
+        }
+    }
+}
+
 fn btf(wants: &Wants, facts: &Facts) -> Finding {
     if facts.kernel_btf {
         return ok("btf", format!("{} is present", preflight::KERNEL_BTF));
     }
-    let level = if wants.refuse_packet_sockets {
-        Level::Fail
-    } else {
-        Level::Warn
-    };
     problem(
         "btf",
-        level,
+        wants.lsm_need(),
         format!(
             "no {}: BPF LSM programs (refusePacketSockets) cannot load",
             preflight::KERNEL_BTF
@@ -549,19 +548,12 @@ fn btf(wants: &Wants, facts: &Facts) -> Finding {
 }
 
 fn lsm(wants: &Wants, facts: &Facts) -> Finding {
-    let level = if wants.refuse_packet_sockets {
-        Level::Fail
-    } else {
-        Level::Warn
-    };
     let fix = "add bpf to lsm= on the kernel command line (e.g. lsm=lockdown,yama,apparmor,bpf)";
     match &facts.active_lsms {
-        Some(active) if active.split(',').any(|m| m.trim() == "bpf") => {
-            ok("lsm", format!("active: {active}"))
-        }
+        Some(active) if preflight::bpf_lsm_listed(active) => ok("lsm", format!("active: {active}")),
         Some(active) => problem(
             "lsm",
-            level,
+            wants.lsm_need(),
             format!("active: {active}; without bpf, packet sockets cannot be refused"),
             fix,
         ),
