@@ -21,6 +21,12 @@ const START_TIMEOUT: Duration = Duration::from_mins(1);
 /// doctor at a time.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Every check doctor makes, in its order.
 const CHECKS: [&str; 11] = [
     "kernel",
@@ -109,9 +115,7 @@ fn doctor(privileges: &Privileges, args: &[&str]) -> Report {
 /// refused, for memlock) and with the kernel-5.10 overlay's.
 #[test]
 fn doctor_predicts_the_start_with_the_runs_privileges() {
-    let _one = ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _one = one_at_a_time();
     let stage = Stage::set_up();
     let privileges = Privileges::from_env().expect("privileges");
     let pins = stage
@@ -169,9 +173,7 @@ fn doctor_predicts_the_start_with_the_runs_privileges() {
 /// exits non-zero.
 #[test]
 fn doctor_fails_naming_a_missing_capability_mount_profile_rule_and_lsm_grant() {
-    let _one = ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _one = one_at_a_time();
     let daemonset = Privileges::daemonset();
     let no_bpf = Privileges::named(&["NET_ADMIN"]).expect("privileges");
     let report = doctor(&no_bpf, &[]);

@@ -12,7 +12,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{setup::output, target_dir};
+use crate::{
+    setup::{self, output},
+    target_dir,
+};
 
 /// The Rust target of arm64 nodes.
 pub const AARCH64: &str = "aarch64-unknown-linux-gnu";
@@ -153,14 +156,41 @@ fn totals(log: &str) -> (u64, u64) {
         })
 }
 
-/// Whether this machine can build and run them: the target's standard
-/// library, the cross linker, qemu's user mode.
-pub fn check_tools() -> anyhow::Result<()> {
+/// What builds and runs them besides the target's standard library: the
+/// cross linker and qemu's user mode, by command and Debian package.
+const TOOLS: [(&str, &str); 2] = [
+    ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
+    ("qemu-aarch64-static", "qemu-user-static"),
+];
+
+fn target_installed() -> anyhow::Result<bool> {
     let installed = output("rustup", &["target", "list", "--installed"])?;
-    if !installed.lines().any(|t| t.trim() == AARCH64) {
+    Ok(installed.lines().any(|t| t.trim() == AARCH64))
+}
+
+/// `cargo xtask setup`'s part: the target's standard library and
+/// [`TOOLS`], installed where missing.
+pub fn ensure_tools() -> anyhow::Result<()> {
+    if target_installed()? {
+        println!("  ok: rust target {AARCH64}");
+    } else {
+        println!("  installing: rust target {AARCH64}");
+        output("rustup", &["target", "add", AARCH64])
+            .with_context(|| format!("`rustup target add {AARCH64}` failed"))?;
+    }
+    for (tool, package) in TOOLS {
+        setup::check_tool(tool, &["--version"], package)?;
+    }
+    Ok(())
+}
+
+/// Whether this machine can build and run them (what [`ensure_tools`]
+/// installs).
+pub fn check_tools() -> anyhow::Result<()> {
+    if !target_installed()? {
         bail!("the {AARCH64} target is not installed: run `cargo xtask setup`");
     }
-    for tool in ["aarch64-linux-gnu-gcc", "qemu-aarch64-static"] {
+    for (tool, _) in TOOLS {
         output(tool, &["--version"])
             .with_context(|| format!("`{tool}` is missing: run `cargo xtask setup`"))?;
     }

@@ -28,7 +28,8 @@ pub fn run(_root: &Path) -> anyhow::Result<()> {
     check_tool("promtool", &["--version"], "prometheus")?;
     check_tool("prometheus", &["--version"], "prometheus")?;
     ensure_python_packages()?;
-    arm64_tools()?;
+    // The arm64 build and its unit tests (xtask/src/arch.rs).
+    arch::ensure_tools()?;
     kernel_matrix_tools()?;
     println!("setup: done");
     Ok(())
@@ -206,26 +207,7 @@ fn ensure_python_packages() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The arm64 build and its unit tests (xtask/src/arch.rs): the target's
-/// standard library, the cross C toolchain that links it, qemu's user mode.
-fn arm64_tools() -> anyhow::Result<()> {
-    let installed = output("rustup", &["target", "list", "--installed"])?;
-    if installed.lines().any(|t| t.trim() == arch::AARCH64) {
-        println!("  ok: rust target {}", arch::AARCH64);
-    } else {
-        println!("  installing: rust target {}", arch::AARCH64);
-        output("rustup", &["target", "add", arch::AARCH64])
-            .with_context(|| format!("`rustup target add {}` failed", arch::AARCH64))?;
-    }
-    check_tool(
-        "aarch64-linux-gnu-gcc",
-        &["--version"],
-        "gcc-aarch64-linux-gnu",
-    )?;
-    check_tool("qemu-aarch64-static", &["--version"], "qemu-user-static")
-}
-
-fn check_tool(program: &str, args: &[&str], package: &str) -> anyhow::Result<()> {
+pub(crate) fn check_tool(program: &str, args: &[&str], package: &str) -> anyhow::Result<()> {
     if output(program, args).is_ok() {
         println!("  ok: {program}");
         return Ok(());
